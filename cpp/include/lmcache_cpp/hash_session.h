@@ -1,0 +1,87 @@
+// Copyright (c) lmcache_cpp authors. Licensed under the Apache License 2.0.
+//
+// HashSessionCache: per-request memo of chunk hashes so a growing request (a prompt that is
+// looked up, then stored chunk by chunk as decoding proceeds) is hashed once and extended.
+//
+// A session is keyed by a request id (the engine layer's 64-bit id for a request) and remembers
+// the tokens of the chunks it hashed and their hashes. A later call with the same request id and a
+// longer token list hashes only the new chunks. If the new tokens do not start with the remembered
+// ones (a reused request id, a client bug), the session is rebuilt from scratch: the cache never
+// returns hashes of tokens it was not given. The check costs one memcmp of the remembered tokens,
+// far below the cost of re-hashing.
+//
+// Sessions expire after `ttl` without use and are capped at `max_sessions` (the least recently
+// used goes first). Expiry is applied by Reap(now) and, amortised, on insert.
+//
+// Thread safety: all methods are thread-safe (one internal mutex). Hashing of new chunks happens
+// outside the mutex; two concurrent calls for the same request may both hash, and the longer
+// result wins.
+#ifndef LMCACHE_CPP_HASH_SESSION_H_
+#define LMCACHE_CPP_HASH_SESSION_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+#include "lmcache_cpp/chunk_hash.h"
+#include "lmcache_cpp/clock.h"
+
+namespace lmcache_cpp {
+
+struct HashSessionOptions {
+  Duration ttl = std::chrono::minutes(10);
+  size_t max_sessions = 65536;
+};
+
+struct HashSessionStats {
+  size_t sessions = 0;
+  uint64_t chunks_hashed = 0;   // chunks that went through the hash function
+  uint64_t chunks_reused = 0;   // chunks answered from a session
+  uint64_t sessions_rebuilt = 0;// prefix mismatch on an existing session
+  uint64_t sessions_expired = 0;
+  uint64_t sessions_evicted = 0;// dropped for max_sessions
+};
+
+class HashSessionCache {
+ public:
+  // `hasher` must outlive the cache. `clock` defaults to SteadyClock.
+  HashSessionCache(const ChunkHasher* hasher, HashSessionOptions options,
+                   std::shared_ptr<Clock> clock = nullptr);
+
+  // Hashes of the full chunks of tokens[0, n) for `request_id`, reusing and extending its session.
+  std::vector<ChunkHash> HashTokens(uint64_t request_id, const uint32_t* tokens, size_t n);
+
+  // Drops the session of `request_id`. Returns whether one existed.
+  bool EndSession(uint64_t request_id);
+  // Drops sessions unused since now - ttl. Returns how many.
+  size_t Reap();
+  size_t size() const;
+  HashSessionStats stats() const;
+
+ private:
+  struct Session {
+    std::vector<uint32_t> tokens;  // tokens of the hashed full chunks
+    std::vector<ChunkHash> hashes;
+    TimePoint last_used;
+    std::list<uint64_t>::iterator lru_pos;
+  };
+  size_t ReapLocked(TimePoint now);
+
+  const ChunkHasher* const hasher_;
+  const HashSessionOptions options_;
+  const std::shared_ptr<Clock> clock_;
+
+  mutable std::mutex mu_;
+  std::unordered_map<uint64_t, Session> sessions_;  // GUARDED_BY(mu_)
+  std::list<uint64_t> lru_;                         // GUARDED_BY(mu_); front = most recent
+  HashSessionStats stats_;                          // GUARDED_BY(mu_)
+  uint64_t inserts_since_reap_ = 0;                 // GUARDED_BY(mu_)
+};
+
+}  // namespace lmcache_cpp
+
+#endif  // LMCACHE_CPP_HASH_SESSION_H_

@@ -1,0 +1,2 @@
+// placeholder, filled by the component owner
+#include <gtest/gtest.h>
