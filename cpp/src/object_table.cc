@@ -1,3 +1,849 @@
 // Copyright (c) lmcache_cpp authors. Licensed under the Apache License 2.0.
 
-namespace lmcache_cpp {}  // namespace lmcache_cpp
+#include "lmcache_cpp/object_table.h"
+
+#include <algorithm>
+#include <string>
+#include <unordered_set>
+#include <utility>
+
+#include "lmcache_cpp/logging.h"
+
+namespace lmcache_cpp {
+namespace {
+
+std::string KeyMsg(const char* what, const ObjectKey& key) {
+  return std::string(what) + " (" + key.ToShortString() + ")";
+}
+
+// Per-thread scratch space for batch operations, so the hot paths do not allocate.
+std::vector<SlotId>& ScratchSlots() {
+  thread_local std::vector<SlotId> v;
+  v.clear();
+  return v;
+}
+
+}  // namespace
+
+Result<std::unique_ptr<ObjectTable>> ObjectTable::Create(std::shared_ptr<Arena> arena,
+                                                         ObjectTableOptions options) {
+  if (!arena) return Status::InvalidArgument("ObjectTable needs an arena");
+  if (!(options.low_watermark > 0.0 && options.low_watermark <= options.high_watermark &&
+        options.high_watermark <= 1.0)) {
+    return Status::InvalidArgument("watermarks must satisfy 0 < low <= high <= 1");
+  }
+  if (options.read_lease_ttl <= Duration::zero() || options.write_lease_ttl <= Duration::zero() ||
+      options.reap_interval <= Duration::zero()) {
+    return Status::InvalidArgument("lease TTLs and the reap interval must be positive");
+  }
+  if (options.alignment < 8 || (options.alignment & (options.alignment - 1)) != 0) {
+    return Status::InvalidArgument("alignment must be a power of two >= 8");
+  }
+  if (arena->size() < options.alignment) {
+    return Status::InvalidArgument("arena is smaller than one allocation unit");
+  }
+  LMCACHE_ASSIGN_OR_RETURN(auto policy, NewEvictionPolicy(options.eviction_policy));
+  if (!options.clock) options.clock = SteadyClock::Default();
+  return std::unique_ptr<ObjectTable>(
+      new ObjectTable(std::move(arena), std::move(options), std::move(policy)));
+}
+
+ObjectTable::ObjectTable(std::shared_ptr<Arena> arena, ObjectTableOptions options,
+                         std::unique_ptr<EvictionPolicy> policy)
+    : arena_(std::move(arena)),
+      options_(std::move(options)),
+      clock_(options_.clock),
+      allocator_(arena_->size(), options_.alignment),
+      policy_(std::move(policy)) {}
+
+ObjectTable::~ObjectTable() { Stop(); }
+
+// ------------------------------------------------------------------------------------------
+// Slot and lease helpers (REQUIRE mu_).
+
+SlotId ObjectTable::NewSlotLocked() {
+  if (!free_slots_.empty()) {
+    SlotId s = free_slots_.back();
+    free_slots_.pop_back();
+    return s;
+  }
+  slots_.emplace_back();
+  return static_cast<SlotId>(slots_.size() - 1);
+}
+
+void ObjectTable::MaybeMakeEvictableLocked(SlotId s) {
+  Slot& slot = slots_[s];
+  if (slot.state == ObjectState::kReady && slot.readers == 0 && !slot.temporary &&
+      !slot.detached && !policy_->Contains(s)) {
+    policy_->Insert(s);
+    evictable_bytes_ += slot.extent.length;
+  }
+}
+
+void ObjectTable::MakeUnevictableLocked(SlotId s) {
+  if (policy_->Contains(s)) {
+    policy_->Remove(s);
+    evictable_bytes_ -= slots_[s].extent.length;
+  }
+}
+
+void ObjectTable::FreeSlotLocked(SlotId s, RemovalReason reason, Events* ev) {
+  Slot& slot = slots_[s];
+  MakeUnevictableLocked(s);
+  if (!slot.detached) {
+    auto it = index_.find(slot.key);
+    if (it != index_.end() && it->second == s) index_.erase(it);
+    // A detached slot was announced as removed when it was detached.
+    ev->removed.emplace_back(slot.key, reason);
+  }
+  Status st = allocator_.Free(slot.extent);
+  if (!st.ok()) Log(LogLevel::kError, "ObjectTable: freeing an extent failed: " + st.ToString());
+  slot = Slot{};
+  free_slots_.push_back(s);
+}
+
+bool ObjectTable::EvictOneLocked(Events* ev) {
+  std::optional<SlotId> victim = policy_->Victim();
+  if (!victim) return false;
+  counters_.evictions++;
+  counters_.evicted_bytes += slots_[*victim].extent.length;
+  FreeSlotLocked(*victim, RemovalReason::kEvicted, ev);
+  return true;
+}
+
+void ObjectTable::ReturnReadsLocked(SlotId s, uint32_t n, Events* ev) {
+  Slot& slot = slots_[s];
+  slot.readers -= n;
+  if (slot.readers != 0) return;
+  if (slot.temporary || slot.detached) {
+    FreeSlotLocked(s, slot.temporary ? RemovalReason::kTemporaryFreed : RemovalReason::kCleared,
+                   ev);
+  } else {
+    MaybeMakeEvictableLocked(s);
+  }
+}
+
+ObjectTable::Ledger* ObjectTable::LedgerLocked(const LeaseOwner& owner) {
+  auto [it, inserted] = ledgers_.try_emplace(owner.request);
+  if (inserted) it->second.client = owner.client;
+  return &it->second;
+}
+
+void ObjectTable::GrantReadLocked(Ledger* ledger, const ObjectKey& key, SlotId s, uint32_t count,
+                                  TimePoint now) {
+  Slot& slot = slots_[s];
+  slot.readers += count;
+  MakeUnevictableLocked(s);
+  auto [it, inserted] = ledger->entries.try_emplace(key);
+  LeaseEntry& e = it->second;
+  if (inserted) {
+    e.slot = s;
+    e.seq = ledger->next_seq++;
+  }
+  e.reads += count;
+  e.expiry = std::max(e.expiry, now + options_.read_lease_ttl);
+}
+
+void ObjectTable::DropLedgerEntryLocked(const LeaseEntry& e, Events* ev) {
+  if (e.write) {
+    // This request was writing the object: discard it, it never becomes readable.
+    FreeSlotLocked(e.slot, RemovalReason::kAborted, ev);
+  } else if (e.reads > 0) {
+    ReturnReadsLocked(e.slot, e.reads, ev);
+  }
+}
+
+size_t ObjectTable::DropEntriesLocked(Ledger* ledger, bool only_expired, TimePoint now,
+                                      Events* ev) {
+  // Drop in reverse acquisition order so the head of a prefix chain ends up most recently used.
+  std::vector<std::pair<uint64_t, ObjectKey>> order;
+  order.reserve(ledger->entries.size());
+  for (const auto& [key, e] : ledger->entries) {
+    if (!only_expired || e.expiry <= now) order.emplace_back(e.seq, key);
+  }
+  std::sort(order.begin(), order.end(),
+            [](const auto& a, const auto& b) { return a.first > b.first; });
+  for (const auto& [seq, key] : order) {
+    auto it = ledger->entries.find(key);
+    LeaseEntry e = it->second;
+    ledger->entries.erase(it);
+    DropLedgerEntryLocked(e, ev);
+  }
+  return order.size();
+}
+
+// ------------------------------------------------------------------------------------------
+// Writing.
+
+Result<std::vector<Reservation>> ObjectTable::ReserveWrite(const LeaseOwner& owner,
+                                                           const std::vector<ObjectKey>& keys,
+                                                           uint64_t object_size,
+                                                           const ReserveOptions& options) {
+  if (object_size == 0) return Status::InvalidArgument("object_size must be > 0");
+  std::vector<Reservation> out(keys.size());
+  if (keys.empty()) return out;
+  const uint64_t unit = allocator_.RoundUp(object_size);
+  if (unit > allocator_.capacity()) {
+    return Status::OutOfMemory("object of " + std::to_string(object_size) +
+                               " bytes is larger than the arena");
+  }
+
+  Events ev;
+  Status result;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto ledger_it = ledgers_.find(owner.request);
+    // Pass 1: classify. Existing keys are skipped (or fail in strict mode); repeated keys in the
+    // batch are reserved once. Skipped evictable objects are pinned against eviction for the
+    // rest of this call so a skip never reports an object that this very call evicted.
+    std::vector<size_t> fresh;
+    std::vector<SlotId> pinned;
+    std::unordered_set<ObjectKey, ObjectKeyHash> seen;
+    seen.reserve(keys.size());
+    for (size_t i = 0; i < keys.size(); ++i) {
+      const ObjectKey& key = keys[i];
+      out[i].key = key;
+      out[i].size = object_size;
+      auto it = index_.find(key);
+      if (it != index_.end()) {
+        if (options.mode == ReserveMode::kStrict) {
+          result = Status::NotWritable(KeyMsg("object exists", key));
+          break;
+        }
+        out[i].skipped = true;
+        if (policy_->Contains(it->second)) {
+          MakeUnevictableLocked(it->second);
+          pinned.push_back(it->second);
+        }
+        continue;
+      }
+      if (!seen.insert(key).second) {
+        out[i].skipped = true;
+        continue;
+      }
+      if (ledger_it != ledgers_.end() && ledger_it->second.entries.count(key) != 0) {
+        result = Status::NotReadable(
+            KeyMsg("request still holds a lease on a cleared generation of", key));
+        break;
+      }
+      fresh.push_back(i);
+    }
+
+    // Pass 2: allocate everything or nothing, evicting synchronously when needed.
+    std::vector<Extent> extents;
+    if (result.ok() && !fresh.empty()) {
+      const uint64_t need = unit * fresh.size();
+      AllocatorStats a = allocator_.stats();
+      if (a.free + evictable_bytes_ < need) {
+        result = Status::OutOfMemory(
+            "L1 cannot hold " + std::to_string(fresh.size()) + " objects of " +
+            std::to_string(object_size) + " bytes: " + std::to_string(a.free) + " bytes free, " +
+            std::to_string(evictable_bytes_) + " evictable of " + std::to_string(a.capacity));
+      } else {
+        extents.reserve(fresh.size());
+        while (extents.size() < fresh.size()) {
+          std::optional<Extent> e = allocator_.Allocate(object_size);
+          if (e) {
+            extents.push_back(*e);
+          } else if (!EvictOneLocked(&ev)) {
+            break;
+          }
+        }
+        if (extents.size() < fresh.size()) {
+          for (const Extent& e : extents) (void)allocator_.Free(e);
+          extents.clear();
+          result = Status::OutOfMemory("L1 is too fragmented to hold the batch after eviction");
+        }
+      }
+    }
+    if (!result.ok() && result.code() == StatusCode::kOutOfMemory) counters_.reserve_failures++;
+
+    // Pass 3: publish the reservations with write leases.
+    if (result.ok() && !fresh.empty()) {
+      const TimePoint now = clock_->Now();
+      Ledger* ledger = LedgerLocked(owner);
+      for (size_t j = 0; j < fresh.size(); ++j) {
+        const size_t i = fresh[j];
+        SlotId s = NewSlotLocked();
+        Slot& slot = slots_[s];
+        slot.key = keys[i];
+        slot.extent = extents[j];
+        slot.size = object_size;
+        slot.state = ObjectState::kWriting;
+        slot.in_use = true;
+        slot.temporary = options.temporary;
+        slot.writer = owner.request;
+        index_.emplace(keys[i], s);
+        LeaseEntry& e = ledger->entries[keys[i]];
+        e.slot = s;
+        e.write = true;
+        e.reads = 0;
+        e.seq = ledger->next_seq++;
+        e.expiry = now + options_.write_lease_ttl;
+        out[i].offset = extents[j].offset;
+      }
+      if (options_.high_watermark < 1.0 &&
+          static_cast<double>(allocator_.stats().used) >
+              options_.high_watermark * static_cast<double>(allocator_.capacity())) {
+        ev.wake_maintenance = true;
+      }
+    }
+    // Un-pin skipped objects; a store of an existing object counts as a use (reverse order keeps
+    // chunk 0 most recent).
+    for (auto it = pinned.rbegin(); it != pinned.rend(); ++it) MaybeMakeEvictableLocked(*it);
+  }
+  Dispatch(&ev);
+  if (!result.ok()) return result;
+  return out;
+}
+
+Status ObjectTable::ValidateWriteLocked(RequestId request, const std::vector<ObjectKey>& keys,
+                                        std::vector<SlotId>* slots) const {
+  auto lit = ledgers_.find(request);
+  for (const ObjectKey& key : keys) {
+    const LeaseEntry* e = nullptr;
+    if (lit != ledgers_.end()) {
+      auto eit = lit->second.entries.find(key);
+      if (eit != lit->second.entries.end()) e = &eit->second;
+    }
+    if (e == nullptr || !e->write) {
+      auto it = index_.find(key);
+      if (it == index_.end()) return Status::KeyAbsent(KeyMsg("no such object", key));
+      if (slots_[it->second].state != ObjectState::kWriting) {
+        return Status::WrongState(KeyMsg("object is not being written", key));
+      }
+      return Status::LeaseNotHeld(KeyMsg("request does not hold the write lease", key));
+    }
+    slots->push_back(e->slot);
+  }
+  return Status::Ok();
+}
+
+Status ObjectTable::FinishWrite(RequestId request, const std::vector<ObjectKey>& keys,
+                                uint32_t read_leases) {
+  if (keys.empty()) return Status::Ok();
+  Events ev;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::vector<SlotId>& slots = ScratchSlots();
+    LMCACHE_RETURN_IF_ERROR(ValidateWriteLocked(request, keys, &slots));
+    const TimePoint now = clock_->Now();
+    Ledger& ledger = ledgers_.find(request)->second;
+    // Reverse order: chunk 0 is inserted into the eviction policy last (most recently used).
+    for (size_t k = keys.size(); k-- > 0;) {
+      const SlotId s = slots[k];
+      Slot& slot = slots_[s];
+      // A repeated key in the batch: already published (or already freed, if temporary).
+      if (!slot.in_use || slot.state == ObjectState::kReady || slot.writer != request) continue;
+      slot.state = ObjectState::kReady;
+      slot.writer = 0;
+      auto eit = ledger.entries.find(keys[k]);
+      if (read_leases > 0) {
+        eit->second.write = false;
+        eit->second.reads = read_leases;
+        eit->second.expiry = now + options_.read_lease_ttl;
+        slot.readers = read_leases;
+      } else {
+        ledger.entries.erase(eit);
+      }
+      if (!slot.temporary && !slot.detached) ev.ready.push_back(slot.key);
+      if (slot.readers == 0 && (slot.temporary || slot.detached)) {
+        FreeSlotLocked(s, slot.temporary ? RemovalReason::kTemporaryFreed : RemovalReason::kCleared,
+                       &ev);
+      } else {
+        MaybeMakeEvictableLocked(s);
+      }
+    }
+    std::reverse(ev.ready.begin(), ev.ready.end());
+    if (ledger.entries.empty()) ledgers_.erase(request);
+  }
+  Dispatch(&ev);
+  return Status::Ok();
+}
+
+Status ObjectTable::AbortWrite(RequestId request, const std::vector<ObjectKey>& keys) {
+  if (keys.empty()) return Status::Ok();
+  Events ev;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::vector<SlotId>& slots = ScratchSlots();
+    LMCACHE_RETURN_IF_ERROR(ValidateWriteLocked(request, keys, &slots));
+    Ledger& ledger = ledgers_.find(request)->second;
+    for (size_t k = 0; k < keys.size(); ++k) {
+      auto eit = ledger.entries.find(keys[k]);
+      if (eit == ledger.entries.end()) continue;  // repeated key in the batch
+      ledger.entries.erase(eit);
+      FreeSlotLocked(slots[k], RemovalReason::kAborted, &ev);
+    }
+    if (ledger.entries.empty()) ledgers_.erase(request);
+  }
+  Dispatch(&ev);
+  return Status::Ok();
+}
+
+// ------------------------------------------------------------------------------------------
+// Reading.
+
+Status ObjectTable::AcquireRead(const LeaseOwner& owner, const std::vector<ObjectKey>& keys,
+                                uint32_t count) {
+  if (count == 0) return Status::InvalidArgument("lease count must be >= 1");
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<SlotId>& slots = ScratchSlots();
+  auto lit = ledgers_.find(owner.request);
+  for (const ObjectKey& key : keys) {
+    auto it = index_.find(key);
+    if (it == index_.end()) return Status::KeyAbsent(KeyMsg("no such object", key));
+    if (slots_[it->second].state != ObjectState::kReady) {
+      return Status::NotReadable(KeyMsg("object is still being written", key));
+    }
+    if (lit != ledgers_.end()) {
+      auto eit = lit->second.entries.find(key);
+      if (eit != lit->second.entries.end() && eit->second.slot != it->second) {
+        return Status::NotReadable(
+            KeyMsg("request still holds a lease on a cleared generation of", key));
+      }
+    }
+    slots.push_back(it->second);
+  }
+  if (keys.empty()) return Status::Ok();
+  const TimePoint now = clock_->Now();
+  Ledger* ledger = LedgerLocked(owner);
+  for (size_t k = 0; k < keys.size(); ++k) GrantReadLocked(ledger, keys[k], slots[k], count, now);
+  return Status::Ok();
+}
+
+size_t ObjectTable::AcquireReadPrefix(const LeaseOwner& owner, const std::vector<ObjectKey>& keys,
+                                      uint32_t count) {
+  if (count == 0 || keys.empty()) return 0;
+  std::lock_guard<std::mutex> lock(mu_);
+  const TimePoint now = clock_->Now();
+  Ledger* ledger = nullptr;
+  size_t n = 0;
+  for (; n < keys.size(); ++n) {
+    auto it = index_.find(keys[n]);
+    if (it == index_.end() || slots_[it->second].state != ObjectState::kReady) break;
+    if (ledger == nullptr) ledger = LedgerLocked(owner);
+    auto eit = ledger->entries.find(keys[n]);
+    if (eit != ledger->entries.end() && eit->second.slot != it->second) break;
+    GrantReadLocked(ledger, keys[n], it->second, count, now);
+  }
+  return n;
+}
+
+Status ObjectTable::ReleaseRead(RequestId request, const std::vector<ObjectKey>& keys,
+                                uint32_t count) {
+  if (count == 0) return Status::InvalidArgument("lease count must be >= 1");
+  if (keys.empty()) return Status::Ok();
+  Events ev;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto lit = ledgers_.find(request);
+    if (lit == ledgers_.end()) {
+      return Status::LeaseNotHeld(KeyMsg("request holds no leases", keys[0]));
+    }
+    Ledger& ledger = lit->second;
+    // Pass 1: take the counts out of the ledger tentatively; undo everything on a shortfall.
+    std::vector<SlotId>& slots = ScratchSlots();
+    for (size_t k = 0; k < keys.size(); ++k) {
+      auto eit = ledger.entries.find(keys[k]);
+      if (eit == ledger.entries.end() || eit->second.reads < count) {
+        for (size_t j = 0; j < k; ++j) ledger.entries.find(keys[j])->second.reads += count;
+        return Status::LeaseNotHeld(KeyMsg("request does not hold the read lease", keys[k]));
+      }
+      eit->second.reads -= count;
+      slots.push_back(eit->second.slot);
+    }
+    // Pass 2: return the leases to the objects, last chunk first.
+    for (size_t k = keys.size(); k-- > 0;) {
+      ReturnReadsLocked(slots[k], count, &ev);
+      auto eit = ledger.entries.find(keys[k]);
+      if (eit != ledger.entries.end() && eit->second.reads == 0 && !eit->second.write) {
+        ledger.entries.erase(eit);
+      }
+    }
+    if (ledger.entries.empty()) ledgers_.erase(lit);
+  }
+  Dispatch(&ev);
+  return Status::Ok();
+}
+
+Bitmap ObjectTable::Contains(const std::vector<ObjectKey>& keys) const {
+  Bitmap bm(keys.size());
+  std::lock_guard<std::mutex> lock(mu_);
+  for (size_t k = 0; k < keys.size(); ++k) {
+    auto it = index_.find(keys[k]);
+    if (it != index_.end() && slots_[it->second].state == ObjectState::kReady) bm.Set(k);
+  }
+  return bm;
+}
+
+size_t ObjectTable::TouchPrefix(const std::vector<ObjectKey>& keys) {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<SlotId>& slots = ScratchSlots();
+  for (const ObjectKey& key : keys) {
+    auto it = index_.find(key);
+    if (it == index_.end() || slots_[it->second].state != ObjectState::kReady) break;
+    slots.push_back(it->second);
+  }
+  for (size_t k = slots.size(); k-- > 0;) {
+    if (policy_->Contains(slots[k])) policy_->Touch(slots[k]);
+  }
+  return slots.size();
+}
+
+// ------------------------------------------------------------------------------------------
+// Bulk release.
+
+size_t ObjectTable::ReleaseRequest(RequestId request) {
+  Events ev;
+  size_t n = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = ledgers_.find(request);
+    if (it == ledgers_.end()) return 0;
+    n = DropEntriesLocked(&it->second, /*only_expired=*/false, TimePoint{}, &ev);
+    ledgers_.erase(it);
+  }
+  Dispatch(&ev);
+  return n;
+}
+
+size_t ObjectTable::ReleaseClient(ClientId client) {
+  Events ev;
+  size_t n = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto it = ledgers_.begin(); it != ledgers_.end();) {
+      if (it->second.client == client) {
+        n += DropEntriesLocked(&it->second, /*only_expired=*/false, TimePoint{}, &ev);
+        it = ledgers_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  Dispatch(&ev);
+  return n;
+}
+
+size_t ObjectTable::ReapExpired() {
+  Events ev;
+  size_t n = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    const TimePoint now = clock_->Now();
+    for (auto it = ledgers_.begin(); it != ledgers_.end();) {
+      n += DropEntriesLocked(&it->second, /*only_expired=*/true, now, &ev);
+      if (it->second.entries.empty()) {
+        it = ledgers_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    counters_.expired_leases += n;
+  }
+  Dispatch(&ev);
+  return n;
+}
+
+// ------------------------------------------------------------------------------------------
+// Removal.
+
+Status ObjectTable::Delete(const std::vector<ObjectKey>& keys) {
+  Events ev;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const ObjectKey& key : keys) {
+      auto it = index_.find(key);
+      if (it == index_.end()) return Status::KeyAbsent(KeyMsg("no such object", key));
+      const Slot& slot = slots_[it->second];
+      if (slot.state != ObjectState::kReady || slot.readers != 0) {
+        return Status::Locked(KeyMsg("object is leased or being written", key));
+      }
+    }
+    for (const ObjectKey& key : keys) {
+      auto it = index_.find(key);
+      if (it != index_.end()) FreeSlotLocked(it->second, RemovalReason::kDeleted, &ev);
+    }
+  }
+  Dispatch(&ev);
+  return Status::Ok();
+}
+
+size_t ObjectTable::Clear(bool force) {
+  Events ev;
+  size_t n = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::vector<SlotId> victims;
+    victims.reserve(index_.size());
+    for (const auto& [key, s] : index_) victims.push_back(s);
+    for (SlotId s : victims) {
+      Slot& slot = slots_[s];
+      if (slot.state == ObjectState::kReady && slot.readers == 0) {
+        FreeSlotLocked(s, RemovalReason::kCleared, &ev);
+        ++n;
+      } else if (force) {
+        MakeUnevictableLocked(s);
+        index_.erase(slot.key);
+        slot.detached = true;
+        ev.removed.emplace_back(slot.key, RemovalReason::kCleared);
+        ++n;
+      }
+    }
+  }
+  Dispatch(&ev);
+  return n;
+}
+
+uint64_t ObjectTable::EvictBytes(uint64_t bytes) {
+  Events ev;
+  uint64_t freed = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    while (freed < bytes) {
+      std::optional<SlotId> v = policy_->Victim();
+      if (!v) break;
+      freed += slots_[*v].extent.length;
+      EvictOneLocked(&ev);
+    }
+  }
+  Dispatch(&ev);
+  return freed;
+}
+
+void ObjectTable::EvictToLowWatermark(bool only_above_high) {
+  if (options_.high_watermark >= 1.0) return;
+  Events ev;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    const double cap = static_cast<double>(allocator_.capacity());
+    if (only_above_high &&
+        static_cast<double>(allocator_.stats().used) <= options_.high_watermark * cap) {
+      return;
+    }
+    const double low = options_.low_watermark * static_cast<double>(allocator_.capacity());
+    while (static_cast<double>(allocator_.stats().used) > low) {
+      if (!EvictOneLocked(&ev)) break;
+    }
+  }
+  Dispatch(&ev);
+}
+
+// ------------------------------------------------------------------------------------------
+// Introspection.
+
+std::optional<ObjectInfo> ObjectTable::Info(const ObjectKey& key) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = index_.find(key);
+  if (it == index_.end()) return std::nullopt;
+  const Slot& s = slots_[it->second];
+  ObjectInfo info;
+  info.key = s.key;
+  info.state = s.state;
+  info.offset = s.extent.offset;
+  info.size = s.size;
+  info.readers = s.readers;
+  info.temporary = s.temporary;
+  info.detached = s.detached;
+  return info;
+}
+
+uint32_t ObjectTable::LeasesHeld(RequestId request, const ObjectKey& key) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto lit = ledgers_.find(request);
+  if (lit == ledgers_.end()) return 0;
+  auto eit = lit->second.entries.find(key);
+  return eit == lit->second.entries.end() ? 0 : eit->second.reads;
+}
+
+ObjectTableStats ObjectTable::stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  ObjectTableStats st = counters_;
+  AllocatorStats a = allocator_.stats();
+  st.capacity_bytes = a.capacity;
+  st.used_bytes = a.used;
+  st.evictable = policy_->size();
+  st.evictable_bytes = evictable_bytes_;
+  st.requests = ledgers_.size();
+  for (const Slot& s : slots_) {
+    if (!s.in_use) continue;
+    if (s.detached) {
+      st.detached++;
+    } else {
+      st.objects++;
+    }
+    if (s.state == ObjectState::kWriting) {
+      st.writing++;
+      st.write_leases++;
+    } else {
+      st.ready++;
+    }
+    if (s.temporary) st.temporary++;
+    if (s.readers > 0) st.leased_objects++;
+    st.read_leases += s.readers;
+  }
+  return st;
+}
+
+Status ObjectTable::CheckInvariants() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  LMCACHE_RETURN_IF_ERROR(allocator_.CheckInvariants());
+  // Read leases and write leases per slot, as the ledgers see them.
+  std::vector<uint64_t> reads(slots_.size(), 0);
+  std::vector<uint32_t> writes(slots_.size(), 0);
+  for (const auto& [req, ledger] : ledgers_) {
+    if (ledger.entries.empty()) return Status::Internal("empty ledger kept");
+    for (const auto& [key, e] : ledger.entries) {
+      if (e.slot >= slots_.size() || !slots_[e.slot].in_use) {
+        return Status::Internal("ledger entry points at a free slot: " + key.ToShortString());
+      }
+      if (slots_[e.slot].key != key) return Status::Internal("ledger key differs from slot key");
+      if (e.reads == 0 && !e.write) return Status::Internal("empty ledger entry kept");
+      if (e.write && slots_[e.slot].writer != req) {
+        return Status::Internal("write lease held by a request that is not the writer");
+      }
+      reads[e.slot] += e.reads;
+      writes[e.slot] += e.write ? 1 : 0;
+    }
+  }
+  uint64_t used = 0, evictable_bytes = 0;
+  size_t in_use = 0, evictable = 0;
+  for (SlotId s = 0; s < slots_.size(); ++s) {
+    const Slot& slot = slots_[s];
+    if (!slot.in_use) {
+      if (policy_->Contains(s)) return Status::Internal("free slot in the eviction policy");
+      continue;
+    }
+    ++in_use;
+    used += slot.extent.length;
+    if (slot.readers != reads[s]) {
+      return Status::Internal("slot " + slot.key.ToShortString() + " has " +
+                              std::to_string(slot.readers) + " readers but ledgers hold " +
+                              std::to_string(reads[s]));
+    }
+    const bool writing = slot.state == ObjectState::kWriting;
+    if (writes[s] != (writing ? 1u : 0u)) {
+      return Status::Internal("writing object without exactly one write lease");
+    }
+    if (writing && slot.readers != 0) return Status::Internal("writing object has readers");
+    const bool should_evict =
+        !writing && slot.readers == 0 && !slot.temporary && !slot.detached;
+    if (should_evict != policy_->Contains(s)) {
+      return Status::Internal("eviction policy membership wrong for " + slot.key.ToShortString());
+    }
+    if ((slot.temporary || slot.detached) && !writing && slot.readers == 0) {
+      return Status::Internal("unleased temporary/detached object not freed");
+    }
+    if (should_evict) {
+      ++evictable;
+      evictable_bytes += slot.extent.length;
+    }
+    auto it = index_.find(slot.key);
+    if (slot.detached) {
+      if (it != index_.end() && it->second == s) return Status::Internal("detached slot indexed");
+    } else if (it == index_.end() || it->second != s) {
+      return Status::Internal("live slot missing from the index");
+    }
+  }
+  for (const auto& [key, s] : index_) {
+    if (s >= slots_.size() || !slots_[s].in_use || slots_[s].key != key) {
+      return Status::Internal("index entry points at a wrong slot");
+    }
+  }
+  if (in_use + free_slots_.size() != slots_.size()) return Status::Internal("slot leak");
+  if (allocator_.stats().used != used) return Status::Internal("allocator bytes != slot bytes");
+  if (evictable != policy_->size() || evictable_bytes != evictable_bytes_) {
+    return Status::Internal("evictable accounting mismatch");
+  }
+  return Status::Ok();
+}
+
+// ------------------------------------------------------------------------------------------
+// Listeners and the maintenance thread.
+
+void ObjectTable::AddListener(std::shared_ptr<ObjectTableListener> listener) {
+  std::lock_guard<std::mutex> lock(listeners_mu_);
+  listeners_.push_back(std::move(listener));
+}
+
+void ObjectTable::RemoveListener(const ObjectTableListener* listener) {
+  std::lock_guard<std::mutex> lock(listeners_mu_);
+  listeners_.erase(std::remove_if(listeners_.begin(), listeners_.end(),
+                                  [&](const auto& l) { return l.get() == listener; }),
+                   listeners_.end());
+}
+
+void ObjectTable::Dispatch(Events* ev) {
+  if (ev->wake_maintenance) {
+    {
+      std::lock_guard<std::mutex> lock(maint_mu_);
+      maint_evict_requested_ = true;
+    }
+    maint_cv_.notify_one();
+  }
+  if (ev->ready.empty() && ev->removed.empty()) return;
+  std::vector<std::shared_ptr<ObjectTableListener>> listeners;
+  {
+    std::lock_guard<std::mutex> lock(listeners_mu_);
+    listeners = listeners_;
+  }
+  if (listeners.empty()) return;
+  for (const auto& l : listeners) {
+    if (!ev->ready.empty()) l->OnObjectsReady(ev->ready);
+    // Group consecutive removals with the same reason into one call.
+    size_t i = 0;
+    std::vector<ObjectKey> group;
+    while (i < ev->removed.size()) {
+      const RemovalReason reason = ev->removed[i].second;
+      group.clear();
+      while (i < ev->removed.size() && ev->removed[i].second == reason) {
+        group.push_back(ev->removed[i].first);
+        ++i;
+      }
+      l->OnObjectsRemoved(group, reason);
+    }
+  }
+}
+
+void ObjectTable::Start() {
+  std::lock_guard<std::mutex> lock(start_stop_mu_);
+  if (maint_thread_.joinable()) return;
+  {
+    std::lock_guard<std::mutex> mlock(maint_mu_);
+    maint_stop_ = false;
+  }
+  maint_thread_ = std::thread([this] { MaintenanceLoop(); });
+}
+
+void ObjectTable::Stop() {
+  std::lock_guard<std::mutex> lock(start_stop_mu_);
+  if (!maint_thread_.joinable()) return;
+  {
+    std::lock_guard<std::mutex> mlock(maint_mu_);
+    maint_stop_ = true;
+  }
+  maint_cv_.notify_all();
+  maint_thread_.join();
+}
+
+void ObjectTable::MaintenanceLoop() {
+  auto next_reap = std::chrono::steady_clock::now() + options_.reap_interval;
+  std::unique_lock<std::mutex> lock(maint_mu_);
+  while (!maint_stop_) {
+    maint_cv_.wait_until(lock, next_reap,
+                         [this] { return maint_stop_ || maint_evict_requested_; });
+    if (maint_stop_) break;
+    const bool requested = maint_evict_requested_;
+    maint_evict_requested_ = false;
+    lock.unlock();
+    EvictToLowWatermark(/*only_above_high=*/!requested);
+    if (std::chrono::steady_clock::now() >= next_reap) {
+      ReapExpired();
+      next_reap = std::chrono::steady_clock::now() + options_.reap_interval;
+    }
+    lock.lock();
+  }
+}
+
+}  // namespace lmcache_cpp

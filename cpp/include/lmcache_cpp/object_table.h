@@ -1,0 +1,333 @@
+// Copyright (c) lmcache_cpp authors. Licensed under the Apache License 2.0.
+//
+// ObjectTable: the L1 manager. It maps ObjectKeys to byte ranges of the shared arena, runs the
+// per-object state machine, owns every lease, and evicts.
+//
+// State machine (docs/design/l1.md has the full table):
+//
+//   absent --ReserveWrite--> writing --FinishWrite--> ready <--AcquireRead/ReleaseRead--> reading(n)
+//     ^                        |                        |
+//     +--AbortWrite / write----+                        +--evict / Delete / Clear (only when n == 0)
+//        lease expiry
+//
+// "reading(n)" is "ready with n read leases". A temporary object (loaded from L2 for one request)
+// is never evictable and is freed when its last read lease goes; a permanent object is evictable
+// whenever it is ready with no lease.
+//
+// Leases. Every lease belongs to a request (RequestId) and is recorded in that request's ledger
+// with the client that took it and an expiry time (now + TTL, refreshed when the request takes the
+// lease again). A request can release only what its ledger holds: a release of anything else is
+// refused with LeaseNotHeld and changes nothing. Several clients may act for one request (the
+// tensor-parallel workers of one engine release the leases its scheduler took), so releases name
+// the request only. ReleaseRequest drops a request's whole ledger; ReleaseClient drops the ledgers
+// created by a client (it disconnected); ReapExpired drops leases past their TTL. An expired write
+// lease discards the half-written object: it never becomes readable.
+//
+// extra_count: AcquireRead(..., count = 1 + e) takes e + 1 read leases at once (MLA models, where
+// every tensor-parallel worker reads the same object); each worker's ReleaseRead(count = 1)
+// returns one.
+//
+// Eviction. When a reservation does not fit, the table evicts synchronously (least recently used
+// first, never a leased or temporary object) until it fits; it fails with OutOfMemory, evicting
+// nothing, when even evicting every evictable object could not free enough bytes. A background
+// maintenance thread (Start/Stop) evicts down to the low watermark when usage crosses the high
+// one and reaps expired leases periodically.
+//
+// Listeners are called after the table's mutex is released, on the thread that made the change
+// (the maintenance thread for background eviction and expiry). They may call back into the table.
+//
+// Thread safety: every method is thread-safe. Lock order: ObjectTable::mu_ -> ExtentAllocator::mu_.
+// maint_mu_ and listeners_mu_ are leaves, never held together with mu_.
+#ifndef LMCACHE_CPP_OBJECT_TABLE_H_
+#define LMCACHE_CPP_OBJECT_TABLE_H_
+
+#include <atomic>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "lmcache_cpp/allocator.h"
+#include "lmcache_cpp/arena.h"
+#include "lmcache_cpp/bitmap.h"
+#include "lmcache_cpp/clock.h"
+#include "lmcache_cpp/eviction_policy.h"
+#include "lmcache_cpp/object_key.h"
+#include "lmcache_cpp/status.h"
+
+namespace lmcache_cpp {
+
+using ClientId = uint64_t;
+using RequestId = uint64_t;
+
+// Who takes a lease: the request it is for, and the client (connection) acting for it.
+struct LeaseOwner {
+  ClientId client = 0;
+  RequestId request = 0;
+};
+
+enum class ObjectState : uint8_t { kWriting = 0, kReady = 1 };
+
+enum class RemovalReason : uint8_t {
+  kEvicted = 0,      // made room (synchronous or watermark)
+  kDeleted = 1,      // Delete()
+  kCleared = 2,      // Clear()
+  kAborted = 3,      // AbortWrite, or a write lease expired / was released with its request
+  kTemporaryFreed = 4// a temporary object lost its last reader
+};
+
+struct ObjectInfo {
+  ObjectKey key;
+  ObjectState state = ObjectState::kWriting;
+  uint64_t offset = 0;    // into the arena
+  uint64_t size = 0;      // requested object size (the allocation may be rounded up)
+  uint32_t readers = 0;   // read leases outstanding
+  bool temporary = false;
+  bool detached = false;  // removed by a forced Clear, freed when its leases drain
+};
+
+enum class ReserveMode : uint8_t {
+  // Keys that exist (any state) are returned as skipped, not as errors. Tensor-parallel ranks that
+  // store the same MLA object are harmless.
+  kNewOnly = 0,
+  // Any existing key fails the whole batch with NotWritable.
+  kStrict = 1,
+};
+
+struct ReserveOptions {
+  ReserveMode mode = ReserveMode::kNewOnly;
+  // Temporary objects are freed when their last read lease is released, are never evictable and
+  // are not announced to listeners as ready (so they are never written back to L2).
+  bool temporary = false;
+};
+
+struct Reservation {
+  ObjectKey key;
+  bool skipped = false;   // the key existed; nothing was reserved
+  uint64_t offset = 0;    // valid when !skipped
+  uint64_t size = 0;
+};
+
+struct ObjectTableOptions {
+  ObjectTableOptions() {}  // NOLINT: out-of-line-initialisable aggregate with defaults
+  Duration read_lease_ttl = std::chrono::seconds(300);
+  Duration write_lease_ttl = std::chrono::seconds(120);
+  // Background eviction starts above high_watermark * capacity and stops below low_watermark *
+  // capacity. 1.0 disables background eviction (synchronous eviction still happens).
+  double high_watermark = 0.95;
+  double low_watermark = 0.90;
+  // How often the maintenance thread reaps expired leases.
+  Duration reap_interval = std::chrono::seconds(1);
+  std::string eviction_policy = "lru";
+  uint64_t alignment = 4096;
+  std::shared_ptr<Clock> clock;  // null = SteadyClock
+};
+
+struct ObjectTableStats {
+  uint64_t capacity_bytes = 0;
+  uint64_t used_bytes = 0;
+  uint64_t objects = 0;         // in the index (writing + ready), excluding detached
+  uint64_t writing = 0;
+  uint64_t ready = 0;
+  uint64_t temporary = 0;
+  uint64_t detached = 0;
+  uint64_t evictable = 0;
+  uint64_t evictable_bytes = 0;
+  uint64_t leased_objects = 0;  // objects with at least one read lease
+  uint64_t read_leases = 0;     // sum of read lease counts
+  uint64_t write_leases = 0;
+  uint64_t requests = 0;        // ledgers
+  uint64_t evictions = 0;
+  uint64_t evicted_bytes = 0;
+  uint64_t expired_leases = 0;  // ledger entries dropped by TTL
+  uint64_t reserve_failures = 0;// ReserveWrite calls that returned OutOfMemory
+};
+
+class ObjectTableListener {
+ public:
+  virtual ~ObjectTableListener() = default;
+  // Permanent objects finished writing and are readable (never temporary ones).
+  virtual void OnObjectsReady(const std::vector<ObjectKey>& keys) { (void)keys; }
+  // Objects left the table (or, for a forced Clear, left the index).
+  virtual void OnObjectsRemoved(const std::vector<ObjectKey>& keys, RemovalReason reason) {
+    (void)keys;
+    (void)reason;
+  }
+};
+
+class ObjectTable {
+ public:
+  // Errors: InvalidArgument (null arena, watermarks outside 0 < low <= high <= 1, zero TTLs, bad
+  // alignment, unknown policy).
+  static Result<std::unique_ptr<ObjectTable>> Create(std::shared_ptr<Arena> arena,
+                                                     ObjectTableOptions options = {});
+  // Stops the maintenance thread. Outstanding leases die with the table.
+  ~ObjectTable();
+  ObjectTable(const ObjectTable&) = delete;
+  ObjectTable& operator=(const ObjectTable&) = delete;
+
+  // Starts the maintenance thread (watermark eviction, lease reaping). Idempotent.
+  void Start();
+  // Stops and joins it; wakes it if waiting. Idempotent. Leases stay (see ReleaseAll).
+  void Stop();
+
+  // ---- writing -----------------------------------------------------------------------------
+  // Reserves `keys` for writing, each `object_size` bytes, with a write lease for `owner`. All or
+  // nothing in memory: OutOfMemory leaves nothing allocated. Duplicate keys within the batch are
+  // reserved once (later copies are reported skipped). Errors: InvalidArgument (object_size 0),
+  // NotWritable (kStrict and a key exists), NotReadable (the request still holds a lease on a
+  // detached generation of a key), OutOfMemory.
+  Result<std::vector<Reservation>> ReserveWrite(const LeaseOwner& owner,
+                                                const std::vector<ObjectKey>& keys,
+                                                uint64_t object_size,
+                                                const ReserveOptions& options = {});
+  // writing -> ready for every key, atomically (validated first; nothing changes on error), and
+  // gives the request `read_leases` read leases on each (0 for a plain store; 1 + extra_count for
+  // an object loaded for this request). Errors: KeyAbsent, WrongState (not writing),
+  // LeaseNotHeld (this request does not hold the write lease).
+  Status FinishWrite(RequestId request, const std::vector<ObjectKey>& keys,
+                     uint32_t read_leases = 0);
+  // writing -> absent (memory freed), atomically. Errors: as FinishWrite.
+  Status AbortWrite(RequestId request, const std::vector<ObjectKey>& keys);
+
+  // ---- reading -----------------------------------------------------------------------------
+  // Takes `count` read leases on every key, atomically. Errors: InvalidArgument (count 0),
+  // KeyAbsent, NotReadable (still being written).
+  Status AcquireRead(const LeaseOwner& owner, const std::vector<ObjectKey>& keys,
+                     uint32_t count = 1);
+  // Takes `count` read leases on the longest readable prefix of `keys` and returns its length;
+  // keys after the first miss are not leased.
+  size_t AcquireReadPrefix(const LeaseOwner& owner, const std::vector<ObjectKey>& keys,
+                           uint32_t count = 1);
+  // Returns `count` read leases per key, atomically. Errors: InvalidArgument (count 0),
+  // LeaseNotHeld (the request holds fewer than `count` read leases on some key).
+  Status ReleaseRead(RequestId request, const std::vector<ObjectKey>& keys, uint32_t count = 1);
+  // The ready (readable) keys, without leasing or touching.
+  Bitmap Contains(const std::vector<ObjectKey>& keys) const;
+  // Length of the ready prefix; touches it (chunk 0 ends most recently used). No lease.
+  size_t TouchPrefix(const std::vector<ObjectKey>& keys);
+
+  // ---- releasing in bulk ------------------------------------------------------------------
+  // Drops every lease of the request (read leases returned, writes aborted). Returns the number
+  // of ledger entries dropped (0 when the request holds nothing).
+  size_t ReleaseRequest(RequestId request);
+  // Drops the ledgers of every request first seen from `client`.
+  size_t ReleaseClient(ClientId client);
+  // Drops ledger entries whose TTL has passed (clock->Now()). Returns how many.
+  size_t ReapExpired();
+
+  // ---- removing ----------------------------------------------------------------------------
+  // Deletes ready, unleased objects, atomically. Errors: KeyAbsent, Locked (leased or being
+  // written).
+  Status Delete(const std::vector<ObjectKey>& keys);
+  // Removes every ready unleased object. With force, leased and writing objects are also removed
+  // from the index (lookups stop seeing them) and freed when their leases are released or expire.
+  // Returns the number of objects removed from the index.
+  size_t Clear(bool force = false);
+  // Evicts least recently used objects until at least `bytes` were freed or nothing evictable
+  // remains. Returns bytes freed.
+  uint64_t EvictBytes(uint64_t bytes);
+
+  // ---- introspection -----------------------------------------------------------------------
+  std::optional<ObjectInfo> Info(const ObjectKey& key) const;
+  // Read leases `request` holds on `key` (0 if none).
+  uint32_t LeasesHeld(RequestId request, const ObjectKey& key) const;
+  ObjectTableStats stats() const;
+  // Verifies every cross-structure invariant (index, slots, ledgers, policy, allocator). Tests.
+  Status CheckInvariants() const;
+
+  // Arena the offsets refer to.
+  const std::shared_ptr<Arena>& arena() const noexcept { return arena_; }
+  uint8_t* data(uint64_t offset) const noexcept { return arena_->base() + offset; }
+
+  void AddListener(std::shared_ptr<ObjectTableListener> listener);
+  void RemoveListener(const ObjectTableListener* listener);
+
+ private:
+  struct Slot {
+    ObjectKey key;
+    Extent extent;
+    uint64_t size = 0;
+    uint32_t readers = 0;
+    ObjectState state = ObjectState::kWriting;
+    bool in_use = false;
+    bool temporary = false;
+    bool detached = false;
+    RequestId writer = 0;  // valid while writing
+  };
+  struct LeaseEntry {
+    SlotId slot = 0;
+    uint32_t reads = 0;
+    bool write = false;
+    uint64_t seq = 0;  // acquisition order, so bulk releases can run in reverse chunk order
+    TimePoint expiry{};
+  };
+  struct Ledger {
+    ClientId client = 0;
+    uint64_t next_seq = 0;
+    std::unordered_map<ObjectKey, LeaseEntry, ObjectKeyHash> entries;
+  };
+  // Work to do after mu_ is released.
+  struct Events {
+    std::vector<ObjectKey> ready;
+    std::vector<std::pair<ObjectKey, RemovalReason>> removed;
+    bool wake_maintenance = false;
+  };
+
+  ObjectTable(std::shared_ptr<Arena> arena, ObjectTableOptions options,
+              std::unique_ptr<EvictionPolicy> policy);
+
+  // All *Locked helpers REQUIRE mu_ held.
+  SlotId NewSlotLocked();
+  void FreeSlotLocked(SlotId s, RemovalReason reason, Events* ev);
+  bool EvictOneLocked(Events* ev);
+  void MaybeMakeEvictableLocked(SlotId s);
+  void MakeUnevictableLocked(SlotId s);
+  void ReturnReadsLocked(SlotId s, uint32_t n, Events* ev);
+  void DropLedgerEntryLocked(const LeaseEntry& e, Events* ev);
+  // Drops the ledger's entries (all, or only those expired at `now`), last acquired first.
+  size_t DropEntriesLocked(Ledger* ledger, bool only_expired, TimePoint now, Events* ev);
+  void GrantReadLocked(Ledger* ledger, const ObjectKey& key, SlotId s, uint32_t count,
+                       TimePoint now);
+  Ledger* LedgerLocked(const LeaseOwner& owner);
+  Status ValidateWriteLocked(RequestId request, const std::vector<ObjectKey>& keys,
+                             std::vector<SlotId>* slots) const;
+  void Dispatch(Events* ev);
+  void MaintenanceLoop();
+  // Evicts down to the low watermark; with only_above_high, only if usage exceeds the high one.
+  void EvictToLowWatermark(bool only_above_high);
+
+  const std::shared_ptr<Arena> arena_;
+  const ObjectTableOptions options_;
+  const std::shared_ptr<Clock> clock_;
+
+  mutable std::mutex mu_;
+  ExtentAllocator allocator_;                                       // internally locked; under mu_
+  std::unique_ptr<EvictionPolicy> policy_;                          // GUARDED_BY(mu_)
+  std::unordered_map<ObjectKey, SlotId, ObjectKeyHash> index_;     // GUARDED_BY(mu_)
+  std::vector<Slot> slots_;                                         // GUARDED_BY(mu_)
+  std::vector<SlotId> free_slots_;                                  // GUARDED_BY(mu_)
+  std::unordered_map<RequestId, Ledger> ledgers_;                   // GUARDED_BY(mu_)
+  uint64_t evictable_bytes_ = 0;                                    // GUARDED_BY(mu_)
+  ObjectTableStats counters_;  // GUARDED_BY(mu_): only the monotonic counters are kept here
+
+  std::mutex listeners_mu_;
+  std::vector<std::shared_ptr<ObjectTableListener>> listeners_;    // GUARDED_BY(listeners_mu_)
+
+  std::mutex maint_mu_;
+  std::condition_variable maint_cv_;
+  bool maint_stop_ = false;          // GUARDED_BY(maint_mu_)
+  bool maint_evict_requested_ = false;// GUARDED_BY(maint_mu_)
+  std::thread maint_thread_;         // started/joined under start_stop_mu_
+  std::mutex start_stop_mu_;
+};
+
+}  // namespace lmcache_cpp
+
+#endif  // LMCACHE_CPP_OBJECT_TABLE_H_
