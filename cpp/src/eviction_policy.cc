@@ -2,6 +2,7 @@
 
 #include "lmcache_cpp/eviction_policy.h"
 
+#include <algorithm>
 #include <vector>
 
 namespace lmcache_cpp {
@@ -9,20 +10,21 @@ namespace {
 
 constexpr SlotId kNil = ~SlotId{0};
 
-// Doubly-linked list threaded through arrays indexed by slot id. head_ = most recent.
+// Doubly-linked list threaded through one array of nodes indexed by slot id (prev, next and the
+// membership flag share a cache line). head_ = most recent.
 class LruPolicy final : public EvictionPolicy {
  public:
   const char* name() const override { return "lru"; }
 
   void Insert(SlotId slot) override {
     Grow(slot);
-    in_[slot] = 1;
+    nodes_[slot].in = 1;
     PushFront(slot);
     ++size_;
   }
   void Remove(SlotId slot) override {
     Unlink(slot);
-    in_[slot] = 0;
+    nodes_[slot].in = 0;
     --size_;
   }
   void Touch(SlotId slot) override {
@@ -34,34 +36,45 @@ class LruPolicy final : public EvictionPolicy {
     if (tail_ == kNil) return std::nullopt;
     return tail_;
   }
-  bool Contains(SlotId slot) const override { return slot < in_.size() && in_[slot] != 0; }
+  bool Contains(SlotId slot) const override {
+    return slot < nodes_.size() && nodes_[slot].in != 0;
+  }
   size_t size() const override { return size_; }
 
  private:
+  struct Node {
+    SlotId prev = kNil;
+    SlotId next = kNil;
+    uint32_t in = 0;
+  };
   void Grow(SlotId slot) {
-    if (slot >= in_.size()) {
-      size_t n = std::max<size_t>(static_cast<size_t>(slot) + 1, in_.size() * 2);
-      in_.resize(n, 0);
-      prev_.resize(n, kNil);
-      next_.resize(n, kNil);
+    if (slot >= nodes_.size()) {
+      nodes_.resize(std::max<size_t>(static_cast<size_t>(slot) + 1, nodes_.size() * 2));
     }
   }
   void PushFront(SlotId s) {
-    prev_[s] = kNil;
-    next_[s] = head_;
-    if (head_ != kNil) prev_[head_] = s;
+    nodes_[s].prev = kNil;
+    nodes_[s].next = head_;
+    if (head_ != kNil) nodes_[head_].prev = s;
     head_ = s;
     if (tail_ == kNil) tail_ = s;
   }
   void Unlink(SlotId s) {
-    SlotId p = prev_[s], n = next_[s];
-    if (p != kNil) next_[p] = n; else head_ = n;
-    if (n != kNil) prev_[n] = p; else tail_ = p;
-    prev_[s] = next_[s] = kNil;
+    const SlotId p = nodes_[s].prev, n = nodes_[s].next;
+    if (p != kNil) {
+      nodes_[p].next = n;
+    } else {
+      head_ = n;
+    }
+    if (n != kNil) {
+      nodes_[n].prev = p;
+    } else {
+      tail_ = p;
+    }
+    nodes_[s].prev = nodes_[s].next = kNil;
   }
 
-  std::vector<uint8_t> in_;
-  std::vector<SlotId> prev_, next_;
+  std::vector<Node> nodes_;
   SlotId head_ = kNil, tail_ = kNil;
   size_t size_ = 0;
 };

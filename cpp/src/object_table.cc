@@ -7,6 +7,7 @@
 #include <unordered_set>
 #include <utility>
 
+#include "flat_map.h"
 #include "lmcache_cpp/logging.h"
 
 namespace lmcache_cpp {
@@ -16,6 +17,9 @@ std::string KeyMsg(const char* what, const ObjectKey& key) {
   return std::string(what) + " (" + key.ToShortString() + ")";
 }
 
+// Marks a lease entry already erased within one batch (a key repeated in the batch).
+constexpr SlotId kErasedSlot = ~SlotId{0};
+
 // Per-thread scratch space for batch operations, so the hot paths do not allocate.
 std::vector<SlotId>& ScratchSlots() {
   thread_local std::vector<SlotId> v;
@@ -24,6 +28,10 @@ std::vector<SlotId>& ScratchSlots() {
 }
 
 }  // namespace
+
+ObjectTable::Ledger::Ledger() = default;
+ObjectTable::Ledger::~Ledger() = default;
+ObjectTable::Ledger::Ledger(Ledger&&) noexcept = default;
 
 Result<std::unique_ptr<ObjectTable>> ObjectTable::Create(std::shared_ptr<Arena> arena,
                                                          ObjectTableOptions options) {
@@ -54,7 +62,8 @@ ObjectTable::ObjectTable(std::shared_ptr<Arena> arena, ObjectTableOptions option
       options_(std::move(options)),
       clock_(options_.clock),
       allocator_(arena_->size(), options_.alignment),
-      policy_(std::move(policy)) {}
+      policy_(std::move(policy)),
+      index_(std::make_unique<IndexMap>()) {}
 
 ObjectTable::~ObjectTable() { Stop(); }
 
@@ -71,28 +80,32 @@ SlotId ObjectTable::NewSlotLocked() {
   return static_cast<SlotId>(slots_.size() - 1);
 }
 
-void ObjectTable::MaybeMakeEvictableLocked(SlotId s) {
-  Slot& slot = slots_[s];
-  if (slot.state == ObjectState::kReady && slot.readers == 0 && !slot.temporary &&
-      !slot.detached && !policy_->Contains(s)) {
-    policy_->Insert(s);
-    evictable_bytes_ += slot.extent.length;
-  }
+bool ObjectTable::IsEvictable(const Slot& slot) {
+  return slot.in_use && slot.state == ObjectState::kReady && slot.readers == 0 &&
+         !slot.temporary && !slot.detached;
 }
 
-void ObjectTable::MakeUnevictableLocked(SlotId s) {
+void ObjectTable::BecameEvictableLocked(SlotId s) {
+  evictable_bytes_ += slots_[s].extent.length;
+  ++evictable_count_;
+  // Made recent: moved to the front, or (re-)inserted if eviction dropped it while leased.
   if (policy_->Contains(s)) {
-    policy_->Remove(s);
-    evictable_bytes_ -= slots_[s].extent.length;
+    policy_->Touch(s);
+  } else {
+    policy_->Insert(s);
   }
 }
 
 void ObjectTable::FreeSlotLocked(SlotId s, RemovalReason reason, Events* ev) {
   Slot& slot = slots_[s];
-  MakeUnevictableLocked(s);
+  if (IsEvictable(slot)) {
+    evictable_bytes_ -= slot.extent.length;
+    --evictable_count_;
+  }
+  if (policy_->Contains(s)) policy_->Remove(s);
   if (!slot.detached) {
-    auto it = index_.find(slot.key);
-    if (it != index_.end() && it->second == s) index_.erase(it);
+    const SlotId* cur = index_->Find(slot.key);
+    if (cur != nullptr && *cur == s) index_->EraseValue(cur);
     // A detached slot was announced as removed when it was detached.
     ev->removed.emplace_back(slot.key, reason);
   }
@@ -102,13 +115,22 @@ void ObjectTable::FreeSlotLocked(SlotId s, RemovalReason reason, Events* ev) {
   free_slots_.push_back(s);
 }
 
-bool ObjectTable::EvictOneLocked(Events* ev) {
-  std::optional<SlotId> victim = policy_->Victim();
-  if (!victim) return false;
-  counters_.evictions++;
-  counters_.evicted_bytes += slots_[*victim].extent.length;
-  FreeSlotLocked(*victim, RemovalReason::kEvicted, ev);
-  return true;
+uint64_t ObjectTable::EvictOneLocked(Events* ev) {
+  while (true) {
+    std::optional<SlotId> victim = policy_->Victim();
+    if (!victim) return 0;
+    if (slots_[*victim].readers > 0) {
+      // Leased objects stay in the policy while leased (so leasing costs no list operation);
+      // eviction drops them when it meets them, and their last release puts them back.
+      policy_->Remove(*victim);
+      continue;
+    }
+    const uint64_t bytes = slots_[*victim].extent.length;
+    counters_.evictions++;
+    counters_.evicted_bytes += bytes;
+    FreeSlotLocked(*victim, RemovalReason::kEvicted, ev);
+    return bytes;
+  }
 }
 
 void ObjectTable::ReturnReadsLocked(SlotId s, uint32_t n, Events* ev) {
@@ -119,29 +141,56 @@ void ObjectTable::ReturnReadsLocked(SlotId s, uint32_t n, Events* ev) {
     FreeSlotLocked(s, slot.temporary ? RemovalReason::kTemporaryFreed : RemovalReason::kCleared,
                    ev);
   } else {
-    MaybeMakeEvictableLocked(s);
+    BecameEvictableLocked(s);
   }
 }
 
 ObjectTable::Ledger* ObjectTable::LedgerLocked(const LeaseOwner& owner) {
   auto [it, inserted] = ledgers_.try_emplace(owner.request);
-  if (inserted) it->second.client = owner.client;
+  if (inserted) {
+    it->second.client = owner.client;
+    if (!spare_lease_maps_.empty()) {
+      it->second.entries = std::move(spare_lease_maps_.back());
+      spare_lease_maps_.pop_back();
+    } else {
+      it->second.entries = std::make_unique<LeaseMap>();
+    }
+  }
   return &it->second;
 }
 
-void ObjectTable::GrantReadLocked(Ledger* ledger, const ObjectKey& key, SlotId s, uint32_t count,
+ObjectTable::LedgerMap::iterator ObjectTable::EraseLedgerLocked(LedgerMap::iterator it) {
+  // Keep a few emptied lease maps: a new request then reuses one instead of allocating and
+  // zero-filling a table. Maps that grew large are not kept.
+  constexpr size_t kMaxSpareMaps = 64;
+  constexpr size_t kMaxSpareMapCapacity = 4096;
+  std::unique_ptr<LeaseMap>& m = it->second.entries;
+  if (spare_lease_maps_.size() < kMaxSpareMaps && m->capacity() <= kMaxSpareMapCapacity) {
+    m->Reset();
+    spare_lease_maps_.push_back(std::move(m));
+  }
+  return ledgers_.erase(it);
+}
+
+bool ObjectTable::GrantReadLocked(Ledger* ledger, const ObjectKey& key, SlotId s, uint32_t count,
                                   TimePoint now) {
+  auto [entry, inserted] = ledger->entries->Insert(key);
+  LeaseEntry& e = *entry;
+  // The request still holds a lease on a detached (force-cleared) generation of this key.
+  if (!inserted && e.slot != s) return false;
   Slot& slot = slots_[s];
+  if (IsEvictable(slot)) {
+    evictable_bytes_ -= slot.extent.length;
+    --evictable_count_;
+  }
   slot.readers += count;
-  MakeUnevictableLocked(s);
-  auto [it, inserted] = ledger->entries.try_emplace(key);
-  LeaseEntry& e = it->second;
   if (inserted) {
     e.slot = s;
     e.seq = ledger->next_seq++;
   }
   e.reads += count;
   e.expiry = std::max(e.expiry, now + options_.read_lease_ttl);
+  return true;
 }
 
 void ObjectTable::DropLedgerEntryLocked(const LeaseEntry& e, Events* ev) {
@@ -157,16 +206,16 @@ size_t ObjectTable::DropEntriesLocked(Ledger* ledger, bool only_expired, TimePoi
                                       Events* ev) {
   // Drop in reverse acquisition order so the head of a prefix chain ends up most recently used.
   std::vector<std::pair<uint64_t, ObjectKey>> order;
-  order.reserve(ledger->entries.size());
-  for (const auto& [key, e] : ledger->entries) {
+  order.reserve(ledger->entries->size());
+  ledger->entries->ForEach([&](const ObjectKey& key, const LeaseEntry& e) {
     if (!only_expired || e.expiry <= now) order.emplace_back(e.seq, key);
-  }
+  });
   std::sort(order.begin(), order.end(),
             [](const auto& a, const auto& b) { return a.first > b.first; });
   for (const auto& [seq, key] : order) {
-    auto it = ledger->entries.find(key);
-    LeaseEntry e = it->second;
-    ledger->entries.erase(it);
+    LeaseEntry* found = ledger->entries->Find(key);
+    LeaseEntry e = *found;
+    ledger->entries->EraseValue(found);
     DropLedgerEntryLocked(e, ev);
   }
   return order.size();
@@ -198,22 +247,24 @@ Result<std::vector<Reservation>> ObjectTable::ReserveWrite(const LeaseOwner& own
     // rest of this call so a skip never reports an object that this very call evicted.
     std::vector<size_t> fresh;
     std::vector<SlotId> pinned;
+    uint64_t pinned_bytes = 0;
     std::unordered_set<ObjectKey, ObjectKeyHash> seen;
     seen.reserve(keys.size());
     for (size_t i = 0; i < keys.size(); ++i) {
       const ObjectKey& key = keys[i];
       out[i].key = key;
       out[i].size = object_size;
-      auto it = index_.find(key);
-      if (it != index_.end()) {
+      const SlotId* existing = index_->Find(key);
+      if (existing != nullptr) {
         if (options.mode == ReserveMode::kStrict) {
           result = Status::NotWritable(KeyMsg("object exists", key));
           break;
         }
         out[i].skipped = true;
-        if (policy_->Contains(it->second)) {
-          MakeUnevictableLocked(it->second);
-          pinned.push_back(it->second);
+        if (IsEvictable(slots_[*existing]) && policy_->Contains(*existing)) {
+          policy_->Remove(*existing);
+          pinned.push_back(*existing);
+          pinned_bytes += slots_[*existing].extent.length;
         }
         continue;
       }
@@ -221,7 +272,7 @@ Result<std::vector<Reservation>> ObjectTable::ReserveWrite(const LeaseOwner& own
         out[i].skipped = true;
         continue;
       }
-      if (ledger_it != ledgers_.end() && ledger_it->second.entries.count(key) != 0) {
+      if (ledger_it != ledgers_.end() && ledger_it->second.entries->Find(key) != nullptr) {
         result = Status::NotReadable(
             KeyMsg("request still holds a lease on a cleared generation of", key));
         break;
@@ -234,18 +285,19 @@ Result<std::vector<Reservation>> ObjectTable::ReserveWrite(const LeaseOwner& own
     if (result.ok() && !fresh.empty()) {
       const uint64_t need = unit * fresh.size();
       AllocatorStats a = allocator_.stats();
-      if (a.free + evictable_bytes_ < need) {
+      if (a.free + evictable_bytes_ - pinned_bytes < need) {
         result = Status::OutOfMemory(
             "L1 cannot hold " + std::to_string(fresh.size()) + " objects of " +
             std::to_string(object_size) + " bytes: " + std::to_string(a.free) + " bytes free, " +
-            std::to_string(evictable_bytes_) + " evictable of " + std::to_string(a.capacity));
+            std::to_string(evictable_bytes_ - pinned_bytes) + " evictable of " +
+            std::to_string(a.capacity));
       } else {
         extents.reserve(fresh.size());
         while (extents.size() < fresh.size()) {
           std::optional<Extent> e = allocator_.Allocate(object_size);
           if (e) {
             extents.push_back(*e);
-          } else if (!EvictOneLocked(&ev)) {
+          } else if (EvictOneLocked(&ev) == 0) {
             break;
           }
         }
@@ -273,8 +325,8 @@ Result<std::vector<Reservation>> ObjectTable::ReserveWrite(const LeaseOwner& own
         slot.in_use = true;
         slot.temporary = options.temporary;
         slot.writer = owner.request;
-        index_.emplace(keys[i], s);
-        LeaseEntry& e = ledger->entries[keys[i]];
+        *index_->Insert(keys[i]).first = s;
+        LeaseEntry& e = *ledger->entries->Insert(keys[i]).first;
         e.slot = s;
         e.write = true;
         e.reads = 0;
@@ -290,7 +342,7 @@ Result<std::vector<Reservation>> ObjectTable::ReserveWrite(const LeaseOwner& own
     }
     // Un-pin skipped objects; a store of an existing object counts as a use (reverse order keeps
     // chunk 0 most recent).
-    for (auto it = pinned.rbegin(); it != pinned.rend(); ++it) MaybeMakeEvictableLocked(*it);
+    for (auto it = pinned.rbegin(); it != pinned.rend(); ++it) policy_->Insert(*it);
   }
   Dispatch(&ev);
   if (!result.ok()) return result;
@@ -303,13 +355,12 @@ Status ObjectTable::ValidateWriteLocked(RequestId request, const std::vector<Obj
   for (const ObjectKey& key : keys) {
     const LeaseEntry* e = nullptr;
     if (lit != ledgers_.end()) {
-      auto eit = lit->second.entries.find(key);
-      if (eit != lit->second.entries.end()) e = &eit->second;
+      e = lit->second.entries->Find(key);
     }
     if (e == nullptr || !e->write) {
-      auto it = index_.find(key);
-      if (it == index_.end()) return Status::KeyAbsent(KeyMsg("no such object", key));
-      if (slots_[it->second].state != ObjectState::kWriting) {
+      const SlotId* cur = index_->Find(key);
+      if (cur == nullptr) return Status::KeyAbsent(KeyMsg("no such object", key));
+      if (slots_[*cur].state != ObjectState::kWriting) {
         return Status::WrongState(KeyMsg("object is not being written", key));
       }
       return Status::LeaseNotHeld(KeyMsg("request does not hold the write lease", key));
@@ -337,25 +388,25 @@ Status ObjectTable::FinishWrite(RequestId request, const std::vector<ObjectKey>&
       if (!slot.in_use || slot.state == ObjectState::kReady || slot.writer != request) continue;
       slot.state = ObjectState::kReady;
       slot.writer = 0;
-      auto eit = ledger.entries.find(keys[k]);
+      LeaseEntry* e = ledger.entries->Find(keys[k]);
       if (read_leases > 0) {
-        eit->second.write = false;
-        eit->second.reads = read_leases;
-        eit->second.expiry = now + options_.read_lease_ttl;
+        e->write = false;
+        e->reads = read_leases;
+        e->expiry = now + options_.read_lease_ttl;
         slot.readers = read_leases;
       } else {
-        ledger.entries.erase(eit);
+        ledger.entries->EraseValue(e);
       }
       if (!slot.temporary && !slot.detached) ev.ready.push_back(slot.key);
       if (slot.readers == 0 && (slot.temporary || slot.detached)) {
         FreeSlotLocked(s, slot.temporary ? RemovalReason::kTemporaryFreed : RemovalReason::kCleared,
                        &ev);
-      } else {
-        MaybeMakeEvictableLocked(s);
+      } else if (IsEvictable(slot)) {
+        BecameEvictableLocked(s);
       }
     }
     std::reverse(ev.ready.begin(), ev.ready.end());
-    if (ledger.entries.empty()) ledgers_.erase(request);
+    if (ledger.entries->empty()) EraseLedgerLocked(ledgers_.find(request));
   }
   Dispatch(&ev);
   return Status::Ok();
@@ -370,12 +421,10 @@ Status ObjectTable::AbortWrite(RequestId request, const std::vector<ObjectKey>& 
     LMCACHE_RETURN_IF_ERROR(ValidateWriteLocked(request, keys, &slots));
     Ledger& ledger = ledgers_.find(request)->second;
     for (size_t k = 0; k < keys.size(); ++k) {
-      auto eit = ledger.entries.find(keys[k]);
-      if (eit == ledger.entries.end()) continue;  // repeated key in the batch
-      ledger.entries.erase(eit);
+      if (!ledger.entries->Erase(keys[k])) continue;  // repeated key in the batch
       FreeSlotLocked(slots[k], RemovalReason::kAborted, &ev);
     }
-    if (ledger.entries.empty()) ledgers_.erase(request);
+    if (ledger.entries->empty()) EraseLedgerLocked(ledgers_.find(request));
   }
   Dispatch(&ev);
   return Status::Ok();
@@ -391,24 +440,26 @@ Status ObjectTable::AcquireRead(const LeaseOwner& owner, const std::vector<Objec
   std::vector<SlotId>& slots = ScratchSlots();
   auto lit = ledgers_.find(owner.request);
   for (const ObjectKey& key : keys) {
-    auto it = index_.find(key);
-    if (it == index_.end()) return Status::KeyAbsent(KeyMsg("no such object", key));
-    if (slots_[it->second].state != ObjectState::kReady) {
+    const SlotId* cur = index_->Find(key);
+    if (cur == nullptr) return Status::KeyAbsent(KeyMsg("no such object", key));
+    if (slots_[*cur].state != ObjectState::kReady) {
       return Status::NotReadable(KeyMsg("object is still being written", key));
     }
     if (lit != ledgers_.end()) {
-      auto eit = lit->second.entries.find(key);
-      if (eit != lit->second.entries.end() && eit->second.slot != it->second) {
+      const LeaseEntry* e = lit->second.entries->Find(key);
+      if (e != nullptr && e->slot != *cur) {
         return Status::NotReadable(
             KeyMsg("request still holds a lease on a cleared generation of", key));
       }
     }
-    slots.push_back(it->second);
+    slots.push_back(*cur);
   }
   if (keys.empty()) return Status::Ok();
   const TimePoint now = clock_->Now();
   Ledger* ledger = LedgerLocked(owner);
-  for (size_t k = 0; k < keys.size(); ++k) GrantReadLocked(ledger, keys[k], slots[k], count, now);
+  ledger->entries->Reserve(ledger->entries->size() + keys.size());
+  // Validated above: every grant succeeds.
+  for (size_t k = 0; k < keys.size(); ++k) (void)GrantReadLocked(ledger, keys[k], slots[k], count, now);
   return Status::Ok();
 }
 
@@ -420,13 +471,15 @@ size_t ObjectTable::AcquireReadPrefix(const LeaseOwner& owner, const std::vector
   Ledger* ledger = nullptr;
   size_t n = 0;
   for (; n < keys.size(); ++n) {
-    auto it = index_.find(keys[n]);
-    if (it == index_.end() || slots_[it->second].state != ObjectState::kReady) break;
-    if (ledger == nullptr) ledger = LedgerLocked(owner);
-    auto eit = ledger->entries.find(keys[n]);
-    if (eit != ledger->entries.end() && eit->second.slot != it->second) break;
-    GrantReadLocked(ledger, keys[n], it->second, count, now);
+    const SlotId* cur = index_->Find(keys[n]);
+    if (cur == nullptr || slots_[*cur].state != ObjectState::kReady) break;
+    if (ledger == nullptr) {
+      ledger = LedgerLocked(owner);
+      ledger->entries->Reserve(ledger->entries->size() + keys.size());
+    }
+    if (!GrantReadLocked(ledger, keys[n], *cur, count, now)) break;
   }
+  if (ledger != nullptr && ledger->entries->empty()) EraseLedgerLocked(ledgers_.find(owner.request));
   return n;
 }
 
@@ -443,25 +496,28 @@ Status ObjectTable::ReleaseRead(RequestId request, const std::vector<ObjectKey>&
     }
     Ledger& ledger = lit->second;
     // Pass 1: take the counts out of the ledger tentatively; undo everything on a shortfall.
-    std::vector<SlotId>& slots = ScratchSlots();
+    // Entry pointers stay valid: nothing is inserted until the call ends.
+    thread_local std::vector<LeaseEntry*> entries;
+    entries.clear();
     for (size_t k = 0; k < keys.size(); ++k) {
-      auto eit = ledger.entries.find(keys[k]);
-      if (eit == ledger.entries.end() || eit->second.reads < count) {
-        for (size_t j = 0; j < k; ++j) ledger.entries.find(keys[j])->second.reads += count;
+      LeaseEntry* e = ledger.entries->Find(keys[k]);
+      if (e == nullptr || e->reads < count) {
+        for (LeaseEntry* taken : entries) taken->reads += count;
         return Status::LeaseNotHeld(KeyMsg("request does not hold the read lease", keys[k]));
       }
-      eit->second.reads -= count;
-      slots.push_back(eit->second.slot);
+      e->reads -= count;
+      entries.push_back(e);
     }
-    // Pass 2: return the leases to the objects, last chunk first.
-    for (size_t k = keys.size(); k-- > 0;) {
-      ReturnReadsLocked(slots[k], count, &ev);
-      auto eit = ledger.entries.find(keys[k]);
-      if (eit != ledger.entries.end() && eit->second.reads == 0 && !eit->second.write) {
-        ledger.entries.erase(eit);
+    // Pass 2: return the leases to the objects, last chunk first. A key repeated in the batch
+    // shares one entry, so entries are erased only after every object got its leases back.
+    for (size_t k = keys.size(); k-- > 0;) ReturnReadsLocked(entries[k]->slot, count, &ev);
+    for (LeaseEntry* e : entries) {
+      if (e->reads == 0 && !e->write && e->slot != kErasedSlot) {
+        e->slot = kErasedSlot;
+        ledger.entries->EraseValue(e);
       }
     }
-    if (ledger.entries.empty()) ledgers_.erase(lit);
+    if (ledger.entries->empty()) EraseLedgerLocked(lit);
   }
   Dispatch(&ev);
   return Status::Ok();
@@ -471,8 +527,8 @@ Bitmap ObjectTable::Contains(const std::vector<ObjectKey>& keys) const {
   Bitmap bm(keys.size());
   std::lock_guard<std::mutex> lock(mu_);
   for (size_t k = 0; k < keys.size(); ++k) {
-    auto it = index_.find(keys[k]);
-    if (it != index_.end() && slots_[it->second].state == ObjectState::kReady) bm.Set(k);
+    const SlotId* cur = index_->Find(keys[k]);
+    if (cur != nullptr && slots_[*cur].state == ObjectState::kReady) bm.Set(k);
   }
   return bm;
 }
@@ -481,9 +537,9 @@ size_t ObjectTable::TouchPrefix(const std::vector<ObjectKey>& keys) {
   std::lock_guard<std::mutex> lock(mu_);
   std::vector<SlotId>& slots = ScratchSlots();
   for (const ObjectKey& key : keys) {
-    auto it = index_.find(key);
-    if (it == index_.end() || slots_[it->second].state != ObjectState::kReady) break;
-    slots.push_back(it->second);
+    const SlotId* cur = index_->Find(key);
+    if (cur == nullptr || slots_[*cur].state != ObjectState::kReady) break;
+    slots.push_back(*cur);
   }
   for (size_t k = slots.size(); k-- > 0;) {
     if (policy_->Contains(slots[k])) policy_->Touch(slots[k]);
@@ -502,7 +558,7 @@ size_t ObjectTable::ReleaseRequest(RequestId request) {
     auto it = ledgers_.find(request);
     if (it == ledgers_.end()) return 0;
     n = DropEntriesLocked(&it->second, /*only_expired=*/false, TimePoint{}, &ev);
-    ledgers_.erase(it);
+    EraseLedgerLocked(it);
   }
   Dispatch(&ev);
   return n;
@@ -516,7 +572,7 @@ size_t ObjectTable::ReleaseClient(ClientId client) {
     for (auto it = ledgers_.begin(); it != ledgers_.end();) {
       if (it->second.client == client) {
         n += DropEntriesLocked(&it->second, /*only_expired=*/false, TimePoint{}, &ev);
-        it = ledgers_.erase(it);
+        it = EraseLedgerLocked(it);
       } else {
         ++it;
       }
@@ -534,8 +590,8 @@ size_t ObjectTable::ReapExpired() {
     const TimePoint now = clock_->Now();
     for (auto it = ledgers_.begin(); it != ledgers_.end();) {
       n += DropEntriesLocked(&it->second, /*only_expired=*/true, now, &ev);
-      if (it->second.entries.empty()) {
-        it = ledgers_.erase(it);
+      if (it->second.entries->empty()) {
+        it = EraseLedgerLocked(it);
       } else {
         ++it;
       }
@@ -554,16 +610,16 @@ Status ObjectTable::Delete(const std::vector<ObjectKey>& keys) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     for (const ObjectKey& key : keys) {
-      auto it = index_.find(key);
-      if (it == index_.end()) return Status::KeyAbsent(KeyMsg("no such object", key));
-      const Slot& slot = slots_[it->second];
+      const SlotId* cur = index_->Find(key);
+      if (cur == nullptr) return Status::KeyAbsent(KeyMsg("no such object", key));
+      const Slot& slot = slots_[*cur];
       if (slot.state != ObjectState::kReady || slot.readers != 0) {
         return Status::Locked(KeyMsg("object is leased or being written", key));
       }
     }
     for (const ObjectKey& key : keys) {
-      auto it = index_.find(key);
-      if (it != index_.end()) FreeSlotLocked(it->second, RemovalReason::kDeleted, &ev);
+      const SlotId* cur = index_->Find(key);
+      if (cur != nullptr) FreeSlotLocked(*cur, RemovalReason::kDeleted, &ev);
     }
   }
   Dispatch(&ev);
@@ -576,16 +632,16 @@ size_t ObjectTable::Clear(bool force) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     std::vector<SlotId> victims;
-    victims.reserve(index_.size());
-    for (const auto& [key, s] : index_) victims.push_back(s);
+    victims.reserve(index_->size());
+    index_->ForEach([&](const ObjectKey&, SlotId s) { victims.push_back(s); });
     for (SlotId s : victims) {
       Slot& slot = slots_[s];
       if (slot.state == ObjectState::kReady && slot.readers == 0) {
         FreeSlotLocked(s, RemovalReason::kCleared, &ev);
         ++n;
       } else if (force) {
-        MakeUnevictableLocked(s);
-        index_.erase(slot.key);
+        if (policy_->Contains(s)) policy_->Remove(s);
+        index_->Erase(slot.key);
         slot.detached = true;
         ev.removed.emplace_back(slot.key, RemovalReason::kCleared);
         ++n;
@@ -602,10 +658,9 @@ uint64_t ObjectTable::EvictBytes(uint64_t bytes) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     while (freed < bytes) {
-      std::optional<SlotId> v = policy_->Victim();
-      if (!v) break;
-      freed += slots_[*v].extent.length;
-      EvictOneLocked(&ev);
+      const uint64_t n = EvictOneLocked(&ev);
+      if (n == 0) break;
+      freed += n;
     }
   }
   Dispatch(&ev);
@@ -624,7 +679,7 @@ void ObjectTable::EvictToLowWatermark(bool only_above_high) {
     }
     const double low = options_.low_watermark * static_cast<double>(allocator_.capacity());
     while (static_cast<double>(allocator_.stats().used) > low) {
-      if (!EvictOneLocked(&ev)) break;
+      if (EvictOneLocked(&ev) == 0) break;
     }
   }
   Dispatch(&ev);
@@ -635,9 +690,9 @@ void ObjectTable::EvictToLowWatermark(bool only_above_high) {
 
 std::optional<ObjectInfo> ObjectTable::Info(const ObjectKey& key) const {
   std::lock_guard<std::mutex> lock(mu_);
-  auto it = index_.find(key);
-  if (it == index_.end()) return std::nullopt;
-  const Slot& s = slots_[it->second];
+  const SlotId* cur = index_->Find(key);
+  if (cur == nullptr) return std::nullopt;
+  const Slot& s = slots_[*cur];
   ObjectInfo info;
   info.key = s.key;
   info.state = s.state;
@@ -653,8 +708,8 @@ uint32_t ObjectTable::LeasesHeld(RequestId request, const ObjectKey& key) const 
   std::lock_guard<std::mutex> lock(mu_);
   auto lit = ledgers_.find(request);
   if (lit == ledgers_.end()) return 0;
-  auto eit = lit->second.entries.find(key);
-  return eit == lit->second.entries.end() ? 0 : eit->second.reads;
+  const LeaseEntry* e = lit->second.entries->Find(key);
+  return e == nullptr ? 0 : e->reads;
 }
 
 ObjectTableStats ObjectTable::stats() const {
@@ -663,7 +718,7 @@ ObjectTableStats ObjectTable::stats() const {
   AllocatorStats a = allocator_.stats();
   st.capacity_bytes = a.capacity;
   st.used_bytes = a.used;
-  st.evictable = policy_->size();
+  st.evictable = evictable_count_;
   st.evictable_bytes = evictable_bytes_;
   st.requests = ledgers_.size();
   for (const Slot& s : slots_) {
@@ -693,19 +748,25 @@ Status ObjectTable::CheckInvariants() const {
   std::vector<uint64_t> reads(slots_.size(), 0);
   std::vector<uint32_t> writes(slots_.size(), 0);
   for (const auto& [req, ledger] : ledgers_) {
-    if (ledger.entries.empty()) return Status::Internal("empty ledger kept");
-    for (const auto& [key, e] : ledger.entries) {
+    if (ledger.entries->empty()) return Status::Internal("empty ledger kept");
+    Status bad;
+    const RequestId request = req;
+    ledger.entries->ForEach([&](const ObjectKey& key, const LeaseEntry& e) {
+      if (!bad.ok()) return;
       if (e.slot >= slots_.size() || !slots_[e.slot].in_use) {
-        return Status::Internal("ledger entry points at a free slot: " + key.ToShortString());
+        bad = Status::Internal("ledger entry points at a free slot: " + key.ToShortString());
+      } else if (slots_[e.slot].key != key) {
+        bad = Status::Internal("ledger key differs from slot key");
+      } else if (e.reads == 0 && !e.write) {
+        bad = Status::Internal("empty ledger entry kept");
+      } else if (e.write && slots_[e.slot].writer != request) {
+        bad = Status::Internal("write lease held by a request that is not the writer");
+      } else {
+        reads[e.slot] += e.reads;
+        writes[e.slot] += e.write ? 1 : 0;
       }
-      if (slots_[e.slot].key != key) return Status::Internal("ledger key differs from slot key");
-      if (e.reads == 0 && !e.write) return Status::Internal("empty ledger entry kept");
-      if (e.write && slots_[e.slot].writer != req) {
-        return Status::Internal("write lease held by a request that is not the writer");
-      }
-      reads[e.slot] += e.reads;
-      writes[e.slot] += e.write ? 1 : 0;
-    }
+    });
+    LMCACHE_RETURN_IF_ERROR(bad);
   }
   uint64_t used = 0, evictable_bytes = 0;
   size_t in_use = 0, evictable = 0;
@@ -727,10 +788,14 @@ Status ObjectTable::CheckInvariants() const {
       return Status::Internal("writing object without exactly one write lease");
     }
     if (writing && slot.readers != 0) return Status::Internal("writing object has readers");
-    const bool should_evict =
-        !writing && slot.readers == 0 && !slot.temporary && !slot.detached;
-    if (should_evict != policy_->Contains(s)) {
-      return Status::Internal("eviction policy membership wrong for " + slot.key.ToShortString());
+    const bool should_evict = IsEvictable(slot);
+    // The policy holds every evictable object, and may also hold leased ones (dropped lazily).
+    if (should_evict && !policy_->Contains(s)) {
+      return Status::Internal("evictable object missing from the policy: " +
+                              slot.key.ToShortString());
+    }
+    if (policy_->Contains(s) && (writing || slot.temporary || slot.detached)) {
+      return Status::Internal("unevictable object in the policy: " + slot.key.ToShortString());
     }
     if ((slot.temporary || slot.detached) && !writing && slot.readers == 0) {
       return Status::Internal("unleased temporary/detached object not freed");
@@ -739,21 +804,21 @@ Status ObjectTable::CheckInvariants() const {
       ++evictable;
       evictable_bytes += slot.extent.length;
     }
-    auto it = index_.find(slot.key);
+    const SlotId* cur = index_->Find(slot.key);
     if (slot.detached) {
-      if (it != index_.end() && it->second == s) return Status::Internal("detached slot indexed");
-    } else if (it == index_.end() || it->second != s) {
+      if (cur != nullptr && *cur == s) return Status::Internal("detached slot indexed");
+    } else if (cur == nullptr || *cur != s) {
       return Status::Internal("live slot missing from the index");
     }
   }
-  for (const auto& [key, s] : index_) {
-    if (s >= slots_.size() || !slots_[s].in_use || slots_[s].key != key) {
-      return Status::Internal("index entry points at a wrong slot");
-    }
-  }
+  bool index_ok = true;
+  index_->ForEach([&](const ObjectKey& key, SlotId s) {
+    if (s >= slots_.size() || !slots_[s].in_use || slots_[s].key != key) index_ok = false;
+  });
+  if (!index_ok) return Status::Internal("index entry points at a wrong slot");
   if (in_use + free_slots_.size() != slots_.size()) return Status::Internal("slot leak");
   if (allocator_.stats().used != used) return Status::Internal("allocator bytes != slot bytes");
-  if (evictable != policy_->size() || evictable_bytes != evictable_bytes_) {
+  if (evictable != evictable_count_ || evictable_bytes != evictable_bytes_) {
     return Status::Internal("evictable accounting mismatch");
   }
   return Status::Ok();

@@ -18,7 +18,12 @@
 //
 // H is SHA-256 (OpenSSL) by default. HashAlgorithm::kXxh3 (non-cryptographic, 128-bit widened to
 // 32 bytes) exists for trusted single-tenant deployments and benchmarks; it is never the default,
-// because a collision would serve one tenant another's KV.
+// because a collision would serve one tenant another's KV. Its 32 bytes are XXH3_128bits(input,
+// seed 0) followed by XXH3_128bits(input, seed 0x6c6d63616368655f), each in xxhash's canonical
+// (big-endian) byte order; it is available only when the build found libxxhash
+// (LMCACHE_CPP_HAVE_XXHASH).
+//
+// Lengths ("len||") are 8-byte little-endian byte counts.
 //
 // Thread safety: ChunkHasher is immutable after construction; all methods are const and may be
 // called concurrently. Each call uses its own digest context.
@@ -77,7 +82,8 @@ class ChunkHasher {
   Result<std::vector<ChunkHash>> HashFromBlockHashes(const uint8_t* block_hashes, size_t num_blocks,
                                                      size_t block_hash_size, size_t block_size) const;
 
-  // One raw digest of arbitrary bytes with this hasher's algorithm (benchmark floor, tests).
+  // One raw digest of arbitrary bytes with `algorithm` (benchmark floor, tests). For kXxh3 in a
+  // build without libxxhash (where Create returns NotSupported) it returns an all-zero hash.
   static ChunkHash RawDigest(HashAlgorithm algorithm, const void* data, size_t size);
 
  private:

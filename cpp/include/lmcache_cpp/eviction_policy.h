@@ -2,10 +2,11 @@
 //
 // EvictionPolicy: chooses which evictable L1 object goes first when memory is needed.
 //
-// The object table tells the policy exactly which objects are evictable: an object is inserted
-// when it becomes ready, unleased and permanent, and removed when it is leased, deleted or
-// evicted. A policy therefore never sees a leased object, and Victim() never needs to skip one.
-// Objects are identified by the table's dense slot ids.
+// The object table keeps every evictable object (ready, unleased, permanent) in the policy.
+// Leasing an object costs no policy operation: a leased object may stay in the policy, and when
+// Victim() returns one, the table removes it and asks again (it is re-inserted, as most recent,
+// when its last lease is released). Each leased object is dropped at most once per lease, so the
+// scan is amortised O(1). Objects are identified by the table's dense slot ids.
 //
 // Prefix chains die from the tail: the table inserts and touches the keys of one request in
 // reverse chunk order (last chunk first), so chunk 0 of a chain ends up the most recently used and

@@ -11,11 +11,13 @@
 // far below the cost of re-hashing.
 //
 // Sessions expire after `ttl` without use and are capped at `max_sessions` (the least recently
-// used goes first). Expiry is applied by Reap(now) and, amortised, on insert.
+// used goes first). Expiry is applied by Reap(now) and, amortised, on insert (the LRU list is
+// ordered by last use, so a reap only looks at its expired tail). A max_sessions of 0 acts as 1.
 //
 // Thread safety: all methods are thread-safe (one internal mutex). Hashing of new chunks happens
-// outside the mutex; two concurrent calls for the same request may both hash, and the longer
-// result wins.
+// outside the mutex; two concurrent calls for the same request may both hash: when their tokens
+// agree the longer result stays in the session, when they conflict the later store replaces it.
+// Each call returns the hashes of its own tokens either way.
 #ifndef LMCACHE_CPP_HASH_SESSION_H_
 #define LMCACHE_CPP_HASH_SESSION_H_
 
@@ -79,7 +81,6 @@ class HashSessionCache {
   std::unordered_map<uint64_t, Session> sessions_;  // GUARDED_BY(mu_)
   std::list<uint64_t> lru_;                         // GUARDED_BY(mu_); front = most recent
   HashSessionStats stats_;                          // GUARDED_BY(mu_)
-  uint64_t inserts_since_reap_ = 0;                 // GUARDED_BY(mu_)
 };
 
 }  // namespace lmcache_cpp

@@ -63,9 +63,11 @@ struct ObjectKeyHash {
   size_t operator()(const ObjectKey& k) const noexcept {
     uint64_t h;
     std::memcpy(&h, k.chunk.bytes.data(), sizeof(h));
-    // Mix the rank in with a multiplicative constant so keys of one chunk spread over buckets.
+    // Mix the rank in with an odd multiplicative constant so keys of one chunk spread over
+    // buckets: rank * odd is a bijection modulo 2^k, so ranks 0..2^k-1 of one chunk differ in
+    // their low k bits (distinct buckets of a power-of-two table). No further shift-mixing: it
+    // would fold the rank's high bits onto the low ones (ranks 0 and 7 used to collide mod 1024).
     h ^= static_cast<uint64_t>(static_cast<uint32_t>(k.kv_rank)) * 0x9E3779B97F4A7C15ull;
-    h ^= h >> 29;
     return static_cast<size_t>(h);
   }
 };

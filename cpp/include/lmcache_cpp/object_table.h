@@ -62,6 +62,10 @@
 #include "lmcache_cpp/status.h"
 
 namespace lmcache_cpp {
+namespace internal {
+template <typename K, typename V, typename Hash>
+class FlatMap;
+}  // namespace internal
 
 using ClientId = uint64_t;
 using RequestId = uint64_t;
@@ -268,10 +272,15 @@ class ObjectTable {
     uint64_t seq = 0;  // acquisition order, so bulk releases can run in reverse chunk order
     TimePoint expiry{};
   };
+  using LeaseMap = internal::FlatMap<ObjectKey, LeaseEntry, ObjectKeyHash>;
+  using IndexMap = internal::FlatMap<ObjectKey, SlotId, ObjectKeyHash>;
   struct Ledger {
+    Ledger();
+    ~Ledger();
+    Ledger(Ledger&&) noexcept;
     ClientId client = 0;
     uint64_t next_seq = 0;
-    std::unordered_map<ObjectKey, LeaseEntry, ObjectKeyHash> entries;
+    std::unique_ptr<LeaseMap> entries;  // never null once created by LedgerLocked
   };
   // Work to do after mu_ is released.
   struct Events {
@@ -286,16 +295,24 @@ class ObjectTable {
   // All *Locked helpers REQUIRE mu_ held.
   SlotId NewSlotLocked();
   void FreeSlotLocked(SlotId s, RemovalReason reason, Events* ev);
-  bool EvictOneLocked(Events* ev);
-  void MaybeMakeEvictableLocked(SlotId s);
-  void MakeUnevictableLocked(SlotId s);
+  // Evicts the least recently used unleased object; returns the bytes freed (0: none left).
+  uint64_t EvictOneLocked(Events* ev);
+  // Ready, unleased, permanent and indexed: may be evicted.
+  static bool IsEvictable(const Slot& slot);
+  // Accounts for slot `s` having just become evictable and makes it most recent.
+  void BecameEvictableLocked(SlotId s);
   void ReturnReadsLocked(SlotId s, uint32_t n, Events* ev);
   void DropLedgerEntryLocked(const LeaseEntry& e, Events* ev);
   // Drops the ledger's entries (all, or only those expired at `now`), last acquired first.
   size_t DropEntriesLocked(Ledger* ledger, bool only_expired, TimePoint now, Events* ev);
-  void GrantReadLocked(Ledger* ledger, const ObjectKey& key, SlotId s, uint32_t count,
+  // Adds `count` read leases on slot `s` to the ledger. Returns false (changing nothing) when the
+  // ledger holds `key` for another slot: a detached generation.
+  bool GrantReadLocked(Ledger* ledger, const ObjectKey& key, SlotId s, uint32_t count,
                        TimePoint now);
+  using LedgerMap = std::unordered_map<RequestId, Ledger>;
+  // The request's ledger, created (with a recycled lease map when one is spare) if absent.
   Ledger* LedgerLocked(const LeaseOwner& owner);
+  LedgerMap::iterator EraseLedgerLocked(LedgerMap::iterator it);
   Status ValidateWriteLocked(RequestId request, const std::vector<ObjectKey>& keys,
                              std::vector<SlotId>* slots) const;
   void Dispatch(Events* ev);
@@ -310,11 +327,13 @@ class ObjectTable {
   mutable std::mutex mu_;
   ExtentAllocator allocator_;                                       // internally locked; under mu_
   std::unique_ptr<EvictionPolicy> policy_;                          // GUARDED_BY(mu_)
-  std::unordered_map<ObjectKey, SlotId, ObjectKeyHash> index_;     // GUARDED_BY(mu_)
+  std::unique_ptr<IndexMap> index_;                                 // GUARDED_BY(mu_)
   std::vector<Slot> slots_;                                         // GUARDED_BY(mu_)
   std::vector<SlotId> free_slots_;                                  // GUARDED_BY(mu_)
-  std::unordered_map<RequestId, Ledger> ledgers_;                   // GUARDED_BY(mu_)
+  LedgerMap ledgers_;                                               // GUARDED_BY(mu_)
+  std::vector<std::unique_ptr<LeaseMap>> spare_lease_maps_;        // GUARDED_BY(mu_)
   uint64_t evictable_bytes_ = 0;                                    // GUARDED_BY(mu_)
+  uint64_t evictable_count_ = 0;                                    // GUARDED_BY(mu_)
   ObjectTableStats counters_;  // GUARDED_BY(mu_): only the monotonic counters are kept here
 
   std::mutex listeners_mu_;
