@@ -255,6 +255,33 @@ TEST_F(ObjectTableTest, TemporaryObjectPublishedWithoutLeasesIsFreedAtOnce) {
   ExpectInvariants();
 }
 
+TEST_F(ObjectTableTest, FinishWriteForHandsReadLeasesToAnotherRequest) {
+  // The prefetch pattern: an internal request reserves and loads a temporary object, then the
+  // user's request receives the 1 + extra_count read leases.
+  const ObjectKey k = Key(1);
+  ASSERT_TRUE(table_->ReserveWrite({0, 5000}, {k}, kUnit, {ReserveMode::kNewOnly, true}).ok());
+  // Ending the user's request while the load runs cannot free the object being written.
+  EXPECT_EQ(table_->ReleaseRequest(75), 0u);
+  ASSERT_TRUE(table_->FinishWriteFor(5000, {k}, {3, 75}, 2).ok());
+  EXPECT_EQ(table_->LeasesHeld(75, k), 2u);
+  EXPECT_EQ(table_->LeasesHeld(5000, k), 0u);
+  EXPECT_EQ(table_->stats().requests, 1u) << "the writer's ledger is gone";
+  ASSERT_TRUE(table_->ReleaseRead(75, {k}, 2).ok());
+  EXPECT_FALSE(table_->Info(k).has_value()) << "temporary: freed with its last lease";
+  ExpectInvariants();
+}
+
+TEST_F(ObjectTableTest, AcquireReadAvailableLeasesOnlyReadyKeys) {
+  Store({Key(1), Key(3)});
+  ASSERT_TRUE(table_->ReserveWrite({1, 76}, {Key(2)}, kUnit).ok());
+  Bitmap got = table_->AcquireReadAvailable({2, 77}, {Key(1), Key(2), Key(3), Key(4)});
+  EXPECT_EQ(got.ToString(), "1010");
+  EXPECT_EQ(table_->LeasesHeld(77, Key(3)), 1u);
+  EXPECT_EQ(table_->AcquireReadAvailable({2, 78}, {Key(9)}).Popcount(), 0u);
+  EXPECT_EQ(table_->stats().requests, 2u) << "no ledger for a request that leased nothing";
+  ExpectInvariants();
+}
+
 TEST_F(ObjectTableTest, ReadLeasesExpireAfterTheirTtl) {
   Store({Key(1)});
   ASSERT_TRUE(table_->AcquireRead({3, 80}, {Key(1)}).ok());

@@ -372,12 +372,37 @@ Status ObjectTable::ValidateWriteLocked(RequestId request, const std::vector<Obj
 
 Status ObjectTable::FinishWrite(RequestId request, const std::vector<ObjectKey>& keys,
                                 uint32_t read_leases) {
+  return FinishWriteImpl(request, keys, read_leases, nullptr);
+}
+
+Status ObjectTable::FinishWriteFor(RequestId writer, const std::vector<ObjectKey>& keys,
+                                   const LeaseOwner& reader, uint32_t read_leases) {
+  return FinishWriteImpl(writer, keys, read_leases, reader.request == writer ? nullptr : &reader);
+}
+
+Status ObjectTable::FinishWriteImpl(RequestId request, const std::vector<ObjectKey>& keys,
+                                    uint32_t read_leases, const LeaseOwner* reader) {
   if (keys.empty()) return Status::Ok();
   Events ev;
   {
     std::lock_guard<std::mutex> lock(mu_);
     std::vector<SlotId>& slots = ScratchSlots();
     LMCACHE_RETURN_IF_ERROR(ValidateWriteLocked(request, keys, &slots));
+    Ledger* reader_ledger = nullptr;
+    if (reader != nullptr && read_leases > 0) {
+      auto rit = ledgers_.find(reader->request);
+      if (rit != ledgers_.end()) {
+        for (size_t k = 0; k < keys.size(); ++k) {
+          const LeaseEntry* e = rit->second.entries->Find(keys[k]);
+          if (e != nullptr && e->slot != slots[k]) {
+            return Status::NotReadable(
+                KeyMsg("reader still holds a lease on a cleared generation of", keys[k]));
+          }
+        }
+      }
+      reader_ledger = LedgerLocked(*reader);
+      reader_ledger->entries->Reserve(reader_ledger->entries->size() + keys.size());
+    }
     const TimePoint now = clock_->Now();
     Ledger& ledger = ledgers_.find(request)->second;
     // Reverse order: chunk 0 is inserted into the eviction policy last (most recently used).
@@ -389,13 +414,23 @@ Status ObjectTable::FinishWrite(RequestId request, const std::vector<ObjectKey>&
       slot.state = ObjectState::kReady;
       slot.writer = 0;
       LeaseEntry* e = ledger.entries->Find(keys[k]);
-      if (read_leases > 0) {
+      if (read_leases > 0 && reader_ledger == nullptr) {
         e->write = false;
         e->reads = read_leases;
         e->expiry = now + options_.read_lease_ttl;
         slot.readers = read_leases;
       } else {
         ledger.entries->EraseValue(e);
+        if (reader_ledger != nullptr) {
+          auto [re, inserted] = reader_ledger->entries->Insert(keys[k]);
+          if (inserted) {
+            re->slot = s;
+            re->seq = reader_ledger->next_seq++;
+          }
+          re->reads += read_leases;
+          re->expiry = std::max(re->expiry, now + options_.read_lease_ttl);
+          slot.readers = read_leases;
+        }
       }
       if (!slot.temporary && !slot.detached) ev.ready.push_back(slot.key);
       if (slot.readers == 0 && (slot.temporary || slot.detached)) {
@@ -461,6 +496,28 @@ Status ObjectTable::AcquireRead(const LeaseOwner& owner, const std::vector<Objec
   // Validated above: every grant succeeds.
   for (size_t k = 0; k < keys.size(); ++k) (void)GrantReadLocked(ledger, keys[k], slots[k], count, now);
   return Status::Ok();
+}
+
+Bitmap ObjectTable::AcquireReadAvailable(const LeaseOwner& owner,
+                                         const std::vector<ObjectKey>& keys, uint32_t count) {
+  Bitmap leased(keys.size());
+  if (count == 0 || keys.empty()) return leased;
+  std::lock_guard<std::mutex> lock(mu_);
+  const TimePoint now = clock_->Now();
+  Ledger* ledger = nullptr;
+  for (size_t k = 0; k < keys.size(); ++k) {
+    const SlotId* cur = index_->Find(keys[k]);
+    if (cur == nullptr || slots_[*cur].state != ObjectState::kReady) continue;
+    if (ledger == nullptr) {
+      ledger = LedgerLocked(owner);
+      ledger->entries->Reserve(ledger->entries->size() + keys.size());
+    }
+    if (GrantReadLocked(ledger, keys[k], *cur, count, now)) leased.Set(k);
+  }
+  if (ledger != nullptr && ledger->entries->empty()) {
+    EraseLedgerLocked(ledgers_.find(owner.request));
+  }
+  return leased;
 }
 
 size_t ObjectTable::AcquireReadPrefix(const LeaseOwner& owner, const std::vector<ObjectKey>& keys,

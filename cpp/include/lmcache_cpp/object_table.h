@@ -197,6 +197,13 @@ class ObjectTable {
   // LeaseNotHeld (this request does not hold the write lease).
   Status FinishWrite(RequestId request, const std::vector<ObjectKey>& keys,
                      uint32_t read_leases = 0);
+  // As FinishWrite, but the `read_leases` read leases go to `reader`'s ledger instead of the
+  // writer's. The prefetch controller reserves loads under its own request id (so an END_SESSION
+  // of the user's request cannot free memory an adapter is still writing into) and hands the
+  // finished objects to the user's request here. Errors: as FinishWrite, plus NotReadable when
+  // `reader` still holds a lease on a detached generation of a key.
+  Status FinishWriteFor(RequestId writer, const std::vector<ObjectKey>& keys,
+                        const LeaseOwner& reader, uint32_t read_leases);
   // writing -> absent (memory freed), atomically. Errors: as FinishWrite.
   Status AbortWrite(RequestId request, const std::vector<ObjectKey>& keys);
 
@@ -209,6 +216,10 @@ class ObjectTable {
   // keys after the first miss are not leased.
   size_t AcquireReadPrefix(const LeaseOwner& owner, const std::vector<ObjectKey>& keys,
                            uint32_t count = 1);
+  // Takes `count` read leases on each key that is ready, skipping the others; bit i is set when
+  // keys[i] was leased. Used by the store controller, for which a key evicted meanwhile is fine.
+  Bitmap AcquireReadAvailable(const LeaseOwner& owner, const std::vector<ObjectKey>& keys,
+                              uint32_t count = 1);
   // Returns `count` read leases per key, atomically. Errors: InvalidArgument (count 0),
   // LeaseNotHeld (the request holds fewer than `count` read leases on some key).
   Status ReleaseRead(RequestId request, const std::vector<ObjectKey>& keys, uint32_t count = 1);
@@ -313,6 +324,8 @@ class ObjectTable {
   // The request's ledger, created (with a recycled lease map when one is spare) if absent.
   Ledger* LedgerLocked(const LeaseOwner& owner);
   LedgerMap::iterator EraseLedgerLocked(LedgerMap::iterator it);
+  Status FinishWriteImpl(RequestId writer, const std::vector<ObjectKey>& keys,
+                         uint32_t read_leases, const LeaseOwner* reader);
   Status ValidateWriteLocked(RequestId request, const std::vector<ObjectKey>& keys,
                              std::vector<SlotId>* slots) const;
   void Dispatch(Events* ev);
