@@ -1,0 +1,174 @@
+// Copyright (c) lmcache_cpp authors. Licensed under the Apache License 2.0.
+//
+// Shared glue for the nanobind module lmcache_cpp._core: the one Status -> exception path, the
+// zero-copy byte views over arena memory, token-array conversion, second/Duration conversion and
+// the small Python-facing holder types.
+//
+// Exceptions. Every binding turns a non-OK Status into a C++ StatusError (ThrowIfError /
+// ValueOrThrow). StatusError carries no Python state, so it may be thrown while the GIL is
+// released. One translator (RegisterStatusTranslator, core_module.cc) turns it into an instance
+// of the class that lmcache_cpp.errors.from_code() picks for the code. That is the only place
+// a StatusCode meets a Python exception type.
+//
+// GIL. Bindings of calls that can block or take a core lock release the GIL, either with
+// nb::call_guard<nb::gil_scoped_release>() (when the arguments were fully converted to C++
+// values before the call) or with an explicit nb::gil_scoped_release scope after the binding has
+// read what it needs from Python objects. Nothing in a released region touches a Python object.
+#ifndef LMCACHE_CPP_BINDINGS_BIND_COMMON_H_
+#define LMCACHE_CPP_BINDINGS_BIND_COMMON_H_
+
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "lmcache_cpp/arena.h"
+#include "lmcache_cpp/clock.h"
+#include "lmcache_cpp/object_table.h"
+#include "lmcache_cpp/status.h"
+
+namespace lmcache_cpp::bindings {
+
+namespace nb = nanobind;
+
+// A non-OK Status crossing from a binding to the exception translator.
+class StatusError : public std::exception {
+ public:
+  explicit StatusError(Status status) : status_(std::move(status)) {}
+  const Status& status() const noexcept { return status_; }
+  const char* what() const noexcept override { return status_.message().c_str(); }
+
+ private:
+  Status status_;
+};
+
+inline void ThrowIfError(const Status& status) {
+  if (!status.ok()) throw StatusError(status);
+}
+
+template <typename T>
+T ValueOrThrow(Result<T>&& result) {
+  if (!result.ok()) throw StatusError(result.status());
+  return std::move(result).value();
+}
+
+// Installs the StatusError translator (core_module.cc).
+void RegisterStatusTranslator();
+
+// Seconds (a Python float) to a Duration. InvalidArgument for NaN, infinities and magnitudes
+// a Duration cannot hold; the sign is left for the callee to judge.
+Duration SecondsToDuration(double seconds, const char* what);
+double DurationToSeconds(Duration d);
+
+// A writable 1-D numpy uint8 array over [base + offset, base + offset + size) of a region of
+// `region_size` bytes. The array's owner holds `keep_alive` (the region's shared_ptr), so the
+// mapping outlives every Python object but the views. `size` defaults to the rest of the region.
+// InvalidArgument when the range does not lie inside the region.
+using ByteView = nb::ndarray<nb::numpy, uint8_t, nb::ndim<1>, nb::c_contig>;
+ByteView MakeByteView(std::shared_ptr<const void> keep_alive, uint8_t* base, uint64_t region_size,
+                      uint64_t offset, std::optional<uint64_t> size);
+
+// Token ids from Python as contiguous uint32. A 1-D C-contiguous uint32 CPU array is used in
+// place; any other 1-D integer array or a sequence of ints is converted once, with a range check
+// (InvalidArgument for ids outside [0, 2**32)); anything else is a TypeError.
+// REQUIRES: the GIL is held while constructing and destroying; data() may be read without it.
+class TokenBuffer {
+ public:
+  explicit TokenBuffer(nb::handle tokens);
+  const uint32_t* data() const noexcept { return data_; }
+  size_t size() const noexcept { return size_; }
+
+ private:
+  nb::ndarray<const uint32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> array_;
+  std::vector<uint32_t> converted_;
+  const uint32_t* data_ = nullptr;
+  size_t size_ = 0;
+};
+
+// Python "ManualClock": a clock shared with the tables and session caches it is passed to.
+struct PyManualClock {
+  std::shared_ptr<ManualClock> clock = std::make_shared<ManualClock>();
+};
+
+// Python "Arena": shared ownership, so views and tables keep the mapping alive.
+struct PyArena {
+  std::shared_ptr<Arena> arena;
+};
+
+// Python "AttachedArena".
+struct PyAttachedArena {
+  std::shared_ptr<AttachedArena> arena;
+};
+
+// Python "ObjectTableOptions": the C++ options with durations in float seconds. Defaults come
+// from a default-constructed ObjectTableOptions.
+struct PyObjectTableOptions {
+  double read_lease_ttl_s = 0;
+  double write_lease_ttl_s = 0;
+  double high_watermark = 0;
+  double low_watermark = 0;
+  double reap_interval_s = 0;
+  std::string eviction_policy;
+  uint64_t alignment = 0;
+
+  static PyObjectTableOptions Defaults();
+  ObjectTableOptions ToCore(std::shared_ptr<Clock> clock) const;
+};
+
+// Binds a plain counters struct as a read-only Python class with to_dict() and __repr__, listing
+// each field once.
+template <typename S>
+class StatsBinder {
+ public:
+  StatsBinder(nb::module_& m, const char* name, const char* doc) : cls_(m, name, doc) {}
+
+  template <typename M>
+  StatsBinder& Field(const char* name, M S::*member, const char* doc) {
+    cls_.def_ro(name, member, doc);
+    names_.push_back(name);
+    return *this;
+  }
+
+  void Finish() {
+    std::vector<const char*> names = names_;
+    cls_.def(
+        "to_dict",
+        [names](nb::handle self) {
+          nb::dict d;
+          for (const char* n : names) d[n] = self.attr(n);
+          return d;
+        },
+        "The counters as a dict.");
+    cls_.def("__repr__", [names](nb::handle self) {
+      std::string s = nb::str(self.type().attr("__name__")).c_str();
+      s += "(";
+      for (size_t i = 0; i < names.size(); ++i) {
+        if (i > 0) s += ", ";
+        s += names[i];
+        s += "=";
+        s += nb::repr(self.attr(names[i])).c_str();
+      }
+      return s + ")";
+    });
+  }
+
+ private:
+  nb::class_<S> cls_;
+  std::vector<const char*> names_;
+};
+
+void BindStatusAndLogging(nb::module_& m);
+void BindKeysAndHashing(nb::module_& m);
+void BindArena(nb::module_& m);
+void BindObjectTable(nb::module_& m);
+
+}  // namespace lmcache_cpp::bindings
+
+#endif  // LMCACHE_CPP_BINDINGS_BIND_COMMON_H_
