@@ -113,9 +113,10 @@ int main() {
   std::printf("floor unordered_map find     : %8.1f ns/key\n", f);
   std::printf("prefix lookup (touch, no lease): %6.1f ns/key  (%.2fx floor)\n", t, t / f);
   std::printf("prefix lease + release       : %8.1f ns/key  (%.2fx floor)\n", l, l / f);
-  std::printf("l1_control: lease+release %.1f ns/key, unordered_map find %.1f ns/key, ratio %.2f "
-              "(target <= 5)\n",
-              l, f, l / f);
+  std::printf(
+      "l1_control: lease+release %.1f ns/key, unordered_map find %.1f ns/key, ratio %.2f "
+      "(target <= 5)\n",
+      l, f, l / f);
   if (sink == 42) std::printf(" \n");
   return 0;
 }

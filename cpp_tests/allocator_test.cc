@@ -201,12 +201,12 @@ TEST(ExtentAllocatorTest, DoubleAndForeignFreesAreRejectedWithoutChange) {
   const AllocatorStats before = alloc.stats();
 
   const std::vector<Extent> bad = {
-      a,                                 // double free
-      {b.offset, b.length + kUnit},      // wrong length
-      {b.offset, kUnit},                 // a prefix of a live extent
-      {b.offset + kUnit, kUnit},         // the inside of a live extent
-      {10 * kUnit, kUnit},               // never allocated (inside the free hole)
-      {100 * kUnit, kUnit},              // outside the capacity
+      a,                             // double free
+      {b.offset, b.length + kUnit},  // wrong length
+      {b.offset, kUnit},             // a prefix of a live extent
+      {b.offset + kUnit, kUnit},     // the inside of a live extent
+      {10 * kUnit, kUnit},           // never allocated (inside the free hole)
+      {100 * kUnit, kUnit},          // outside the capacity
   };
   for (const Extent& e : bad) {
     const Status st = alloc.Free(e);

@@ -59,8 +59,8 @@ int main(int argc, char** argv) {
   }
   uint8_t* base = (*attached)->base();
   if (offset > size || size - offset < 2 * kSpan) {
-    std::fprintf(stderr, "peer: offset %" PRIu64 " + 2 * %zu exceeds size %" PRIu64 "\n",
-                 offset, kSpan, size);
+    std::fprintf(stderr, "peer: offset %" PRIu64 " + 2 * %zu exceeds size %" PRIu64 "\n", offset,
+                 kSpan, size);
     return 4;
   }
   for (size_t i = 0; i < kSpan; ++i) {

@@ -172,8 +172,8 @@ TEST(ArenaTest, ZeroSizeIsRejected) {
 }
 
 TEST(ArenaTest, BadShmNameIsRejected) {
-  const std::vector<std::string> bad = {"a/b", "/leading", ".", "..", std::string(300, 'x'),
-                                        std::string("nul\0inside", 10)};
+  const std::vector<std::string> bad = {
+      "a/b", "/leading", ".", "..", std::string(300, 'x'), std::string("nul\0inside", 10)};
   for (const std::string& name : bad) {
     ArenaOptions options;
     options.size_bytes = 4096;

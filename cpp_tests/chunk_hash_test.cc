@@ -64,9 +64,9 @@ TEST(ChunkHasherTest, RawSha256MatchesKnownAnswers) {
   EXPECT_EQ(ChunkHasher::RawDigest(HashAlgorithm::kSha256, "", 0).ToHex(),
             "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
   const char* two_blocks = "abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq";
-  EXPECT_EQ(ChunkHasher::RawDigest(HashAlgorithm::kSha256, two_blocks, std::strlen(two_blocks))
-                .ToHex(),
-            "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
+  EXPECT_EQ(
+      ChunkHasher::RawDigest(HashAlgorithm::kSha256, two_blocks, std::strlen(two_blocks)).ToHex(),
+      "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
 }
 
 // --- Token mode ----------------------------------------------------------------------------
@@ -408,8 +408,7 @@ TEST(ChunkHasherXxh3Test, KeepsChainingAndNamespaceProperties) {
   EXPECT_EQ(ha[0], hb[0]);
   EXPECT_NE(ha[1], hb[1]);
   EXPECT_NE(ha[2], hb[2]);
-  const std::vector<ChunkHash> hs =
-      HashAll(MakeHasher(16, salted, HashAlgorithm::kXxh3), a);
+  const std::vector<ChunkHash> hs = HashAll(MakeHasher(16, salted, HashAlgorithm::kXxh3), a);
   for (size_t i = 0; i < 3; ++i) EXPECT_NE(hs[i], ha[i]);
 }
 

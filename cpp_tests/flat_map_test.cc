@@ -86,9 +86,7 @@ TEST(FlatMapTest, RandomOperationsMatchUnorderedMap) {
         ref[k] = v;
         break;
       }
-      case 2:
-        ASSERT_EQ(m.Erase(k), ref.erase(k) == 1);
-        break;
+      case 2: ASSERT_EQ(m.Erase(k), ref.erase(k) == 1); break;
       case 3: {
         const uint64_t* p = m.Find(k);
         auto it = ref.find(k);

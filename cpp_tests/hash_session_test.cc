@@ -255,9 +255,9 @@ TEST_F(HashSessionTest, ConcurrentRequestsMatchSingleThreadedHashing) {
         const std::vector<uint32_t>& tokens = streams[stream];
         const std::vector<ChunkHash> got =
             cache->HashTokens(request, tokens.data(), chunks * kChunk + static_cast<size_t>(t));
-        const std::vector<ChunkHash> want(expected[stream].begin(),
-                                          expected[stream].begin() +
-                                              static_cast<std::ptrdiff_t>(chunks));
+        const std::vector<ChunkHash> want(
+            expected[stream].begin(),
+            expected[stream].begin() + static_cast<std::ptrdiff_t>(chunks));
         if (got != want) ++wrong[t];
         if (i % 10 == 9) (void)cache->Reap();
         if (i == kIterations / 2 && t == 0) (void)cache->EndSession(3);

@@ -65,8 +65,7 @@ TEST(ChunkHashTest, FromBytesNeedsExactlyThirtyTwoBytes) {
   Result<ChunkHash> ok = ChunkHash::FromBytes(h.bytes.data(), kChunkHashSize);
   ASSERT_TRUE(ok.ok());
   EXPECT_EQ(*ok, h);
-  EXPECT_EQ(ChunkHash::FromBytes(h.bytes.data(), 31).status().code(),
-            StatusCode::kInvalidArgument);
+  EXPECT_EQ(ChunkHash::FromBytes(h.bytes.data(), 31).status().code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(ChunkHash::FromBytes(h.bytes.data(), 0).status().code(), StatusCode::kInvalidArgument);
 }
 

@@ -107,12 +107,8 @@ TEST(ObjectTableConcurrencyTest, RandomOperationsKeepEveryInvariant) {
           table->ReleaseRequest(req);
           break;
         }
-        case 5:
-          table->EvictBytes(kUnit * (1 + rng() % 3));
-          break;
-        case 6:
-          (void)table->Delete(keys);
-          break;
+        case 5: table->EvictBytes(kUnit * (1 + rng() % 3)); break;
+        case 6: (void)table->Delete(keys); break;
         case 7: {  // a lease left to expire
           table->AcquireReadPrefix(owner, keys, 1);
           if (rng() % 2 == 0) clock->Advance(std::chrono::seconds(400));

@@ -516,7 +516,7 @@ TEST_F(ObjectTableTest, MaintenanceThreadEvictsDownToTheLowWatermark) {
   o.low_watermark = 0.25;
   Make(16, o);
   table_->Start();
-  table_->Start();  // idempotent
+  table_->Start();    // idempotent
   Store(Keys(0, 6));  // 37.5%: below high, nothing happens
   EXPECT_EQ(table_->stats().evictions, 0u);
   Store(Keys(10, 4));  // 62.5%: crosses high, the thread evicts down to <= 25% (4 objects)

@@ -21,8 +21,8 @@ ExtentAllocator::ExtentAllocator(uint64_t capacity, uint64_t alignment)
     : alignment_(alignment), capacity_(capacity & ~(alignment - 1)) {
   if (alignment < 8 || (alignment & (alignment - 1)) != 0) {
     // A violated REQUIRES: there is no way to report it from a constructor.
-    Log(LogLevel::kError, "ExtentAllocator: alignment " + std::to_string(alignment) +
-                              " is not a power of two >= 8");
+    Log(LogLevel::kError,
+        "ExtentAllocator: alignment " + std::to_string(alignment) + " is not a power of two >= 8");
     std::abort();
   }
   if (capacity_ > 0) {
@@ -143,13 +143,10 @@ Result<std::vector<Extent>> ExtentAllocator::AllocateBatch(const std::vector<uin
       (void)st;  // cannot fail: each extent was allocated above
     }
     ++stats_.failed_allocations;
-    return Status::OutOfMemory("AllocateBatch: " + std::to_string(sizes.size()) +
-                               " extents do not fit in " + std::to_string(stats_.free) +
-                               " free bytes (largest hole " +
-                               std::to_string(free_by_size_.empty()
-                                                  ? 0
-                                                  : free_by_size_.rbegin()->first) +
-                               ")");
+    return Status::OutOfMemory(
+        "AllocateBatch: " + std::to_string(sizes.size()) + " extents do not fit in " +
+        std::to_string(stats_.free) + " free bytes (largest hole " +
+        std::to_string(free_by_size_.empty() ? 0 : free_by_size_.rbegin()->first) + ")");
   }
   stats_.allocations += extents.size();
   return extents;
@@ -178,9 +175,9 @@ Status ExtentAllocator::CheckInvariants() const {
   const uint64_t mask = alignment_ - 1;
 
   if (free_by_offset_.size() != free_by_size_.size()) {
-    return Status::Internal("free indexes differ in size: " +
-                            std::to_string(free_by_offset_.size()) + " by offset, " +
-                            std::to_string(free_by_size_.size()) + " by size");
+    return Status::Internal(
+        "free indexes differ in size: " + std::to_string(free_by_offset_.size()) + " by offset, " +
+        std::to_string(free_by_size_.size()) + " by size");
   }
   uint64_t free_sum = 0;
   uint64_t prev_free_end = 0;
@@ -233,14 +230,12 @@ Status ExtentAllocator::CheckInvariants() const {
 
   if (free_sum + live_sum != capacity_) {
     return Status::Internal("free " + std::to_string(free_sum) + " + live " +
-                            std::to_string(live_sum) + " != capacity " +
-                            std::to_string(capacity_));
+                            std::to_string(live_sum) + " != capacity " + std::to_string(capacity_));
   }
   if (stats_.capacity != capacity_ || stats_.used != live_sum || stats_.free != free_sum) {
-    return Status::Internal("stats disagree with the extents: used " +
-                            std::to_string(stats_.used) + " vs " + std::to_string(live_sum) +
-                            ", free " + std::to_string(stats_.free) + " vs " +
-                            std::to_string(free_sum));
+    return Status::Internal("stats disagree with the extents: used " + std::to_string(stats_.used) +
+                            " vs " + std::to_string(live_sum) + ", free " +
+                            std::to_string(stats_.free) + " vs " + std::to_string(free_sum));
   }
   if (stats_.allocations < stats_.frees ||
       stats_.allocations - stats_.frees != static_cast<uint64_t>(live_.size())) {

@@ -41,8 +41,7 @@ size_t NormalPageSize() {
 // A POSIX shm name (without the leading '/') that shm_open accepts as one component of /dev/shm.
 Status ValidateShmName(const std::string& name) {
   if (name.size() > NAME_MAX) {
-    return Status::InvalidArgument("shm name longer than " + std::to_string(NAME_MAX) +
-                                   " bytes");
+    return Status::InvalidArgument("shm name longer than " + std::to_string(NAME_MAX) + " bytes");
   }
   if (name == "." || name == "..") return Status::InvalidArgument("shm name '" + name + "'");
   for (const char c : name) {
@@ -57,8 +56,7 @@ std::string GenerateShmName() {
   std::random_device rd;
   const uint64_t bits = (static_cast<uint64_t>(rd()) << 32) ^ rd();
   char buf[64];
-  std::snprintf(buf, sizeof(buf), "lmcache_cpp-%ld-%016" PRIx64, static_cast<long>(getpid()),
-                bits);
+  std::snprintf(buf, sizeof(buf), "lmcache_cpp-%ld-%016" PRIx64, static_cast<long>(getpid()), bits);
   return buf;
 }
 
@@ -215,8 +213,8 @@ Result<std::unique_ptr<AttachedArena>> AttachedArena::Attach(const ArenaDescript
   const int err = errno;
   CloseQuietly(fd);  // the mapping keeps the region alive
   if (p == MAP_FAILED) {
-    return Status::FromErrno(err, "mmap(" + descriptor.path + ", " +
-                                      std::to_string(descriptor.size) + ", MAP_SHARED)");
+    return Status::FromErrno(
+        err, "mmap(" + descriptor.path + ", " + std::to_string(descriptor.size) + ", MAP_SHARED)");
   }
   std::unique_ptr<AttachedArena> attached(new AttachedArena());
   attached->base_ = static_cast<uint8_t*>(p);

@@ -125,8 +125,7 @@ class Digest {
         }
 #endif
         return;
-      case Kind::kUnsupported:
-        return;
+      case Kind::kUnsupported: return;
     }
   }
 
@@ -181,8 +180,7 @@ class Digest {
 #endif
         break;
       }
-      case Kind::kUnsupported:
-        break;  // all zero; only RawDigest can get here
+      case Kind::kUnsupported: break;  // all zero; only RawDigest can get here
     }
     return out;
   }
@@ -202,8 +200,7 @@ Result<ChunkHasher> ChunkHasher::Create(const NamespaceConfig& ns, size_t chunk_
                                         HashAlgorithm algorithm) {
   if (chunk_size == 0) return Status::InvalidArgument("chunk_size must be > 0");
   switch (algorithm) {
-    case HashAlgorithm::kSha256:
-      break;
+    case HashAlgorithm::kSha256: break;
     case HashAlgorithm::kXxh3:
       if (!LMCACHE_CPP_XXH3_ENABLED) {
         return Status::NotSupported("HashAlgorithm::kXxh3 needs libxxhash, absent from this build");

@@ -36,9 +36,7 @@ class LruPolicy final : public EvictionPolicy {
     if (tail_ == kNil) return std::nullopt;
     return tail_;
   }
-  bool Contains(SlotId slot) const override {
-    return slot < nodes_.size() && nodes_[slot].in != 0;
-  }
+  bool Contains(SlotId slot) const override { return slot < nodes_.size() && nodes_[slot].in != 0; }
   size_t size() const override { return size_; }
 
  private:

@@ -10,8 +10,8 @@
 #ifndef LMCACHE_CPP_SRC_FLAT_MAP_H_
 #define LMCACHE_CPP_SRC_FLAT_MAP_H_
 
-#include <cstddef>
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <utility>
 #include <vector>

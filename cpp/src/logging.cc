@@ -11,7 +11,7 @@ namespace lmcache_cpp {
 namespace {
 
 std::mutex g_sink_mu;
-std::shared_ptr<LogSink> g_sink;                       // GUARDED_BY(g_sink_mu); null = stderr
+std::shared_ptr<LogSink> g_sink;  // GUARDED_BY(g_sink_mu); null = stderr
 std::atomic<int> g_min_level{static_cast<int>(LogLevel::kWarning)};
 
 const char* LevelName(LogLevel level) {

@@ -81,8 +81,8 @@ SlotId ObjectTable::NewSlotLocked() {
 }
 
 bool ObjectTable::IsEvictable(const Slot& slot) {
-  return slot.in_use && slot.state == ObjectState::kReady && slot.readers == 0 &&
-         !slot.temporary && !slot.detached;
+  return slot.in_use && slot.state == ObjectState::kReady && slot.readers == 0 && !slot.temporary &&
+         !slot.detached;
 }
 
 void ObjectTable::BecameEvictableLocked(SlotId s) {
@@ -286,11 +286,11 @@ Result<std::vector<Reservation>> ObjectTable::ReserveWrite(const LeaseOwner& own
       const uint64_t need = unit * fresh.size();
       AllocatorStats a = allocator_.stats();
       if (a.free + evictable_bytes_ - pinned_bytes < need) {
-        result = Status::OutOfMemory(
-            "L1 cannot hold " + std::to_string(fresh.size()) + " objects of " +
-            std::to_string(object_size) + " bytes: " + std::to_string(a.free) + " bytes free, " +
-            std::to_string(evictable_bytes_ - pinned_bytes) + " evictable of " +
-            std::to_string(a.capacity));
+        result =
+            Status::OutOfMemory("L1 cannot hold " + std::to_string(fresh.size()) + " objects of " +
+                                std::to_string(object_size) + " bytes: " + std::to_string(a.free) +
+                                " bytes free, " + std::to_string(evictable_bytes_ - pinned_bytes) +
+                                " evictable of " + std::to_string(a.capacity));
       } else {
         extents.reserve(fresh.size());
         while (extents.size() < fresh.size()) {
@@ -494,7 +494,8 @@ Status ObjectTable::AcquireRead(const LeaseOwner& owner, const std::vector<Objec
   Ledger* ledger = LedgerLocked(owner);
   ledger->entries->Reserve(ledger->entries->size() + keys.size());
   // Validated above: every grant succeeds.
-  for (size_t k = 0; k < keys.size(); ++k) (void)GrantReadLocked(ledger, keys[k], slots[k], count, now);
+  for (size_t k = 0; k < keys.size(); ++k)
+    (void)GrantReadLocked(ledger, keys[k], slots[k], count, now);
   return Status::Ok();
 }
 
@@ -536,7 +537,8 @@ size_t ObjectTable::AcquireReadPrefix(const LeaseOwner& owner, const std::vector
     }
     if (!GrantReadLocked(ledger, keys[n], *cur, count, now)) break;
   }
-  if (ledger != nullptr && ledger->entries->empty()) EraseLedgerLocked(ledgers_.find(owner.request));
+  if (ledger != nullptr && ledger->entries->empty())
+    EraseLedgerLocked(ledgers_.find(owner.request));
   return n;
 }
 
@@ -953,8 +955,7 @@ void ObjectTable::MaintenanceLoop() {
   auto next_reap = std::chrono::steady_clock::now() + options_.reap_interval;
   std::unique_lock<std::mutex> lock(maint_mu_);
   while (!maint_stop_) {
-    maint_cv_.wait_until(lock, next_reap,
-                         [this] { return maint_stop_ || maint_evict_requested_; });
+    maint_cv_.wait_until(lock, next_reap, [this] { return maint_stop_ || maint_evict_requested_; });
     if (maint_stop_) break;
     const bool requested = maint_evict_requested_;
     maint_evict_requested_ = false;

@@ -31,18 +31,20 @@ namespace lmcache_cpp {
 struct Extent {
   uint64_t offset = 0;
   uint64_t length = 0;  // the rounded (allocated) length
-  bool operator==(const Extent& o) const noexcept { return offset == o.offset && length == o.length; }
+  bool operator==(const Extent& o) const noexcept {
+    return offset == o.offset && length == o.length;
+  }
 };
 
 struct AllocatorStats {
-  uint64_t capacity = 0;          // bytes managed
-  uint64_t used = 0;              // bytes in live extents (rounded sizes)
-  uint64_t free = 0;              // capacity - used
-  uint64_t largest_free = 0;      // the largest single allocation that would succeed now
+  uint64_t capacity = 0;      // bytes managed
+  uint64_t used = 0;          // bytes in live extents (rounded sizes)
+  uint64_t free = 0;          // capacity - used
+  uint64_t largest_free = 0;  // the largest single allocation that would succeed now
   uint64_t live_extents = 0;
-  uint64_t free_extents = 0;      // number of holes
-  uint64_t allocations = 0;       // successful Allocate calls (batch items count one each)
-  uint64_t failed_allocations = 0;// Allocate/AllocateBatch calls that returned nullopt/error
+  uint64_t free_extents = 0;        // number of holes
+  uint64_t allocations = 0;         // successful Allocate calls (batch items count one each)
+  uint64_t failed_allocations = 0;  // Allocate/AllocateBatch calls that returned nullopt/error
   uint64_t frees = 0;
 };
 
@@ -55,7 +57,9 @@ class ExtentAllocator {
 
   uint64_t alignment() const noexcept { return alignment_; }
   uint64_t capacity() const noexcept { return capacity_; }
-  uint64_t RoundUp(uint64_t size) const noexcept { return (size + alignment_ - 1) & ~(alignment_ - 1); }
+  uint64_t RoundUp(uint64_t size) const noexcept {
+    return (size + alignment_ - 1) & ~(alignment_ - 1);
+  }
 
   // One range of at least `size` bytes (size > 0), or nullopt when no hole is large enough.
   std::optional<Extent> Allocate(uint64_t size);
@@ -78,10 +82,10 @@ class ExtentAllocator {
   const uint64_t capacity_;
 
   mutable std::mutex mu_;
-  std::map<uint64_t, uint64_t> free_by_offset_;             // GUARDED_BY(mu_): offset -> length
-  std::set<std::pair<uint64_t, uint64_t>> free_by_size_;    // GUARDED_BY(mu_): (length, offset)
-  std::map<uint64_t, uint64_t> live_;                       // GUARDED_BY(mu_): offset -> length
-  AllocatorStats stats_;                                    // GUARDED_BY(mu_)
+  std::map<uint64_t, uint64_t> free_by_offset_;           // GUARDED_BY(mu_): offset -> length
+  std::set<std::pair<uint64_t, uint64_t>> free_by_size_;  // GUARDED_BY(mu_): (length, offset)
+  std::map<uint64_t, uint64_t> live_;                     // GUARDED_BY(mu_): offset -> length
+  AllocatorStats stats_;                                  // GUARDED_BY(mu_)
 };
 
 }  // namespace lmcache_cpp

@@ -32,17 +32,17 @@ namespace lmcache_cpp {
 enum class ArenaBackend : int32_t { kMemfd = 0, kPosixShm = 1 };
 
 struct ArenaOptions {
-  size_t size_bytes = 0;              // REQUIRES: > 0; rounded up to the page size in use
+  size_t size_bytes = 0;  // REQUIRES: > 0; rounded up to the page size in use
   ArenaBackend backend = ArenaBackend::kMemfd;
-  std::string name;                   // kPosixShm: object name without '/'; empty = generated
-  bool huge_pages = false;            // try huge pages, fall back with a warning
-  bool prefault = false;              // touch every page at creation (MAP_POPULATE)
+  std::string name;         // kPosixShm: object name without '/'; empty = generated
+  bool huge_pages = false;  // try huge pages, fall back with a warning
+  bool prefault = false;    // touch every page at creation (MAP_POPULATE)
 };
 
 // What another process needs to map the arena.
 struct ArenaDescriptor {
-  std::string path;   // a path to open(2) O_RDWR: "/proc/<pid>/fd/<n>" or "/dev/shm/<name>"
-  size_t size = 0;    // bytes to map
+  std::string path;         // a path to open(2) O_RDWR: "/proc/<pid>/fd/<n>" or "/dev/shm/<name>"
+  size_t size = 0;          // bytes to map
   bool huge_pages = false;  // whether the region is backed by explicit huge pages
 };
 

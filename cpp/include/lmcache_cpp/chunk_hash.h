@@ -2,9 +2,9 @@
 //
 // Chunk hashing: the rolling prefix hash that names KV chunks.
 //
-//   seed    = H("lmcache_cpp/namespace/v1" || len||model_name || len||layout_fingerprint || len||salt)
-//   h_0     = H(seed || tokens of chunk 0)
-//   h_i     = H(h_{i-1} || tokens of chunk i)          (token mode)
+//   seed    = H("lmcache_cpp/namespace/v1" || len||model_name || len||layout_fingerprint ||
+//   len||salt) h_0     = H(seed || tokens of chunk 0) h_i     = H(h_{i-1} || tokens of chunk i)
+//   (token mode)
 //
 // Tokens are hashed as little-endian uint32 (1 KiB per 256-token chunk). Only full chunks are
 // hashed; trailing tokens that do not fill a chunk are ignored. Because each hash folds in the
@@ -80,7 +80,8 @@ class ChunkHasher {
   // (InvalidArgument otherwise, also for a block_hash_size of 0 or > kMaxBlockHashSize).
   // Returns one hash per full chunk covered by the blocks.
   Result<std::vector<ChunkHash>> HashFromBlockHashes(const uint8_t* block_hashes, size_t num_blocks,
-                                                     size_t block_hash_size, size_t block_size) const;
+                                                     size_t block_hash_size,
+                                                     size_t block_size) const;
 
   // One raw digest of arbitrary bytes with `algorithm` (benchmark floor, tests). For kXxh3 in a
   // build without libxxhash (where Create returns NotSupported) it returns an all-zero hash.

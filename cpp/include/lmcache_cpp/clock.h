@@ -35,7 +35,9 @@ class ManualClock final : public Clock {
  public:
   ManualClock() : ns_(std::chrono::nanoseconds(std::chrono::hours(1)).count()) {}
   TimePoint Now() const override { return TimePoint(std::chrono::nanoseconds(ns_.load())); }
-  void Advance(Duration d) { ns_.fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(d).count()); }
+  void Advance(Duration d) {
+    ns_.fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(d).count());
+  }
 
  private:
   std::atomic<int64_t> ns_;

@@ -41,11 +41,11 @@ struct HashSessionOptions {
 
 struct HashSessionStats {
   size_t sessions = 0;
-  uint64_t chunks_hashed = 0;   // chunks that went through the hash function
-  uint64_t chunks_reused = 0;   // chunks answered from a session
-  uint64_t sessions_rebuilt = 0;// prefix mismatch on an existing session
+  uint64_t chunks_hashed = 0;     // chunks that went through the hash function
+  uint64_t chunks_reused = 0;     // chunks answered from a session
+  uint64_t sessions_rebuilt = 0;  // prefix mismatch on an existing session
   uint64_t sessions_expired = 0;
-  uint64_t sessions_evicted = 0;// dropped for max_sessions
+  uint64_t sessions_evicted = 0;  // dropped for max_sessions
 };
 
 class HashSessionCache {

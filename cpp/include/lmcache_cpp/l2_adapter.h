@@ -54,16 +54,16 @@ using LookupCallback = std::function<void(const Status& status, const Bitmap& pi
 using LoadCallback = std::function<void(const Status& status, const Bitmap& loaded)>;
 
 struct L2AdapterStats {
-  uint64_t objects = 0;          // objects held
-  uint64_t bytes = 0;            // bytes held
-  uint64_t capacity_bytes = 0;   // 0 = unbounded
-  uint64_t pinned_objects = 0;   // objects with a pin count > 0
-  uint64_t pins = 0;             // sum of pin counts
-  uint64_t in_flight = 0;        // operations submitted and not yet completed
+  uint64_t objects = 0;         // objects held
+  uint64_t bytes = 0;           // bytes held
+  uint64_t capacity_bytes = 0;  // 0 = unbounded
+  uint64_t pinned_objects = 0;  // objects with a pin count > 0
+  uint64_t pins = 0;            // sum of pin counts
+  uint64_t in_flight = 0;       // operations submitted and not yet completed
   uint64_t stores = 0, store_failures = 0;
   uint64_t lookups = 0, loads = 0, load_misses = 0;
   uint64_t evictions = 0;
-  uint64_t corrupt_reads = 0;    // objects that failed validation on load or on index rebuild
+  uint64_t corrupt_reads = 0;  // objects that failed validation on load or on index rebuild
   uint64_t bad_unpins = 0;
   uint64_t bytes_written = 0, bytes_read = 0;
 };

@@ -5,8 +5,8 @@
 // A ChunkHash is the 32-byte rolling prefix hash of a full chunk of tokens (see chunk_hash.h).
 // An ObjectKey is (chunk hash, kv_rank): kv_rank distinguishes tensor/pipeline-parallel shards of
 // the same chunk. Keys are plain values (36 bytes + padding, trivially copyable), hashed for tables
-// by ObjectKeyHash without touching strings: the chunk hash is already uniformly distributed, so the
-// table hash is its first 8 bytes mixed with the rank.
+// by ObjectKeyHash without touching strings: the chunk hash is already uniformly distributed, so
+// the table hash is its first 8 bytes mixed with the rank.
 //
 // Thread safety: values; no shared state.
 #ifndef LMCACHE_CPP_OBJECT_KEY_H_
@@ -82,7 +82,8 @@ struct ChunkHashHash {
 
 // Expands chunk hashes to the object keys of every rank in [0, world_size), chunk-major:
 // {c0@0, c0@1, ..., c0@(w-1), c1@0, ...}. REQUIRES: world_size >= 1 (else InvalidArgument).
-Result<std::vector<ObjectKey>> ExpandToAllRanks(const std::vector<ChunkHash>& chunks, int32_t world_size);
+Result<std::vector<ObjectKey>> ExpandToAllRanks(const std::vector<ChunkHash>& chunks,
+                                                int32_t world_size);
 
 // Object keys of one rank: {c0@rank, c1@rank, ...}.
 std::vector<ObjectKey> KeysForRank(const std::vector<ChunkHash>& chunks, int32_t kv_rank);

@@ -5,9 +5,11 @@
 //
 // State machine (docs/design/l1.md has the full table):
 //
-//   absent --ReserveWrite--> writing --FinishWrite--> ready <--AcquireRead/ReleaseRead--> reading(n)
+//   absent --ReserveWrite--> writing --FinishWrite--> ready <--AcquireRead/ReleaseRead-->
+//   reading(n)
 //     ^                        |                        |
-//     +--AbortWrite / write----+                        +--evict / Delete / Clear (only when n == 0)
+//     +--AbortWrite / write----+                        +--evict / Delete / Clear (only when n ==
+//     0)
 //        lease expiry
 //
 // "reading(n)" is "ready with n read leases". A temporary object (loaded from L2 for one request)
@@ -79,19 +81,19 @@ struct LeaseOwner {
 enum class ObjectState : uint8_t { kWriting = 0, kReady = 1 };
 
 enum class RemovalReason : uint8_t {
-  kEvicted = 0,      // made room (synchronous or watermark)
-  kDeleted = 1,      // Delete()
-  kCleared = 2,      // Clear()
-  kAborted = 3,      // AbortWrite, or a write lease expired / was released with its request
-  kTemporaryFreed = 4// a temporary object lost its last reader
+  kEvicted = 0,        // made room (synchronous or watermark)
+  kDeleted = 1,        // Delete()
+  kCleared = 2,        // Clear()
+  kAborted = 3,        // AbortWrite, or a write lease expired / was released with its request
+  kTemporaryFreed = 4  // a temporary object lost its last reader
 };
 
 struct ObjectInfo {
   ObjectKey key;
   ObjectState state = ObjectState::kWriting;
-  uint64_t offset = 0;    // into the arena
-  uint64_t size = 0;      // requested object size (the allocation may be rounded up)
-  uint32_t readers = 0;   // read leases outstanding
+  uint64_t offset = 0;   // into the arena
+  uint64_t size = 0;     // requested object size (the allocation may be rounded up)
+  uint32_t readers = 0;  // read leases outstanding
   bool temporary = false;
   bool detached = false;  // removed by a forced Clear, freed when its leases drain
 };
@@ -113,8 +115,8 @@ struct ReserveOptions {
 
 struct Reservation {
   ObjectKey key;
-  bool skipped = false;   // the key existed; nothing was reserved
-  uint64_t offset = 0;    // valid when !skipped
+  bool skipped = false;  // the key existed; nothing was reserved
+  uint64_t offset = 0;   // valid when !skipped
   uint64_t size = 0;
 };
 
@@ -136,7 +138,7 @@ struct ObjectTableOptions {
 struct ObjectTableStats {
   uint64_t capacity_bytes = 0;
   uint64_t used_bytes = 0;
-  uint64_t objects = 0;         // in the index (writing + ready), excluding detached
+  uint64_t objects = 0;  // in the index (writing + ready), excluding detached
   uint64_t writing = 0;
   uint64_t ready = 0;
   uint64_t temporary = 0;
@@ -146,11 +148,11 @@ struct ObjectTableStats {
   uint64_t leased_objects = 0;  // objects with at least one read lease
   uint64_t read_leases = 0;     // sum of read lease counts
   uint64_t write_leases = 0;
-  uint64_t requests = 0;        // ledgers
+  uint64_t requests = 0;  // ledgers
   uint64_t evictions = 0;
   uint64_t evicted_bytes = 0;
-  uint64_t expired_leases = 0;  // ledger entries dropped by TTL
-  uint64_t reserve_failures = 0;// ReserveWrite calls that returned OutOfMemory
+  uint64_t expired_leases = 0;    // ledger entries dropped by TTL
+  uint64_t reserve_failures = 0;  // ReserveWrite calls that returned OutOfMemory
 };
 
 class ObjectTableListener {
@@ -324,8 +326,8 @@ class ObjectTable {
   // The request's ledger, created (with a recycled lease map when one is spare) if absent.
   Ledger* LedgerLocked(const LeaseOwner& owner);
   LedgerMap::iterator EraseLedgerLocked(LedgerMap::iterator it);
-  Status FinishWriteImpl(RequestId writer, const std::vector<ObjectKey>& keys,
-                         uint32_t read_leases, const LeaseOwner* reader);
+  Status FinishWriteImpl(RequestId writer, const std::vector<ObjectKey>& keys, uint32_t read_leases,
+                         const LeaseOwner* reader);
   Status ValidateWriteLocked(RequestId request, const std::vector<ObjectKey>& keys,
                              std::vector<SlotId>* slots) const;
   void Dispatch(Events* ev);
@@ -338,25 +340,25 @@ class ObjectTable {
   const std::shared_ptr<Clock> clock_;
 
   mutable std::mutex mu_;
-  ExtentAllocator allocator_;                                       // internally locked; under mu_
-  std::unique_ptr<EvictionPolicy> policy_;                          // GUARDED_BY(mu_)
-  std::unique_ptr<IndexMap> index_;                                 // GUARDED_BY(mu_)
-  std::vector<Slot> slots_;                                         // GUARDED_BY(mu_)
-  std::vector<SlotId> free_slots_;                                  // GUARDED_BY(mu_)
-  LedgerMap ledgers_;                                               // GUARDED_BY(mu_)
-  std::vector<std::unique_ptr<LeaseMap>> spare_lease_maps_;        // GUARDED_BY(mu_)
-  uint64_t evictable_bytes_ = 0;                                    // GUARDED_BY(mu_)
-  uint64_t evictable_count_ = 0;                                    // GUARDED_BY(mu_)
+  ExtentAllocator allocator_;                                // internally locked; under mu_
+  std::unique_ptr<EvictionPolicy> policy_;                   // GUARDED_BY(mu_)
+  std::unique_ptr<IndexMap> index_;                          // GUARDED_BY(mu_)
+  std::vector<Slot> slots_;                                  // GUARDED_BY(mu_)
+  std::vector<SlotId> free_slots_;                           // GUARDED_BY(mu_)
+  LedgerMap ledgers_;                                        // GUARDED_BY(mu_)
+  std::vector<std::unique_ptr<LeaseMap>> spare_lease_maps_;  // GUARDED_BY(mu_)
+  uint64_t evictable_bytes_ = 0;                             // GUARDED_BY(mu_)
+  uint64_t evictable_count_ = 0;                             // GUARDED_BY(mu_)
   ObjectTableStats counters_;  // GUARDED_BY(mu_): only the monotonic counters are kept here
 
   std::mutex listeners_mu_;
-  std::vector<std::shared_ptr<ObjectTableListener>> listeners_;    // GUARDED_BY(listeners_mu_)
+  std::vector<std::shared_ptr<ObjectTableListener>> listeners_;  // GUARDED_BY(listeners_mu_)
 
   std::mutex maint_mu_;
   std::condition_variable maint_cv_;
-  bool maint_stop_ = false;          // GUARDED_BY(maint_mu_)
-  bool maint_evict_requested_ = false;// GUARDED_BY(maint_mu_)
-  std::thread maint_thread_;         // started/joined under start_stop_mu_
+  bool maint_stop_ = false;             // GUARDED_BY(maint_mu_)
+  bool maint_evict_requested_ = false;  // GUARDED_BY(maint_mu_)
+  std::thread maint_thread_;            // started/joined under start_stop_mu_
   std::mutex start_stop_mu_;
 };
 
