@@ -16,7 +16,7 @@
 // Pins: SubmitLookupAndPin pins every key it reports present; a pinned object is not evicted from
 // the tier and stays loadable until Unpin. Pins are counted per key (two lookups pin twice and
 // need two unpins). Unpin is fire-and-forget and must eventually succeed; unpinning a key that is
-// not pinned is ignored (counted in status().bad_unpins).
+// not pinned is ignored (counted in stats().bad_unpins).
 //
 // Thread safety: all methods may be called from any thread concurrently.
 #ifndef LMCACHE_CPP_L2_ADAPTER_H_

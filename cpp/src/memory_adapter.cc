@@ -1,0 +1,411 @@
+// Copyright (c) lmcache_cpp authors. Licensed under the Apache License 2.0.
+
+#include "lmcache_cpp/memory_adapter.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <functional>
+#include <iterator>
+#include <utility>
+
+namespace lmcache_cpp {
+
+using DoneFn = std::function<void(const Status&, const Bitmap&)>;
+
+struct MemoryL2Adapter::Op {
+  L2Op type = L2Op::kStore;
+  std::vector<ObjectKey> keys;
+  std::vector<ConstBuffer> in;     // stores
+  std::vector<MutableBuffer> out;  // loads
+  DoneFn done;
+  Status pre_status;   // non-OK: completes with it and is never executed
+  uint64_t bytes = 0;  // simulated transfer size
+  // Armed faults (combined).
+  bool fail = false;
+  bool stall = false;
+  bool corrupt = false;
+  Duration delay{};
+};
+
+namespace {
+
+size_t Index(L2Op op) { return static_cast<size_t>(op); }
+
+}  // namespace
+
+Result<std::unique_ptr<MemoryL2Adapter>> MemoryL2Adapter::Create(MemoryAdapterOptions options) {
+  if (options.worker_threads == 0) {
+    return Status::InvalidArgument("MemoryL2Adapter: worker_threads must be >= 1");
+  }
+  std::unique_ptr<MemoryL2Adapter> adapter(new MemoryL2Adapter(options));
+  {
+    std::lock_guard<std::mutex> lk(adapter->mu_);
+    adapter->live_workers_ = options.worker_threads;
+  }
+  adapter->workers_.reserve(options.worker_threads);
+  for (size_t i = 0; i < options.worker_threads; ++i) {
+    adapter->workers_.emplace_back([a = adapter.get()] { a->WorkerLoop(); });
+  }
+  return adapter;
+}
+
+MemoryL2Adapter::MemoryL2Adapter(MemoryAdapterOptions options) : options_(options) {
+  stats_.capacity_bytes = options_.capacity_bytes;
+}
+
+MemoryL2Adapter::~MemoryL2Adapter() { Close(); }
+
+void MemoryL2Adapter::SubmitStore(std::vector<ObjectKey> keys, std::vector<ConstBuffer> buffers,
+                                  StoreCallback done) {
+  auto op = std::make_unique<Op>();
+  op->type = L2Op::kStore;
+  if (keys.size() != buffers.size()) {
+    op->pre_status = Status::InvalidArgument("SubmitStore: keys and buffers differ in length");
+  }
+  for (const ConstBuffer& b : buffers) {
+    if (b.data == nullptr && b.size > 0) {
+      op->pre_status = Status::InvalidArgument("SubmitStore: null buffer with a non-zero size");
+    }
+    op->bytes += b.size;
+  }
+  op->keys = std::move(keys);
+  op->in = std::move(buffers);
+  op->done = std::move(done);
+  Enqueue(L2Op::kStore, std::move(op));
+}
+
+void MemoryL2Adapter::SubmitLookupAndPin(std::vector<ObjectKey> keys, LookupCallback done) {
+  auto op = std::make_unique<Op>();
+  op->type = L2Op::kLookup;
+  op->keys = std::move(keys);
+  op->done = std::move(done);
+  Enqueue(L2Op::kLookup, std::move(op));
+}
+
+void MemoryL2Adapter::SubmitLoad(std::vector<ObjectKey> keys, std::vector<MutableBuffer> buffers,
+                                 LoadCallback done) {
+  auto op = std::make_unique<Op>();
+  op->type = L2Op::kLoad;
+  if (keys.size() != buffers.size()) {
+    op->pre_status = Status::InvalidArgument("SubmitLoad: keys and buffers differ in length");
+  }
+  for (const MutableBuffer& b : buffers) {
+    if (b.data == nullptr && b.size > 0) {
+      op->pre_status = Status::InvalidArgument("SubmitLoad: null buffer with a non-zero size");
+    }
+    op->bytes += b.size;
+  }
+  op->keys = std::move(keys);
+  op->out = std::move(buffers);
+  op->done = std::move(done);
+  Enqueue(L2Op::kLoad, std::move(op));
+}
+
+void MemoryL2Adapter::Enqueue(L2Op type, std::unique_ptr<Op> op) {
+  std::unique_lock<std::mutex> lk(mu_);
+  const uint64_t seq = ++submitted_[Index(type)];
+  auto& armed = faults_[Index(type)];
+  for (auto it = armed.begin(); it != armed.end();) {
+    if (it->seq != seq) {
+      ++it;
+      continue;
+    }
+    switch (it->fault.kind) {
+      case Fault::Kind::kFail: op->fail = true; break;
+      case Fault::Kind::kDelay: op->delay += it->fault.delay; break;
+      case Fault::Kind::kCorrupt: op->corrupt = (type == L2Op::kLoad); break;
+      case Fault::Kind::kStall: op->stall = true; break;
+    }
+    it = armed.erase(it);
+  }
+  if (closing_ && op->pre_status.ok()) {
+    op->pre_status = Status::Unavailable("memory L2 adapter is closed");
+  }
+  if (live_workers_ == 0) {
+    // Close() has joined every worker: nobody else can run the callback.
+    Status st = op->pre_status;
+    lk.unlock();
+    if (op->done) op->done(st, Bitmap(op->keys.size()));
+    return;
+  }
+  queue_.push_back(std::move(op));
+  ++stats_.in_flight;
+  lk.unlock();
+  work_cv_.notify_one();
+}
+
+void MemoryL2Adapter::WorkerLoop() {
+  for (;;) {
+    std::unique_ptr<Op> op;
+    Status st;
+    bool execute = false;
+    {
+      std::unique_lock<std::mutex> lk(mu_);
+      work_cv_.wait(lk, [this] { return !queue_.empty() || closing_; });
+      if (queue_.empty()) {
+        --live_workers_;
+        return;
+      }
+      op = std::move(queue_.front());
+      queue_.pop_front();
+      if (!op->pre_status.ok()) {
+        st = op->pre_status;
+      } else if (closing_ || !WaitBeforeExecuting(lk, *op)) {
+        st = Status::Cancelled("memory L2 adapter closed before the operation ran");
+      } else if (op->fail) {
+        st = Status::IoError("injected fault");
+      } else {
+        execute = true;
+      }
+    }
+    Bitmap bits(op->keys.size());
+    if (execute) {
+      switch (op->type) {
+        case L2Op::kStore: bits = ExecuteStore(*op); break;
+        case L2Op::kLookup: bits = ExecuteLookup(*op); break;
+        case L2Op::kLoad: bits = ExecuteLoad(*op); break;
+      }
+    }
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      const uint64_t n = op->keys.size();
+      const uint64_t hit = bits.Popcount();
+      switch (op->type) {
+        case L2Op::kStore:
+          stats_.stores += n;
+          stats_.store_failures += n - hit;
+          break;
+        case L2Op::kLookup: stats_.lookups += n; break;
+        case L2Op::kLoad:
+          stats_.loads += n;
+          stats_.load_misses += n - hit;
+          break;
+      }
+      --stats_.in_flight;
+    }
+    if (op->done) op->done(st, bits);
+  }
+}
+
+bool MemoryL2Adapter::WaitBeforeExecuting(std::unique_lock<std::mutex>& lk, const Op& op) {
+  bool counted = false;
+  auto mark_blocked = [&] {
+    if (counted) return;
+    counted = true;
+    ++blocked_;
+    blocked_cv_.notify_all();
+  };
+  if (stalled_ && !closing_) {
+    mark_blocked();
+    state_cv_.wait(lk, [this] { return !stalled_ || closing_; });
+  }
+  if (op.stall && !closing_) {
+    mark_blocked();
+    const uint64_t epoch = release_epoch_;
+    state_cv_.wait(lk, [&] { return release_epoch_ != epoch || closing_; });
+  }
+  if (!closing_) {
+    const TimePoint now = std::chrono::steady_clock::now();
+    TimePoint deadline = now;
+    if (options_.bandwidth_bytes_per_sec > 0 && op.bytes > 0) {
+      const double seconds =
+          static_cast<double>(op.bytes) / static_cast<double>(options_.bandwidth_bytes_per_sec);
+      const auto transfer =
+          std::chrono::duration_cast<Duration>(std::chrono::duration<double>(seconds));
+      link_free_at_ = std::max(now, link_free_at_) + transfer;
+      deadline = link_free_at_;
+    }
+    deadline += options_.latency + op.delay;
+    if (deadline > now) {
+      mark_blocked();
+      state_cv_.wait_until(lk, deadline, [this] { return closing_; });
+    }
+  }
+  if (counted) --blocked_;
+  return !closing_;
+}
+
+Bitmap MemoryL2Adapter::ExecuteStore(const Op& op) {
+  const size_t n = op.keys.size();
+  Bitmap bits(n);
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    for (size_t i = 0; i < n; ++i) {
+      if (objects_.count(op.keys[i]) != 0) bits.Set(i);
+    }
+  }
+  // Copy outside the lock; only keys that were absent.
+  std::vector<std::shared_ptr<const std::vector<uint8_t>>> copies(n);
+  for (size_t i = 0; i < n; ++i) {
+    if (bits.Test(i)) continue;
+    const ConstBuffer& b = op.in[i];
+    copies[i] = std::make_shared<const std::vector<uint8_t>>(b.data, b.data + b.size);
+  }
+  std::lock_guard<std::mutex> lk(mu_);
+  for (size_t i = 0; i < n; ++i) {
+    if (bits.Test(i)) continue;
+    const ObjectKey& key = op.keys[i];
+    if (objects_.count(key) != 0) {  // stored meanwhile (or earlier in this batch)
+      bits.Set(i);
+      continue;
+    }
+    const uint64_t size = copies[i]->size();
+    if (!MakeRoomLocked(size)) continue;
+    fifo_.push_back(key);
+    Entry& e = objects_[key];
+    e.bytes = std::move(copies[i]);
+    e.fifo_pos = std::prev(fifo_.end());
+    bytes_ += size;
+    stats_.bytes_written += size;
+    bits.Set(i);
+  }
+  return bits;
+}
+
+bool MemoryL2Adapter::MakeRoomLocked(uint64_t size) {
+  const uint64_t cap = options_.capacity_bytes;
+  if (cap == 0) return true;
+  if (size > cap - pinned_bytes_) return false;  // bytes_ <= cap and pinned_bytes_ <= bytes_
+  auto pos = fifo_.begin();
+  while (bytes_ + size > cap) {
+    // Unpinned objects hold at least bytes_ - pinned_bytes_ >= bytes_ + size - cap bytes, so
+    // the scan finds a victim before reaching the end.
+    auto it = objects_.find(*pos);
+    if (it->second.pins > 0) {
+      ++pos;
+      continue;
+    }
+    ++pos;
+    EraseLocked(it);
+    ++stats_.evictions;
+  }
+  return true;
+}
+
+void MemoryL2Adapter::EraseLocked(
+    std::unordered_map<ObjectKey, Entry, ObjectKeyHash>::iterator it) {
+  bytes_ -= it->second.bytes->size();
+  fifo_.erase(it->second.fifo_pos);
+  objects_.erase(it);
+}
+
+Bitmap MemoryL2Adapter::ExecuteLookup(const Op& op) {
+  Bitmap bits(op.keys.size());
+  std::lock_guard<std::mutex> lk(mu_);
+  for (size_t i = 0; i < op.keys.size(); ++i) {
+    auto it = objects_.find(op.keys[i]);
+    if (it == objects_.end()) continue;
+    if (it->second.pins++ == 0) {
+      pinned_bytes_ += it->second.bytes->size();
+      ++stats_.pinned_objects;
+    }
+    ++stats_.pins;
+    bits.Set(i);
+  }
+  return bits;
+}
+
+Bitmap MemoryL2Adapter::ExecuteLoad(const Op& op) {
+  const size_t n = op.keys.size();
+  Bitmap bits(n);
+  std::vector<std::shared_ptr<const std::vector<uint8_t>>> sources(n);
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    for (size_t i = 0; i < n; ++i) {
+      auto it = objects_.find(op.keys[i]);
+      if (it == objects_.end() || it->second.bytes->size() != op.out[i].size) continue;
+      sources[i] = it->second.bytes;
+    }
+  }
+  uint64_t loaded_bytes = 0;
+  for (size_t i = 0; i < n; ++i) {
+    if (!sources[i]) continue;
+    if (!sources[i]->empty()) std::memcpy(op.out[i].data, sources[i]->data(), sources[i]->size());
+    loaded_bytes += sources[i]->size();
+    bits.Set(i);
+  }
+  if (op.corrupt) {
+    const size_t first = bits.FindNextSet(0);
+    if (first < n && op.out[first].size > 0) op.out[first].data[op.out[first].size / 2] ^= 0xFF;
+  }
+  std::lock_guard<std::mutex> lk(mu_);
+  stats_.bytes_read += loaded_bytes;
+  return bits;
+}
+
+void MemoryL2Adapter::Unpin(const std::vector<ObjectKey>& keys) {
+  std::lock_guard<std::mutex> lk(mu_);
+  for (const ObjectKey& key : keys) {
+    auto it = objects_.find(key);
+    if (it == objects_.end() || it->second.pins == 0) {
+      ++stats_.bad_unpins;
+      continue;
+    }
+    if (--it->second.pins == 0) {
+      pinned_bytes_ -= it->second.bytes->size();
+      --stats_.pinned_objects;
+    }
+    --stats_.pins;
+  }
+}
+
+void MemoryL2Adapter::Close() {
+  std::lock_guard<std::mutex> close_lk(close_mu_);
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    closing_ = true;
+  }
+  work_cv_.notify_all();
+  state_cv_.notify_all();
+  blocked_cv_.notify_all();
+  for (std::thread& t : workers_) t.join();
+  workers_.clear();
+}
+
+L2AdapterStats MemoryL2Adapter::stats() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  L2AdapterStats s = stats_;
+  s.objects = objects_.size();
+  s.bytes = bytes_;
+  s.capacity_bytes = options_.capacity_bytes;
+  return s;
+}
+
+void MemoryL2Adapter::InjectFault(L2Op op, uint64_t nth, Fault fault) {
+  std::lock_guard<std::mutex> lk(mu_);
+  const uint64_t seq = submitted_[Index(op)] + std::max<uint64_t>(nth, 1);
+  faults_[Index(op)].push_back(ArmedFault{seq, fault});
+}
+
+void MemoryL2Adapter::SetStalled(bool stalled) {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    stalled_ = stalled;
+    if (!stalled) ++release_epoch_;
+  }
+  state_cv_.notify_all();
+}
+
+uint32_t MemoryL2Adapter::PinCount(const ObjectKey& key) const {
+  std::lock_guard<std::mutex> lk(mu_);
+  auto it = objects_.find(key);
+  return it == objects_.end() ? 0 : it->second.pins;
+}
+
+bool MemoryL2Adapter::Contains(const ObjectKey& key) const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return objects_.count(key) != 0;
+}
+
+uint64_t MemoryL2Adapter::TotalPins() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return stats_.pins;
+}
+
+bool MemoryL2Adapter::WaitForBlockedOperations(size_t n, Duration timeout) const {
+  std::unique_lock<std::mutex> lk(mu_);
+  return blocked_cv_.wait_for(lk, timeout, [&] { return blocked_ >= n; });
+}
+
+}  // namespace lmcache_cpp
