@@ -366,6 +366,10 @@ void BindStatusAndLogging(nb::module_& m) {
           "Current reading in nanoseconds since the clock's epoch.");
 }
 
+// The L2 tier and the storage manager (bind_l2.cc, bind_storage.cc).
+void BindL2(nb::module_& m);
+void BindStorage(nb::module_& m);
+
 }  // namespace lmcache_cpp::bindings
 
 NB_MODULE(_core, m) {
@@ -378,4 +382,6 @@ NB_MODULE(_core, m) {
   b::BindKeysAndHashing(m);
   b::BindArena(m);
   b::BindObjectTable(m);
+  b::BindL2(m);
+  b::BindStorage(m);
 }

@@ -212,5 +212,19 @@ TEST_F(StorageManagerTest, EndClientDropsEverythingTheClientCreated) {
   EXPECT_EQ(mgr_->prefetch()->stats().jobs, 0u);
 }
 
+TEST(StorageManagerCreateTest, InvalidConfigIsAnErrorNotACrash) {
+  StorageManagerConfig zero;  // arena size 0
+  EXPECT_EQ(StorageManager::Create(zero).status().code(), StatusCode::kInvalidArgument);
+  StorageManagerConfig bad_table;
+  bad_table.arena.size_bytes = 1 << 20;
+  bad_table.table.low_watermark = 0.9;
+  bad_table.table.high_watermark = 0.5;
+  EXPECT_EQ(StorageManager::Create(bad_table).status().code(), StatusCode::kInvalidArgument);
+  StorageManagerConfig null_adapter;
+  null_adapter.arena.size_bytes = 1 << 20;
+  null_adapter.adapters.push_back(nullptr);
+  EXPECT_EQ(StorageManager::Create(null_adapter).status().code(), StatusCode::kInvalidArgument);
+}
+
 }  // namespace
 }  // namespace lmcache_cpp

@@ -42,6 +42,8 @@ void StorageManager::Stop() {
   std::lock_guard<std::mutex> lock(mu_);
   if (stopped_) return;
   stopped_ = true;
+  // A manager whose Create failed half-way is destroyed without its controllers.
+  if (!prefetch_ || !store_ || !table_) return;
   prefetch_->Stop();
   store_->Stop();
   for (const auto& a : adapters_) a->Close();
