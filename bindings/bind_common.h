@@ -164,6 +164,33 @@ class StatsBinder {
   std::vector<const char*> names_;
 };
 
+// Python "ObjectTable": a standalone table (created from Python, owns it) or the table of a
+// StorageManager (an aliasing shared_ptr that keeps the manager alive; the manager starts and
+// stops it). Defined here because both bind_object_table.cc and bind_storage.cc create it.
+struct PyObjectTable {
+  std::shared_ptr<ObjectTable> table;
+  bool managed = false;
+
+  PyObjectTable(std::shared_ptr<ObjectTable> t, bool is_managed)
+      : table(std::move(t)), managed(is_managed) {}
+  PyObjectTable(PyObjectTable&&) noexcept = default;
+  PyObjectTable(const PyObjectTable&) = delete;
+  PyObjectTable& operator=(const PyObjectTable&) = delete;
+  // Runs from the Python object's dealloc, with the GIL held. A standalone table joins its
+  // maintenance thread, which may need the GIL to log on its way out: release it meanwhile. A
+  // managed table may hold the manager's last reference, whose deleter expects the GIL held (it
+  // releases it around Stop itself and needs it to drop Python adapters).
+  ~PyObjectTable() {
+    if (!table) return;
+    if (managed) {
+      table.reset();
+      return;
+    }
+    nb::gil_scoped_release release;
+    table.reset();
+  }
+};
+
 void BindStatusAndLogging(nb::module_& m);
 void BindKeysAndHashing(nb::module_& m);
 void BindArena(nb::module_& m);

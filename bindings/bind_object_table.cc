@@ -30,22 +30,13 @@ using namespace nb::literals;
 using Keys = std::vector<ObjectKey>;
 using Release = nb::call_guard<nb::gil_scoped_release>;
 
-// Python "ObjectTable": owns the core table. The table holds the arena's shared_ptr.
-struct PyObjectTable {
-  std::unique_ptr<ObjectTable> table;
-
-  explicit PyObjectTable(std::unique_ptr<ObjectTable> t) : table(std::move(t)) {}
-  PyObjectTable(const PyObjectTable&) = delete;
-  PyObjectTable& operator=(const PyObjectTable&) = delete;
-  // Runs from the Python object's dealloc, with the GIL held. ~ObjectTable joins the maintenance
-  // thread, which may need the GIL to log on its way out: release it meanwhile.
-  ~PyObjectTable() {
-    if (table) {
-      nb::gil_scoped_release release;
-      table.reset();
-    }
+Status ManagedCheck(const PyObjectTable& t) {
+  if (t.managed) {
+    return Status::InvalidArgument(
+        "this is a StorageManager's table: its manager starts and stops it");
   }
-};
+  return Status::Ok();
+}
 
 void BindValueTypes(nb::module_& m) {
   nb::class_<LeaseOwner> owner(m, "LeaseOwner",
@@ -174,18 +165,28 @@ void BindTable(nb::module_& m) {
             const PyObjectTableOptions& o = options ? *options : PyObjectTableOptions::Defaults();
             std::shared_ptr<Clock> c;
             if (clock != nullptr) c = clock->clock;
-            std::unique_ptr<ObjectTable> table =
+            std::shared_ptr<ObjectTable> table =
                 ValueOrThrow(ObjectTable::Create(arena.arena, o.ToCore(std::move(c))));
-            new (self) PyObjectTable(std::move(table));
+            new (self) PyObjectTable(std::move(table), /*is_managed=*/false);
           },
           "arena"_a, "options"_a.none() = nb::none(), nb::kw_only(), "clock"_a.none() = nb::none(),
           Release())
       .def(
-          "start", [](PyObjectTable& t) { t.table->Start(); }, Release(),
-          "Starts the maintenance thread (watermark eviction, lease reaping). Idempotent.")
+          "start",
+          [](PyObjectTable& t) {
+            ThrowIfError(ManagedCheck(t));
+            t.table->Start();
+          },
+          Release(),
+          "Starts the maintenance thread (watermark eviction, lease reaping). Idempotent. A "
+          "StorageManager's table is started and stopped by its manager (InvalidArgumentError).")
       .def(
-          "stop", [](PyObjectTable& t) { t.table->Stop(); }, Release(),
-          "Stops and joins the maintenance thread. Idempotent.")
+          "stop",
+          [](PyObjectTable& t) {
+            ThrowIfError(ManagedCheck(t));
+            t.table->Stop();
+          },
+          Release(), "Stops and joins the maintenance thread. Idempotent.")
       .def(
           "reserve_write",
           [](PyObjectTable& t, const LeaseOwner& owner, const Keys& keys, uint64_t object_size,

@@ -15,8 +15,8 @@
 // explicit scope once the arguments are C++ values). Nothing in a released region touches a
 // Python object.
 //
-// The manager's table is bound as ManagedObjectTable: the ObjectTable methods (the manager runs
-// the table's maintenance thread, so start/stop are not offered), on a table the manager owns.
+// The manager's table is an ObjectTable (bind_object_table.cc) that keeps the manager alive; its
+// start/stop belong to the manager.
 
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
@@ -85,10 +85,8 @@ struct PyStorageManager {
   std::shared_ptr<StorageManager> manager;
 };
 
-// The manager's table, controllers: aliasing shared_ptrs that keep the manager alive.
-struct PyManagedTable {
-  std::shared_ptr<ObjectTable> table;
-};
+// The manager's controllers (and its table, a PyObjectTable): aliasing shared_ptrs that keep the
+// manager alive.
 struct PyPrefetchController {
   std::shared_ptr<PrefetchController> ctl;
 };
@@ -280,105 +278,6 @@ void BindResults(nb::module_& m) {
       .def_ro("l2", &StorageStats::l2, "per adapter, in configuration order");
 }
 
-void BindManagedTable(nb::module_& m) {
-  using T = PyManagedTable;
-  nb::class_<T>(m, "ManagedObjectTable",
-                "The L1 object table of a StorageManager: ObjectTable's methods (the manager runs "
-                "its maintenance thread). Keeps the manager alive. Every method releases the GIL.")
-      .def(
-          "reserve_write",
-          [](T& t, const LeaseOwner& owner, const Keys& keys, uint64_t object_size,
-             ReserveMode mode, bool temporary) {
-            ReserveOptions options;
-            options.mode = mode;
-            options.temporary = temporary;
-            return ValueOrThrow(t.table->ReserveWrite(owner, keys, object_size, options));
-          },
-          "owner"_a, "keys"_a, "object_size"_a, nb::kw_only(), "mode"_a = ReserveMode::kNewOnly,
-          "temporary"_a = false, Release())
-      .def(
-          "finish_write",
-          [](T& t, RequestId request, const Keys& keys, uint32_t read_leases) {
-            ThrowIfError(t.table->FinishWrite(request, keys, read_leases));
-          },
-          "request"_a, "keys"_a, "read_leases"_a = 0, Release(),
-          "writing -> ready; ready permanent objects are then stored to L2 in the background.")
-      .def(
-          "abort_write",
-          [](T& t, RequestId request, const Keys& keys) {
-            ThrowIfError(t.table->AbortWrite(request, keys));
-          },
-          "request"_a, "keys"_a, Release())
-      .def(
-          "acquire_read",
-          [](T& t, const LeaseOwner& owner, const Keys& keys, uint32_t count) {
-            ThrowIfError(t.table->AcquireRead(owner, keys, count));
-          },
-          "owner"_a, "keys"_a, "count"_a = 1, Release())
-      .def(
-          "acquire_read_prefix",
-          [](T& t, const LeaseOwner& owner, const Keys& keys, uint32_t count) {
-            return t.table->AcquireReadPrefix(owner, keys, count);
-          },
-          "owner"_a, "keys"_a, "count"_a = 1, Release())
-      .def(
-          "release_read",
-          [](T& t, RequestId request, const Keys& keys, uint32_t count) {
-            ThrowIfError(t.table->ReleaseRead(request, keys, count));
-          },
-          "request"_a, "keys"_a, "count"_a = 1, Release())
-      .def(
-          "contains", [](const T& t, const Keys& keys) { return t.table->Contains(keys); },
-          "keys"_a, Release())
-      .def(
-          "touch_prefix", [](T& t, const Keys& keys) { return t.table->TouchPrefix(keys); },
-          "keys"_a, Release())
-      .def(
-          "release_request",
-          [](T& t, RequestId request) { return t.table->ReleaseRequest(request); }, "request"_a,
-          Release())
-      .def(
-          "release_client", [](T& t, ClientId client) { return t.table->ReleaseClient(client); },
-          "client"_a, Release())
-      .def(
-          "reap_expired", [](T& t) { return t.table->ReapExpired(); }, Release())
-      .def(
-          "delete", [](T& t, const Keys& keys) { ThrowIfError(t.table->Delete(keys)); }, "keys"_a,
-          Release())
-      .def(
-          "clear", [](T& t, bool force) { return t.table->Clear(force); }, "force"_a = false,
-          Release())
-      .def(
-          "evict_bytes", [](T& t, uint64_t bytes) { return t.table->EvictBytes(bytes); }, "bytes"_a,
-          Release())
-      .def(
-          "info", [](const T& t, const ObjectKey& key) { return t.table->Info(key); }, "key"_a,
-          Release())
-      .def(
-          "leases_held",
-          [](const T& t, RequestId request, const ObjectKey& key) {
-            return t.table->LeasesHeld(request, key);
-          },
-          "request"_a, "key"_a, Release())
-      .def(
-          "stats", [](const T& t) { return t.table->stats(); }, Release())
-      .def(
-          "check_invariants", [](const T& t) { ThrowIfError(t.table->CheckInvariants()); },
-          Release())
-      .def_prop_ro(
-          "capacity", [](const T& t) { return t.table->arena()->size(); },
-          "Size of the arena in bytes.")
-      .def(
-          "view",
-          [](const T& t, uint64_t offset, uint64_t size) {
-            const std::shared_ptr<Arena>& arena = t.table->arena();
-            return MakeByteView(arena, arena->base(), arena->size(), offset, size);
-          },
-          "offset"_a, "size"_a,
-          "Writable zero-copy uint8 view of arena bytes [offset, offset + size); keeps the arena "
-          "mapped.");
-}
-
 void BindControllers(nb::module_& m) {
   using P = PyPrefetchController;
   nb::class_<P>(m, "PrefetchController",
@@ -546,7 +445,8 @@ void BindManager(nb::module_& m) {
       .def(
           "table",
           [](const M& s) {
-            return PyManagedTable{std::shared_ptr<ObjectTable>(s.manager, s.manager->table())};
+            return PyObjectTable(std::shared_ptr<ObjectTable>(s.manager, s.manager->table()),
+                                 /*is_managed=*/true);
           },
           "The L1 object table (keeps the manager alive).")
       .def(
@@ -586,7 +486,6 @@ void BindManager(nb::module_& m) {
 void BindStorage(nb::module_& m) {
   BindOptions(m);
   BindResults(m);
-  BindManagedTable(m);
   BindControllers(m);
   BindManager(m);
 }

@@ -417,3 +417,15 @@ def test_config_fields_round_trip() -> None:
     assert lc.StoreControllerOptions().max_batch == 64
     with pytest.raises(lc.InvalidArgumentError):
         lc.StorageManager(lc.StorageManagerConfig(0))
+
+
+def test_manager_table_is_an_object_table_started_by_its_manager() -> None:
+    with lc.StorageManager(lc.StorageManagerConfig(ARENA)) as m:
+        m.start()
+        table = m.table()
+        assert isinstance(table, lc.ObjectTable)
+        with pytest.raises(lc.InvalidArgumentError, match="manager starts and stops"):
+            table.stop()
+        with pytest.raises(lc.InvalidArgumentError):
+            table.start()
+        assert table.stats().objects == 0
