@@ -301,8 +301,12 @@ TEST(ChunkHasherHashModeTest, BlockHashSizeMustBeBetweenOneAndMax) {
   EXPECT_TRUE(empty->empty());
 }
 
-TEST(ChunkHasherHashModeTest, ChunkHashIsDigestOfSeedTagAndLastBlockHash) {
+TEST(ChunkHasherHashModeTest, ChunkHashIsDigestOfBlockSeedAndLastBlockHash) {
   ChunkHasher h = MakeHasher(64);
+  std::vector<uint8_t> seed_input;
+  AppendBytes(&seed_input, h.seed().bytes.data(), kChunkHashSize);
+  AppendBytes(&seed_input, "lmcache_cpp/block-mode/v1", 25);
+  EXPECT_EQ(h.block_seed(), Sha256(seed_input));
   const size_t kBlockHashSize = 32;
   const std::vector<uint8_t> blocks = MakeBlockHashes(8, kBlockHashSize, 3);  // 2 chunks
   Result<std::vector<ChunkHash>> r = h.HashFromBlockHashes(blocks.data(), 8, kBlockHashSize, 16);
@@ -310,12 +314,33 @@ TEST(ChunkHasherHashModeTest, ChunkHashIsDigestOfSeedTagAndLastBlockHash) {
   ASSERT_EQ(r->size(), 2u);
   for (size_t c = 0; c < 2; ++c) {
     std::vector<uint8_t> input;
-    AppendBytes(&input, h.seed().bytes.data(), kChunkHashSize);
-    AppendBytes(&input, "block", 5);
+    AppendBytes(&input, h.block_seed().bytes.data(), kChunkHashSize);
     AppendLe(&input, kBlockHashSize, 8);
     AppendBytes(&input, blocks.data() + (c * 4 + 3) * kBlockHashSize, kBlockHashSize);
     EXPECT_EQ((*r)[c], Sha256(input)) << c;
   }
+}
+
+TEST(ChunkHasherHashModeTest, NoHashModeInputCanImitateATokenChunk) {
+  // With a 4-token chunk, a token-mode chunk is H(seed || 16 token bytes). A client choosing an
+  // 8-byte block hash could once build the same 16 bytes after the seed; with the block-mode
+  // seed the inputs start differently, so the two hashes differ.
+  ChunkHasher h = MakeHasher(4);
+  uint8_t block_hash[8];
+  for (int i = 0; i < 8; ++i) block_hash[i] = static_cast<uint8_t>(i);
+  std::vector<uint8_t> imitation;  // what the block input after the seed would have been
+  AppendBytes(&imitation, "block", 5);
+  AppendLe(&imitation, 8, 8);
+  AppendBytes(&imitation, block_hash, 3);  // 5 + 8 + 3 = 16 bytes = 4 tokens
+  uint32_t tokens[4];
+  std::memcpy(tokens, imitation.data(), 16);
+  const std::vector<ChunkHash> token_mode = h.HashTokens(tokens, 4);
+  const Result<std::vector<ChunkHash>> hash_mode = h.HashFromBlockHashes(block_hash, 1, 8, 4);
+  ASSERT_TRUE(hash_mode.ok());
+  ASSERT_EQ(token_mode.size(), 1u);
+  ASSERT_EQ(hash_mode->size(), 1u);
+  EXPECT_NE(token_mode[0], (*hash_mode)[0]);
+  EXPECT_NE(h.block_seed(), h.seed());
 }
 
 TEST(ChunkHasherHashModeTest, HashDependsOnlyOnTheLastBlockOfEachChunk) {

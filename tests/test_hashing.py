@@ -48,10 +48,11 @@ def ref_block_hashes(
     seed: bytes, blocks: list[bytes], chunk_size: int, block_size: int
 ) -> list[bytes]:
     per_chunk = chunk_size // block_size
+    block_seed = hashlib.sha256(seed + b"lmcache_cpp/block-mode/v1").digest()
     out = []
     for i in range(len(blocks) // per_chunk):
         last = blocks[(i + 1) * per_chunk - 1]
-        out.append(hashlib.sha256(seed + b"block" + _field(last)).digest())
+        out.append(hashlib.sha256(block_seed + _field(last)).digest())
     return out
 
 

@@ -30,7 +30,10 @@ constexpr bool kHostIsLittleEndian = false;
 #endif
 
 constexpr char kNamespaceDomain[] = "lmcache_cpp/namespace/v1";
-constexpr char kBlockTag[] = "block";
+// Hash mode digests start from block_seed = H(seed || kBlockModeDomain) instead of the seed, so
+// no hash-mode input can equal a token-mode input (which starts with the seed or a chunk hash)
+// without a preimage of block_seed, whatever tokens and block hashes a client chooses.
+constexpr char kBlockModeDomain[] = "lmcache_cpp/block-mode/v1";
 
 [[noreturn]] void DigestFailure(const char* what) {
   // Only reachable when OpenSSL cannot allocate or is misconfigured; there is no sane result to
@@ -215,7 +218,11 @@ Result<ChunkHasher> ChunkHasher::Create(const NamespaceConfig& ns, size_t chunk_
   d.UpdateField(ns.model_name.data(), ns.model_name.size());
   d.UpdateField(ns.layout_fingerprint.data(), ns.layout_fingerprint.size());
   d.UpdateField(ns.cache_salt.data(), ns.cache_salt.size());
-  return ChunkHasher(d.Final(), chunk_size, algorithm);
+  const ChunkHash seed = d.Final();
+  Digest b(algorithm);
+  b.Update(seed.bytes.data(), kChunkHashSize);
+  b.Update(kBlockModeDomain, sizeof(kBlockModeDomain) - 1);
+  return ChunkHasher(seed, b.Final(), chunk_size, algorithm);
 }
 
 std::vector<ChunkHash> ChunkHasher::HashTokens(const uint32_t* tokens, size_t n) const {
@@ -267,8 +274,7 @@ Result<std::vector<ChunkHash>> ChunkHasher::HashFromBlockHashes(const uint8_t* b
   for (size_t i = 0; i < full_chunks; ++i) {
     const uint8_t* last_block = block_hashes + ((i + 1) * blocks_per_chunk - 1) * block_hash_size;
     Digest d(algorithm_);
-    d.Update(seed_.bytes.data(), kChunkHashSize);
-    d.Update(kBlockTag, sizeof(kBlockTag) - 1);
+    d.Update(block_seed_.bytes.data(), kChunkHashSize);
     d.UpdateField(last_block, block_hash_size);
     out.push_back(d.Final());
   }

@@ -13,8 +13,10 @@
 //
 // Hash mode: an engine that already has chained per-block hashes (vLLM's block hashes are
 // prefix-chained) sends those instead of token ids. The hash of chunk i is derived from the engine
-// hash of the last block of chunk i:  c_i = H(seed || "block" || len||block_hash). The seed keeps
-// namespaces apart; the engine's chaining carries the prefix.
+// hash of the last block of chunk i:  c_i = H(block_seed || len||block_hash), where
+// block_seed = H(seed || "lmcache_cpp/block-mode/v1"). The seed keeps namespaces apart; the
+// engine's chaining carries the prefix; block_seed keeps the two modes apart (a hash-mode input
+// cannot equal a token-mode input without a SHA-256 preimage, whatever a client sends).
 //
 // H is SHA-256 (OpenSSL) by default. HashAlgorithm::kXxh3 (non-cryptographic, 128-bit widened to
 // 32 bytes) exists for trusted single-tenant deployments and benchmarks; it is never the default,
@@ -65,6 +67,8 @@ class ChunkHasher {
   HashAlgorithm algorithm() const noexcept { return algorithm_; }
   // The namespace seed (the "previous hash" of chunk 0).
   const ChunkHash& seed() const noexcept { return seed_; }
+  // The starting digest of hash-mode chunk hashes: H(seed || "lmcache_cpp/block-mode/v1").
+  const ChunkHash& block_seed() const noexcept { return block_seed_; }
 
   // Token mode: hashes of the full chunks of tokens[0, n). Returns n / chunk_size hashes.
   std::vector<ChunkHash> HashTokens(const uint32_t* tokens, size_t n) const;
@@ -88,10 +92,11 @@ class ChunkHasher {
   static ChunkHash RawDigest(HashAlgorithm algorithm, const void* data, size_t size);
 
  private:
-  ChunkHasher(ChunkHash seed, size_t chunk_size, HashAlgorithm algorithm)
-      : seed_(seed), chunk_size_(chunk_size), algorithm_(algorithm) {}
+  ChunkHasher(ChunkHash seed, ChunkHash block_seed, size_t chunk_size, HashAlgorithm algorithm)
+      : seed_(seed), block_seed_(block_seed), chunk_size_(chunk_size), algorithm_(algorithm) {}
 
   ChunkHash seed_;
+  ChunkHash block_seed_;
   size_t chunk_size_;
   HashAlgorithm algorithm_;
 };
