@@ -369,6 +369,8 @@ void BindStatusAndLogging(nb::module_& m) {
 // The L2 tier and the storage manager (bind_l2.cc, bind_storage.cc).
 void BindL2(nb::module_& m);
 void BindStorage(nb::module_& m);
+// The CPU KV copy kernels (bind_kv_copy.cc).
+void BindKvCopy(nb::module_& m);
 
 }  // namespace lmcache_cpp::bindings
 
@@ -384,4 +386,5 @@ NB_MODULE(_core, m) {
   b::BindObjectTable(m);
   b::BindL2(m);
   b::BindStorage(m);
+  b::BindKvCopy(m);
 }

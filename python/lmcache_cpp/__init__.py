@@ -2,7 +2,8 @@
 
 This package currently exposes the native core (``lmcache_cpp._core``): chunk hashing, object
 keys, the shared-memory arena, the extent allocator, the object table, the L2 adapters (with
-:class:`PythonL2Adapter`, the base class of tiers written in Python) and the storage manager.
+:class:`PythonL2Adapter`, the base class of tiers written in Python), the storage manager and
+the CPU KV copy kernels (:class:`KvCacheView`).
 Failures of core calls raise the classes in :mod:`lmcache_cpp.errors`, re-exported here.
 
 Core log lines are forwarded to the ``logging`` logger ``"lmcache_cpp.core"`` from import time
@@ -35,6 +36,9 @@ from lmcache_cpp._core import (
     HashSessionCache,
     HashSessionStats,
     JobHandle,
+    KvCacheLayout,
+    KvCacheView,
+    KvLayout,
     L2Adapter,
     L2AdapterStats,
     L2Op,
@@ -122,6 +126,9 @@ __all__ = [
     "InvalidArgumentError",
     "JobHandle",
     "KeyAbsentError",
+    "KvCacheLayout",
+    "KvCacheView",
+    "KvLayout",
     "L2Adapter",
     "L2AdapterStats",
     "L2Op",

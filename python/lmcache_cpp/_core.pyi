@@ -748,3 +748,88 @@ class StorageManager:
     def end_request(self, request: int) -> int: ...
     def end_client(self, client: int) -> int: ...
     def stats(self) -> StorageStats: ...
+
+# ---- KV copy kernels (CPU) ------------------------------------------------------------------
+# Engine tensors are numpy arrays or torch CPU tensors of any dtype (read through DLPack; torch is
+# not imported), hence Any. Block ids: a 1-D integer array (numpy or torch; C-contiguous int32 and
+# int64 are read in place) or a sequence of ints. Copies release the GIL.
+
+class KvLayout(enum.IntEnum):
+    NHD = 0
+    HND = 1
+    FLASHINFER = 2
+    MLA = 3
+
+class KvCacheLayout:
+    layout: KvLayout
+    num_layers: int
+    block_size: int
+    num_heads: int
+    head_size: int
+    element_size: int
+    num_blocks: int
+    block_stride: int
+    plane_stride: int
+    def __init__(
+        self,
+        layout: KvLayout,
+        num_layers: int,
+        block_size: int,
+        num_heads: int,
+        head_size: int,
+        element_size: int,
+        num_blocks: int,
+        block_stride: int = 0,
+        plane_stride: int = 0,
+    ) -> None: ...
+    @property
+    def num_planes(self) -> int: ...
+    def validate(self) -> None: ...
+    def block_plane_bytes(self) -> int: ...
+    def object_bytes(self, chunk_size: int) -> int: ...
+    def fingerprint(self) -> str: ...
+
+class KvCacheView:
+    def __init__(self, tensors: Sequence[Any], layout: KvLayout) -> None: ...
+    @property
+    def layout(self) -> KvCacheLayout: ...
+    def fingerprint(self) -> str: ...
+    def object_bytes(self, chunk_size: int) -> int: ...
+    def gather(
+        self,
+        chunk_size: int,
+        block_ids: npt.NDArray[np.integer[Any]] | Sequence[int] | Any,
+        out: ByteView,
+        num_tokens: int | None = None,
+        *,
+        num_threads: int = 0,
+    ) -> None: ...
+    def scatter(
+        self,
+        chunk_size: int,
+        object: ByteView,
+        block_ids: npt.NDArray[np.integer[Any]] | Sequence[int] | Any,
+        num_tokens: int | None = None,
+        skip_tokens: int = 0,
+        *,
+        num_threads: int = 0,
+    ) -> None: ...
+    def gather_batch(
+        self,
+        chunk_size: int,
+        block_ids: Sequence[npt.NDArray[np.integer[Any]] | Sequence[int] | Any],
+        objects: Sequence[ByteView],
+        num_tokens: Sequence[int] | None = None,
+        *,
+        num_threads: int = 0,
+    ) -> None: ...
+    def scatter_batch(
+        self,
+        chunk_size: int,
+        objects: Sequence[ByteView],
+        block_ids: Sequence[npt.NDArray[np.integer[Any]] | Sequence[int] | Any],
+        num_tokens: Sequence[int] | None = None,
+        skip_tokens: Sequence[int] | None = None,
+        *,
+        num_threads: int = 0,
+    ) -> None: ...

@@ -1,0 +1,218 @@
+// Copyright (c) lmcache_cpp authors. Licensed under the Apache License 2.0.
+//
+// bench_kv_copy: the CPU copy kernels (kv_copy.h) on a 7B-class KV cache.
+//
+// Layout: 32 layers, 8 KV heads, head size 128, bf16 (2 bytes), block size 16, NHD and HND, with
+// `num_blocks` blocks per layer (default 1024: 2 GiB of engine memory). One request = 16 chunks of
+// 256 tokens (16 blocks each, random distinct block ids), gathered into (store) and scattered
+// from (retrieve) 16 objects of 32 MiB in one buffer: 512 MiB per request, copied as 16 384
+// block-plane pieces of 32 KiB. GatherBatch / ScatterBatch run on the calling thread only, and
+// on `threads` threads (a CopyThreadPool of threads - 1 workers plus the caller) with the default
+// options (non-temporal stores: the request is far larger than the cache) and, for comparison,
+// with regular stores (streaming_threshold_bytes = UINT64_MAX).
+//
+// Floors, measured in the same run over the same total bytes: glibc memcpy of one contiguous
+// 512 MiB source into the object buffer, (a) one memcpy call on one thread, (b) the same copy cut
+// into one contiguous range per thread, run on the same threads through the same pool. Every case
+// runs once per round, rounds interleaved so that a shared machine's noise hits all cases alike;
+// each figure is the best of `repeats` rounds. Ratios: kernel GB/s / memcpy GB/s with the same
+// thread count; the target is >= 0.8 of the multi-threaded memcpy.
+//
+// Usage: bench_kv_copy [num_blocks] [repeats] [threads]   (defaults 1024, 5, all cores)
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <numeric>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "lmcache_cpp/kv_copy.h"
+
+namespace {
+
+using lmcache_cpp::BlockIdSpan;
+using lmcache_cpp::ChunkCopy;
+using lmcache_cpp::CopyOptions;
+using lmcache_cpp::CopyThreadPool;
+using lmcache_cpp::KvCacheLayout;
+using lmcache_cpp::KvCacheView;
+using lmcache_cpp::KvLayout;
+
+constexpr uint32_t kLayers = 32;
+constexpr uint32_t kHeads = 8;
+constexpr uint32_t kHeadSize = 128;
+constexpr uint32_t kElement = 2;
+constexpr uint32_t kBlockSize = 16;
+constexpr uint64_t kChunkSize = 256;
+constexpr size_t kChunks = 16;
+
+double BestSeconds(int repeats, const std::function<void()>& fn) {
+  double best = 1e30;
+  for (int r = 0; r < repeats; ++r) {
+    const auto start = std::chrono::steady_clock::now();
+    fn();
+    best = std::min(
+        best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  }
+  return best;
+}
+
+double GBps(uint64_t bytes, double seconds) { return static_cast<double>(bytes) / seconds / 1e9; }
+
+void Check(const lmcache_cpp::Status& st, const char* what) {
+  if (!st.ok()) {
+    std::fprintf(stderr, "bench_kv_copy: %s: %s\n", what, st.ToString().c_str());
+    std::exit(1);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const uint64_t num_blocks = argc > 1 ? std::strtoull(argv[1], nullptr, 10) : 1024;
+  const int repeats = argc > 2 ? std::atoi(argv[2]) : 5;
+  const size_t hw = std::max<size_t>(std::thread::hardware_concurrency(), 1);
+  const size_t threads = argc > 3 ? std::strtoull(argv[3], nullptr, 10) : hw;
+  const uint64_t blocks_per_request = kChunks * kChunkSize / kBlockSize;
+  if (num_blocks < blocks_per_request || repeats < 1 || threads < 1) {
+    std::fprintf(stderr, "usage: bench_kv_copy [num_blocks >= %llu] [repeats >= 1] [threads]\n",
+                 static_cast<unsigned long long>(blocks_per_request));
+    return 2;
+  }
+  // The pool the kernels and the memcpy floor share: threads - 1 workers plus the caller.
+  CopyThreadPool pool(threads - 1);
+
+  KvCacheLayout base;
+  base.num_layers = kLayers;
+  base.block_size = kBlockSize;
+  base.num_heads = kHeads;
+  base.head_size = kHeadSize;
+  base.element_size = kElement;
+  base.num_blocks = num_blocks;
+  const uint64_t layer_bytes = 2 * num_blocks * base.BlockPlaneBytes();
+  std::vector<std::vector<uint8_t>> layers(kLayers);
+  std::mt19937_64 rng(42);
+  for (auto& l : layers) {
+    l.resize(layer_bytes);
+    for (size_t i = 0; i < l.size(); i += 4096) l[i] = static_cast<uint8_t>(rng());
+  }
+  Check(base.Validate(), "layout");
+  const uint64_t object_bytes = *base.ObjectBytes(kChunkSize);
+  const uint64_t request_bytes = object_bytes * kChunks;
+  std::vector<uint8_t> buffer(request_bytes, 1);
+  std::vector<uint8_t> source(request_bytes, 2);  // the memcpy floor's contiguous source
+
+  std::vector<int64_t> all(num_blocks);
+  std::iota(all.begin(), all.end(), 0);
+  std::shuffle(all.begin(), all.end(), rng);
+  std::vector<std::vector<int64_t>> ids(kChunks);
+  for (size_t c = 0; c < kChunks; ++c) {
+    const size_t n = kChunkSize / kBlockSize;
+    ids[c].assign(all.begin() + c * n, all.begin() + (c + 1) * n);
+  }
+  std::vector<ChunkCopy> chunks(kChunks);
+  for (size_t c = 0; c < kChunks; ++c) {
+    chunks[c].block_ids = BlockIdSpan(ids[c]);
+    chunks[c].num_tokens = kChunkSize;
+    chunks[c].object = buffer.data() + c * object_bytes;
+    chunks[c].object_size = object_bytes;
+  }
+
+  std::printf(
+      "bench_kv_copy: L%u H%u D%u E%u BS%u, %zu chunks x %llu tokens = %.0f MiB per request "
+      "(%llu pieces of %llu KiB), %llu blocks per layer, %zu threads, best of %d\n",
+      kLayers, kHeads, kHeadSize, kElement, kBlockSize, kChunks,
+      static_cast<unsigned long long>(kChunkSize), static_cast<double>(request_bytes) / (1 << 20),
+      static_cast<unsigned long long>(request_bytes / base.BlockPlaneBytes()),
+      static_cast<unsigned long long>(base.BlockPlaneBytes() >> 10),
+      static_cast<unsigned long long>(num_blocks), threads, repeats);
+
+  CopyOptions single;
+  single.num_threads = 1;
+  CopyOptions multi;
+  multi.pool = &pool;
+  multi.num_threads = threads;
+  CopyOptions multi_cached = multi;  // regular stores, for comparison
+  multi_cached.streaming_threshold_bytes = UINT64_MAX;
+
+  std::vector<KvCacheView> views;
+  for (KvLayout kind : {KvLayout::kNHD, KvLayout::kHND}) {
+    KvCacheView view;
+    view.layout = base;
+    view.layout.layout = kind;
+    for (auto& l : layers) view.layers.push_back(l.data());
+    views.push_back(view);
+  }
+
+  // Every case runs once per round, rounds interleaved, so that the noise of a shared machine
+  // falls on floors and kernels alike; each case keeps its best round.
+  struct Case {
+    std::string name;
+    std::function<void()> run;
+    double best = 1e30;
+  };
+  std::vector<Case> cases;
+  cases.push_back({"memcpy 1 thread (one big copy)",
+                   [&] { std::memcpy(buffer.data(), source.data(), request_bytes); }});
+  cases.push_back(
+      {"memcpy " + std::to_string(threads) + " threads (one big copy, 1 range each)", [&] {
+         const uint64_t per = (request_bytes + threads - 1) / threads;
+         pool.ParallelFor(threads, threads, [&](size_t t) {
+           const uint64_t begin = std::min(t * per, request_bytes);
+           const uint64_t end = std::min(begin + per, request_bytes);
+           std::memcpy(buffer.data() + begin, source.data() + begin, end - begin);
+         });
+       }});
+  for (const KvCacheView& view : views) {
+    const std::string name = lmcache_cpp::KvLayoutName(view.layout.layout);
+    const KvCacheView* v = &view;
+    const std::string mt = std::to_string(threads) + " threads";
+    cases.push_back({name + " store 1 thread",
+                     [&, v] { Check(GatherBatch(*v, kChunkSize, chunks, single), "gather"); }});
+    cases.push_back({name + " store " + mt,
+                     [&, v] { Check(GatherBatch(*v, kChunkSize, chunks, multi), "gather"); }});
+    cases.push_back({name + " store " + mt + ", regular stores", [&, v] {
+                       Check(GatherBatch(*v, kChunkSize, chunks, multi_cached), "gather");
+                     }});
+    cases.push_back({name + " retrieve 1 thread",
+                     [&, v] { Check(ScatterBatch(*v, kChunkSize, chunks, single), "scatter"); }});
+    cases.push_back({name + " retrieve " + mt,
+                     [&, v] { Check(ScatterBatch(*v, kChunkSize, chunks, multi), "scatter"); }});
+    cases.push_back({name + " retrieve " + mt + ", regular stores", [&, v] {
+                       Check(ScatterBatch(*v, kChunkSize, chunks, multi_cached), "scatter");
+                     }});
+  }
+  for (int r = 0; r < repeats; ++r) {
+    for (Case& c : cases) c.best = std::min(c.best, BestSeconds(1, c.run));
+  }
+  const double memcpy_1t = GBps(request_bytes, cases[0].best);
+  const double memcpy_mt = GBps(request_bytes, cases[1].best);
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const double gbps = GBps(request_bytes, cases[i].best);
+    const bool one_thread = cases[i].name.find(" 1 thread") != std::string::npos;
+    std::printf("  %-52s %6.2f GB/s", cases[i].name.c_str(), gbps);
+    if (i >= 2) {
+      std::printf("  %.2fx memcpy %s", gbps / (one_thread ? memcpy_1t : memcpy_mt),
+                  one_thread ? "1 thread" : "multi-threaded");
+    }
+    std::printf("\n");
+  }
+  // Summary lines: the multi-threaded kernels against the multi-threaded memcpy.
+  for (size_t v = 0; v < views.size(); ++v) {
+    const char* name = lmcache_cpp::KvLayoutName(views[v].layout.layout);
+    const double store = GBps(request_bytes, cases[2 + 6 * v + 1].best);
+    const double retrieve = GBps(request_bytes, cases[2 + 6 * v + 4].best);
+    std::printf("kv_copy store %s: %.2f GB/s, floor %.2f GB/s, ratio %.2f (target >= 0.8)\n", name,
+                store, memcpy_mt, store / memcpy_mt);
+    std::printf("kv_copy retrieve %s: %.2f GB/s, floor %.2f GB/s, ratio %.2f (target >= 0.8)\n",
+                name, retrieve, memcpy_mt, retrieve / memcpy_mt);
+  }
+  return 0;
+}
