@@ -33,6 +33,7 @@
 #include "lmcache_cpp/clock.h"
 #include "lmcache_cpp/object_table.h"
 #include "lmcache_cpp/status.h"
+#include "lmcache_cpp/storage_manager.h"
 
 namespace lmcache_cpp::bindings {
 
@@ -195,6 +196,11 @@ void BindStatusAndLogging(nb::module_& m);
 void BindKeysAndHashing(nb::module_& m);
 void BindArena(nb::module_& m);
 void BindObjectTable(nb::module_& m);
+
+// Python "StorageManager" (bind_storage.cc); the engine binding (bind_engine.cc) shares it.
+struct PyStorageManager {
+  std::shared_ptr<StorageManager> manager;
+};
 
 }  // namespace lmcache_cpp::bindings
 

@@ -81,10 +81,6 @@ struct PyStorageConfig {
   std::vector<std::shared_ptr<L2Adapter>> adapters;  // each holds its Python object
 };
 
-struct PyStorageManager {
-  std::shared_ptr<StorageManager> manager;
-};
-
 // The manager's controllers (and its table, a PyObjectTable): aliasing shared_ptrs that keep the
 // manager alive.
 struct PyPrefetchController {

@@ -371,6 +371,8 @@ void BindL2(nb::module_& m);
 void BindStorage(nb::module_& m);
 // The CPU KV copy kernels (bind_kv_copy.cc).
 void BindKvCopy(nb::module_& m);
+// The cache engine (bind_engine.cc).
+void BindCacheEngine(nb::module_& m);
 
 }  // namespace lmcache_cpp::bindings
 
@@ -387,4 +389,5 @@ NB_MODULE(_core, m) {
   b::BindL2(m);
   b::BindStorage(m);
   b::BindKvCopy(m);
+  b::BindCacheEngine(m);
 }

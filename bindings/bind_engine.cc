@@ -1,0 +1,430 @@
+// Copyright (c) lmcache_cpp authors. Licensed under the Apache License 2.0.
+//
+// Bindings of the cache engine (cpp/include/lmcache_cpp/cache_engine.h): EngineConfig, EngineKey,
+// the reply types and CacheEngine. Keys hold their token / block-hash bytes as Python bytes
+// objects, read in place (no copy) while the GIL is released for the engine call; the key object
+// is kept alive by the call's argument reference.
+
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/string_view.h>
+#include <nanobind/stl/vector.h>
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+
+#include "bind_common.h"
+#include "lmcache_cpp/cache_engine.h"
+
+namespace lmcache_cpp::bindings {
+
+namespace {
+
+using namespace nb::literals;
+using Release = nb::call_guard<nb::gil_scoped_release>;
+
+struct PyEngineConfig {
+  uint32_t chunk_size = 256;
+  HashAlgorithm hash_algorithm = HashAlgorithm::kSha256;
+  double sync_lookup_timeout_s = 0.2;
+  double retrieve_wait_timeout_s = 30.0;
+  double transfer_ttl_s = 120.0;
+  double request_ttl_s = 600.0;
+  double lookup_ttl_s = 240.0;
+  double session_ttl_s = 600.0;
+  size_t max_sessions = 65536;
+  size_t max_registrations_per_client = 256;
+  size_t max_transfers_per_client = 4096;
+  size_t max_chunks_per_key = 16384;
+  size_t max_requests = size_t{1} << 20;
+
+  EngineConfig ToCore(std::shared_ptr<Clock> clock) const {
+    EngineConfig c;
+    c.chunk_size = chunk_size;
+    c.hash_algorithm = hash_algorithm;
+    c.sync_lookup_timeout = Positive(sync_lookup_timeout_s, "sync_lookup_timeout_s");
+    c.retrieve_wait_timeout = Positive(retrieve_wait_timeout_s, "retrieve_wait_timeout_s");
+    c.transfer_ttl = Positive(transfer_ttl_s, "transfer_ttl_s");
+    c.request_ttl = Positive(request_ttl_s, "request_ttl_s");
+    c.lookup_ttl = Positive(lookup_ttl_s, "lookup_ttl_s");
+    c.sessions.ttl = Positive(session_ttl_s, "session_ttl_s");
+    c.sessions.max_sessions = max_sessions;
+    c.max_registrations_per_client = max_registrations_per_client;
+    c.max_transfers_per_client = max_transfers_per_client;
+    c.max_chunks_per_key = max_chunks_per_key;
+    c.max_requests = max_requests;
+    c.clock = std::move(clock);
+    return c;
+  }
+
+  static Duration Positive(double s, const char* what) {
+    const Duration d = SecondsToDuration(s, what);
+    if (d <= Duration::zero()) {
+      throw StatusError(Status::InvalidArgument(std::string(what) + " must be > 0"));
+    }
+    return d;
+  }
+};
+
+// An owning key: the strings and the data bytes object live as long as the Python key.
+struct PyEngineKey {
+  std::string model_name;
+  uint32_t world_size = 1;
+  int32_t worker_id = -1;
+  std::string request_id;
+  std::string cache_salt;
+  KeyMode mode = KeyMode::kTokens;
+  nb::bytes data;
+  uint32_t block_hash_size = 32;
+  uint64_t start = 0;
+  int64_t end = -1;
+
+  // REQUIRES: the GIL is held (reads the bytes object's buffer pointer).
+  EngineKey View() const {
+    EngineKey k;
+    k.model_name = model_name;
+    k.world_size = world_size;
+    k.worker_id = worker_id;
+    k.request_id = request_id;
+    k.cache_salt = cache_salt;
+    k.mode = mode;
+    k.data = reinterpret_cast<const uint8_t*>(data.c_str());
+    k.size = data.size();
+    k.block_hash_size = block_hash_size;
+    k.start = start;
+    k.end = end < 0 ? UINT64_MAX : static_cast<uint64_t>(end);
+    return k;
+  }
+};
+
+struct PyCacheEngine {
+  std::shared_ptr<StorageManager> storage;  // destroyed after the engine
+  std::unique_ptr<CacheEngine> engine;
+};
+
+std::optional<Duration> OptionalSeconds(std::optional<double> s, const char* what) {
+  if (!s.has_value()) return std::nullopt;
+  const Duration d = SecondsToDuration(*s, what);
+  if (d < Duration::zero()) {
+    throw StatusError(Status::InvalidArgument(std::string(what) + " must be >= 0"));
+  }
+  return d;
+}
+
+std::string LookupRepr(const LookupResult& r) {
+  return "LookupResult(hit_chunks=" + std::to_string(r.hit_chunks) +
+         ", hit_tokens=" + std::to_string(r.hit_tokens) +
+         ", l1_chunks=" + std::to_string(r.l1_chunks) +
+         ", l2_chunks=" + std::to_string(r.l2_chunks) + ")";
+}
+
+nb::dict EngineStatsDict(const EngineStats& s) {
+  nb::dict d;
+#define LMC_STAT(name) d[#name] = s.name
+  LMC_STAT(registrations);
+  LMC_STAT(namespaces);
+  LMC_STAT(requests);
+  LMC_STAT(transfers);
+  LMC_STAT(pending_lookups);
+  LMC_STAT(sessions);
+  LMC_STAT(lookups);
+  LMC_STAT(sync_lookups);
+  LMC_STAT(lookup_chunks);
+  LMC_STAT(hit_chunks);
+  LMC_STAT(l1_hit_chunks);
+  LMC_STAT(l2_hit_chunks);
+  LMC_STAT(stores);
+  LMC_STAT(store_chunks);
+  LMC_STAT(store_skipped);
+  LMC_STAT(store_aborts);
+  LMC_STAT(retrieves);
+  LMC_STAT(retrieve_chunks);
+  LMC_STAT(retrieve_failures);
+  LMC_STAT(freed_leases);
+  LMC_STAT(ended_sessions);
+  LMC_STAT(ended_clients);
+  LMC_STAT(reaped_transfers);
+  LMC_STAT(reaped_requests);
+#undef LMC_STAT
+  return d;
+}
+
+void BindTypes(nb::module_& m) {
+  nb::enum_<KeyMode>(m, "KeyMode")
+      .value("TOKENS", KeyMode::kTokens)
+      .value("BLOCK_HASHES", KeyMode::kBlockHashes);
+
+  const PyEngineConfig d;
+  nb::class_<PyEngineConfig>(m, "EngineConfig", "CacheEngine settings (durations in seconds).")
+      .def(
+          "__init__",
+          [](PyEngineConfig* self, uint32_t chunk_size, HashAlgorithm hash_algorithm,
+             double sync_lookup_timeout_s, double retrieve_wait_timeout_s, double transfer_ttl_s,
+             double request_ttl_s, double lookup_ttl_s, double session_ttl_s, size_t max_sessions,
+             size_t max_registrations_per_client, size_t max_transfers_per_client,
+             size_t max_chunks_per_key, size_t max_requests) {
+            new (self) PyEngineConfig{chunk_size,
+                                      hash_algorithm,
+                                      sync_lookup_timeout_s,
+                                      retrieve_wait_timeout_s,
+                                      transfer_ttl_s,
+                                      request_ttl_s,
+                                      lookup_ttl_s,
+                                      session_ttl_s,
+                                      max_sessions,
+                                      max_registrations_per_client,
+                                      max_transfers_per_client,
+                                      max_chunks_per_key,
+                                      max_requests};
+          },
+          nb::kw_only(), "chunk_size"_a = d.chunk_size, "hash_algorithm"_a = d.hash_algorithm,
+          "sync_lookup_timeout_s"_a = d.sync_lookup_timeout_s,
+          "retrieve_wait_timeout_s"_a = d.retrieve_wait_timeout_s,
+          "transfer_ttl_s"_a = d.transfer_ttl_s, "request_ttl_s"_a = d.request_ttl_s,
+          "lookup_ttl_s"_a = d.lookup_ttl_s, "session_ttl_s"_a = d.session_ttl_s,
+          "max_sessions"_a = d.max_sessions,
+          "max_registrations_per_client"_a = d.max_registrations_per_client,
+          "max_transfers_per_client"_a = d.max_transfers_per_client,
+          "max_chunks_per_key"_a = d.max_chunks_per_key, "max_requests"_a = d.max_requests)
+      .def_rw("chunk_size", &PyEngineConfig::chunk_size)
+      .def_rw("hash_algorithm", &PyEngineConfig::hash_algorithm)
+      .def_rw("sync_lookup_timeout_s", &PyEngineConfig::sync_lookup_timeout_s)
+      .def_rw("retrieve_wait_timeout_s", &PyEngineConfig::retrieve_wait_timeout_s)
+      .def_rw("transfer_ttl_s", &PyEngineConfig::transfer_ttl_s)
+      .def_rw("request_ttl_s", &PyEngineConfig::request_ttl_s)
+      .def_rw("lookup_ttl_s", &PyEngineConfig::lookup_ttl_s)
+      .def_rw("session_ttl_s", &PyEngineConfig::session_ttl_s)
+      .def_rw("max_sessions", &PyEngineConfig::max_sessions)
+      .def_rw("max_registrations_per_client", &PyEngineConfig::max_registrations_per_client)
+      .def_rw("max_transfers_per_client", &PyEngineConfig::max_transfers_per_client)
+      .def_rw("max_chunks_per_key", &PyEngineConfig::max_chunks_per_key)
+      .def_rw("max_requests", &PyEngineConfig::max_requests);
+
+  nb::class_<PyEngineKey>(m, "EngineKey",
+                          "A request's key: model, ranks, request id and token range, by token "
+                          "ids (packed little-endian uint32 bytes) or by engine block hashes.")
+      .def(
+          "__init__",
+          [](PyEngineKey* self, std::string model_name, uint32_t world_size, int32_t worker_id,
+             std::string request_id, std::string cache_salt, std::optional<nb::bytes> tokens,
+             std::optional<nb::bytes> block_hashes, uint32_t block_hash_size, uint64_t start,
+             int64_t end) {
+            if (tokens.has_value() == block_hashes.has_value()) {
+              throw StatusError(
+                  Status::InvalidArgument("give exactly one of tokens and block_hashes"));
+            }
+            new (self) PyEngineKey{std::move(model_name),
+                                   world_size,
+                                   worker_id,
+                                   std::move(request_id),
+                                   std::move(cache_salt),
+                                   tokens ? KeyMode::kTokens : KeyMode::kBlockHashes,
+                                   tokens ? *tokens : *block_hashes,
+                                   block_hash_size,
+                                   start,
+                                   end};
+          },
+          nb::kw_only(), "model_name"_a, "world_size"_a = 1, "worker_id"_a = -1,
+          "request_id"_a = "", "cache_salt"_a = "", "tokens"_a = nb::none(),
+          "block_hashes"_a = nb::none(), "block_hash_size"_a = 32, "start"_a = 0, "end"_a = -1)
+      .def_ro("model_name", &PyEngineKey::model_name)
+      .def_ro("world_size", &PyEngineKey::world_size)
+      .def_ro("worker_id", &PyEngineKey::worker_id)
+      .def_ro("request_id", &PyEngineKey::request_id)
+      .def_ro("cache_salt", &PyEngineKey::cache_salt)
+      .def_ro("mode", &PyEngineKey::mode)
+      .def_prop_ro("tokens",
+                   [](const PyEngineKey& k) -> std::optional<nb::bytes> {
+                     if (k.mode != KeyMode::kTokens) return std::nullopt;
+                     return k.data;
+                   })
+      .def_prop_ro("block_hashes",
+                   [](const PyEngineKey& k) -> std::optional<nb::bytes> {
+                     if (k.mode != KeyMode::kBlockHashes) return std::nullopt;
+                     return k.data;
+                   })
+      .def_ro("block_hash_size", &PyEngineKey::block_hash_size)
+      .def_ro("start", &PyEngineKey::start)
+      .def_ro("end", &PyEngineKey::end)
+      .def("__repr__", [](const PyEngineKey& k) {
+        return "EngineKey(model_name='" + k.model_name +
+               "', world_size=" + std::to_string(k.world_size) +
+               ", worker_id=" + std::to_string(k.worker_id) + ", request_id='" + k.request_id +
+               "', " + (k.mode == KeyMode::kTokens ? "tokens=" : "block_hashes=") +
+               std::to_string(k.data.size()) + " bytes, start=" + std::to_string(k.start) +
+               ", end=" + std::to_string(k.end) + ")";
+      });
+
+  nb::class_<Registration>(m, "Registration", "Reply of CacheEngine.register_kv_cache.")
+      .def_ro("id", &Registration::id)
+      .def_ro("chunk_size", &Registration::chunk_size)
+      .def_ro("object_bytes", &Registration::object_bytes)
+      .def_ro("fingerprint", &Registration::fingerprint)
+      .def_ro("arena", &Registration::arena, "what a worker maps (AttachedArena(descriptor))")
+      .def_prop_ro("arena_path", [](const Registration& r) { return r.arena.path; })
+      .def_prop_ro("arena_size", [](const Registration& r) { return r.arena.size; });
+
+  nb::class_<LookupResult>(m, "LookupResult", "Hits of a lookup, in chunks for every rank.")
+      .def_ro("hit_chunks", &LookupResult::hit_chunks)
+      .def_ro("hit_tokens", &LookupResult::hit_tokens)
+      .def_ro("l1_chunks", &LookupResult::l1_chunks)
+      .def_ro("l2_chunks", &LookupResult::l2_chunks)
+      .def("__repr__", &LookupRepr);
+
+  nb::class_<TransferTicket>(m, "TransferTicket",
+                             "Reply of prepare_store / prepare_retrieve: arena offsets per key "
+                             "(-1 = skipped store key) and the handle to commit with.")
+      .def_ro("handle", &TransferTicket::handle)
+      .def_ro("first_chunk", &TransferTicket::first_chunk)
+      .def_ro("offsets", &TransferTicket::offsets)
+      .def_ro("object_bytes", &TransferTicket::object_bytes);
+}
+
+void BindEngine(nb::module_& m) {
+  using E = PyCacheEngine;
+  nb::class_<E>(m, "CacheEngine",
+                "The cache server's request semantics (docs/protocol.md) over a StorageManager. "
+                "Every method releases the GIL; the blocking ones block only their caller.")
+      .def(
+          "__init__",
+          [](E* self, const PyStorageManager& storage, const PyEngineConfig& config,
+             const PyManualClock* clock) {
+            std::shared_ptr<Clock> c;
+            if (clock != nullptr) c = clock->clock;
+            auto engine =
+                ValueOrThrow(CacheEngine::Create(storage.manager.get(), config.ToCore(c)));
+            new (self) E{storage.manager, std::move(engine)};
+          },
+          "storage"_a, "config"_a, nb::kw_only(), "clock"_a = nullptr)
+      .def_prop_ro("chunk_size", [](const E& e) { return e.engine->chunk_size(); })
+      .def(
+          "start", [](E& e) { e.engine->Start(); }, Release())
+      .def(
+          "stop", [](E& e) { e.engine->Stop(); }, Release())
+      .def(
+          "register_kv_cache",
+          [](E& e, ClientId client, const std::string& model_name, uint32_t world_size,
+             int32_t worker_id, const KvCacheLayout& layout) {
+            return ValueOrThrow(
+                e.engine->RegisterKvCache(client, model_name, world_size, worker_id, layout));
+          },
+          "client"_a, "model_name"_a, "world_size"_a, "worker_id"_a, "layout"_a, Release())
+      .def(
+          "unregister_kv_cache",
+          [](E& e, ClientId client, uint64_t id) {
+            ThrowIfError(e.engine->UnregisterKvCache(client, id));
+          },
+          "client"_a, "registration_id"_a, Release())
+      .def(
+          "lookup",
+          [](E& e, ClientId client, const PyEngineKey& key, uint32_t tp_size) {
+            const EngineKey k = key.View();
+            nb::gil_scoped_release release;
+            return ValueOrThrow(e.engine->Lookup(client, k, tp_size));
+          },
+          "client"_a, "key"_a, "tp_size"_a = 1)
+      .def(
+          "query_prefetch_status",
+          [](E& e, ClientId client, const JobHandle& handle) {
+            return ValueOrThrow(e.engine->QueryPrefetch(client, handle));
+          },
+          "client"_a, "handle"_a, Release())
+      .def(
+          "wait_prefetch_status",
+          [](E& e, ClientId client, const JobHandle& handle, double timeout_s) {
+            const Duration t = *OptionalSeconds(timeout_s, "timeout_s");
+            nb::gil_scoped_release release;
+            return ValueOrThrow(e.engine->WaitPrefetch(client, handle, t));
+          },
+          "client"_a, "handle"_a, "timeout_s"_a)
+      .def(
+          "sync_lookup",
+          [](E& e, ClientId client, const PyEngineKey& key, uint32_t tp_size,
+             std::optional<double> timeout_s) {
+            const EngineKey k = key.View();
+            const auto t = OptionalSeconds(timeout_s, "timeout_s");
+            nb::gil_scoped_release release;
+            return ValueOrThrow(e.engine->SyncLookup(client, k, tp_size, t));
+          },
+          "client"_a, "key"_a, "tp_size"_a = 1, "timeout_s"_a = nb::none())
+      .def(
+          "free_lookup_locks",
+          [](E& e, ClientId client, const PyEngineKey& key, uint32_t tp_size) {
+            const EngineKey k = key.View();
+            nb::gil_scoped_release release;
+            return ValueOrThrow(e.engine->FreeLookupLocks(client, k, tp_size));
+          },
+          "client"_a, "key"_a, "tp_size"_a = 1)
+      .def(
+          "end_session",
+          [](E& e, ClientId client, const std::string& model_name, const std::string& request_id) {
+            return e.engine->EndSession(client, model_name, request_id);
+          },
+          "client"_a, "model_name"_a, "request_id"_a, Release())
+      .def(
+          "prepare_store",
+          [](E& e, ClientId client, const PyEngineKey& key) {
+            const EngineKey k = key.View();
+            nb::gil_scoped_release release;
+            return ValueOrThrow(e.engine->PrepareStore(client, k));
+          },
+          "client"_a, "key"_a)
+      .def(
+          "commit_store",
+          [](E& e, ClientId client, const JobHandle& handle, bool success) {
+            return ValueOrThrow(e.engine->CommitStore(client, handle, success));
+          },
+          "client"_a, "handle"_a, "success"_a = true, Release())
+      .def(
+          "prepare_retrieve",
+          [](E& e, ClientId client, const PyEngineKey& key, std::optional<double> timeout_s) {
+            const EngineKey k = key.View();
+            const auto t = OptionalSeconds(timeout_s, "timeout_s");
+            nb::gil_scoped_release release;
+            return ValueOrThrow(e.engine->PrepareRetrieve(client, k, t));
+          },
+          "client"_a, "key"_a, "timeout_s"_a = nb::none())
+      .def(
+          "commit_retrieve",
+          [](E& e, ClientId client, const JobHandle& handle) {
+            ThrowIfError(e.engine->CommitRetrieve(client, handle));
+          },
+          "client"_a, "handle"_a, Release())
+      .def(
+          "end_client", [](E& e, ClientId client) { return e.engine->EndClient(client); },
+          "client"_a, Release())
+      .def(
+          "clear", [](E& e, bool force) { return e.engine->Clear(force); }, "force"_a = false,
+          Release())
+      .def(
+          "reap_expired", [](E& e) { return e.engine->ReapExpired(); }, Release())
+      .def("stats", [](const E& e) {
+        EngineStats es;
+        StorageStats ss;
+        {
+          nb::gil_scoped_release release;
+          es = e.engine->stats();
+          ss = e.storage->stats();
+        }
+        nb::dict d;
+        d["engine"] = EngineStatsDict(es);
+        d["l1"] = nb::cast(ss.l1).attr("to_dict")();
+        d["prefetch"] = nb::cast(ss.prefetch).attr("to_dict")();
+        d["store"] = nb::cast(ss.store).attr("to_dict")();
+        nb::list l2;
+        for (const L2AdapterStats& a : ss.l2) l2.append(nb::cast(a).attr("to_dict")());
+        d["l2"] = l2;
+        return d;
+      });
+}
+
+}  // namespace
+
+void BindCacheEngine(nb::module_& m) {
+  BindTypes(m);
+  BindEngine(m);
+}
+
+}  // namespace lmcache_cpp::bindings

@@ -1,0 +1,823 @@
+// Copyright (c) lmcache_cpp authors. Licensed under the Apache License 2.0.
+
+#include "lmcache_cpp/cache_engine.h"
+
+#include <algorithm>
+#include <cstring>
+#include <utility>
+
+#include "lmcache_cpp/logging.h"
+
+namespace lmcache_cpp {
+
+namespace {
+
+constexpr size_t kMaxModelNameBytes = 1024;
+constexpr size_t kMaxRequestIdBytes = 1024;
+constexpr size_t kMaxSaltBytes = 1024;
+constexpr uint32_t kMaxReaders = 1024;
+constexpr uint32_t kMaxWorldSize = 1 << 16;
+
+std::string NamespaceKey(std::string_view model_name, uint32_t world_size) {
+  std::string k;
+  k.reserve(model_name.size() + 12);
+  k.append(model_name);
+  k.push_back('\x1f');
+  k.append(std::to_string(world_size));
+  return k;
+}
+
+std::string RequestKey(std::string_view model_name, std::string_view request_id) {
+  std::string k;
+  k.reserve(model_name.size() + request_id.size() + 1);
+  k.append(model_name);
+  k.push_back('\x1f');
+  k.append(request_id);
+  return k;
+}
+
+uint64_t RandomId() {
+  JobHandle h = JobHandle::Random();
+  uint64_t v = 0;
+  std::memcpy(&v, h.bytes.data(), sizeof(v));
+  return v == 0 ? 1 : v;
+}
+
+}  // namespace
+
+struct CacheEngine::Namespace {
+  Namespace(std::string model, uint32_t ws, KvCacheLayout l, uint64_t bytes, ChunkHasher h,
+            HashSessionOptions session_options, std::shared_ptr<Clock> clock)
+      : model_name(std::move(model)),
+        world_size(ws),
+        layout(l),
+        fingerprint(l.Fingerprint()),
+        hash_fingerprint(fingerprint + "|ws=" + std::to_string(ws)),
+        object_bytes(bytes),
+        hasher(std::move(h)),
+        sessions(&hasher, session_options, std::move(clock)) {}
+  const std::string model_name;
+  const uint32_t world_size;
+  const KvCacheLayout layout;
+  const std::string fingerprint;
+  const std::string hash_fingerprint;  // what the chunk hashes are seeded with
+  const uint64_t object_bytes;
+  const ChunkHasher hasher;  // unsalted
+  HashSessionCache sessions;
+  size_t live_registrations = 0;  // GUARDED_BY(CacheEngine::mu_)
+};
+
+struct CacheEngine::Request {
+  RequestId id = 0;
+  TimePoint last_used{};
+};
+
+struct CacheEngine::Ticket {
+  ClientId client = 0;
+  bool store = false;
+  RequestId request = 0;  // store: the ticket's internal request; retrieve: the engine request
+  std::vector<ObjectKey> keys;  // store: the reserved keys; retrieve: every key of the range
+  TimePoint created{};
+};
+
+struct CacheEngine::PendingLookup {
+  ClientId client = 0;
+  uint32_t ranks = 1;  // keys per chunk
+  TimePoint created{};
+};
+
+struct CacheEngine::ResolvedKey {
+  std::shared_ptr<Namespace> ns;
+  RequestId request = 0;  // 0 when the key names no (known) request
+  uint32_t ranks = 1;     // keys per chunk
+  uint64_t first_chunk = 0;
+  std::vector<ObjectKey> keys;  // chunk-major
+};
+
+// ---------------------------------------------------------------------------------------------
+
+Result<std::unique_ptr<CacheEngine>> CacheEngine::Create(StorageManager* storage,
+                                                         EngineConfig config) {
+  if (storage == nullptr) return Status::InvalidArgument("CacheEngine: storage is null");
+  if (config.chunk_size == 0) return Status::InvalidArgument("CacheEngine: chunk_size is 0");
+  if (config.max_chunks_per_key == 0) {
+    return Status::InvalidArgument("CacheEngine: max_chunks_per_key is 0");
+  }
+  // Fails early for a hash algorithm this build lacks.
+  LMCACHE_ASSIGN_OR_RETURN(
+      auto probe, ChunkHasher::Create(NamespaceConfig{}, config.chunk_size, config.hash_algorithm));
+  (void)probe;
+  return std::unique_ptr<CacheEngine>(new CacheEngine(storage, std::move(config)));
+}
+
+CacheEngine::CacheEngine(StorageManager* storage, EngineConfig config)
+    : storage_(storage),
+      table_(storage->table()),
+      prefetch_(storage->prefetch()),
+      config_(std::move(config)),
+      clock_(config_.clock ? config_.clock : SteadyClock::Default()) {}
+
+CacheEngine::~CacheEngine() { Stop(); }
+
+void CacheEngine::Start() {
+  std::lock_guard<std::mutex> ss(start_stop_mu_);
+  if (reaper_.joinable()) return;
+  {
+    std::lock_guard<std::mutex> l(reaper_mu_);
+    reaper_stop_ = false;
+  }
+  reaper_ = std::thread([this] { ReapLoop(); });
+}
+
+void CacheEngine::Stop() {
+  std::lock_guard<std::mutex> ss(start_stop_mu_);
+  if (!reaper_.joinable()) return;
+  {
+    std::lock_guard<std::mutex> l(reaper_mu_);
+    reaper_stop_ = true;
+  }
+  reaper_cv_.notify_all();
+  reaper_.join();
+}
+
+void CacheEngine::ReapLoop() {
+  std::unique_lock<std::mutex> l(reaper_mu_);
+  while (!reaper_stop_) {
+    reaper_cv_.wait_for(l, config_.reap_interval, [this] { return reaper_stop_; });
+    if (reaper_stop_) break;
+    l.unlock();
+    ReapExpired();
+    l.lock();
+  }
+}
+
+// ---- registration ----------------------------------------------------------------------------
+
+Result<Registration> CacheEngine::RegisterKvCache(ClientId client, std::string_view model_name,
+                                                  uint32_t world_size, int32_t worker_id,
+                                                  const KvCacheLayout& layout) {
+  if (client == 0) return Status::InvalidArgument("client id 0 is invalid");
+  if (model_name.empty() || model_name.size() > kMaxModelNameBytes) {
+    return Status::InvalidArgument("model_name must have 1 to 1024 bytes");
+  }
+  if (world_size == 0 || world_size > kMaxWorldSize) {
+    return Status::InvalidArgument("world_size must be in [1, 65536], got " +
+                                   std::to_string(world_size));
+  }
+  if (worker_id < 0 || static_cast<uint32_t>(worker_id) >= world_size) {
+    return Status::InvalidArgument("worker_id " + std::to_string(worker_id) +
+                                   " is outside [0, world_size = " + std::to_string(world_size) +
+                                   ")");
+  }
+  LMCACHE_ASSIGN_OR_RETURN(uint64_t object_bytes, layout.ObjectBytes(config_.chunk_size));
+  const std::string fingerprint = layout.Fingerprint();
+  NamespaceConfig nsc{std::string(model_name), fingerprint + "|ws=" + std::to_string(world_size),
+                      ""};
+  LMCACHE_ASSIGN_OR_RETURN(ChunkHasher hasher,
+                           ChunkHasher::Create(nsc, config_.chunk_size, config_.hash_algorithm));
+  const std::string nskey = NamespaceKey(model_name, world_size);
+
+  Registration reg;
+  reg.chunk_size = config_.chunk_size;
+  reg.object_bytes = object_bytes;
+  reg.fingerprint = fingerprint;
+  reg.arena = table_->arena()->descriptor();
+
+  std::lock_guard<std::mutex> l(mu_);
+  size_t& per_client = registrations_per_client_[client];
+  if (per_client >= config_.max_registrations_per_client) {
+    return Status::ResourceExhausted("client holds " + std::to_string(per_client) +
+                                     " registrations (the limit)");
+  }
+  auto it = namespaces_.find(nskey);
+  if (it != namespaces_.end() && it->second->fingerprint != fingerprint) {
+    if (it->second->live_registrations > 0) {
+      return Status::AlreadyExists("model '" + std::string(model_name) + "' (world size " +
+                                   std::to_string(world_size) + ") is registered with layout " +
+                                   it->second->fingerprint + ", not " + fingerprint);
+    }
+    namespaces_.erase(it);
+    it = namespaces_.end();
+  }
+  if (it == namespaces_.end()) {
+    auto ns = std::make_shared<Namespace>(std::string(model_name), world_size, layout, object_bytes,
+                                          std::move(hasher), config_.sessions, config_.clock);
+    it = namespaces_.emplace(nskey, std::move(ns)).first;
+  }
+  uint64_t id = RandomId();
+  while (registrations_.count(id) != 0) id = RandomId();
+  registrations_.emplace(id, RegistrationEntry{client, it->second});
+  ++it->second->live_registrations;
+  ++per_client;
+  reg.id = id;
+  return reg;
+}
+
+Status CacheEngine::UnregisterKvCache(ClientId client, uint64_t registration_id) {
+  std::lock_guard<std::mutex> l(mu_);
+  auto it = registrations_.find(registration_id);
+  if (it == registrations_.end()) {
+    return Status::NotFound("registration " + std::to_string(registration_id) +
+                            " is unknown or already unregistered");
+  }
+  if (it->second.client != client) {
+    return Status::PermissionDenied("registration belongs to another client");
+  }
+  --it->second.ns->live_registrations;
+  auto pc = registrations_per_client_.find(client);
+  if (pc != registrations_per_client_.end() && --pc->second == 0) {
+    registrations_per_client_.erase(pc);
+  }
+  registrations_.erase(it);
+  return Status::Ok();
+}
+
+// ---- keys ------------------------------------------------------------------------------------
+
+std::shared_ptr<CacheEngine::Namespace> CacheEngine::FindNamespace(std::string_view model_name,
+                                                                   uint32_t world_size) const {
+  const std::string k = NamespaceKey(model_name, world_size);
+  std::lock_guard<std::mutex> l(mu_);
+  auto it = namespaces_.find(k);
+  return it == namespaces_.end() ? nullptr : it->second;
+}
+
+Result<RequestId> CacheEngine::InternRequest(std::string_view model_name,
+                                             std::string_view request_id, bool create) {
+  std::string k = RequestKey(model_name, request_id);
+  const TimePoint now = clock_->Now();
+  std::lock_guard<std::mutex> l(mu_);
+  auto it = requests_.find(k);
+  if (it != requests_.end()) {
+    it->second->last_used = now;
+    return it->second->id;
+  }
+  if (!create) return RequestId{0};
+  if (requests_.size() >= config_.max_requests) {
+    return Status::ResourceExhausted("too many open requests (" + std::to_string(requests_.size()) +
+                                     "); end sessions with END_SESSION");
+  }
+  auto r = std::make_unique<Request>();
+  r->id = next_request_++;
+  r->last_used = now;
+  RequestId id = r->id;
+  requests_.emplace(std::move(k), std::move(r));
+  return id;
+}
+
+Status CacheEngine::Resolve(const EngineKey& key, RangeKind range, bool need_request,
+                            bool create_request, ResolvedKey* out) {
+  if (key.model_name.empty() || key.model_name.size() > kMaxModelNameBytes) {
+    return Status::InvalidArgument("key.model_name must have 1 to 1024 bytes");
+  }
+  if (key.request_id.size() > kMaxRequestIdBytes || key.cache_salt.size() > kMaxSaltBytes) {
+    return Status::InvalidArgument("key.request_id and key.cache_salt are limited to 1024 bytes");
+  }
+  if (need_request && key.request_id.empty()) {
+    return Status::InvalidArgument("key.request_id is required");
+  }
+  if (key.world_size == 0) return Status::InvalidArgument("key.world_size must be >= 1");
+  if (key.worker_id < -1 ||
+      (key.worker_id >= 0 && static_cast<uint32_t>(key.worker_id) >= key.world_size)) {
+    return Status::InvalidArgument("key.worker_id " + std::to_string(key.worker_id) +
+                                   " is outside [-1, world_size)");
+  }
+  if (key.size > 0 && key.data == nullptr) return Status::InvalidArgument("key data is null");
+  out->ns = FindNamespace(key.model_name, key.world_size);
+  if (out->ns == nullptr) {
+    return Status::NotFound("model '" + std::string(key.model_name) + "' with world size " +
+                            std::to_string(key.world_size) +
+                            " is not registered (REGISTER_KV_CACHE first)");
+  }
+  const Namespace& ns = *out->ns;
+  const uint64_t cs = config_.chunk_size;
+
+  if (!key.request_id.empty()) {
+    LMCACHE_ASSIGN_OR_RETURN(out->request,
+                             InternRequest(key.model_name, key.request_id, create_request));
+  }
+
+  std::vector<ChunkHash> hashes;
+  if (key.mode == KeyMode::kTokens) {
+    if (key.size % 4 != 0) {
+      return Status::InvalidArgument("key.tokens must be packed uint32 (byte length " +
+                                     std::to_string(key.size) + " is not a multiple of 4)");
+    }
+    const uint64_t n = std::min<uint64_t>(key.size / 4, key.end);
+    if (n / cs > config_.max_chunks_per_key) {
+      return Status::InvalidArgument("key covers " + std::to_string(n / cs) +
+                                     " chunks; the limit is " +
+                                     std::to_string(config_.max_chunks_per_key));
+    }
+    const uint32_t* tokens = reinterpret_cast<const uint32_t*>(key.data);
+    std::vector<uint32_t> aligned;
+    if (reinterpret_cast<uintptr_t>(key.data) % alignof(uint32_t) != 0) {
+      aligned.resize(n);
+      if (n > 0) std::memcpy(aligned.data(), key.data, n * 4);
+      tokens = aligned.data();
+    }
+    if (!key.cache_salt.empty()) {
+      LMCACHE_ASSIGN_OR_RETURN(
+          ChunkHasher salted,
+          ChunkHasher::Create(
+              NamespaceConfig{ns.model_name, ns.hash_fingerprint, std::string(key.cache_salt)}, cs,
+              config_.hash_algorithm));
+      hashes = salted.HashTokens(tokens, n);
+    } else if (out->request != 0) {
+      hashes = out->ns->sessions.HashTokens(out->request, tokens, n);
+    } else {
+      hashes = ns.hasher.HashTokens(tokens, n);
+    }
+  } else {
+    if (key.block_hash_size == 0 || key.block_hash_size > kMaxBlockHashSize) {
+      return Status::InvalidArgument("key.block_hash_size must be in [1, " +
+                                     std::to_string(kMaxBlockHashSize) + "]");
+    }
+    if (key.size % key.block_hash_size != 0) {
+      return Status::InvalidArgument("key.block_hashes length " + std::to_string(key.size) +
+                                     " is not a multiple of block_hash_size " +
+                                     std::to_string(key.block_hash_size));
+    }
+    const uint64_t bs = ns.layout.block_size;
+    uint64_t blocks = key.size / key.block_hash_size;
+    blocks = std::min<uint64_t>(blocks, key.end / bs);
+    if (blocks * bs / cs > config_.max_chunks_per_key) {
+      return Status::InvalidArgument("key covers " + std::to_string(blocks * bs / cs) +
+                                     " chunks; the limit is " +
+                                     std::to_string(config_.max_chunks_per_key));
+    }
+    const ChunkHasher* hasher = &ns.hasher;
+    std::optional<ChunkHasher> salted;
+    if (!key.cache_salt.empty()) {
+      LMCACHE_ASSIGN_OR_RETURN(
+          salted, ChunkHasher::Create(NamespaceConfig{ns.model_name, ns.hash_fingerprint,
+                                                      std::string(key.cache_salt)},
+                                      cs, config_.hash_algorithm));
+      hasher = &*salted;
+    }
+    LMCACHE_ASSIGN_OR_RETURN(
+        hashes, hasher->HashFromBlockHashes(key.data, blocks, key.block_hash_size, bs));
+  }
+
+  const uint64_t total = std::min<uint64_t>(hashes.size(), key.end / cs);
+  uint64_t first = 0;
+  switch (range) {
+    case RangeKind::kLookup: first = 0; break;
+    case RangeKind::kInner: first = key.start / cs + (key.start % cs != 0 ? 1 : 0); break;
+    case RangeKind::kAligned:
+      if (key.start % cs != 0) {
+        return Status::InvalidArgument("key.start " + std::to_string(key.start) +
+                                       " is not a multiple of the chunk size " +
+                                       std::to_string(cs));
+      }
+      first = key.start / cs;
+      break;
+  }
+  first = std::min(first, total);
+  hashes.erase(hashes.begin() + static_cast<ptrdiff_t>(total), hashes.end());
+  hashes.erase(hashes.begin(), hashes.begin() + static_cast<ptrdiff_t>(first));
+  out->first_chunk = first;
+  if (key.worker_id < 0) {
+    out->ranks = ns.world_size;
+    LMCACHE_ASSIGN_OR_RETURN(out->keys,
+                             ExpandToAllRanks(hashes, static_cast<int32_t>(ns.world_size)));
+  } else {
+    out->ranks = 1;
+    out->keys = KeysForRank(hashes, key.worker_id);
+  }
+  return Status::Ok();
+}
+
+Result<uint32_t> CacheEngine::Readers(const Namespace& ns, uint32_t tp_size) const {
+  if (tp_size == 0) return Status::InvalidArgument("tp_size must be >= 1");
+  if (tp_size <= ns.world_size) return uint32_t{1};
+  if (tp_size % ns.world_size != 0) {
+    return Status::InvalidArgument("tp_size " + std::to_string(tp_size) +
+                                   " is not a multiple of the KV world size " +
+                                   std::to_string(ns.world_size));
+  }
+  const uint32_t readers = tp_size / ns.world_size;
+  if (readers > kMaxReaders) return Status::InvalidArgument("tp_size is too large");
+  return readers;
+}
+
+// ---- lookup ----------------------------------------------------------------------------------
+
+Result<JobHandle> CacheEngine::Lookup(ClientId client, const EngineKey& key, uint32_t tp_size) {
+  ResolvedKey rk;
+  LMCACHE_RETURN_IF_ERROR(Resolve(key, RangeKind::kLookup, true, true, &rk));
+  LMCACHE_ASSIGN_OR_RETURN(uint32_t readers, Readers(*rk.ns, tp_size));
+  PrefetchRequest req;
+  req.owner = LeaseOwner{client, rk.request};
+  req.keys = std::move(rk.keys);
+  req.extra_count = readers - 1;
+  req.object_size = rk.ns->object_bytes;
+  const size_t chunks = req.keys.size() / rk.ranks;
+  LMCACHE_ASSIGN_OR_RETURN(JobHandle handle, prefetch_->Submit(std::move(req)));
+  auto pending = std::make_unique<PendingLookup>();
+  pending->client = client;
+  pending->ranks = rk.ranks;
+  pending->created = clock_->Now();
+  std::lock_guard<std::mutex> l(mu_);
+  lookups_[handle] = std::move(pending);
+  ++counters_.lookups;
+  counters_.lookup_chunks += chunks;
+  return handle;
+}
+
+Result<std::optional<LookupResult>> CacheEngine::Collect(
+    ClientId client, const JobHandle& handle, const Result<std::optional<PrefetchResult>>& result) {
+  std::lock_guard<std::mutex> l(mu_);
+  auto it = lookups_.find(handle);
+  const bool mine = it != lookups_.end() && it->second->client == client;
+  if (!result.ok()) {
+    if (mine && result.status().code() == StatusCode::kNotFound) lookups_.erase(it);
+    return result.status();
+  }
+  if (!result->has_value()) return std::optional<LookupResult>();
+  const uint32_t ranks = mine ? it->second->ranks : 1;
+  if (mine) lookups_.erase(it);
+  const PrefetchResult& p = **result;
+  LookupResult r;
+  r.hit_chunks = p.hits / ranks;
+  r.l1_chunks = std::min<uint64_t>(p.l1_hits / ranks, r.hit_chunks);
+  r.l2_chunks = r.hit_chunks - r.l1_chunks;
+  r.hit_tokens = r.hit_chunks * config_.chunk_size;
+  counters_.hit_chunks += r.hit_chunks;
+  counters_.l1_hit_chunks += r.l1_chunks;
+  counters_.l2_hit_chunks += r.l2_chunks;
+  return std::optional<LookupResult>(r);
+}
+
+Result<std::optional<LookupResult>> CacheEngine::QueryPrefetch(ClientId client,
+                                                               const JobHandle& handle) {
+  auto r = prefetch_->Query(client, handle);
+  return Collect(client, handle, r);
+}
+
+Result<std::optional<LookupResult>> CacheEngine::WaitPrefetch(ClientId client,
+                                                              const JobHandle& handle,
+                                                              Duration timeout) {
+  auto r = prefetch_->Wait(client, handle, timeout);
+  return Collect(client, handle, r);
+}
+
+Result<LookupResult> CacheEngine::SyncLookup(ClientId client, const EngineKey& key,
+                                             uint32_t tp_size, std::optional<Duration> timeout) {
+  ResolvedKey rk;
+  LMCACHE_RETURN_IF_ERROR(Resolve(key, RangeKind::kLookup, true, true, &rk));
+  LMCACHE_ASSIGN_OR_RETURN(uint32_t readers, Readers(*rk.ns, tp_size));
+  PrefetchRequest req;
+  req.owner = LeaseOwner{client, rk.request};
+  req.keys = std::move(rk.keys);
+  req.extra_count = readers - 1;
+  req.object_size = rk.ns->object_bytes;
+  const size_t chunks = req.keys.size() / rk.ranks;
+  LMCACHE_ASSIGN_OR_RETURN(
+      SyncLookupResult s,
+      prefetch_->LookupAndPin(std::move(req), timeout.value_or(config_.sync_lookup_timeout)));
+  LookupResult r;
+  r.hit_chunks = s.hits / rk.ranks;
+  r.l1_chunks = std::min<uint64_t>(s.l1_hits / rk.ranks, r.hit_chunks);
+  r.l2_chunks = r.hit_chunks - r.l1_chunks;
+  r.hit_tokens = r.hit_chunks * config_.chunk_size;
+  std::lock_guard<std::mutex> l(mu_);
+  ++counters_.sync_lookups;
+  counters_.lookup_chunks += chunks;
+  counters_.hit_chunks += r.hit_chunks;
+  counters_.l1_hit_chunks += r.l1_chunks;
+  counters_.l2_hit_chunks += r.l2_chunks;
+  return r;
+}
+
+Result<uint64_t> CacheEngine::FreeLookupLocks(ClientId client, const EngineKey& key,
+                                              uint32_t tp_size) {
+  (void)client;
+  ResolvedKey rk;
+  LMCACHE_RETURN_IF_ERROR(Resolve(key, RangeKind::kInner, true, false, &rk));
+  LMCACHE_ASSIGN_OR_RETURN(uint32_t readers, Readers(*rk.ns, tp_size));
+  (void)readers;
+  if (rk.request == 0 || rk.keys.empty()) return uint64_t{0};
+  // Leases of a pending sync load arrive when it finishes: join it first.
+  (void)prefetch_->WaitLoad(rk.request, config_.retrieve_wait_timeout);
+  uint64_t released = 0;
+  // Tail first, so the prefix chain dies from its tail in the eviction order as well.
+  for (auto it = rk.keys.rbegin(); it != rk.keys.rend(); ++it) {
+    const uint32_t held = table_->LeasesHeld(rk.request, *it);
+    if (held == 0) continue;
+    if (table_->ReleaseRead(rk.request, {*it}, held).ok()) released += held;
+  }
+  std::lock_guard<std::mutex> l(mu_);
+  counters_.freed_leases += released;
+  return released;
+}
+
+uint64_t CacheEngine::EndSession(ClientId client, std::string_view model_name,
+                                 std::string_view request_id) {
+  (void)client;
+  std::unique_ptr<Request> req;
+  std::vector<std::shared_ptr<Namespace>> spaces;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = requests_.find(RequestKey(model_name, request_id));
+    if (it == requests_.end()) return 0;
+    req = std::move(it->second);
+    requests_.erase(it);
+    ++counters_.ended_sessions;
+    for (const auto& [k, ns] : namespaces_) {
+      if (ns->model_name == model_name) spaces.push_back(ns);
+    }
+  }
+  for (const auto& ns : spaces) ns->sessions.EndSession(req->id);
+  return storage_->EndRequest(req->id);
+}
+
+// ---- transfers -------------------------------------------------------------------------------
+
+Result<CacheEngine::Ticket> CacheEngine::TakeTicket(ClientId client, const JobHandle& handle,
+                                                    bool store) {
+  std::lock_guard<std::mutex> l(mu_);
+  auto it = tickets_.find(handle);
+  if (it == tickets_.end()) {
+    return Status::NotFound("transfer ticket " + handle.ToHex() +
+                            " is unknown, already committed or expired");
+  }
+  if (it->second->client != client) {
+    return Status::PermissionDenied("transfer ticket belongs to another client");
+  }
+  if (it->second->store != store) {
+    return Status::InvalidArgument(std::string("transfer ticket is a ") +
+                                   (it->second->store ? "store" : "retrieve") + " ticket");
+  }
+  Ticket t = std::move(*it->second);
+  tickets_.erase(it);
+  auto pc = tickets_per_client_.find(client);
+  if (pc != tickets_per_client_.end() && --pc->second == 0) tickets_per_client_.erase(pc);
+  return t;
+}
+
+void CacheEngine::DropTicket(const Ticket& ticket) {
+  if (!ticket.store) return;  // a retrieve's leases belong to the request
+  if (!ticket.keys.empty()) (void)table_->AbortWrite(ticket.request, ticket.keys);
+  table_->ReleaseRequest(ticket.request);
+}
+
+Result<TransferTicket> CacheEngine::PrepareStore(ClientId client, const EngineKey& key) {
+  if (client == 0) return Status::InvalidArgument("client id 0 is invalid");
+  ResolvedKey rk;
+  LMCACHE_RETURN_IF_ERROR(Resolve(key, RangeKind::kAligned, false, true, &rk));
+  RequestId tr = 0;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    size_t& n = tickets_per_client_[client];
+    if (n >= config_.max_transfers_per_client) {
+      return Status::ResourceExhausted("client has " + std::to_string(n) +
+                                       " uncommitted transfers (the limit)");
+    }
+    ++n;  // taken back on failure below
+    tr = next_transfer_request_++;
+  }
+  auto untake = [&] {
+    std::lock_guard<std::mutex> l(mu_);
+    auto pc = tickets_per_client_.find(client);
+    if (pc != tickets_per_client_.end() && --pc->second == 0) tickets_per_client_.erase(pc);
+  };
+  TransferTicket out;
+  out.first_chunk = rk.first_chunk;
+  out.object_bytes = rk.ns->object_bytes;
+  Ticket t;
+  t.store = true;
+  t.request = tr;
+  if (!rk.keys.empty()) {
+    auto res = table_->ReserveWrite(LeaseOwner{client, tr}, rk.keys, rk.ns->object_bytes);
+    if (!res.ok()) {
+      untake();
+      return res.status();
+    }
+    out.offsets.reserve(res->size());
+    for (const Reservation& r : *res) {
+      if (r.skipped) {
+        out.offsets.push_back(-1);
+      } else {
+        out.offsets.push_back(static_cast<int64_t>(r.offset));
+        t.keys.push_back(r.key);
+      }
+    }
+  }
+  const uint64_t reserved = t.keys.size();
+  const uint64_t skipped = rk.keys.size() - reserved;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    JobHandle h = JobHandle::Random();
+    while (tickets_.count(h) != 0) h = JobHandle::Random();
+    t.client = client;
+    t.created = clock_->Now();
+    tickets_.emplace(h, std::make_unique<Ticket>(std::move(t)));
+    out.handle = h;
+    ++counters_.stores;
+    counters_.store_skipped += skipped;
+  }
+  return out;
+}
+
+Result<uint64_t> CacheEngine::CommitStore(ClientId client, const JobHandle& handle, bool success) {
+  LMCACHE_ASSIGN_OR_RETURN(Ticket t, TakeTicket(client, handle, true));
+  if (!success) {
+    DropTicket(t);
+    std::lock_guard<std::mutex> l(mu_);
+    ++counters_.store_aborts;
+    return uint64_t{0};
+  }
+  Status st = t.keys.empty() ? Status::Ok() : table_->FinishWrite(t.request, t.keys, 0);
+  table_->ReleaseRequest(t.request);  // nothing is left on success; a failed publish is aborted
+  std::lock_guard<std::mutex> l(mu_);
+  if (!st.ok()) {
+    ++counters_.store_aborts;
+    return st;
+  }
+  counters_.store_chunks += t.keys.size();
+  return static_cast<uint64_t>(t.keys.size());
+}
+
+Result<TransferTicket> CacheEngine::PrepareRetrieve(ClientId client, const EngineKey& key,
+                                                    std::optional<Duration> timeout) {
+  if (client == 0) return Status::InvalidArgument("client id 0 is invalid");
+  ResolvedKey rk;
+  LMCACHE_RETURN_IF_ERROR(Resolve(key, RangeKind::kAligned, true, false, &rk));
+  auto fail = [&](Status st) {
+    std::lock_guard<std::mutex> l(mu_);
+    ++counters_.retrieve_failures;
+    return st;
+  };
+  if (rk.request == 0 && !rk.keys.empty()) {
+    return fail(Status::KeyAbsent("request '" + std::string(key.request_id) +
+                                  "' holds no leases (look it up first)"));
+  }
+  if (rk.request != 0) {
+    auto joined = prefetch_->WaitLoad(rk.request, timeout.value_or(config_.retrieve_wait_timeout));
+    if (!joined.ok() && joined.status().code() == StatusCode::kTimeout) {
+      return fail(Status::Timeout("the request's L2 load has not finished"));
+    }
+  }
+  TransferTicket out;
+  out.first_chunk = rk.first_chunk;
+  out.object_bytes = rk.ns->object_bytes;
+  out.offsets.reserve(rk.keys.size());
+  for (size_t i = 0; i < rk.keys.size(); ++i) {
+    const ObjectKey& k = rk.keys[i];
+    std::optional<ObjectInfo> info;
+    if (table_->LeasesHeld(rk.request, k) > 0) info = table_->Info(k);
+    if (!info.has_value() || info->state != ObjectState::kReady) {
+      return fail(Status::KeyAbsent("chunk " + std::to_string(rk.first_chunk + i / rk.ranks) +
+                                    " (rank " + std::to_string(k.kv_rank) +
+                                    ") is not present and leased by request '" +
+                                    std::string(key.request_id) + "'; nothing may be retrieved"));
+    }
+    out.offsets.push_back(static_cast<int64_t>(info->offset));
+  }
+  Ticket t;
+  t.store = false;
+  t.request = rk.request;
+  t.keys = std::move(rk.keys);
+  const uint64_t n = t.keys.size();
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    size_t& per = tickets_per_client_[client];
+    if (per >= config_.max_transfers_per_client) {
+      ++counters_.retrieve_failures;
+      return Status::ResourceExhausted("client has " + std::to_string(per) +
+                                       " uncommitted transfers (the limit)");
+    }
+    ++per;
+    JobHandle h = JobHandle::Random();
+    while (tickets_.count(h) != 0) h = JobHandle::Random();
+    t.client = client;
+    t.created = clock_->Now();
+    tickets_.emplace(h, std::make_unique<Ticket>(std::move(t)));
+    out.handle = h;
+    ++counters_.retrieves;
+    counters_.retrieve_chunks += n;
+  }
+  return out;
+}
+
+Status CacheEngine::CommitRetrieve(ClientId client, const JobHandle& handle) {
+  LMCACHE_ASSIGN_OR_RETURN(Ticket t, TakeTicket(client, handle, false));
+  if (t.keys.empty()) return Status::Ok();
+  Status st = table_->ReleaseRead(t.request, t.keys, 1);
+  if (!st.ok()) {
+    std::lock_guard<std::mutex> l(mu_);
+    ++counters_.retrieve_failures;
+    return Status::LeaseNotHeld(
+        "a lease of this retrieve was released or expired before the "
+        "commit; the copied bytes must not be used (" +
+        st.message() + ")");
+  }
+  return st;
+}
+
+// ---- housekeeping ----------------------------------------------------------------------------
+
+uint64_t CacheEngine::EndClient(ClientId client) {
+  std::vector<Ticket> dropped;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto it = tickets_.begin(); it != tickets_.end();) {
+      if (it->second->client == client) {
+        dropped.push_back(std::move(*it->second));
+        it = tickets_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    tickets_per_client_.erase(client);
+    for (auto it = registrations_.begin(); it != registrations_.end();) {
+      if (it->second.client == client) {
+        --it->second.ns->live_registrations;
+        it = registrations_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    registrations_per_client_.erase(client);
+    for (auto it = lookups_.begin(); it != lookups_.end();) {
+      it = it->second->client == client ? lookups_.erase(it) : std::next(it);
+    }
+    ++counters_.ended_clients;
+  }
+  for (const Ticket& t : dropped) DropTicket(t);
+  return storage_->EndClient(client);
+}
+
+uint64_t CacheEngine::Clear(bool force) { return table_->Clear(force); }
+
+uint64_t CacheEngine::ReapExpired() {
+  const TimePoint now = clock_->Now();
+  std::vector<Ticket> tickets;
+  std::vector<RequestId> requests;
+  std::vector<std::shared_ptr<Namespace>> spaces;
+  uint64_t dropped = 0;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto it = tickets_.begin(); it != tickets_.end();) {
+      if (now - it->second->created >= config_.transfer_ttl) {
+        auto pc = tickets_per_client_.find(it->second->client);
+        if (pc != tickets_per_client_.end() && --pc->second == 0) tickets_per_client_.erase(pc);
+        tickets.push_back(std::move(*it->second));
+        it = tickets_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    for (auto it = lookups_.begin(); it != lookups_.end();) {
+      if (now - it->second->created >= config_.lookup_ttl) {
+        it = lookups_.erase(it);
+        ++dropped;
+      } else {
+        ++it;
+      }
+    }
+    for (auto it = requests_.begin(); it != requests_.end();) {
+      if (now - it->second->last_used >= config_.request_ttl) {
+        requests.push_back(it->second->id);
+        it = requests_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    counters_.reaped_transfers += tickets.size();
+    counters_.reaped_requests += requests.size();
+    for (const auto& [k, ns] : namespaces_) spaces.push_back(ns);
+  }
+  for (const Ticket& t : tickets) DropTicket(t);
+  for (RequestId r : requests) {
+    for (const auto& ns : spaces) ns->sessions.EndSession(r);
+    storage_->EndRequest(r);
+  }
+  for (const auto& ns : spaces) dropped += ns->sessions.Reap();
+  if (!tickets.empty() || !requests.empty()) {
+    Log(LogLevel::kInfo, "engine: reaped " + std::to_string(tickets.size()) +
+                             " expired transfer tickets and " + std::to_string(requests.size()) +
+                             " idle requests");
+  }
+  return dropped + tickets.size() + requests.size();
+}
+
+EngineStats CacheEngine::stats() const {
+  std::vector<std::shared_ptr<Namespace>> spaces;
+  EngineStats s;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    s = counters_;
+    s.registrations = registrations_.size();
+    s.namespaces = namespaces_.size();
+    s.requests = requests_.size();
+    s.transfers = tickets_.size();
+    s.pending_lookups = lookups_.size();
+    for (const auto& [k, ns] : namespaces_) spaces.push_back(ns);
+  }
+  for (const auto& ns : spaces) s.sessions += ns->sessions.size();
+  return s;
+}
+
+}  // namespace lmcache_cpp
