@@ -1,4 +1,4 @@
-"""The lmcache-cpp command line: info, l1-demo, --help."""
+"""The lmcache-cpp command line: serve, demo, status, info, l1-demo, --help."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def test_l1_demo_small_run_succeeds() -> None:
     proc = run_module(*SMALL_DEMO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
-    assert "no server yet" in out
+    assert "no server runs" in out
     assert "result                OK" in out
     assert "0 mismatches" in out
     assert "evictions" in out
@@ -75,16 +75,84 @@ def test_l1_demo_rejects_impossible_sizes() -> None:
     assert run_module("l1-demo", "--objects", "0").returncode == 2
 
 
-def test_help_says_there_is_no_server_yet() -> None:
+def test_help_lists_every_command_and_the_required_serve_flags() -> None:
     top = run_module("--help")
     assert top.returncode == 0
-    assert "info" in top.stdout and "l1-demo" in top.stdout
-    assert "server is not implemented yet" in " ".join(top.stdout.split())
-    assert run_module("serve").returncode == 2  # not a command (yet)
+    for command in ("serve", "demo", "status", "info", "l1-demo"):
+        assert command in top.stdout
+    serve = run_module("serve", "--help")
+    assert serve.returncode == 0
+    for flag in ("--endpoint", "--l1-size-gb", "--chunk-size", "--l2-adapter", "--config"):
+        assert flag in serve.stdout
     demo = run_module("l1-demo", "--help")
     assert demo.returncode == 0
-    assert "no server" in demo.stdout
     assert "--object-kib" in demo.stdout
+
+
+def test_serve_rejects_a_bad_flag_value_with_a_clear_message() -> None:
+    proc = run_module("serve", "--l2-adapter", '{"type": "tape"}')
+    assert proc.returncode == 2
+    assert "tape" in proc.stderr
+
+
+def test_demo_plays_a_workload_against_a_server_process(tmp_path: Path) -> None:
+    proc = run_module(
+        "demo",
+        "--prompts",
+        "3",
+        "--chunks",
+        "4",
+        "--chunk-size",
+        "64",
+        "--layers",
+        "2",
+        "--workdir",
+        str(tmp_path),
+        "--no-progress",
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = " ".join(proc.stdout.split())
+    assert "pass 1: SYNC_LOOKUP, served from L1 12/12 chunks hit (12 L1, 0 L2)" in out
+    assert "pass 2: LOOKUP + WAIT, served from L2 12/12 chunks hit (0 L1, 12 L2)" in out
+    assert "k = 2: 2 chunks hit" in out
+    assert "result OK" in out
+    assert any((tmp_path / "l2").rglob("*.kv"))  # the L2 files are real
+
+
+def test_status_of_a_running_server(tmp_path: Path) -> None:
+    endpoint = f"ipc://{tmp_path / 's.sock'}"
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lmcache_cpp",
+            "serve",
+            "--endpoint",
+            endpoint,
+            "--l1-size-gb",
+            "0.0625",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        assert server.stdout.readline().strip() == f"READY {endpoint}"
+        proc = run_module("status", "--endpoint", endpoint)
+        assert proc.returncode == 0, proc.stderr
+        assert "L1          0 B of 64.0 MiB" in proc.stdout
+        as_json = run_module("status", "--endpoint", endpoint, "--json")
+        assert json.loads(as_json.stdout)["engine"]["registrations"] == 0
+    finally:
+        server.terminate()
+        assert server.wait(timeout=30) == 0
+
+
+def test_status_without_a_server_fails_cleanly(tmp_path: Path) -> None:
+    proc = run_module("status", "--endpoint", f"ipc://{tmp_path / 'none.sock'}", "--timeout", "1")
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
 
 
 def test_no_command_is_a_usage_error() -> None:

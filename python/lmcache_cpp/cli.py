@@ -2,10 +2,14 @@
 
 Subcommands:
 
+* ``serve``: the cache server (``lmcache_cpp.app``), configured by flags and a config file
+  (``lmcache_cpp.config``).
+* ``demo``: starts a server in a child process and plays an engine workload against it
+  (``lmcache_cpp.demo``).
+* ``status``: asks a running server what it holds and does.
 * ``info``: version and how the native core was built.
-* ``l1-demo``: an in-process walk through the L1 core as it exists today (hashing, shared-memory
-  arena, object table, leases, eviction). There is no server yet: nothing listens on a socket
-  and no engine is involved.
+* ``l1-demo``: an in-process walk through the L1 core alone (hashing, shared-memory arena,
+  object table, leases, eviction), without a server.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Any, TextIO
 
 import numpy as np
 import numpy.typing as npt
@@ -243,8 +247,8 @@ class _L1Demo:
         t_all = time.perf_counter()
         desc = self.arena.descriptor
         say(
-            "lmcache-cpp l1-demo: in-process demo of the L1 core. There is no server yet: "
-            "nothing listens on a socket and no engine is involved."
+            "lmcache-cpp l1-demo: in-process demo of the L1 core alone: no server runs and "
+            "nothing listens on a socket ('lmcache-cpp demo' plays a workload against a server)."
         )
         say(
             f"arena     {self.arena.backend.name.lower()} {self.arena.size / _MIB:.1f} MiB, "
@@ -413,11 +417,122 @@ def _cmd_l1_demo(args: argparse.Namespace) -> int:
 # Entry point
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from lmcache_cpp.app import run_forever
+    from lmcache_cpp.config import ConfigError, config_from_args
+
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"serve: {exc}", file=sys.stderr)
+        return 2
+    if args.log_level == "WARNING":  # the top-level default: the server's own setting wins
+        level = getattr(logging, config.log_level)
+        logging.getLogger().setLevel(level)
+        lmcache_cpp.set_core_log_level(level)
+    try:
+        return run_forever(config, ready_line=args.ready_line)
+    except (ConfigError, ValueError, OSError, lmcache_cpp.LMCacheError) as exc:
+        print(f"serve: cannot start: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """A human-readable summary of a STATUS reply."""
+    lines: list[str] = []
+    server = status.get("server", {})
+    engine = status.get("engine", {})
+    l1 = status.get("l1", {})
+    prefetch = status.get("prefetch", {})
+    store = status.get("store", {})
+    if server:
+        lines.append(
+            f"server      {server.get('endpoint', '?')}  version {server.get('version', '?')}  "
+            f"up {float(server.get('uptime_s', 0.0)):.0f} s  "
+            f"clients {server.get('clients', server.get('clients_connected', '?'))}"
+        )
+    if l1:
+        cap = int(l1.get("capacity_bytes", 0))
+        used = int(l1.get("used_bytes", 0))
+        pct = 100.0 * used / cap if cap else 0.0
+        lines.append(
+            f"L1          {_fmt_bytes(used)} of {_fmt_bytes(cap)} ({pct:.1f}%)  "
+            f"objects {l1.get('objects', 0)}  leased {l1.get('leased_objects', 0)}  "
+            f"read leases {l1.get('read_leases', 0)}  write leases {l1.get('write_leases', 0)}  "
+            f"evictions {l1.get('evictions', 0)}"
+        )
+    for i, a in enumerate(status.get("l2", [])):
+        lines.append(
+            f"L2[{i}]       objects {a.get('objects', 0)}  {_fmt_bytes(int(a.get('bytes', 0)))}  "
+            f"stores {a.get('stores', 0)}  loads {a.get('loads', 0)}  "
+            f"pins {a.get('pins', 0)}  corrupt reads {a.get('corrupt_reads', 0)}"
+        )
+    if engine:
+        lookups = int(engine.get("lookups", 0)) + int(engine.get("sync_lookups", 0))
+        chunks = int(engine.get("lookup_chunks", 0))
+        hits = int(engine.get("hit_chunks", 0))
+        rate = 100.0 * hits / chunks if chunks else 0.0
+        lines.append(
+            f"lookups     {lookups}  chunks {chunks}  hits {hits} ({rate:.1f}%)  "
+            f"from L1 {engine.get('l1_hit_chunks', 0)}  from L2 {engine.get('l2_hit_chunks', 0)}"
+        )
+        lines.append(
+            f"transfers   stored {engine.get('store_chunks', 0)} chunks "
+            f"(skipped {engine.get('store_skipped', 0)})  retrieved "
+            f"{engine.get('retrieve_chunks', 0)} chunks  failed retrieves "
+            f"{engine.get('retrieve_failures', 0)}"
+        )
+        lines.append(
+            f"outstanding registrations {engine.get('registrations', 0)}  requests "
+            f"{engine.get('requests', 0)}  tickets {engine.get('transfers', 0)}  lookup jobs "
+            f"{prefetch.get('jobs', 0)}  L2 store queue {store.get('queued', 0)}"
+        )
+    return "\n".join(lines)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from lmcache_cpp.client import CacheClient
+
+    try:
+        with CacheClient(args.endpoint, timeout_s=args.timeout) as client:
+            status = client.status()
+    except (lmcache_cpp.LMCacheError, OSError) as exc:
+        print(f"status: {args.endpoint}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True, default=str))
+    else:
+        print(format_status(status))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from lmcache_cpp.demo import options_from_args, run_demo
+
+    try:
+        return run_demo(options_from_args(args))
+    except (RuntimeError, OSError, lmcache_cpp.LMCacheError) as exc:
+        print(f"demo: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from lmcache_cpp.config import add_serve_arguments
+    from lmcache_cpp.demo import add_demo_arguments
+
     parser = argparse.ArgumentParser(
         prog="lmcache-cpp",
-        description="lmcache_cpp: KV-cache offloading for LLM engines (C++ core). The server "
-        "is not implemented yet; these commands exercise the core in-process.",
+        description="lmcache_cpp: a KV-cache offloading server for LLM engines, with a C++ "
+        "storage engine. 'serve' runs the server, 'demo' runs it with a built-in engine "
+        "workload, 'status' asks a running server what it holds.",
     )
     parser.add_argument(
         "--log-level",
@@ -428,15 +543,55 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
+    serve = sub.add_parser(
+        "serve",
+        help="run the cache server",
+        description="Runs the cache server until SIGINT or SIGTERM. Settings come from the "
+        "built-in defaults, then --config FILE (TOML or JSON), then the flags below. With no "
+        "flags: tcp://127.0.0.1:5555, an L1 of 25%% of available memory (at most 64 GiB), no L2.",
+    )
+    add_serve_arguments(serve)
+    serve.add_argument(
+        "--ready-line",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="print 'READY <endpoint>' on stdout once the socket is bound (default: on)",
+    )
+    serve.set_defaults(handler=_cmd_serve)
+
+    demo_server = sub.add_parser(
+        "demo",
+        help="start a server and play an engine workload against it",
+        description="Starts 'lmcache-cpp serve' as a child process (ipc:// socket and a file L2 "
+        "in a temporary directory) and plays one engine against it through the real protocol "
+        "and the shared arena: stores the chunks of several prompts, looks them up and "
+        "retrieves them from L1, flushes L1 and serves them again from L2, checks every byte, "
+        "and shows a summary and the server's STATUS. Exits 1 if any check fails.",
+    )
+    add_demo_arguments(demo_server)
+    demo_server.set_defaults(handler=_cmd_demo)
+
+    status = sub.add_parser("status", help="what a running server holds and does")
+    status.add_argument(
+        "--endpoint",
+        default="tcp://127.0.0.1:5555",
+        help="the server's endpoint (default: tcp://127.0.0.1:5555)",
+    )
+    status.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds to wait for the reply (default: 5)"
+    )
+    status.add_argument("--json", action="store_true", help="print the raw STATUS reply as JSON")
+    status.set_defaults(handler=_cmd_status)
+
     info = sub.add_parser("info", help="version and build information")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(handler=_cmd_info)
 
     demo = sub.add_parser(
         "l1-demo",
-        help="in-process demo of the L1 core (no server yet)",
-        description="An honest, in-process walk through what exists so far: there is no server "
-        "yet, nothing listens on a socket and no engine is involved. Creates a shared-memory "
+        help="in-process walk through the L1 core alone (no server)",
+        description="An in-process walk through the L1 core alone: nothing listens on a "
+        "socket and no engine is involved (see 'demo' for the server). Creates a shared-memory "
         "arena and an object table, hashes synthetic prompts that share a prefix, stores one "
         "object per chunk by writing through zero-copy views, looks every prompt up with "
         "prefix leases and verifies the bytes, then keeps storing until the arena has to evict "

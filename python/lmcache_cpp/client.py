@@ -1,0 +1,1028 @@
+"""Client of the cache server: :class:`CacheClient` (requests) and :class:`KvTransferClient`
+(engine-driven transfers through the shared L1 arena).
+
+:class:`CacheClient` owns one ZeroMQ DEALER socket, used only by its I/O thread. Public methods are
+thread-safe: ``async_<request>()`` returns a :class:`concurrent.futures.Future` at once, and
+``<request>()`` waits for it. Every request has a reply deadline; a request not answered in time
+fails with :class:`~lmcache_cpp.errors.DeadlineExceededError`. Error replies raise the
+:mod:`lmcache_cpp.errors` class of their status code. Futures complete on the I/O thread, so
+done-callbacks must not block.
+
+The client sends HELLO when it is created (version handshake; :class:`NotSupportedError` on a
+mismatch) and a PING whenever it has sent nothing for ``heartbeat_interval_s``, so the server
+keeps its leases while the engine is idle. Its routing identity is random and fixed for its
+lifetime, so a reconnect after a transient network error keeps the same server-side client id.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import heapq
+import logging
+import math
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Final, TypeAlias, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+import zmq
+
+from lmcache_cpp import _core
+from lmcache_cpp.errors import (
+    DeadlineExceededError,
+    InternalError,
+    InvalidArgumentError,
+    KeyAbsentError,
+    LMCacheError,
+    NotSupportedError,
+    UnavailableError,
+    from_code,
+)
+from lmcache_cpp.protocol import (
+    LAYOUT_NAMES,
+    PROTOCOL_VERSION,
+    ClearRequest,
+    CommitStoreRequest,
+    EmptyRequest,
+    EndSessionRequest,
+    HandleRequest,
+    HelloInfo,
+    HelloRequest,
+    KeyRequest,
+    LookupResult,
+    PrefetchWaitRequest,
+    PrepareRetrieveRequest,
+    PrepareStoreRequest,
+    ProtocolError,
+    RegisterRequest,
+    RegistrationInfo,
+    RequestType,
+    SyncLookupRequest,
+    TransferTicket,
+    UnregisterRequest,
+    WireKey,
+    WireLayout,
+    count_from_wire,
+    decode_reply,
+    encode_request,
+    prefetch_status_from_wire,
+    registration_from_wire,
+)
+
+__all__ = [
+    "CacheClient",
+    "HelloInfo",
+    "Key",
+    "KvTransferClient",
+    "LookupResult",
+    "RegistrationInfo",
+    "TokensLike",
+    "TransferTicket",
+    "tokens_to_bytes",
+    "wire_layout",
+]
+
+_log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+TokensLike: TypeAlias = bytes | npt.NDArray[np.integer[Any]] | Sequence[int]
+"""Token ids: packed little-endian uint32 bytes, a 1-D integer array, or a sequence of ints."""
+
+_U32_MAX: Final = (1 << 32) - 1
+_DEFAULT_RETRIEVE_WAIT_S: Final = 30.0
+
+
+def tokens_to_bytes(tokens: TokensLike) -> bytes:
+    """Packs token ids as little-endian uint32 (ValueError for ids outside [0, 2**32))."""
+    if isinstance(tokens, bytes | bytearray | memoryview):
+        data = bytes(tokens)
+        if len(data) % 4:
+            raise ValueError(f"token bytes must be a multiple of 4 bytes, got {len(data)}")
+        return data
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+        raise ValueError(f"tokens must be 1-D, got shape {arr.shape}")
+    if arr.size == 0:
+        return b""
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"tokens must be integers, got dtype {arr.dtype}")
+    if int(arr.min()) < 0 or int(arr.max()) > _U32_MAX:
+        raise ValueError("token ids must be in [0, 2**32)")
+    return arr.astype("<u4", copy=False).tobytes()
+
+
+@dataclass(frozen=True)
+class Key:
+    """A request's key (see ``docs/protocol.md``, "Key map").
+
+    ``tokens`` may be bytes (packed little-endian uint32), a 1-D integer array (numpy, or a torch
+    CPU tensor) or a sequence of ints; it is stored as bytes. Give exactly one of ``tokens`` and
+    ``block_hashes``. ``worker_id`` -1 means every rank; ``end`` -1 the end of the key.
+    """
+
+    model_name: str
+    world_size: int = 1
+    worker_id: int = -1
+    request_id: str = ""
+    tokens: TokensLike | None = None
+    block_hashes: bytes | None = None
+    block_hash_size: int = 32
+    cache_salt: str = ""
+    start: int = 0
+    end: int = -1
+
+    def __post_init__(self) -> None:
+        if self.tokens is not None and not isinstance(self.tokens, bytes):
+            object.__setattr__(self, "tokens", tokens_to_bytes(self.tokens))
+        if (self.tokens is None) == (self.block_hashes is None):
+            raise ValueError("Key: give exactly one of tokens and block_hashes")
+
+    @property
+    def token_bytes(self) -> bytes | None:
+        assert self.tokens is None or isinstance(self.tokens, bytes)
+        return self.tokens
+
+    def with_range(self, start: int, end: int) -> Key:
+        """The same key over tokens [start, end)."""
+        return Key(
+            self.model_name,
+            self.world_size,
+            self.worker_id,
+            self.request_id,
+            self.tokens,
+            self.block_hashes,
+            self.block_hash_size,
+            self.cache_salt,
+            start,
+            end,
+        )
+
+    def to_wire_key(self) -> WireKey:
+        return WireKey(
+            model_name=self.model_name,
+            world_size=self.world_size,
+            worker_id=self.worker_id,
+            request_id=self.request_id,
+            cache_salt=self.cache_salt,
+            tokens=self.token_bytes,
+            block_hashes=self.block_hashes,
+            block_hash_size=self.block_hash_size,
+            start=self.start,
+            end=self.end,
+        )
+
+    def to_wire(self) -> dict[str, Any]:
+        """The key map of the wire format."""
+        return self.to_wire_key().to_wire()
+
+
+def wire_layout(layout: _core.KvCacheLayout) -> WireLayout:
+    """The REGISTER_KV_CACHE layout map of a ``_core.KvCacheLayout``."""
+    return WireLayout(
+        layout=LAYOUT_NAMES[int(layout.layout)],
+        num_layers=int(layout.num_layers),
+        block_size=int(layout.block_size),
+        num_heads=int(layout.num_heads),
+        head_size=int(layout.head_size),
+        element_size=int(layout.element_size),
+        num_blocks=int(layout.num_blocks),
+        block_stride=int(layout.block_stride),
+        plane_stride=int(layout.plane_stride),
+    )
+
+
+def _key(key: Key | WireKey) -> WireKey:
+    return key.to_wire_key() if isinstance(key, Key) else key
+
+
+def _check_handle(handle: bytes) -> bytes:
+    if not isinstance(handle, bytes) or len(handle) != 16:
+        raise InvalidArgumentError("a handle is 16 bytes")
+    return handle
+
+
+# ---------------------------------------------------------------------------------------------
+# The I/O thread's bookkeeping
+
+
+Converter = Callable[[Mapping[str, Any]], Any]
+
+
+@dataclass
+class _Outgoing:
+    request_type: int
+    payload: bytes
+    future: concurrent.futures.Future[Any] | None  # None: an internal heartbeat
+    convert: Converter
+    timeout_s: float
+
+
+@dataclass
+class _Pending:
+    request_type: int
+    future: concurrent.futures.Future[Any] | None
+    convert: Converter
+    deadline: float
+
+
+def _identity(payload: Mapping[str, Any]) -> dict[str, Any]:
+    return dict(payload)
+
+
+def _nothing(payload: Mapping[str, Any]) -> None:
+    return None
+
+
+class CacheClient:
+    """A connection to a cache server (see the module docstring).
+
+    ``timeout_s``: default reply deadline (requests that ask the server to wait get their wait
+    added). ``heartbeat_interval_s``: PING after this much idleness (None: never; keep it well
+    under the server's ``heartbeat_grace_s``). ``curve_server_key``: the server's z85 CURVE public
+    key, which turns CURVE on; the client's own key pair is ``curve_public_key`` /
+    ``curve_secret_key`` or a fresh one. ``hello``: send HELLO now and raise
+    :class:`NotSupportedError` / :class:`DeadlineExceededError` if it fails (the client is then
+    closed).
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        timeout_s: float = 30.0,
+        heartbeat_interval_s: float | None = 5.0,
+        curve_server_key: str | None = None,
+        curve_public_key: str | None = None,
+        curve_secret_key: str | None = None,
+        name: str = "",
+        hello: bool = True,
+        max_reply_bytes: int = 1 << 31,
+    ) -> None:
+        if not (timeout_s > 0 and math.isfinite(timeout_s)):
+            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        if heartbeat_interval_s is not None and not heartbeat_interval_s > 0:
+            raise ValueError(f"heartbeat_interval_s must be positive, got {heartbeat_interval_s}")
+        if (curve_public_key is None) != (curve_secret_key is None):
+            raise ValueError("give both curve_public_key and curve_secret_key or neither")
+        self._endpoint = endpoint
+        self._timeout_s = float(timeout_s)
+        self._heartbeat_s = heartbeat_interval_s
+        self._max_reply_bytes = max_reply_bytes
+        self._curve: tuple[bytes, bytes, bytes] | None = None
+        if curve_server_key is not None:
+            if curve_public_key is None or curve_secret_key is None:
+                public, secret = zmq.curve_keypair()
+            else:
+                public, secret = curve_public_key.encode(), curve_secret_key.encode()
+            self._curve = (curve_server_key.encode(), public, secret)
+        self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._lock = threading.Lock()
+        self._outbox: collections.deque[_Outgoing] = collections.deque()  # GUARDED_BY(_lock)
+        self._closed = False  # GUARDED_BY(_lock)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._ready = threading.Event()
+        self._start_error: BaseException | None = None
+        self._hello_info: HelloInfo | None = None
+        self._release_on_io_thread = False  # GUARDED_BY(_lock): close() ran in a callback
+        self._thread = threading.Thread(target=self._io_main, name="lmcache-client-io", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._start_error is not None:
+            self._thread.join()
+            self._release()
+            raise self._start_error
+        if hello:
+            try:
+                self._hello_info = self.hello(name)
+            except BaseException:
+                self.close()
+                raise
+            grace = self._hello_info.heartbeat_grace_s
+            if heartbeat_interval_s is not None and 0 < grace <= 2 * heartbeat_interval_s:
+                _log.warning(
+                    "heartbeat_interval_s %.1f is too long for the server's grace of %.1f s: an "
+                    "idle client may be dropped",
+                    heartbeat_interval_s,
+                    grace,
+                )
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def endpoint(self) -> str:
+        return self._endpoint
+
+    @property
+    def closed(self) -> bool:
+        with self._lock:
+            return self._closed
+
+    @property
+    def hello_info(self) -> HelloInfo | None:
+        """The server's HELLO reply (None if the client was created with ``hello=False``)."""
+        return self._hello_info
+
+    def close(self) -> None:
+        """Fails pending requests with UnavailableError, stops the I/O thread and closes the
+        socket. Idempotent and callable from any thread; from a future's done-callback (the I/O
+        thread) it returns at once and the I/O thread finishes the job."""
+        on_io_thread = threading.current_thread() is self._thread
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._release_on_io_thread = on_io_thread
+        self._wake()
+        if not on_io_thread:
+            self._thread.join()
+            self._release()
+
+    def __enter__(self) -> CacheClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _release(self) -> None:
+        self._context.term()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"\x01")
+
+    # ---- generic requests --------------------------------------------------------------------
+
+    def async_request(
+        self,
+        request_type: int,
+        payload: Mapping[str, Any],
+        *,
+        deadline_s: float | None = None,
+    ) -> concurrent.futures.Future[dict[str, Any]]:
+        """Sends any request (also unknown or reserved ids) and returns its reply payload map."""
+        return self._submit(request_type, payload, _identity, deadline_s)
+
+    def request(
+        self,
+        request_type: int,
+        payload: Mapping[str, Any],
+        *,
+        deadline_s: float | None = None,
+    ) -> dict[str, Any]:
+        return self._wait(self.async_request(request_type, payload, deadline_s=deadline_s))
+
+    def _submit(
+        self,
+        request_type: int,
+        payload: Mapping[str, Any],
+        convert: Converter,
+        deadline_s: float | None,
+        extra_wait_s: float = 0.0,
+    ) -> concurrent.futures.Future[Any]:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        timeout = self._timeout_s + extra_wait_s if deadline_s is None else float(deadline_s)
+        frame = encode_request(request_type, 0, payload)[1]
+        item = _Outgoing(int(request_type), frame, future, convert, timeout)
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._outbox.append(item)
+                self._wake()  # under the lock: close() releases the pipe only after closing
+        if closed:
+            future.set_exception(UnavailableError("the client is closed"))
+        return future
+
+    def _wait(self, future: concurrent.futures.Future[T]) -> T:
+        # The I/O thread completes every future by its deadline; the wait below only guards
+        # against that thread having died.
+        try:
+            return future.result(timeout=self._timeout_s + _DEFAULT_RETRIEVE_WAIT_S + 3600.0)
+        except concurrent.futures.TimeoutError:
+            raise DeadlineExceededError("no reply (the client's I/O thread is gone)") from None
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    def async_hello(self, name: str = "") -> concurrent.futures.Future[HelloInfo]:
+        return self._submit(RequestType.HELLO, HelloRequest(name).to_wire(), _hello_from_wire, None)
+
+    def hello(self, name: str = "") -> HelloInfo:
+        """Version handshake; NotSupportedError when the server speaks another version."""
+        return self._wait(self.async_hello(name))
+
+    def async_ping(self, *, deadline_s: float | None = None) -> concurrent.futures.Future[None]:
+        return self._submit(RequestType.PING, {}, _nothing, deadline_s)
+
+    def ping(self, *, deadline_s: float | None = None) -> None:
+        self._wait(self.async_ping(deadline_s=deadline_s))
+
+    def async_get_chunk_size(self) -> concurrent.futures.Future[int]:
+        return self._submit(
+            RequestType.GET_CHUNK_SIZE,
+            EmptyRequest().to_wire(),
+            lambda p: count_from_wire(p, "chunk_size"),
+            None,
+        )
+
+    def get_chunk_size(self) -> int:
+        return self._wait(self.async_get_chunk_size())
+
+    def async_register_kv_cache(
+        self, model_name: str, world_size: int, worker_id: int, layout: _core.KvCacheLayout
+    ) -> concurrent.futures.Future[RegistrationInfo]:
+        body = RegisterRequest(model_name, world_size, worker_id, wire_layout(layout))
+        return self._submit(
+            RequestType.REGISTER_KV_CACHE, body.to_wire(), registration_from_wire, None
+        )
+
+    def register_kv_cache(
+        self, model_name: str, world_size: int, worker_id: int, layout: _core.KvCacheLayout
+    ) -> RegistrationInfo:
+        """Registers one worker's KV layout; the reply names the L1 arena to map."""
+        return self._wait(self.async_register_kv_cache(model_name, world_size, worker_id, layout))
+
+    def async_unregister_kv_cache(self, registration_id: int) -> concurrent.futures.Future[None]:
+        body = UnregisterRequest(registration_id)
+        return self._submit(RequestType.UNREGISTER_KV_CACHE, body.to_wire(), _nothing, None)
+
+    def unregister_kv_cache(self, registration_id: int) -> None:
+        self._wait(self.async_unregister_kv_cache(registration_id))
+
+    def async_lookup(
+        self, key: Key | WireKey, tp_size: int = 1
+    ) -> concurrent.futures.Future[bytes]:
+        body = KeyRequest(_key(key), tp_size)
+        return self._submit(RequestType.LOOKUP, body.to_wire(), _handle_from_reply, None)
+
+    def lookup(self, key: Key | WireKey, tp_size: int = 1) -> bytes:
+        """Two-phase lookup: returns the 16-byte job handle for query/wait_prefetch_status."""
+        return self._wait(self.async_lookup(key, tp_size))
+
+    def async_query_prefetch_status(
+        self, handle: bytes
+    ) -> concurrent.futures.Future[LookupResult | None]:
+        body = HandleRequest(_check_handle(handle))
+        return self._submit(
+            RequestType.QUERY_PREFETCH_STATUS, body.to_wire(), prefetch_status_from_wire, None
+        )
+
+    def query_prefetch_status(self, handle: bytes) -> LookupResult | None:
+        """The lookup's hits once it is done (exactly once), None while it runs."""
+        return self._wait(self.async_query_prefetch_status(handle))
+
+    def async_wait_prefetch_status(
+        self, handle: bytes, timeout_s: float, *, deadline_s: float | None = None
+    ) -> concurrent.futures.Future[LookupResult | None]:
+        body = PrefetchWaitRequest(_check_handle(handle), float(timeout_s))
+        return self._submit(
+            RequestType.WAIT_PREFETCH_STATUS,
+            body.to_wire(),
+            prefetch_status_from_wire,
+            deadline_s,
+            float(timeout_s),
+        )
+
+    def wait_prefetch_status(
+        self, handle: bytes, timeout_s: float, *, deadline_s: float | None = None
+    ) -> LookupResult | None:
+        return self._wait(self.async_wait_prefetch_status(handle, timeout_s, deadline_s=deadline_s))
+
+    def async_sync_lookup(
+        self,
+        key: Key | WireKey,
+        tp_size: int = 1,
+        timeout_s: float | None = None,
+        *,
+        deadline_s: float | None = None,
+    ) -> concurrent.futures.Future[LookupResult]:
+        body = SyncLookupRequest(_key(key), tp_size, timeout_s)
+        return self._submit(
+            RequestType.SYNC_LOOKUP,
+            body.to_wire(),
+            LookupResult.from_wire,
+            deadline_s,
+            timeout_s or 0.0,
+        )
+
+    def sync_lookup(
+        self,
+        key: Key | WireKey,
+        tp_size: int = 1,
+        timeout_s: float | None = None,
+        *,
+        deadline_s: float | None = None,
+    ) -> LookupResult:
+        """L1 prefix + L2 existence in one round trip (the L2 load is joined by the retrieve)."""
+        return self._wait(self.async_sync_lookup(key, tp_size, timeout_s, deadline_s=deadline_s))
+
+    def async_free_lookup_locks(
+        self, key: Key | WireKey, tp_size: int = 1
+    ) -> concurrent.futures.Future[int]:
+        body = KeyRequest(_key(key), tp_size)
+        return self._submit(
+            RequestType.FREE_LOOKUP_LOCKS,
+            body.to_wire(),
+            lambda p: count_from_wire(p, "released"),
+            None,
+            _DEFAULT_RETRIEVE_WAIT_S,
+        )
+
+    def free_lookup_locks(self, key: Key | WireKey, tp_size: int = 1) -> int:
+        """Releases the request's leases on the whole chunks of the key's range; returns how
+        many were released."""
+        return self._wait(self.async_free_lookup_locks(key, tp_size))
+
+    def async_end_session(self, model_name: str, request_id: str) -> concurrent.futures.Future[int]:
+        body = EndSessionRequest(model_name, request_id)
+        return self._submit(
+            RequestType.END_SESSION, body.to_wire(), lambda p: count_from_wire(p, "released"), None
+        )
+
+    def end_session(self, model_name: str, request_id: str) -> int:
+        return self._wait(self.async_end_session(model_name, request_id))
+
+    def async_prepare_store(self, key: Key | WireKey) -> concurrent.futures.Future[TransferTicket]:
+        body = PrepareStoreRequest(_key(key))
+        return self._submit(
+            RequestType.PREPARE_STORE, body.to_wire(), TransferTicket.from_wire, None
+        )
+
+    def prepare_store(self, key: Key | WireKey) -> TransferTicket:
+        return self._wait(self.async_prepare_store(key))
+
+    def async_commit_store(
+        self, handle: bytes, success: bool = True
+    ) -> concurrent.futures.Future[int]:
+        body = CommitStoreRequest(_check_handle(handle), bool(success))
+        return self._submit(
+            RequestType.COMMIT_STORE,
+            body.to_wire(),
+            lambda p: count_from_wire(p, "published"),
+            None,
+        )
+
+    def commit_store(self, handle: bytes, success: bool = True) -> int:
+        """Publishes (or, success=False, aborts) a store ticket; returns the objects published."""
+        return self._wait(self.async_commit_store(handle, success))
+
+    def async_prepare_retrieve(
+        self, key: Key | WireKey, timeout_s: float | None = None, *, deadline_s: float | None = None
+    ) -> concurrent.futures.Future[TransferTicket]:
+        timeout = None if timeout_s is None else float(timeout_s)
+        body = PrepareRetrieveRequest(_key(key), timeout)
+        wait = _DEFAULT_RETRIEVE_WAIT_S if timeout is None else timeout
+        return self._submit(
+            RequestType.PREPARE_RETRIEVE, body.to_wire(), TransferTicket.from_wire, deadline_s, wait
+        )
+
+    def prepare_retrieve(
+        self, key: Key | WireKey, timeout_s: float | None = None, *, deadline_s: float | None = None
+    ) -> TransferTicket:
+        return self._wait(self.async_prepare_retrieve(key, timeout_s, deadline_s=deadline_s))
+
+    def async_commit_retrieve(self, handle: bytes) -> concurrent.futures.Future[None]:
+        body = HandleRequest(_check_handle(handle))
+        return self._submit(RequestType.COMMIT_RETRIEVE, body.to_wire(), _nothing, None)
+
+    def commit_retrieve(self, handle: bytes) -> None:
+        """Returns the ticket's leases; LeaseNotHeldError means the copied bytes must not be
+        used."""
+        self._wait(self.async_commit_retrieve(handle))
+
+    def async_clear(self, force: bool = False) -> concurrent.futures.Future[int]:
+        return self._submit(
+            RequestType.CLEAR,
+            ClearRequest(bool(force)).to_wire(),
+            lambda p: count_from_wire(p, "removed"),
+            None,
+        )
+
+    def clear(self, force: bool = False) -> int:
+        return self._wait(self.async_clear(force))
+
+    def async_status(self) -> concurrent.futures.Future[dict[str, Any]]:
+        return self._submit(RequestType.STATUS, {}, _identity, None)
+
+    def status(self) -> dict[str, Any]:
+        return self._wait(self.async_status())
+
+    # ---- the I/O thread ----------------------------------------------------------------------
+
+    def _open_socket(self) -> zmq.Socket[bytes]:
+        sock = self._context.socket(zmq.DEALER)
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            # Random, never starting with a zero byte (reserved by ZeroMQ).
+            sock.setsockopt(zmq.ROUTING_ID, bytes([1 + secrets.randbelow(255)]) + os.urandom(15))
+            sock.setsockopt(zmq.MAXMSGSIZE, self._max_reply_bytes)
+            if self._curve is not None:
+                server_key, public, secret = self._curve
+                sock.setsockopt(zmq.CURVE_SERVERKEY, server_key)
+                sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+                sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+            sock.connect(self._endpoint)
+        except BaseException:
+            sock.close(linger=0)
+            raise
+        return sock
+
+    def _io_main(self) -> None:
+        try:
+            sock = self._open_socket()
+        except BaseException as exc:
+            self._start_error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        pending: dict[int, _Pending] = {}
+        try:
+            self._io_loop(sock, pending)
+        except Exception:  # pragma: no cover - a bug; fail what is pending below
+            _log.exception("cache client I/O thread failed")
+            with self._lock:
+                self._closed = True
+        finally:
+            with self._lock:
+                leftovers = list(self._outbox)
+                self._outbox.clear()
+            error = UnavailableError("the client is closed")
+            for item in leftovers:
+                if item.future is not None:
+                    _fail(item.future, error)
+            for p in pending.values():
+                if p.future is not None:
+                    _fail(p.future, error)
+            sock.close(linger=0)
+            with self._lock:
+                release = self._release_on_io_thread
+            if release:
+                self._release()
+
+    def _io_loop(self, sock: zmq.Socket[bytes], pending: dict[int, _Pending]) -> None:
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        deadlines: list[tuple[float, int]] = []
+        seq = 0
+        last_send = time.monotonic()
+        heartbeat_pending = False
+        while True:
+            now = time.monotonic()
+            wake_at = math.inf
+            if deadlines:
+                wake_at = deadlines[0][0]
+            if self._heartbeat_s is not None and not heartbeat_pending:
+                wake_at = min(wake_at, last_send + self._heartbeat_s)
+            timeout_ms = None if wake_at == math.inf else max(0, math.ceil((wake_at - now) * 1e3))
+            events = dict(poller.poll(timeout_ms))
+            if self._wake_r in events:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 4096)
+            with self._lock:
+                batch = list(self._outbox)
+                self._outbox.clear()
+                closing = self._closed
+            if closing:
+                error = UnavailableError("the client is closed")
+                for item in batch:
+                    if item.future is not None:
+                        _fail(item.future, error)
+                return
+            now = time.monotonic()
+            for item in batch:
+                if item.future is not None and not item.future.set_running_or_notify_cancel():
+                    continue  # cancelled by the caller before it was sent
+                seq = seq + 1 if seq < (1 << 64) - 1 else 1
+                if self._send(sock, seq, item):
+                    pending[seq] = _Pending(
+                        item.request_type, item.future, item.convert, now + item.timeout_s
+                    )
+                    heapq.heappush(deadlines, (now + item.timeout_s, seq))
+                    last_send = now
+            if sock in events:
+                heartbeat_pending &= not self._receive(sock, pending)
+            now = time.monotonic()
+            while deadlines and deadlines[0][0] <= now:
+                _, expired_seq = heapq.heappop(deadlines)
+                p = pending.pop(expired_seq, None)
+                if p is None:
+                    continue
+                if p.future is None:
+                    heartbeat_pending = False
+                    _log.warning("the cache server did not answer a heartbeat in time")
+                else:
+                    _fail(
+                        p.future,
+                        DeadlineExceededError(
+                            f"no reply to {_type_name(p.request_type)} from {self._endpoint} "
+                            "in time"
+                        ),
+                    )
+            if (
+                self._heartbeat_s is not None
+                and not heartbeat_pending
+                and now - last_send >= self._heartbeat_s
+            ):
+                seq = seq + 1 if seq < (1 << 64) - 1 else 1
+                ping = _Outgoing(
+                    RequestType.PING, encode_request(RequestType.PING, 0, {})[1], None, _nothing, 0
+                )
+                if self._send(sock, seq, ping):
+                    pending[seq] = _Pending(RequestType.PING, None, _nothing, now + self._timeout_s)
+                    heapq.heappush(deadlines, (now + self._timeout_s, seq))
+                    heartbeat_pending = True
+                last_send = now
+
+    def _send(self, sock: zmq.Socket[bytes], seq: int, item: _Outgoing) -> bool:
+        header = encode_request(item.request_type, seq, {})[0]
+        try:
+            sock.send_multipart([header, item.payload], flags=zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:
+            if item.future is not None:
+                _fail(
+                    item.future,
+                    UnavailableError(f"cannot send to {self._endpoint}: {exc} (server down?)"),
+                )
+            return False
+        return True
+
+    def _receive(self, sock: zmq.Socket[bytes], pending: dict[int, _Pending]) -> bool:
+        """Reads every queued reply; returns whether a heartbeat reply was among them."""
+        got_heartbeat = False
+        while True:
+            try:
+                frames = sock.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return got_heartbeat
+            try:
+                reply = decode_reply(frames, self._max_reply_bytes)
+            except ProtocolError as exc:
+                _log.warning("dropped a malformed reply from %s: %s", self._endpoint, exc.message)
+                continue
+            p = pending.pop(reply.seq, None)
+            if p is None:
+                _log.debug("reply to seq %d arrived after its deadline", reply.seq)
+                continue
+            if p.future is None:
+                got_heartbeat = True
+                if not reply.ok:
+                    _log.warning("heartbeat answered %s", from_code(reply.status, reply.message))
+                continue
+            if not reply.ok:
+                _fail(p.future, from_code(reply.status, reply.message))
+                continue
+            try:
+                result = p.convert(reply.payload)
+            except ProtocolError as exc:
+                _fail(p.future, InternalError(exc.message))
+                continue
+            except LMCacheError as exc:
+                _fail(p.future, exc)
+                continue
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
+                p.future.set_result(result)
+
+
+def _fail(future: concurrent.futures.Future[Any], error: BaseException) -> None:
+    with contextlib.suppress(concurrent.futures.InvalidStateError):
+        future.set_exception(error)
+
+
+def _type_name(request_type: int) -> str:
+    try:
+        return RequestType(request_type).name
+    except ValueError:
+        return f"request type {request_type}"
+
+
+def _hello_from_wire(payload: Mapping[str, Any]) -> HelloInfo:
+    info = HelloInfo.from_wire(payload)
+    if info.protocol_version != PROTOCOL_VERSION:
+        raise NotSupportedError(
+            f"the server speaks protocol version {info.protocol_version}, this client "
+            f"{PROTOCOL_VERSION}"
+        )
+    return info
+
+
+def _handle_from_reply(payload: Mapping[str, Any]) -> bytes:
+    handle = payload.get("handle")
+    if not isinstance(handle, bytes) or len(handle) != 16:
+        raise InternalError("malformed reply: 'handle' must be 16 bytes")
+    return handle
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine-driven transfers
+
+
+BlockIds: TypeAlias = npt.NDArray[np.integer[Any]] | Sequence[int]
+
+
+class KvTransferClient:
+    """Moves one worker's KV blocks to and from the server's L1 arena (engine-driven mode).
+
+    Built from a REGISTER_KV_CACHE reply (:meth:`register` does both); maps the arena with
+    ``_core.AttachedArena``, so the server must be on the same host. ``block_ids`` is the
+    request's block table: engine block ``block_ids[j]`` holds tokens ``[j*BS, (j+1)*BS)`` of the
+    request, so chunk ``c`` is the blocks ``[c*CS/BS, (c+1)*CS/BS)``. Keys name one rank
+    (``worker_id`` >= 0) or a world of one. Every failure raises; nothing reports partial success.
+    """
+
+    def __init__(
+        self,
+        client: CacheClient,
+        registration: RegistrationInfo,
+        *,
+        num_threads: int = 0,
+        owns_registration: bool = False,
+    ) -> None:
+        self._client = client
+        self._registration = registration
+        self._chunk_size = int(registration["chunk_size"])
+        self._object_bytes = int(registration["object_bytes"])
+        self._num_threads = num_threads
+        self._owns_registration = owns_registration
+        descriptor = _core.ArenaDescriptor(registration["arena_path"], registration["arena_size"])
+        self._arena: _core.AttachedArena | None = _core.AttachedArena(descriptor)
+
+    @classmethod
+    def register(
+        cls,
+        client: CacheClient,
+        model_name: str,
+        world_size: int,
+        worker_id: int,
+        kv: _core.KvCacheView,
+        *,
+        num_threads: int = 0,
+    ) -> KvTransferClient:
+        """Registers ``kv``'s layout and maps the arena; :meth:`close` unregisters."""
+        reg = client.register_kv_cache(model_name, world_size, worker_id, kv.layout)
+        try:
+            return cls(client, reg, num_threads=num_threads, owns_registration=True)
+        except BaseException:
+            client.unregister_kv_cache(reg["registration_id"])
+            raise
+
+    @property
+    def registration(self) -> RegistrationInfo:
+        return self._registration
+
+    @property
+    def chunk_size(self) -> int:
+        return self._chunk_size
+
+    def close(self) -> None:
+        """Unmaps the arena (and unregisters, when :meth:`register` made the registration)."""
+        if self._arena is None:
+            return
+        self._arena = None
+        if self._owns_registration:
+            self._client.unregister_kv_cache(self._registration["registration_id"])
+
+    def __enter__(self) -> KvTransferClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def store(self, kv: _core.KvCacheView, block_ids: BlockIds, key: Key) -> int:
+        """PREPARE_STORE, gather every reserved chunk into the arena, COMMIT_STORE.
+
+        Returns the objects published (chunks already present are skipped). When a copy fails
+        the ticket is committed with success=False and the error raised.
+        """
+        self._check_key(key)
+        ids = np.asarray(block_ids)
+        ticket = self._client.prepare_store(key)
+        try:
+            arena = self._check_ticket(kv, ticket)
+            chunk_ids: list[npt.NDArray[Any]] = []
+            objects: list[npt.NDArray[np.uint8]] = []
+            for i, offset in enumerate(ticket.offsets):
+                if offset < 0:
+                    continue
+                chunk_ids.append(self._chunk_blocks(kv, ids, ticket.first_chunk + i))
+                objects.append(self._object(arena, offset))
+            if objects:
+                kv.gather_batch(self._chunk_size, chunk_ids, objects, num_threads=self._num_threads)
+        except BaseException:
+            try:
+                self._client.commit_store(ticket.handle, success=False)
+            except LMCacheError as exc:
+                _log.warning("aborting store ticket %s failed: %s", ticket.handle.hex(), exc)
+            raise
+        return self._client.commit_store(ticket.handle, success=True)
+
+    def retrieve(
+        self,
+        kv: _core.KvCacheView,
+        block_ids: BlockIds,
+        key: Key,
+        skip_tokens: int = 0,
+        *,
+        timeout_s: float | None = None,
+    ) -> int:
+        """PREPARE_RETRIEVE, scatter every chunk into the engine's blocks, COMMIT_RETRIEVE.
+
+        ``skip_tokens``: leading tokens of the request already in the engine's blocks (not
+        written). Returns the tokens of the key's range now in the engine (skipped ones
+        included). Raises if any chunk is absent (KeyAbsentError), a copy fails, or a lease was
+        lost while copying (LeaseNotHeldError: the copied bytes must not be used).
+        """
+        if skip_tokens < 0:
+            raise InvalidArgumentError(f"skip_tokens must be >= 0, got {skip_tokens}")
+        self._check_key(key)
+        ids = np.asarray(block_ids)
+        ticket = self._client.prepare_retrieve(key, timeout_s)
+        try:
+            arena = self._check_ticket(kv, ticket)
+            chunk_ids: list[npt.NDArray[Any]] = []
+            objects: list[npt.NDArray[np.uint8]] = []
+            skips: list[int] = []
+            cs = self._chunk_size
+            for i, offset in enumerate(ticket.offsets):
+                chunk = ticket.first_chunk + i
+                if offset < 0:
+                    raise KeyAbsentError(f"chunk {chunk} of the range is not available")
+                skip = min(max(skip_tokens - chunk * cs, 0), cs)
+                if skip == cs:
+                    continue
+                chunk_ids.append(self._chunk_blocks(kv, ids, chunk))
+                objects.append(self._object(arena, offset))
+                skips.append(skip)
+            if objects:
+                kv.scatter_batch(
+                    cs, objects, chunk_ids, skip_tokens=skips, num_threads=self._num_threads
+                )
+        except BaseException:
+            try:
+                self._client.commit_retrieve(ticket.handle)
+            except LMCacheError as exc:
+                _log.debug("releasing retrieve ticket %s: %s", ticket.handle.hex(), exc)
+            raise
+        self._client.commit_retrieve(ticket.handle)
+        return len(ticket.offsets) * self._chunk_size
+
+    # ---- helpers -----------------------------------------------------------------------------
+
+    def _check_key(self, key: Key) -> None:
+        if key.worker_id < 0 and key.world_size != 1:
+            raise InvalidArgumentError(
+                "a transfer names one rank: set worker_id (or use a world_size of 1)"
+            )
+
+    def _check_ticket(self, kv: _core.KvCacheView, ticket: TransferTicket) -> _core.AttachedArena:
+        arena = self._arena
+        if arena is None:
+            raise UnavailableError("the transfer client is closed")
+        expected = kv.object_bytes(self._chunk_size)
+        if ticket.object_bytes != expected:
+            raise InvalidArgumentError(
+                f"the server's objects are {ticket.object_bytes} bytes, this KV cache's chunks "
+                f"{expected}: the layout differs from the registered one"
+            )
+        return arena
+
+    def _chunk_blocks(
+        self, kv: _core.KvCacheView, ids: npt.NDArray[Any], chunk: int
+    ) -> npt.NDArray[Any]:
+        per_chunk = self._chunk_size // int(kv.layout.block_size)
+        lo, hi = chunk * per_chunk, (chunk + 1) * per_chunk
+        if ids.ndim != 1 or hi > ids.shape[0]:
+            raise InvalidArgumentError(
+                f"block_ids has {ids.shape[0] if ids.ndim == 1 else ids.shape} entries; chunk "
+                f"{chunk} needs blocks [{lo}, {hi})"
+            )
+        return ids[lo:hi]
+
+    def _object(self, arena: _core.AttachedArena, offset: int) -> npt.NDArray[np.uint8]:
+        if offset + self._object_bytes > arena.size:
+            raise InternalError(
+                f"object at offset {offset} ({self._object_bytes} bytes) is outside the arena"
+            )
+        return arena.view(offset, self._object_bytes)

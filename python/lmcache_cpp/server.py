@@ -1,0 +1,1250 @@
+"""The cache server: a ZeroMQ ROUTER in front of a ``_core.CacheEngine``.
+
+Threads (see ``docs/protocol.md`` for the wire format and the request table):
+
+* **The socket thread** owns the ROUTER socket and is the only thread that touches it. It decodes
+  every request (:mod:`lmcache_cpp.protocol`), runs the fast handlers itself, hands the blocking
+  ones to the worker pool, sends every reply, tracks clients (identity -> client id, last seen),
+  drops silent clients and calls ``engine.reap_expired()`` once per ``reap_interval_s``. It
+  sleeps in ``zmq.Poller.poll`` on the ROUTER, the pool's result socket and a wake-up pipe; the
+  poll timeout is only the reaper tick.
+* **Worker threads** (``worker_threads``) run the blocking handlers (WAIT_PREFETCH_STATUS,
+  SYNC_LOOKUP, FREE_LOOKUP_LOCKS, PREPARE_RETRIEVE, CLEAR), calling the engine with the GIL
+  released. Each has its own inproc PUSH socket; the encoded reply goes back to the socket thread's
+  PULL socket, which sends it.
+
+Client identity: each new ZeroMQ routing identity gets a fresh random nonzero 63-bit client id;
+a client that sends nothing for ``heartbeat_grace_s`` (and has no request in the pool) is dropped
+and everything it holds in the engine is released (``engine.end_client``). HELLO is not required
+before other requests; it is the version handshake and tells the client its id and the limits.
+
+Security: the server refuses a TCP endpoint on a non-loopback address unless ``allow_remote`` is
+set, and then requires a CURVE key pair (ZeroMQ CURVE: the traffic is encrypted and the server is
+authenticated). ``curve_authorized_clients_dir`` (a directory of client public-key certificates)
+restricts which clients may connect; without it any client that knows the server's public key may.
+An ``ipc://`` socket file is chmod-ed to ``ipc_mode`` (0o600: only this user) after the bind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import ipaddress
+import itertools
+import logging
+import math
+import os
+import queue
+import secrets
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Final, Protocol
+
+import zmq
+
+from lmcache_cpp import _core
+from lmcache_cpp.errors import LMCacheError
+from lmcache_cpp.protocol import (
+    PROTOCOL_VERSION,
+    ClearRequest,
+    CommitStoreRequest,
+    EmptyRequest,
+    EndSessionRequest,
+    HandleRequest,
+    HelloInfo,
+    HelloRequest,
+    KeyRequest,
+    LookupResult,
+    PrefetchWaitRequest,
+    PrepareRetrieveRequest,
+    PrepareStoreRequest,
+    ProtocolError,
+    ProtocolLimits,
+    RegisterRequest,
+    Request,
+    RequestBody,
+    RequestType,
+    SyncLookupRequest,
+    TransferTicket,
+    UnregisterRequest,
+    WireKey,
+    WireLayout,
+    decode_request,
+    encode_error_reply,
+    encode_reply,
+    prefetch_status_to_wire,
+)
+
+__all__ = [
+    "BLOCKING_REQUESTS",
+    "CacheServer",
+    "Dispatcher",
+    "EngineLike",
+    "RequestMetrics",
+    "ServerOptions",
+    "check_endpoint",
+]
+
+_log = logging.getLogger(__name__)
+
+_OK: Final = int(_core.StatusCode.OK)
+_INVALID: Final = int(_core.StatusCode.INVALID_ARGUMENT)
+_EXHAUSTED: Final = int(_core.StatusCode.RESOURCE_EXHAUSTED)
+_UNAVAILABLE: Final = int(_core.StatusCode.UNAVAILABLE)
+_INTERNAL: Final = int(_core.StatusCode.INTERNAL)
+
+BLOCKING_REQUESTS: Final = frozenset(
+    {
+        RequestType.WAIT_PREFETCH_STATUS,
+        RequestType.SYNC_LOOKUP,
+        RequestType.FREE_LOOKUP_LOCKS,
+        RequestType.PREPARE_RETRIEVE,
+        RequestType.CLEAR,
+    }
+)
+"""Requests run on the worker pool; every other request runs on the socket thread."""
+
+_MALFORMED: Final = "MALFORMED"  # metrics name of a request whose type could not be read
+_CLIENT_ID_BITS: Final = 63  # fits both a signed and an unsigned 64-bit ClientId
+
+
+# ---------------------------------------------------------------------------------------------
+# What the server needs from its collaborators
+
+
+class RequestMetrics(Protocol):
+    """Receives one call per answered request, on the socket thread.
+
+    ``request_name`` is the :class:`RequestType` name (``"MALFORMED"`` when the type could not be
+    read), ``outcome`` is ``"ok"`` or the status code name (``"InvalidArgument"``...), ``seconds``
+    the time from receipt to reply. Must not block; an exception is logged and ignored.
+    """
+
+    def record(self, request_name: str, outcome: str, seconds: float) -> None: ...
+
+
+class _RegistrationLike(Protocol):
+    @property
+    def id(self) -> int: ...
+    @property
+    def chunk_size(self) -> int: ...
+    @property
+    def object_bytes(self) -> int: ...
+    @property
+    def fingerprint(self) -> str: ...
+    @property
+    def arena_path(self) -> str: ...
+    @property
+    def arena_size(self) -> int: ...
+
+
+class _LookupResultLike(Protocol):
+    @property
+    def hit_chunks(self) -> int: ...
+    @property
+    def hit_tokens(self) -> int: ...
+    @property
+    def l1_chunks(self) -> int: ...
+    @property
+    def l2_chunks(self) -> int: ...
+
+
+class _TicketLike(Protocol):
+    @property
+    def handle(self) -> _core.JobHandle: ...
+    @property
+    def first_chunk(self) -> int: ...
+    @property
+    def offsets(self) -> list[int]: ...
+    @property
+    def object_bytes(self) -> int: ...
+
+
+class EngineLike(Protocol):
+    """The part of ``_core.CacheEngine`` the server calls (``client`` is the server's client id;
+    ``key`` a ``_core.EngineKey``). Every method may raise :class:`LMCacheError` subclasses."""
+
+    @property
+    def chunk_size(self) -> int: ...
+    def register_kv_cache(
+        self,
+        client: int,
+        model_name: str,
+        world_size: int,
+        worker_id: int,
+        layout: _core.KvCacheLayout,
+    ) -> _RegistrationLike: ...
+    def unregister_kv_cache(self, client: int, registration_id: int) -> None: ...
+    def lookup(self, client: int, key: _core.EngineKey, tp_size: int = 1) -> _core.JobHandle: ...
+    def query_prefetch_status(
+        self, client: int, handle: _core.JobHandle
+    ) -> _LookupResultLike | None: ...
+    def wait_prefetch_status(
+        self, client: int, handle: _core.JobHandle, timeout_s: float
+    ) -> _LookupResultLike | None: ...
+    def sync_lookup(
+        self, client: int, key: _core.EngineKey, tp_size: int = 1, timeout_s: float | None = None
+    ) -> _LookupResultLike: ...
+    def free_lookup_locks(self, client: int, key: _core.EngineKey, tp_size: int = 1) -> int: ...
+    def end_session(self, client: int, model_name: str, request_id: str) -> int: ...
+    def prepare_store(self, client: int, key: _core.EngineKey) -> _TicketLike: ...
+    def commit_store(self, client: int, handle: _core.JobHandle, success: bool = True) -> int: ...
+    def prepare_retrieve(
+        self, client: int, key: _core.EngineKey, timeout_s: float | None = None
+    ) -> _TicketLike: ...
+    def commit_retrieve(self, client: int, handle: _core.JobHandle) -> None: ...
+    def end_client(self, client: int) -> int: ...
+    def clear(self, force: bool = False) -> int: ...
+    def reap_expired(self) -> int: ...
+    def stats(self) -> Mapping[str, Any]: ...
+
+
+def engine_key(key: WireKey) -> _core.EngineKey:
+    """The ``_core.EngineKey`` of a validated wire key."""
+    return _core.EngineKey(
+        model_name=key.model_name,
+        world_size=key.world_size,
+        worker_id=key.worker_id,
+        request_id=key.request_id,
+        cache_salt=key.cache_salt,
+        tokens=key.tokens,
+        block_hashes=key.block_hashes,
+        block_hash_size=key.block_hash_size,
+        start=key.start,
+        end=key.end,
+    )
+
+
+_KV_LAYOUTS: Final = {
+    "nhd": _core.KvLayout.NHD,
+    "hnd": _core.KvLayout.HND,
+    "flashinfer": _core.KvLayout.FLASHINFER,
+    "mla": _core.KvLayout.MLA,
+}
+
+
+def kv_cache_layout(layout: WireLayout) -> _core.KvCacheLayout:
+    """The ``_core.KvCacheLayout`` of a validated wire layout."""
+    return _core.KvCacheLayout(
+        _KV_LAYOUTS[layout.layout],
+        layout.num_layers,
+        layout.block_size,
+        layout.num_heads,
+        layout.head_size,
+        layout.element_size,
+        layout.num_blocks,
+        layout.block_stride,
+        layout.plane_stride,
+    )
+
+
+def _handle_from_wire(data: bytes) -> _core.JobHandle:
+    return _core.JobHandle.from_hex(data.hex())
+
+
+def _handle_to_wire(handle: _core.JobHandle) -> bytes:
+    return bytes.fromhex(handle.hex())
+
+
+def _lookup_result(r: _LookupResultLike) -> LookupResult:
+    return LookupResult(int(r.hit_chunks), int(r.hit_tokens), int(r.l1_chunks), int(r.l2_chunks))
+
+
+def _ticket(t: _TicketLike) -> TransferTicket:
+    return TransferTicket(
+        handle=_handle_to_wire(t.handle),
+        first_chunk=int(t.first_chunk),
+        offsets=[int(o) for o in t.offsets],
+        object_bytes=int(t.object_bytes),
+    )
+
+
+def _outcome(status: int) -> str:
+    return "ok" if status == _OK else _core.status_code_name(status)
+
+
+def _request_id(body: RequestBody) -> str:
+    if isinstance(
+        body, KeyRequest | SyncLookupRequest | PrepareStoreRequest | PrepareRetrieveRequest
+    ):
+        return body.key.request_id
+    if isinstance(body, EndSessionRequest):
+        return body.request_id
+    return ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Options and endpoint policy
+
+
+def _is_loopback_host(host: str) -> bool:
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a wildcard, an interface name or a DNS name: treated as remote
+
+
+def check_endpoint(endpoint: str, allow_remote: bool, curve_enabled: bool) -> None:
+    """Raises ValueError unless the server may bind ``endpoint``.
+
+    ``ipc://PATH`` and ``inproc://NAME`` are always allowed; ``tcp://HOST:PORT`` when HOST is a
+    loopback address (127.0.0.0/8, ::1, localhost); any other TCP host (including ``*`` and
+    ``0.0.0.0``) needs ``allow_remote`` and CURVE keys. Other transports are refused.
+    """
+    scheme, sep, rest = endpoint.partition("://")
+    if not sep or not rest:
+        raise ValueError(f"endpoint {endpoint!r} is not TRANSPORT://ADDRESS")
+    if scheme in ("ipc", "inproc"):
+        return
+    if scheme != "tcp":
+        raise ValueError(f"endpoint {endpoint!r}: only tcp://, ipc:// and inproc:// are supported")
+    host, colon, _port = rest.rpartition(":")
+    if not colon or not host:
+        raise ValueError(f"endpoint {endpoint!r} lacks HOST:PORT")
+    if _is_loopback_host(host):
+        return
+    if not allow_remote:
+        raise ValueError(
+            f"refusing to bind {endpoint!r}: not a loopback address; remote access is opt-in "
+            "(ServerOptions.allow_remote=True with CURVE keys)"
+        )
+    if not curve_enabled:
+        raise ValueError(
+            f"refusing to bind {endpoint!r}: remote access needs CURVE keys "
+            "(ServerOptions.curve_secret_key and curve_public_key)"
+        )
+
+
+def _check_z85_key(name: str, key: str | None) -> None:
+    if key is None:
+        return
+    if not isinstance(key, str) or len(key) != 40:
+        raise ValueError(f"ServerOptions.{name} must be a 40-character z85 CURVE key")
+    try:
+        zmq.utils.z85.decode(key)
+    except Exception as exc:
+        raise ValueError(f"ServerOptions.{name} is not valid z85: {exc}") from None
+
+
+@dataclass
+class ServerOptions:
+    """Settings of a :class:`CacheServer`; validated on construction (ValueError).
+
+    ``max_frame_bytes`` / ``max_tokens_per_key``, when given, override the matching fields of
+    ``limits``; after construction they always equal ``limits.max_frame_bytes`` and
+    ``limits.max_tokens``.
+    """
+
+    endpoint: str = "tcp://127.0.0.1:5555"
+    worker_threads: int = 4
+    limits: ProtocolLimits = field(default_factory=ProtocolLimits)
+    max_frame_bytes: int | None = None
+    max_tokens_per_key: int | None = None
+    heartbeat_grace_s: float = 30.0
+    reap_interval_s: float = 1.0
+    allow_remote: bool = False
+    curve_secret_key: str | None = None
+    curve_public_key: str | None = None
+    curve_authorized_clients_dir: str | None = None
+    ipc_mode: int | None = 0o600
+    max_clients: int = 4096
+    max_queued_jobs: int = 4096
+    max_jobs_per_client: int = 256
+    transport_max_frame_bytes: int | None = None
+    stop_timeout_s: float = 5.0
+    name: str = "lmcache_cpp"
+
+    def __post_init__(self) -> None:
+        overrides: dict[str, int] = {}
+        if self.max_frame_bytes is not None:
+            overrides["max_frame_bytes"] = self.max_frame_bytes
+        if self.max_tokens_per_key is not None:
+            overrides["max_tokens"] = self.max_tokens_per_key
+        if overrides:
+            self.limits = dataclasses.replace(self.limits, **overrides)
+        self.max_frame_bytes = self.limits.max_frame_bytes
+        self.max_tokens_per_key = self.limits.max_tokens
+        for name in ("worker_threads", "max_clients", "max_queued_jobs", "max_jobs_per_client"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise ValueError(f"ServerOptions.{name} must be an int >= 1, got {value!r}")
+        for name in ("heartbeat_grace_s", "reap_interval_s", "stop_timeout_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"ServerOptions.{name} must be a positive number, got {value!r}")
+        if self.transport_max_frame_bytes is not None and (
+            self.transport_max_frame_bytes < self.limits.max_frame_bytes
+        ):
+            raise ValueError(
+                "ServerOptions.transport_max_frame_bytes must be at least limits.max_frame_bytes"
+            )
+        if (self.curve_secret_key is None) != (self.curve_public_key is None):
+            raise ValueError(
+                "ServerOptions: give both curve_secret_key and curve_public_key or neither"
+            )
+        _check_z85_key("curve_secret_key", self.curve_secret_key)
+        _check_z85_key("curve_public_key", self.curve_public_key)
+        if self.curve_authorized_clients_dir is not None and self.curve_secret_key is None:
+            raise ValueError("ServerOptions.curve_authorized_clients_dir needs CURVE keys")
+        check_endpoint(self.endpoint, self.allow_remote, self.curve_enabled)
+
+    @property
+    def curve_enabled(self) -> bool:
+        return self.curve_secret_key is not None
+
+    @property
+    def effective_transport_max_frame_bytes(self) -> int:
+        """ZMQ_MAXMSGSIZE: a frame above it makes ZeroMQ drop the connection (no reply can be
+        sent). Default: twice ``limits.max_frame_bytes``; frames between the two get a
+        ResourceExhausted reply."""
+        if self.transport_max_frame_bytes is not None:
+            return self.transport_max_frame_bytes
+        return 2 * self.limits.max_frame_bytes
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode + execute, independent of sockets
+
+
+Handler = Callable[[int, RequestBody], Mapping[str, Any]]
+
+
+class Dispatcher:
+    """Validates requests and runs them against the engine; no sockets, no threads.
+
+    :meth:`decode` raises :class:`ProtocolError` for a request that must get an error reply;
+    :meth:`execute` never raises: it returns the reply frames and status of any request (engine
+    errors become error replies, unexpected exceptions Internal error replies, logged).
+    Thread-safe as far as the engine and the callbacks are.
+    """
+
+    def __init__(
+        self,
+        engine: EngineLike,
+        limits: ProtocolLimits,
+        *,
+        hello: Callable[[int, HelloRequest], Mapping[str, Any]] | None = None,
+        server_status: Callable[[], Mapping[str, Any]] | None = None,
+    ) -> None:
+        self._engine = engine
+        self._limits = limits
+        self._hello = hello
+        self._server_status = server_status
+        self._handlers: dict[RequestType, Handler] = {
+            RequestType.HELLO: self._on_hello,
+            RequestType.PING: self._on_ping,
+            RequestType.GET_CHUNK_SIZE: self._on_get_chunk_size,
+            RequestType.REGISTER_KV_CACHE: self._on_register,
+            RequestType.UNREGISTER_KV_CACHE: self._on_unregister,
+            RequestType.LOOKUP: self._on_lookup,
+            RequestType.QUERY_PREFETCH_STATUS: self._on_query_prefetch,
+            RequestType.WAIT_PREFETCH_STATUS: self._on_wait_prefetch,
+            RequestType.SYNC_LOOKUP: self._on_sync_lookup,
+            RequestType.FREE_LOOKUP_LOCKS: self._on_free_lookup_locks,
+            RequestType.END_SESSION: self._on_end_session,
+            RequestType.PREPARE_STORE: self._on_prepare_store,
+            RequestType.COMMIT_STORE: self._on_commit_store,
+            RequestType.PREPARE_RETRIEVE: self._on_prepare_retrieve,
+            RequestType.COMMIT_RETRIEVE: self._on_commit_retrieve,
+            RequestType.CLEAR: self._on_clear,
+            RequestType.STATUS: self._on_status,
+        }
+
+    @property
+    def limits(self) -> ProtocolLimits:
+        return self._limits
+
+    def decode(self, frames: list[bytes]) -> Request:
+        return decode_request(frames, self._limits)
+
+    @staticmethod
+    def is_blocking(request_type: RequestType) -> bool:
+        return request_type in BLOCKING_REQUESTS
+
+    def execute(self, client: int, request: Request) -> tuple[list[bytes], int]:
+        rt = request.request_type
+        try:
+            handler = self._handlers.get(rt)
+            if handler is None:
+                raise ProtocolError(
+                    int(_core.StatusCode.NOT_SUPPORTED), f"{rt.name} has no handler"
+                )
+            result = handler(client, request.body)
+            return encode_reply(int(rt), request.seq, result), _OK
+        except LMCacheError as exc:
+            return encode_error_reply(int(rt), request.seq, exc.code, exc.message), exc.code
+        except ProtocolError as exc:
+            return encode_error_reply(int(rt), request.seq, exc.code, exc.message), exc.code
+        except Exception as exc:
+            _log.exception("client %d seq %d %s: unexpected error", client, request.seq, rt.name)
+            message = f"{type(exc).__name__}: {exc}"
+            return encode_error_reply(int(rt), request.seq, _INTERNAL, message), _INTERNAL
+
+    def handle(self, client: int, frames: list[bytes]) -> tuple[list[bytes], str, int]:
+        """Decode + execute in the caller's thread: (reply frames, request name, status)."""
+        try:
+            request = self.decode(frames)
+        except ProtocolError as exc:
+            name = _request_name(exc.request_type)
+            return (
+                encode_error_reply(exc.request_type, exc.seq, exc.code, exc.message),
+                name,
+                exc.code,
+            )
+        reply, status = self.execute(client, request)
+        return reply, request.request_type.name, status
+
+    # ---- handlers (body types are guaranteed by protocol.parse_body) --------------------------
+
+    def _on_hello(self, client: int, body: RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, HelloRequest)
+        if self._hello is not None:
+            return self._hello(client, body)
+        return HelloInfo(
+            protocol_version=PROTOCOL_VERSION,
+            server_version=_core.version(),
+            client_id=client,
+            chunk_size=int(self._engine.chunk_size),
+            heartbeat_grace_s=0.0,
+            max_frame_bytes=self._limits.max_frame_bytes,
+            max_tokens=self._limits.max_tokens,
+        ).to_wire()
+
+    def _on_ping(self, client: int, body: RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, EmptyRequest)
+        return {}
+
+    def _on_get_chunk_size(self, client: int, body: RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, EmptyRequest)
+        return {"chunk_size": int(self._engine.chunk_size)}
+
+    def _on_register(self, client: int, body: RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, RegisterRequest)
+        reg = self._engine.register_kv_cache(
+            client, body.model_name, body.world_size, body.worker_id, kv_cache_layout(body.layout)
+        )
+        return {
+            "registration_id": int(reg.id),
+            "chunk_size": int(reg.chunk_size),
+            "object_bytes": int(reg.object_bytes),
+            "fingerprint": str(reg.fingerprint),
+            "arena_path": str(reg.arena_path),
+            "arena_size": int(reg.arena_size),
+        }
+
+    def _on_unregister(self, client: int, body: RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, UnregisterRequest)
+        self._engine.unregister_kv_cache(client, body.registration_id)
+        return {}
+
+    def _on_lookup(self, client: int, body: RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, KeyRequest)
+        handle = self._engine.lookup(client, engine_key(body.key), body.tp_size)
+        return {"handle": _handle_to_wire(handle)}
+
+    def _on_query_prefetch(self, client: int, body: RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, HandleRequest)
+        result = self._engine.query_prefetch_status(client, _handle_from_wire(body.handle))
+        return prefetch_status_to_wire(None if result is None else _lookup_result(result))
+
+    def _on_wait_prefetch(self, client: int, body: RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, PrefetchWaitRequest)
+        handle = _handle_from_wire(body.handle)
+        result = self._engine.wait_prefetch_status(client, handle, body.timeout_s)
+        return prefetch_status_to_wire(None if result is None else _lookup_result(result))
+
+    def _on_sync_lookup(self, client: int, body: RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, SyncLookupRequest)
+        result = self._engine.sync_lookup(
+            client, engine_key(body.key), body.tp_size, body.timeout_s
+        )
+        return _lookup_result(result).to_wire()
+
+    def _on_free_lookup_locks(self, client: int, body: RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, KeyRequest)
+        released = self._engine.free_lookup_locks(client, engine_key(body.key), body.tp_size)
+        return {"released": int(released)}
+
+    def _on_end_session(self, client: int, body: RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, EndSessionRequest)
+        return {"released": int(self._engine.end_session(client, body.model_name, body.request_id))}
+
+    def _on_prepare_store(self, client: int, body: RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, PrepareStoreRequest)
+        return _ticket(self._engine.prepare_store(client, engine_key(body.key))).to_wire()
+
+    def _on_commit_store(self, client: int, body: RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, CommitStoreRequest)
+        published = self._engine.commit_store(client, _handle_from_wire(body.handle), body.success)
+        return {"published": int(published)}
+
+    def _on_prepare_retrieve(self, client: int, body: RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, PrepareRetrieveRequest)
+        ticket = self._engine.prepare_retrieve(client, engine_key(body.key), body.timeout_s)
+        return _ticket(ticket).to_wire()
+
+    def _on_commit_retrieve(self, client: int, body: RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, HandleRequest)
+        self._engine.commit_retrieve(client, _handle_from_wire(body.handle))
+        return {}
+
+    def _on_clear(self, client: int, body: RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, ClearRequest)
+        return {"removed": int(self._engine.clear(body.force))}
+
+    def _on_status(self, client: int, body: RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, EmptyRequest)
+        reply: dict[str, Any] = dict(self._engine.stats())
+        if self._server_status is not None:
+            reply["server"] = dict(self._server_status())
+        return reply
+
+
+def _request_name(request_type: int) -> str:
+    try:
+        return RequestType(request_type).name
+    except ValueError:
+        return _MALFORMED
+
+
+# ---------------------------------------------------------------------------------------------
+# The server
+
+
+@dataclass
+class _Client:
+    id: int
+    identity: bytes
+    last_seen: float
+    in_flight: int = 0
+    name: str = ""
+
+
+@dataclass
+class _Job:
+    token: int
+    client: int
+    request: Request
+
+
+@dataclass
+class _PendingJob:
+    identity: bytes
+    client: _Client
+    request: Request
+    received: float
+
+
+_STOP_TOKEN: Final = 0  # never a job token (tokens start at 1)
+
+
+class CacheServer:
+    """Serves a ``_core.CacheEngine`` over ZeroMQ (see the module docstring and docs/protocol.md).
+
+    ``storage`` is the ``_core.StorageManager`` behind ``engine``; the server holds a reference
+    so that it outlives the server, and never starts or stops it (nor the engine). Stop the
+    server before the storage manager.
+
+    Lifecycle: :meth:`start` binds (raising on a bad or busy endpoint) and starts the threads;
+    :meth:`stop` (idempotent, any thread) answers what is queued with Unavailable, waits up to
+    ``stop_timeout_s`` for running pool jobs to be answered, ends every known client in the
+    engine, joins the threads and closes the sockets. Also a context manager.
+    """
+
+    def __init__(
+        self,
+        engine: EngineLike,
+        storage: object = None,
+        options: ServerOptions | None = None,
+        metrics: RequestMetrics | None = None,
+    ) -> None:
+        self._engine = engine
+        self._storage = storage
+        self._options = options if options is not None else ServerOptions()
+        self._metrics = metrics
+        self._dispatcher = Dispatcher(
+            engine,
+            self._options.limits,
+            hello=self._hello_reply,
+            server_status=self._server_status,
+        )
+        self._lifecycle = threading.Lock()
+        self._state = "new"  # new -> running -> stopped, guarded by _lifecycle
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+        self._ready = threading.Event()
+        self._start_error: BaseException | None = None
+        self._context: zmq.Context[zmq.Socket[bytes]] | None = None
+        self._authenticator: Any = None
+        self._socket_thread: threading.Thread | None = None
+        self._workers: list[threading.Thread] = []
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._results_endpoint = f"inproc://lmcache-server-results-{id(self):x}"
+        self._wake_r, self._wake_w = -1, -1
+        self._bound_endpoint = ""
+        self._started_at = 0.0
+        # Socket-thread state.
+        self._clients: dict[bytes, _Client] = {}
+        self._clients_by_id: dict[int, _Client] = {}
+        self._pending: dict[int, _PendingJob] = {}
+        self._tokens = itertools.count(1)
+        # Shared with other threads (STATUS is built on the socket thread, accessors elsewhere).
+        self._stats_lock = threading.Lock()
+        self._counts: Counter[tuple[str, str]] = Counter()  # GUARDED_BY(_stats_lock)
+        self._num_clients = 0  # GUARDED_BY(_stats_lock)
+        self._dropped_replies = 0  # GUARDED_BY(_stats_lock)
+
+    # ---- public API --------------------------------------------------------------------------
+
+    @property
+    def options(self) -> ServerOptions:
+        return self._options
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        return self._dispatcher
+
+    @property
+    def bound_endpoint(self) -> str:
+        """The endpoint actually bound (tcp port 0 / ``*`` resolved). Empty before start()."""
+        return self._bound_endpoint
+
+    @property
+    def running(self) -> bool:
+        return self._state == "running" and not self._stopping.is_set()
+
+    @property
+    def clients_connected(self) -> int:
+        with self._stats_lock:
+            return self._num_clients
+
+    def request_counts(self) -> dict[str, dict[str, int]]:
+        """Requests answered so far: {request name: {outcome: count}}."""
+        out: dict[str, dict[str, int]] = {}
+        with self._stats_lock:
+            for (name, outcome), n in self._counts.items():
+                out.setdefault(name, {})[outcome] = n
+        return out
+
+    def start(self) -> None:
+        """Binds and starts the socket thread and the workers. Raises zmq.ZMQError / OSError
+        when the endpoint cannot be bound (EADDRINUSE also for an ipc path another process
+        listens on; nothing is left running), RuntimeError when called twice."""
+        with self._lifecycle:
+            if self._state != "new":
+                raise RuntimeError(f"CacheServer.start(): the server is {self._state}")
+            self._context = zmq.Context()
+            self._wake_r, self._wake_w = os.pipe()
+            os.set_blocking(self._wake_w, False)
+            os.set_blocking(self._wake_r, False)
+            try:
+                self._start_authenticator()
+                self._socket_thread = threading.Thread(
+                    target=self._socket_main, name="lmcache-server-socket", daemon=True
+                )
+                self._started_at = time.monotonic()
+                self._socket_thread.start()
+                self._ready.wait()
+                if self._start_error is not None:
+                    raise self._start_error
+            except BaseException:
+                if self._socket_thread is not None:
+                    self._socket_thread.join()
+                self._release_resources()
+                self._state = "stopped"
+                self._stopped.set()
+                raise
+            for i in range(self._options.worker_threads):
+                worker = threading.Thread(
+                    target=self._worker_main, name=f"lmcache-server-worker-{i}", daemon=True
+                )
+                worker.start()
+                self._workers.append(worker)
+            self._state = "running"
+        _log.info(
+            "cache server listening on %s (%d worker threads, chunk size %d%s)",
+            self._bound_endpoint,
+            self._options.worker_threads,
+            int(self._engine.chunk_size),
+            ", CURVE" if self._options.curve_enabled else "",
+        )
+
+    def stop(self) -> None:
+        """Stops serving; idempotent and callable from any thread (not from a metrics callback)."""
+        with self._lifecycle:
+            if self._state != "running":
+                return
+            self._stopping.set()
+            self._wake()
+            if self._socket_thread is not None:
+                self._socket_thread.join()
+            for _ in self._workers:
+                self._jobs.put(None)
+            deadline = time.monotonic() + self._options.stop_timeout_s
+            stuck = []
+            for worker in self._workers:
+                worker.join(max(0.0, deadline - time.monotonic()))
+                if worker.is_alive():
+                    stuck.append(worker)
+            if stuck:
+                _log.warning(
+                    "%d worker thread(s) still inside an engine call at stop; their sockets are "
+                    "closed when the calls return",
+                    len(stuck),
+                )
+                context = self._context
+                self._context = None
+                threading.Thread(
+                    target=_term_after,
+                    args=(stuck, context),
+                    name="lmcache-server-term",
+                    daemon=True,
+                ).start()
+            self._release_resources()
+            self._state = "stopped"
+            self._stopped.set()
+        _log.info("cache server on %s stopped", self._bound_endpoint)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Blocks until the server has stopped (or ``timeout``); returns whether it has."""
+        return self._stopped.wait(timeout)
+
+    def __enter__(self) -> CacheServer:
+        if self._state == "new":
+            self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # ---- lifecycle helpers -------------------------------------------------------------------
+
+    def _start_authenticator(self) -> None:
+        directory = self._options.curve_authorized_clients_dir
+        if directory is None:
+            if self._options.curve_enabled and self._options.allow_remote:
+                _log.warning(
+                    "CURVE is on without curve_authorized_clients_dir: any client that knows the "
+                    "server's public key can connect"
+                )
+            return
+        from zmq.auth.thread import ThreadAuthenticator
+
+        assert self._context is not None
+        auth = ThreadAuthenticator(self._context)
+        auth.start()
+        auth.configure_curve(domain="*", location=directory)
+        self._authenticator = auth
+
+    def _release_resources(self) -> None:
+        if self._authenticator is not None:
+            self._authenticator.stop()
+            self._authenticator = None
+        if self._context is not None:
+            self._context.term()
+            self._context = None
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"\x01")
+
+    # ---- worker threads ----------------------------------------------------------------------
+
+    def _worker_main(self) -> None:
+        assert self._context is not None
+        push = self._context.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        push.connect(self._results_endpoint)
+        try:
+            while True:
+                job = self._jobs.get()
+                if job is None:
+                    return
+                if self._stopping.is_set():
+                    frames = encode_error_reply(
+                        int(job.request.request_type),
+                        job.request.seq,
+                        _UNAVAILABLE,
+                        "the server is stopping",
+                    )
+                    status = _UNAVAILABLE
+                else:
+                    frames, status = self._dispatcher.execute(job.client, job.request)
+                message = [job.token.to_bytes(8, "little"), status.to_bytes(4, "little"), *frames]
+                try:
+                    push.send_multipart(message, flags=zmq.NOBLOCK)
+                except zmq.ZMQError as exc:  # the socket thread is gone (stop past its deadline)
+                    _log.debug("pool reply for job %d dropped: %s", job.token, exc)
+        finally:
+            push.close(linger=0)
+
+    # ---- socket thread -----------------------------------------------------------------------
+
+    def _bind(self) -> tuple[zmq.Socket[bytes], zmq.Socket[bytes]]:
+        assert self._context is not None
+        opts = self._options
+        router = self._context.socket(zmq.ROUTER)
+        results = self._context.socket(zmq.PULL)
+        try:
+            router.setsockopt(zmq.LINGER, 0)
+            router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+            router.setsockopt(zmq.MAXMSGSIZE, opts.effective_transport_max_frame_bytes)
+            if opts.curve_enabled:
+                assert opts.curve_secret_key is not None and opts.curve_public_key is not None
+                router.setsockopt(zmq.CURVE_SERVER, 1)
+                router.setsockopt(zmq.CURVE_SECRETKEY, opts.curve_secret_key.encode("ascii"))
+                router.setsockopt(zmq.CURVE_PUBLICKEY, opts.curve_public_key.encode("ascii"))
+            _refuse_live_ipc_path(opts.endpoint)
+            router.bind(opts.endpoint)
+            endpoint = router.getsockopt(zmq.LAST_ENDPOINT)
+            assert isinstance(endpoint, bytes)
+            self._bound_endpoint = endpoint.decode()
+            if opts.ipc_mode is not None and self._bound_endpoint.startswith("ipc://"):
+                path = self._bound_endpoint[len("ipc://") :]
+                if path and not path.startswith("@"):
+                    os.chmod(path, opts.ipc_mode)
+            results.setsockopt(zmq.LINGER, 0)
+            results.bind(self._results_endpoint)
+        except BaseException:
+            router.close(linger=0)
+            results.close(linger=0)
+            raise
+        return router, results
+
+    def _socket_main(self) -> None:
+        try:
+            router, results = self._bind()
+        except BaseException as exc:
+            self._start_error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            self._serve(router, results)
+        except Exception:  # pragma: no cover - _serve guards every step
+            _log.exception("cache server socket thread failed")
+        finally:
+            self._end_all_clients()
+            router.close(linger=0)
+            results.close(linger=0)
+
+    def _serve(self, router: zmq.Socket[bytes], results: zmq.Socket[bytes]) -> None:
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(results, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        interval = self._options.reap_interval_s
+        next_tick = time.monotonic() + interval
+        stop_deadline: float | None = None
+        while True:
+            now = time.monotonic()
+            if self._stopping.is_set():
+                if stop_deadline is None:
+                    stop_deadline = now + self._options.stop_timeout_s
+                if not self._pending or now >= stop_deadline:
+                    if self._pending:
+                        _log.warning(
+                            "stopping with %d pool request(s) unanswered", len(self._pending)
+                        )
+                    return
+                wake_at = stop_deadline
+            else:
+                wake_at = next_tick
+            timeout_ms = max(0, math.ceil((wake_at - now) * 1000))
+            try:
+                events = dict(poller.poll(timeout_ms))
+            except zmq.ZMQError as exc:  # pragma: no cover - EINTR is retried by pyzmq
+                _log.warning("poll failed: %s", exc)
+                continue
+            if self._wake_r in events:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 4096)
+            if results in events:
+                self._drain_results(router, results)
+            if router in events:
+                self._drain_requests(router)
+            now = time.monotonic()
+            if now >= next_tick and not self._stopping.is_set():
+                self._reap(now)
+                next_tick = now + interval
+
+    def _drain_requests(self, router: zmq.Socket[bytes]) -> None:
+        # Bounded so that pool results and the reaper are never starved by a flood.
+        for _ in range(1024):
+            try:
+                frames = router.recv_multipart(flags=zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            try:
+                self._on_message(router, frames)
+            except Exception:  # pragma: no cover - a bug; keep serving
+                _log.exception("failed to handle a message")
+
+    def _on_message(self, router: zmq.Socket[bytes], frames: list[bytes]) -> None:
+        received = time.perf_counter()
+        identity, body = frames[0], frames[1:]
+        client = self._client_for(identity)
+        if client is None:
+            self._reply_error_to_unknown(router, identity, body, received)
+            return
+        if self._stopping.is_set():
+            self._reply_error_now(
+                router, identity, body, _UNAVAILABLE, "the server is stopping", received
+            )
+            return
+        try:
+            request = self._dispatcher.decode(body)
+        except ProtocolError as exc:
+            reply = encode_error_reply(exc.request_type, exc.seq, exc.code, exc.message)
+            _log.debug(
+                "client %d: malformed request (type %d seq %d): %s",
+                client.id,
+                exc.request_type,
+                exc.seq,
+                exc.message,
+            )
+            self._record(_request_name(exc.request_type), exc.code, received)
+            self._send(router, identity, reply)
+            return
+        rt = request.request_type
+        if not self._dispatcher.is_blocking(rt):
+            reply, status = self._dispatcher.execute(client.id, request)
+            self._finish(client, request, status, received)
+            self._send(router, identity, reply)
+            return
+        if client.in_flight >= self._options.max_jobs_per_client:
+            message = (
+                f"{client.in_flight} blocking requests of this client are in progress "
+                f"(limit {self._options.max_jobs_per_client})"
+            )
+        elif len(self._pending) >= self._options.max_queued_jobs:
+            message = f"the server's request queue is full ({len(self._pending)} requests)"
+        else:
+            token = next(self._tokens)
+            self._pending[token] = _PendingJob(identity, client, request, received)
+            client.in_flight += 1
+            self._jobs.put(_Job(token, client.id, request))
+            return
+        reply = encode_error_reply(int(rt), request.seq, _EXHAUSTED, message)
+        self._finish(client, request, _EXHAUSTED, received)
+        self._send(router, identity, reply)
+
+    def _drain_results(self, router: zmq.Socket[bytes], results: zmq.Socket[bytes]) -> None:
+        for _ in range(1024):
+            try:
+                frames = results.recv_multipart(flags=zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            token = int.from_bytes(frames[0], "little")
+            status = int.from_bytes(frames[1], "little")
+            job = self._pending.pop(token, None)
+            if job is None:  # pragma: no cover - tokens are unique
+                _log.error("pool result for unknown job %d", token)
+                continue
+            job.client.in_flight -= 1
+            job.client.last_seen = time.monotonic()
+            self._finish(job.client, job.request, status, job.received)
+            self._send(router, job.identity, frames[2:])
+
+    def _client_for(self, identity: bytes) -> _Client | None:
+        client = self._clients.get(identity)
+        now = time.monotonic()
+        if client is not None:
+            client.last_seen = now
+            return client
+        if len(self._clients) >= self._options.max_clients:
+            return None
+        client_id = 0
+        while client_id == 0 or client_id in self._clients_by_id:
+            client_id = secrets.randbits(_CLIENT_ID_BITS)
+        client = _Client(client_id, identity, now)
+        self._clients[identity] = client
+        self._clients_by_id[client_id] = client
+        with self._stats_lock:
+            self._num_clients = len(self._clients)
+        _log.info("client %d connected", client_id)
+        return client
+
+    def _reply_error_to_unknown(
+        self, router: zmq.Socket[bytes], identity: bytes, body: list[bytes], received: float
+    ) -> None:
+        message = f"the server has reached its limit of {self._options.max_clients} clients"
+        _log.warning("refused a request from a new connection: %s", message)
+        self._reply_error_now(router, identity, body, _EXHAUSTED, message, received)
+
+    def _reply_error_now(
+        self,
+        router: zmq.Socket[bytes],
+        identity: bytes,
+        body: list[bytes],
+        code: int,
+        message: str,
+        received: float,
+    ) -> None:
+        try:
+            request = self._dispatcher.decode(body)
+            echo_type, echo_seq = int(request.request_type), request.seq
+        except ProtocolError as exc:
+            echo_type, echo_seq = exc.request_type, exc.seq
+        self._record(_request_name(echo_type), code, received)
+        self._send(router, identity, encode_error_reply(echo_type, echo_seq, code, message))
+
+    def _send(self, router: zmq.Socket[bytes], identity: bytes, frames: list[bytes]) -> None:
+        try:
+            router.send_multipart([identity, *frames], flags=zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:
+            # EHOSTUNREACH: the peer disconnected; EAGAIN: its queue is full. Either way the
+            # client cannot be answered; it times out on its side.
+            with self._stats_lock:
+                self._dropped_replies += 1
+            _log.debug("reply to a peer dropped: %s", exc)
+
+    def _finish(self, client: _Client, request: Request, status: int, received: float) -> None:
+        # Called just before the reply is sent, so that a client that has its reply also sees
+        # the request in the counters and metrics.
+        seconds = self._record(request.request_type.name, status, received)
+        if status == _INTERNAL:
+            level = logging.WARNING
+        elif _log.isEnabledFor(logging.DEBUG):
+            level = logging.DEBUG
+        else:
+            return
+        _log.log(
+            level,
+            "client %d seq %d %s request_id=%r -> %s (%.3f ms)",
+            client.id,
+            request.seq,
+            request.request_type.name,
+            _request_id(request.body),
+            _outcome(status),
+            seconds * 1e3,
+        )
+
+    def _record(self, name: str, status: int, received: float) -> float:
+        seconds = time.perf_counter() - received
+        outcome = _outcome(status)
+        with self._stats_lock:
+            self._counts[(name, outcome)] += 1
+        if self._metrics is not None:
+            try:
+                self._metrics.record(name, outcome, seconds)
+            except Exception:
+                _log.exception("metrics.record failed")
+        return seconds
+
+    def _reap(self, now: float) -> None:
+        grace = self._options.heartbeat_grace_s
+        silent = [
+            c for c in self._clients.values() if c.in_flight == 0 and now - c.last_seen > grace
+        ]
+        for client in silent:
+            self._drop_client(client, f"silent for {now - client.last_seen:.1f} s")
+        try:
+            reaped = self._engine.reap_expired()
+            if reaped:
+                _log.debug("engine reaped %d expired entries", reaped)
+        except Exception:
+            _log.exception("engine.reap_expired failed")
+
+    def _drop_client(self, client: _Client, why: str) -> None:
+        del self._clients[client.identity]
+        del self._clients_by_id[client.id]
+        with self._stats_lock:
+            self._num_clients = len(self._clients)
+        try:
+            released = self._engine.end_client(client.id)
+        except Exception:
+            _log.exception("engine.end_client(%d) failed", client.id)
+            return
+        _log.info(
+            "client %d%s %s: dropped, %d lease(s) released",
+            client.id,
+            f" ({client.name})" if client.name else "",
+            why,
+            released,
+        )
+
+    def _end_all_clients(self) -> None:
+        for client in list(self._clients.values()):
+            self._drop_client(client, "server stopping")
+
+    # ---- callbacks of the dispatcher (socket thread) -----------------------------------------
+
+    def _hello_reply(self, client_id: int, body: HelloRequest) -> Mapping[str, Any]:
+        client = self._clients_by_id.get(client_id)
+        if client is not None:
+            client.name = body.client_name
+        _log.info(
+            "client %d hello%s", client_id, f" ({body.client_name})" if body.client_name else ""
+        )
+        return HelloInfo(
+            protocol_version=PROTOCOL_VERSION,
+            server_version=_core.version(),
+            client_id=client_id,
+            chunk_size=int(self._engine.chunk_size),
+            heartbeat_grace_s=self._options.heartbeat_grace_s,
+            max_frame_bytes=self._options.limits.max_frame_bytes,
+            max_tokens=self._options.limits.max_tokens,
+        ).to_wire()
+
+    def _server_status(self) -> Mapping[str, Any]:
+        with self._stats_lock:
+            dropped = self._dropped_replies
+        return {
+            "name": self._options.name,
+            "version": _core.version(),
+            "protocol_version": PROTOCOL_VERSION,
+            "endpoint": self._bound_endpoint,
+            "uptime_s": time.monotonic() - self._started_at,
+            "clients": len(self._clients),
+            "pool_jobs": len(self._pending),
+            "worker_threads": self._options.worker_threads,
+            "dropped_replies": dropped,
+            "requests": self.request_counts(),
+        }
+
+
+def _refuse_live_ipc_path(endpoint: str) -> None:
+    """ZeroMQ's ipc bind replaces an existing socket file, silently taking the path over from a
+    server that is still running; refuse instead (a stale file is fine)."""
+    if not endpoint.startswith("ipc://"):
+        return
+    path = endpoint[len("ipc://") :]
+    if not path or path.startswith("@") or "*" in path or not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError:
+        return  # nobody listens: a stale file from a server that died
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"another process is listening on {endpoint}")
+
+
+def _term_after(workers: list[threading.Thread], context: zmq.Context[Any] | None) -> None:
+    for worker in workers:
+        worker.join()
+    if context is not None:
+        context.term()
