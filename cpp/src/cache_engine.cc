@@ -292,6 +292,44 @@ Status CacheEngine::Resolve(const EngineKey& key, RangeKind range, bool need_req
   const Namespace& ns = *out->ns;
   const uint64_t cs = config_.chunk_size;
 
+  // The key's shape is validated before its request is interned: a malformed key creates nothing.
+  uint64_t n = 0;       // kTokens: tokens hashed
+  uint64_t blocks = 0;  // kBlockHashes: block hashes used
+  const uint64_t bs = ns.layout.block_size;
+  if (key.mode == KeyMode::kTokens) {
+    if (key.size % 4 != 0) {
+      return Status::InvalidArgument("key.tokens must be packed uint32 (byte length " +
+                                     std::to_string(key.size) + " is not a multiple of 4)");
+    }
+    n = std::min<uint64_t>(key.size / 4, key.end);
+    if (n / cs > config_.max_chunks_per_key) {
+      return Status::InvalidArgument("key covers " + std::to_string(n / cs) +
+                                     " chunks; the limit is " +
+                                     std::to_string(config_.max_chunks_per_key));
+    }
+  } else {
+    if (key.block_hash_size == 0 || key.block_hash_size > kMaxBlockHashSize) {
+      return Status::InvalidArgument("key.block_hash_size must be in [1, " +
+                                     std::to_string(kMaxBlockHashSize) + "]");
+    }
+    if (key.size % key.block_hash_size != 0) {
+      return Status::InvalidArgument("key.block_hashes length " + std::to_string(key.size) +
+                                     " is not a multiple of block_hash_size " +
+                                     std::to_string(key.block_hash_size));
+    }
+    blocks = std::min<uint64_t>(key.size / key.block_hash_size, key.end / bs);
+    if (blocks * bs / cs > config_.max_chunks_per_key) {
+      return Status::InvalidArgument("key covers " + std::to_string(blocks * bs / cs) +
+                                     " chunks; the limit is " +
+                                     std::to_string(config_.max_chunks_per_key));
+    }
+  }
+
+  if (range == RangeKind::kAligned && key.start % cs != 0) {
+    return Status::InvalidArgument("key.start " + std::to_string(key.start) +
+                                   " is not a multiple of the chunk size " + std::to_string(cs));
+  }
+
   if (!key.request_id.empty()) {
     LMCACHE_ASSIGN_OR_RETURN(out->request,
                              InternRequest(key.model_name, key.request_id, create_request));
@@ -299,16 +337,6 @@ Status CacheEngine::Resolve(const EngineKey& key, RangeKind range, bool need_req
 
   std::vector<ChunkHash> hashes;
   if (key.mode == KeyMode::kTokens) {
-    if (key.size % 4 != 0) {
-      return Status::InvalidArgument("key.tokens must be packed uint32 (byte length " +
-                                     std::to_string(key.size) + " is not a multiple of 4)");
-    }
-    const uint64_t n = std::min<uint64_t>(key.size / 4, key.end);
-    if (n / cs > config_.max_chunks_per_key) {
-      return Status::InvalidArgument("key covers " + std::to_string(n / cs) +
-                                     " chunks; the limit is " +
-                                     std::to_string(config_.max_chunks_per_key));
-    }
     const uint32_t* tokens = reinterpret_cast<const uint32_t*>(key.data);
     std::vector<uint32_t> aligned;
     if (reinterpret_cast<uintptr_t>(key.data) % alignof(uint32_t) != 0) {
@@ -329,23 +357,6 @@ Status CacheEngine::Resolve(const EngineKey& key, RangeKind range, bool need_req
       hashes = ns.hasher.HashTokens(tokens, n);
     }
   } else {
-    if (key.block_hash_size == 0 || key.block_hash_size > kMaxBlockHashSize) {
-      return Status::InvalidArgument("key.block_hash_size must be in [1, " +
-                                     std::to_string(kMaxBlockHashSize) + "]");
-    }
-    if (key.size % key.block_hash_size != 0) {
-      return Status::InvalidArgument("key.block_hashes length " + std::to_string(key.size) +
-                                     " is not a multiple of block_hash_size " +
-                                     std::to_string(key.block_hash_size));
-    }
-    const uint64_t bs = ns.layout.block_size;
-    uint64_t blocks = key.size / key.block_hash_size;
-    blocks = std::min<uint64_t>(blocks, key.end / bs);
-    if (blocks * bs / cs > config_.max_chunks_per_key) {
-      return Status::InvalidArgument("key covers " + std::to_string(blocks * bs / cs) +
-                                     " chunks; the limit is " +
-                                     std::to_string(config_.max_chunks_per_key));
-    }
     const ChunkHasher* hasher = &ns.hasher;
     std::optional<ChunkHasher> salted;
     if (!key.cache_salt.empty()) {
@@ -364,12 +375,7 @@ Status CacheEngine::Resolve(const EngineKey& key, RangeKind range, bool need_req
   switch (range) {
     case RangeKind::kLookup: first = 0; break;
     case RangeKind::kInner: first = key.start / cs + (key.start % cs != 0 ? 1 : 0); break;
-    case RangeKind::kAligned:
-      if (key.start % cs != 0) {
-        return Status::InvalidArgument("key.start " + std::to_string(key.start) +
-                                       " is not a multiple of the chunk size " +
-                                       std::to_string(cs));
-      }
+    case RangeKind::kAligned:  // start validated above
       first = key.start / cs;
       break;
   }
@@ -665,8 +671,9 @@ Result<TransferTicket> CacheEngine::PrepareRetrieve(ClientId client, const Engin
   out.offsets.reserve(rk.keys.size());
   for (size_t i = 0; i < rk.keys.size(); ++i) {
     const ObjectKey& k = rk.keys[i];
-    std::optional<ObjectInfo> info;
-    if (table_->LeasesHeld(rk.request, k) > 0) info = table_->Info(k);
+    // The generation the request leases (after a forced Clear the index may already hold a
+    // newer, unleased one at another offset).
+    const std::optional<ObjectInfo> info = table_->LeasedInfo(rk.request, k);
     if (!info.has_value() || info->state != ObjectState::kReady) {
       return fail(Status::KeyAbsent("chunk " + std::to_string(rk.first_chunk + i / rk.ranks) +
                                     " (rank " + std::to_string(k.kv_rank) +

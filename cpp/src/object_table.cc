@@ -202,8 +202,8 @@ void ObjectTable::DropLedgerEntryLocked(const LeaseEntry& e, Events* ev) {
   }
 }
 
-size_t ObjectTable::DropEntriesLocked(Ledger* ledger, bool only_expired, TimePoint now,
-                                      Events* ev) {
+size_t ObjectTable::DropEntriesLocked(Ledger* ledger, bool only_expired, TimePoint now, Events* ev,
+                                      uint64_t* leases) {
   // Drop in reverse acquisition order so the head of a prefix chain ends up most recently used.
   std::vector<std::pair<uint64_t, ObjectKey>> order;
   order.reserve(ledger->entries->size());
@@ -216,6 +216,7 @@ size_t ObjectTable::DropEntriesLocked(Ledger* ledger, bool only_expired, TimePoi
     LeaseEntry* found = ledger->entries->Find(key);
     LeaseEntry e = *found;
     ledger->entries->EraseValue(found);
+    if (leases != nullptr) *leases += e.reads + (e.write ? 1 : 0);
     DropLedgerEntryLocked(e, ev);
   }
   return order.size();
@@ -609,28 +610,29 @@ size_t ObjectTable::TouchPrefix(const std::vector<ObjectKey>& keys) {
 // ------------------------------------------------------------------------------------------
 // Bulk release.
 
-size_t ObjectTable::ReleaseRequest(RequestId request) {
+size_t ObjectTable::ReleaseRequest(RequestId request, uint64_t* leases_released) {
   Events ev;
   size_t n = 0;
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = ledgers_.find(request);
     if (it == ledgers_.end()) return 0;
-    n = DropEntriesLocked(&it->second, /*only_expired=*/false, TimePoint{}, &ev);
+    n = DropEntriesLocked(&it->second, /*only_expired=*/false, TimePoint{}, &ev, leases_released);
     EraseLedgerLocked(it);
   }
   Dispatch(&ev);
   return n;
 }
 
-size_t ObjectTable::ReleaseClient(ClientId client) {
+size_t ObjectTable::ReleaseClient(ClientId client, uint64_t* leases_released) {
   Events ev;
   size_t n = 0;
   {
     std::lock_guard<std::mutex> lock(mu_);
     for (auto it = ledgers_.begin(); it != ledgers_.end();) {
       if (it->second.client == client) {
-        n += DropEntriesLocked(&it->second, /*only_expired=*/false, TimePoint{}, &ev);
+        n += DropEntriesLocked(&it->second, /*only_expired=*/false, TimePoint{}, &ev,
+                               leases_released);
         it = EraseLedgerLocked(it);
       } else {
         ++it;
@@ -752,6 +754,24 @@ std::optional<ObjectInfo> ObjectTable::Info(const ObjectKey& key) const {
   const SlotId* cur = index_->Find(key);
   if (cur == nullptr) return std::nullopt;
   const Slot& s = slots_[*cur];
+  ObjectInfo info;
+  info.key = s.key;
+  info.state = s.state;
+  info.offset = s.extent.offset;
+  info.size = s.size;
+  info.readers = s.readers;
+  info.temporary = s.temporary;
+  info.detached = s.detached;
+  return info;
+}
+
+std::optional<ObjectInfo> ObjectTable::LeasedInfo(RequestId request, const ObjectKey& key) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto lit = ledgers_.find(request);
+  if (lit == ledgers_.end()) return std::nullopt;
+  const LeaseEntry* e = lit->second.entries->Find(key);
+  if (e == nullptr || e->reads == 0) return std::nullopt;
+  const Slot& s = slots_[e->slot];
   ObjectInfo info;
   info.key = s.key;
   info.state = s.state;

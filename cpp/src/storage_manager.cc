@@ -59,12 +59,16 @@ void StorageManager::Stop() {
 
 size_t StorageManager::EndRequest(RequestId request) {
   prefetch_->EndRequest(request);
-  return table_->ReleaseRequest(request);
+  uint64_t leases = 0;
+  table_->ReleaseRequest(request, &leases);
+  return leases;
 }
 
 size_t StorageManager::EndClient(ClientId client) {
   prefetch_->EndClient(client);
-  return table_->ReleaseClient(client);
+  uint64_t leases = 0;
+  table_->ReleaseClient(client, &leases);
+  return leases;
 }
 
 StorageStats StorageManager::stats() const {

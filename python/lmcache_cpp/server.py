@@ -83,6 +83,7 @@ from lmcache_cpp.protocol import (
 
 __all__ = [
     "BLOCKING_REQUESTS",
+    "BLOCKING_WITHOUT_L2",
     "CacheServer",
     "Dispatcher",
     "EngineLike",
@@ -108,7 +109,14 @@ BLOCKING_REQUESTS: Final = frozenset(
         RequestType.CLEAR,
     }
 )
-"""Requests run on the worker pool; every other request runs on the socket thread."""
+"""Requests run on the worker pool; every other request runs on the socket thread.
+
+Without L2 adapters nothing can make SYNC_LOOKUP, FREE_LOOKUP_LOCKS or PREPARE_RETRIEVE wait (no
+L2 lookup, no pending load to join), so a server with no L2 answers them on the socket thread
+(:data:`BLOCKING_WITHOUT_L2` stays on the pool)."""
+
+BLOCKING_WITHOUT_L2: Final = frozenset({RequestType.WAIT_PREFETCH_STATUS, RequestType.CLEAR})
+"""The pool's requests when the storage has no L2 adapter."""
 
 _MALFORMED: Final = "MALFORMED"  # metrics name of a request whose type could not be read
 _CLIENT_ID_BITS: Final = 63  # fits both a signed and an unsigned 64-bit ClientId
@@ -435,9 +443,11 @@ class Dispatcher:
         *,
         hello: Callable[[int, HelloRequest], Mapping[str, Any]] | None = None,
         server_status: Callable[[], Mapping[str, Any]] | None = None,
+        has_l2: bool = True,
     ) -> None:
         self._engine = engine
         self._limits = limits
+        self._blocking = BLOCKING_REQUESTS if has_l2 else BLOCKING_WITHOUT_L2
         self._hello = hello
         self._server_status = server_status
         self._handlers: dict[RequestType, Handler] = {
@@ -467,9 +477,8 @@ class Dispatcher:
     def decode(self, frames: list[bytes]) -> Request:
         return decode_request(frames, self._limits)
 
-    @staticmethod
-    def is_blocking(request_type: RequestType) -> bool:
-        return request_type in BLOCKING_REQUESTS
+    def is_blocking(self, request_type: RequestType) -> bool:
+        return request_type in self._blocking
 
     def execute(self, client: int, request: Request) -> tuple[list[bytes], int]:
         rt = request.request_type
@@ -648,6 +657,14 @@ class _PendingJob:
 _STOP_TOKEN: Final = 0  # never a job token (tokens start at 1)
 
 
+def _has_l2(storage: object) -> bool:
+    """Whether ``storage`` (a StorageManager, or None) may have L2 adapters; True when unknown."""
+    adapters = getattr(storage, "adapters", None)
+    if not callable(adapters):
+        return True
+    return len(adapters()) > 0
+
+
 class CacheServer:
     """Serves a ``_core.CacheEngine`` over ZeroMQ (see the module docstring and docs/protocol.md).
 
@@ -677,6 +694,7 @@ class CacheServer:
             self._options.limits,
             hello=self._hello_reply,
             server_status=self._server_status,
+            has_l2=_has_l2(storage),
         )
         self._lifecycle = threading.Lock()
         self._state = "new"  # new -> running -> stopped, guarded by _lifecycle

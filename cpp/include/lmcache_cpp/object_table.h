@@ -232,10 +232,12 @@ class ObjectTable {
 
   // ---- releasing in bulk ------------------------------------------------------------------
   // Drops every lease of the request (read leases returned, writes aborted). Returns the number
-  // of ledger entries dropped (0 when the request holds nothing).
-  size_t ReleaseRequest(RequestId request);
-  // Drops the ledgers of every request first seen from `client`.
-  size_t ReleaseClient(ClientId client);
+  // of ledger entries dropped (0 when the request holds nothing); adds the number of leases
+  // (read leases plus write leases) dropped to *leases_released when it is not null.
+  size_t ReleaseRequest(RequestId request, uint64_t* leases_released = nullptr);
+  // Drops the ledgers of every request first seen from `client`. Returns and counts as
+  // ReleaseRequest.
+  size_t ReleaseClient(ClientId client, uint64_t* leases_released = nullptr);
   // Drops ledger entries whose TTL has passed (clock->Now()). Returns how many.
   size_t ReapExpired();
 
@@ -255,6 +257,9 @@ class ObjectTable {
   std::optional<ObjectInfo> Info(const ObjectKey& key) const;
   // Read leases `request` holds on `key` (0 if none).
   uint32_t LeasesHeld(RequestId request, const ObjectKey& key) const;
+  // The object the request's read lease on `key` refers to (which may be a detached generation
+  // after a forced Clear), or nullopt when the request holds no read lease on it.
+  std::optional<ObjectInfo> LeasedInfo(RequestId request, const ObjectKey& key) const;
   ObjectTableStats stats() const;
   // Verifies every cross-structure invariant (index, slots, ledgers, policy, allocator). Tests.
   Status CheckInvariants() const;
@@ -317,7 +322,8 @@ class ObjectTable {
   void ReturnReadsLocked(SlotId s, uint32_t n, Events* ev);
   void DropLedgerEntryLocked(const LeaseEntry& e, Events* ev);
   // Drops the ledger's entries (all, or only those expired at `now`), last acquired first.
-  size_t DropEntriesLocked(Ledger* ledger, bool only_expired, TimePoint now, Events* ev);
+  size_t DropEntriesLocked(Ledger* ledger, bool only_expired, TimePoint now, Events* ev,
+                           uint64_t* leases = nullptr);
   // Adds `count` read leases on slot `s` to the ledger. Returns false (changing nothing) when the
   // ledger holds `key` for another slot: a detached generation.
   bool GrantReadLocked(Ledger* ledger, const ObjectKey& key, SlotId s, uint32_t count,
