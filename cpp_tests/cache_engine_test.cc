@@ -165,13 +165,14 @@ class CacheEngineTest : public ::testing::Test {
   void SetUp() override { Build(); }
   void TearDown() override { Shutdown(); }
 
-  void Build(EngineConfig config = {}, size_t objects = 256) {
+  void Build(EngineConfig config = {}, size_t objects = 256, ObjectTableOptions table = {}) {
     Shutdown();
     clock_ = std::make_shared<ManualClock>();
     adapter_ = std::shared_ptr<MemoryL2Adapter>(
         MemoryL2Adapter::Create(MemoryAdapterOptions{}).value().release());
     StorageManagerConfig sc;
     sc.arena.size_bytes = objects * kObjBytes;
+    sc.table = table;
     sc.adapters.push_back(adapter_);
     auto storage = StorageManager::Create(std::move(sc));
     ASSERT_TRUE(storage.ok()) << storage.status().ToString();
@@ -631,6 +632,13 @@ TEST_F(CacheEngineTest, EachMlaWorkerReturnsOneLeaseAndTheLastMakesTheObjectEvic
   EXPECT_EQ(s.evictable, 3u);
   EXPECT_EQ(Retrieve(15, TokenKey(tokens, "r", 0, 3 * kCs)).code(), StatusCode::kKeyAbsent)
       << "a fifth reader has no lease left";
+
+  // Ending a request returns every reader's lease: 3 objects x 4 readers.
+  EngineKey other = scheduler;
+  other.request_id = "r2";
+  EXPECT_EQ(LookupAndWait(10, other, 4).hit_chunks, 3u);
+  EXPECT_EQ(engine_->EndSession(10, kModel, "r2"), 12u);
+  EXPECT_EQ(table()->stats().read_leases, 0u);
 }
 
 TEST_F(CacheEngineTest, TpSizeMustBeAPositiveMultipleOfTheWorldSize) {
@@ -822,6 +830,22 @@ TEST_F(CacheEngineTest, TwoPhaseLookupNeverWaitsForAStalledL2) {
   EXPECT_EQ(engine_->stats().l2_hit_chunks, 5u);
 }
 
+TEST_F(CacheEngineTest, ARetrieveWhoseLoadOutlastsItsDeadlineTimesOut) {
+  Register(1);
+  auto tokens = Tokens(2 * kCs, 1);
+  ASSERT_NO_FATAL_FAILURE(StoreInL2Only(tokens, 2));
+  adapter_->InjectFault(L2Op::kLoad, 1, Fault{Fault::Kind::kStall, {}});
+  auto sync = engine_->SyncLookup(2, TokenKey(tokens, "r"), 1, kWait);
+  ASSERT_TRUE(sync.ok()) << sync.status().ToString();
+  EXPECT_EQ(sync->l2_chunks, 2u);
+  ASSERT_TRUE(adapter_->WaitForBlockedOperations(1, kWait));
+  EXPECT_EQ(engine_->PrepareRetrieve(3, TokenKey(tokens, "r"), milliseconds(20)).status().code(),
+            StatusCode::kTimeout);
+  EXPECT_EQ(engine_->stats().transfers, 0u);
+  adapter_->SetStalled(false);
+  EXPECT_TRUE(Retrieve(3, TokenKey(tokens, "r")).ok()) << "the default deadline outlasts the load";
+}
+
 // ---- sessions and clients ------------------------------------------------------------------
 
 TEST_F(CacheEngineTest, EndSessionLeavesNothingBehind) {
@@ -845,7 +869,7 @@ TEST_F(CacheEngineTest, EndSessionLeavesNothingBehind) {
   EXPECT_EQ(table()->stats().temporary, 4u);
 
   EXPECT_EQ(engine_->stats().sessions, 1u);
-  EXPECT_GT(engine_->EndSession(2, kModel, "r"), 0u);
+  EXPECT_EQ(engine_->EndSession(2, kModel, "r"), 8u) << "the leases released, not objects";
   EXPECT_EQ(engine_->stats().requests, 0u);
   EXPECT_EQ(engine_->stats().sessions, 0u) << "the hashing session went with the request";
   EXPECT_EQ(engine_->stats().ended_sessions, 1u);
@@ -887,7 +911,7 @@ TEST_F(CacheEngineTest, EndClientAbortsItsStoresAndDropsItsTicketsRegistrationsA
   EXPECT_EQ(table()->stats().write_leases, 3u);
   EXPECT_EQ(engine_->stats().transfers, 2u);
 
-  EXPECT_GT(engine_->EndClient(5), 0u);
+  EXPECT_EQ(engine_->EndClient(5), 8u) << "r5's read leases (the store was aborted first)";
   const ObjectTableStats s = table()->stats();
   EXPECT_EQ(s.write_leases, 0u);
   EXPECT_EQ(s.writing, 0u);
@@ -1235,6 +1259,28 @@ TEST_F(CacheEngineTest, TheNumberOfOpenRequestsIsBounded) {
   (void)engine_->EndSession(2, kModel, "b");
   EXPECT_TRUE(engine_->Lookup(2, TokenKey(tokens, "c"), 1).ok());
   EXPECT_EQ(engine_->stats().requests, 2u);
+}
+
+TEST_F(CacheEngineTest, AStoreIntoAnL1FullOfLeasedObjectsIsOutOfMemoryAndReservesNothing) {
+  EngineConfig c;
+  c.max_transfers_per_client = 1;
+  ObjectTableOptions no_background_eviction;
+  no_background_eviction.high_watermark = 1.0;
+  no_background_eviction.low_watermark = 1.0;
+  ASSERT_NO_FATAL_FAILURE(Build(c, /*objects=*/6, no_background_eviction));
+  Register(1);
+  const uint64_t fit = table()->stats().capacity_bytes / kObjBytes;  // objects the arena holds
+  ASSERT_GE(fit, 2u);
+  auto tokens = Tokens(fit * kCs, 1);
+  ASSERT_EQ(Store(1, TokenKey(tokens, "")), fit);
+  EXPECT_EQ(LookupAndWait(2, TokenKey(tokens, "r")).hit_chunks, fit);  // nothing is evictable
+  EXPECT_EQ(engine_->PrepareStore(1, TokenKey(Tokens(kCs, 2), "")).status().code(),
+            StatusCode::kOutOfMemory);
+  EXPECT_EQ(engine_->stats().transfers, 0u);
+  EXPECT_EQ(table()->stats().write_leases, 0u);
+  ASSERT_TRUE(engine_->FreeLookupLocks(2, TokenKey(tokens, "r"), 1).ok());
+  EXPECT_EQ(Store(1, TokenKey(Tokens(kCs, 2), "")), 1u)
+      << "the failed store gave its transfer slot back; an unleased object was evicted";
 }
 
 // ---- concurrency ---------------------------------------------------------------------------

@@ -213,7 +213,8 @@ class CacheEngine {
   // leased objects), ResourceExhausted (client's tickets).
   Result<TransferTicket> PrepareStore(ClientId client, const EngineKey& key);
   // Publishes (success) or aborts the reserved objects. Returns the objects published.
-  // Errors: NotFound (unknown ticket, or a retrieve ticket), PermissionDenied, LeaseNotHeld (the
+  // Errors: NotFound (unknown ticket), InvalidArgument (a retrieve ticket), PermissionDenied,
+  // LeaseNotHeld (the
   // reservation expired: nothing was published).
   Result<uint64_t> CommitStore(ClientId client, const JobHandle& handle, bool success = true);
   // Joins the request's pending sync load (up to `timeout`, nullopt = retrieve_wait_timeout), then
