@@ -214,8 +214,7 @@ class CacheEngine {
   Result<TransferTicket> PrepareStore(ClientId client, const EngineKey& key);
   // Publishes (success) or aborts the reserved objects. Returns the objects published.
   // Errors: NotFound (unknown ticket), InvalidArgument (a retrieve ticket), PermissionDenied,
-  // LeaseNotHeld (the
-  // reservation expired: nothing was published).
+  // LeaseNotHeld (the reservation expired: nothing was published).
   Result<uint64_t> CommitStore(ClientId client, const JobHandle& handle, bool success = true);
   // Joins the request's pending sync load (up to `timeout`, nullopt = retrieve_wait_timeout), then
   // returns the offsets of the objects of [start, end), each of which must be present and leased
