@@ -540,6 +540,15 @@ uint64_t CacheEngine::EndSession(ClientId client, std::string_view model_name,
 
 // ---- transfers -------------------------------------------------------------------------------
 
+JobHandle CacheEngine::InsertTicketLocked(ClientId client, Ticket ticket) {
+  JobHandle h = JobHandle::Random();
+  while (tickets_.count(h) != 0) h = JobHandle::Random();
+  ticket.client = client;
+  ticket.created = clock_->Now();
+  tickets_.emplace(h, std::make_unique<Ticket>(std::move(ticket)));
+  return h;
+}
+
 Result<CacheEngine::Ticket> CacheEngine::TakeTicket(ClientId client, const JobHandle& handle,
                                                     bool store) {
   std::lock_guard<std::mutex> l(mu_);
@@ -614,12 +623,7 @@ Result<TransferTicket> CacheEngine::PrepareStore(ClientId client, const EngineKe
   const uint64_t skipped = rk.keys.size() - reserved;
   {
     std::lock_guard<std::mutex> l(mu_);
-    JobHandle h = JobHandle::Random();
-    while (tickets_.count(h) != 0) h = JobHandle::Random();
-    t.client = client;
-    t.created = clock_->Now();
-    tickets_.emplace(h, std::make_unique<Ticket>(std::move(t)));
-    out.handle = h;
+    out.handle = InsertTicketLocked(client, std::move(t));
     ++counters_.stores;
     counters_.store_skipped += skipped;
   }
@@ -696,12 +700,7 @@ Result<TransferTicket> CacheEngine::PrepareRetrieve(ClientId client, const Engin
                                        " uncommitted transfers (the limit)");
     }
     ++per;
-    JobHandle h = JobHandle::Random();
-    while (tickets_.count(h) != 0) h = JobHandle::Random();
-    t.client = client;
-    t.created = clock_->Now();
-    tickets_.emplace(h, std::make_unique<Ticket>(std::move(t)));
-    out.handle = h;
+    out.handle = InsertTicketLocked(client, std::move(t));
     ++counters_.retrieves;
     counters_.retrieve_chunks += n;
   }

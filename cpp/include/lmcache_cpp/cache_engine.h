@@ -258,6 +258,9 @@ class CacheEngine {
   Result<uint32_t> Readers(const Namespace& ns, uint32_t tp_size) const;
   Result<std::optional<LookupResult>> Collect(ClientId client, const JobHandle& handle,
                                               const Result<std::optional<PrefetchResult>>& result);
+  // Stores the ticket under a fresh random handle. REQUIRES: mu_ held (the per-client count is
+  // the caller's).
+  JobHandle InsertTicketLocked(ClientId client, Ticket ticket);
   Result<Ticket> TakeTicket(ClientId client, const JobHandle& handle, bool store);
   void DropTicket(const Ticket& ticket);
   void ReapLoop();
