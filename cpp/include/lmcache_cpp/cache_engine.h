@@ -37,7 +37,7 @@
 // Lifetime: the storage manager must outlive the engine. Stop() (or the destructor) joins the
 // reaper thread; it does not stop the storage manager.
 //
-// Status: stable API (docs/embedding.md), except fields marked "unstable".
+// Stability: stable (docs/embedding.md), except what is marked unstable below.
 #ifndef LMCACHE_CPP_CACHE_ENGINE_H_
 #define LMCACHE_CPP_CACHE_ENGINE_H_
 
@@ -64,7 +64,7 @@
 
 namespace lmcache_cpp {
 
-// Internal request ids of engine transfer tickets (store reservations).
+// Internal request ids of engine transfer tickets (store reservations). Unstable.
 inline constexpr RequestId kTransferRequestBase = kInternalRequestBit | (RequestId{1} << 61);
 
 struct EngineConfig {
