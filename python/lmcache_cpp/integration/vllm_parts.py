@@ -1,0 +1,467 @@
+"""The vLLM-independent parts of the vLLM connector (:mod:`lmcache_cpp.integration.vllm`).
+
+* :class:`ConnectorConfig`: the ``kv_connector_extra_config`` keys, validated.
+* :class:`ServerHealth`: "is the cache server usable", logged once per outage, with a rate limit
+  on reconnection attempts.
+* :func:`kv_view_of`: the core's :class:`~lmcache_cpp.KvCacheView` of vLLM's per-layer KV tensors.
+* :class:`WorkerSession`: one worker's registration and arena mapping on one server incarnation,
+  and the store/retrieve transfers through it, each checked against a server restart.
+* The plain-data messages from the scheduler side to the workers (:class:`ConnectorMeta`).
+
+Nothing here imports vLLM or torch at module level, so it can be used and tested without them.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from lmcache_cpp import _core
+from lmcache_cpp.client import CacheClient, HelloInfo, Key, TransferTicket
+from lmcache_cpp.errors import DeadlineExceededError, InternalError, LMCacheError, UnavailableError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "ConnectorConfig",
+    "ConnectorMeta",
+    "KeySpec",
+    "LoadOp",
+    "ServerHealth",
+    "StoreOp",
+    "WorkerSession",
+    "kv_view_of",
+]
+
+_log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# The client completes every future by its reply deadline; this only guards against a client
+# whose I/O thread is gone.
+_FUTURE_GUARD_S: Final = 600.0
+
+
+def _result(future: concurrent.futures.Future[T]) -> T:
+    try:
+        return future.result(timeout=_FUTURE_GUARD_S)
+    except concurrent.futures.TimeoutError:
+        raise DeadlineExceededError("no reply (the client's I/O thread is gone)") from None
+
+
+LOOKUP_MODES: Final = ("sync", "async")
+KEY_MODES: Final = ("hash", "tokens")
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass(frozen=True)
+class ConnectorConfig:
+    """``kv_connector_extra_config`` of the connector (see ``docs/vllm.md``).
+
+    ``endpoint``: the cache server. ``lookup_mode``: ``sync`` (one SYNC_LOOKUP per request) or
+    ``async`` (LOOKUP, then non-blocking QUERY_PREFETCH_STATUS on later scheduler steps).
+    ``key_mode``: ``hash`` (vLLM's block hashes) or ``tokens`` (token ids). ``model_name``: the
+    cache namespace (default: vLLM's served model name, dtype and KV cache dtype).
+    ``timeout_s``: reply deadline of transfers and housekeeping requests. ``lookup_timeout_s``: how
+    long a lookup may take (the L2 deadline of SYNC_LOOKUP; an async lookup not answered by then
+    is a miss). ``retry_interval_s``: while the server is unusable, at most one reconnection
+    attempt per interval. ``copy_threads``: threads of the KV copy kernels (0 = the shared pool).
+    """
+
+    endpoint: str = "tcp://127.0.0.1:5555"
+    lookup_mode: str = "sync"
+    key_mode: str = "hash"
+    model_name: str | None = None
+    timeout_s: float = 5.0
+    lookup_timeout_s: float = 2.0
+    retry_interval_s: float = 1.0
+    copy_threads: int = 0
+
+    @classmethod
+    def from_extra(cls, extra: Mapping[str, Any] | None) -> ConnectorConfig:
+        """Parses ``kv_connector_extra_config``; ValueError for unknown keys or bad values (a
+        misspelt key must not be ignored silently)."""
+        extra = dict(extra or {})
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(extra) - known)
+        if unknown:
+            raise ValueError(
+                f"LMCacheCppConnector: unknown kv_connector_extra_config key(s) {unknown}; "
+                f"known: {sorted(known)}"
+            )
+        config = cls(**extra)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if not isinstance(self.endpoint, str) or "://" not in self.endpoint:
+            raise ValueError(f"endpoint must be a ZeroMQ URL, got {self.endpoint!r}")
+        if self.lookup_mode not in LOOKUP_MODES:
+            raise ValueError(f"lookup_mode must be one of {LOOKUP_MODES}, got {self.lookup_mode!r}")
+        if self.key_mode not in KEY_MODES:
+            raise ValueError(f"key_mode must be one of {KEY_MODES}, got {self.key_mode!r}")
+        if self.model_name is not None and (
+            not isinstance(self.model_name, str) or not self.model_name
+        ):
+            raise ValueError("model_name must be a non-empty string")
+        for name in ("timeout_s", "lookup_timeout_s", "retry_interval_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be positive, got {value!r}")
+        if isinstance(self.copy_threads, bool) or not isinstance(self.copy_threads, int):
+            raise ValueError(f"copy_threads must be an int, got {self.copy_threads!r}")
+        if self.copy_threads < 0:
+            raise ValueError(f"copy_threads must be >= 0, got {self.copy_threads}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Server health
+
+
+class ServerHealth:
+    """Whether the cache server is usable, as seen by one side of the connector.
+
+    The first failure of an outage is logged at WARNING and later ones at DEBUG; the recovery is
+    logged at INFO. While the server is down, :meth:`may_retry` allows one attempt per
+    ``retry_interval_s``. Thread-safe.
+    """
+
+    def __init__(self, what: str, retry_interval_s: float, *, up: bool = True) -> None:
+        self._what = what
+        self._interval = retry_interval_s
+        self._lock = threading.Lock()
+        self._up = up  # GUARDED_BY(_lock)
+        self._next_try = 0.0  # GUARDED_BY(_lock)
+        self.outages = 0  # GUARDED_BY(_lock): failures that took the server down
+
+    @property
+    def up(self) -> bool:
+        with self._lock:
+            return self._up
+
+    def failed(self, error: BaseException | str) -> None:
+        with self._lock:
+            was_up = self._up
+            self._up = False
+            self._next_try = time.monotonic() + self._interval
+            if was_up:
+                self.outages += 1
+        if was_up:
+            _log.warning(
+                "lmcache_cpp %s: the cache server is unusable (%s); vLLM recomputes what it would "
+                "have loaded, and reconnection is retried every %.1f s",
+                self._what,
+                error,
+                self._interval,
+            )
+        else:
+            _log.debug("lmcache_cpp %s: the cache server is still unusable: %s", self._what, error)
+
+    def succeeded(self) -> None:
+        with self._lock:
+            was_up = self._up
+            self._up = True
+        if not was_up:
+            _log.info("lmcache_cpp %s: the cache server is usable again", self._what)
+
+    def may_retry(self) -> bool:
+        """True (at most once per interval) when a reconnection attempt should be made now."""
+        with self._lock:
+            if self._up:
+                return True
+            now = time.monotonic()
+            if now < self._next_try:
+                return False
+            self._next_try = now + self._interval
+            return True
+
+
+# ---------------------------------------------------------------------------------------------
+# KV tensors
+
+
+def kv_view_of(tensors: Sequence[torch.Tensor], block_size: int) -> _core.KvCacheView:
+    """The core's view of vLLM's per-layer KV tensors (zero copy; the tensors must outlive it).
+
+    Layouts (per layer, ``NB`` blocks of ``BS`` = ``block_size`` tokens, ``H`` KV heads of ``D``):
+
+    * vLLM's CPU attention backend: ``[NB, H, BS, 2*D]``, each head's block holding its ``BS``
+      K rows then its ``BS`` V rows. The core has no layout with K/V inside the head, so every
+      (layer, head) becomes one FlashInfer-style layer ``[NB, 2, BS, 1, D]`` with the real
+      strides: the bytes of a block plane are contiguous, token-granular skips stay exact.
+    * ``[2, NB, BS, H, D]`` (NHD) or ``[2, NB, H, BS, D]`` (HND), also as a permuted view (the
+      physical order decides), ``[NB, 2, BS, H, D]`` (FlashInfer), ``[NB, BS, D]`` (MLA).
+
+    ValueError for anything else (the connector then stays disabled).
+    """
+    if not tensors:
+        raise ValueError("no KV cache tensors")
+    first = tensors[0]
+    if first.device.type != "cpu":
+        raise ValueError(
+            f"KV caches on {first.device} need the GPU data path, which this build does not have"
+        )
+    shape = tuple(first.shape)
+    if first.dim() == 4 and shape[2] == block_size and shape[3] % 2 == 0:
+        nb, heads, bs, two_d = shape
+        d = two_d // 2
+        layers: list[Any] = []
+        for t in tensors:
+            per_head = t.view(nb, heads, 2, bs, d)
+            layers.extend(per_head[:, h].unsqueeze(3) for h in range(heads))
+        return _core.KvCacheView(layers, _core.KvLayout.FLASHINFER)
+    if first.dim() == 5 and shape[0] == 2:
+        token_dim = 2 if shape[2] == block_size else 3
+        head_dim = 5 - token_dim
+        if first.stride(token_dim) >= first.stride(head_dim):  # tokens outside heads: NHD
+            perm = (0, 1, token_dim, head_dim, 4)
+            layout = _core.KvLayout.NHD
+        else:
+            perm = (0, 1, head_dim, token_dim, 4)
+            layout = _core.KvLayout.HND
+        return _core.KvCacheView([t.permute(*perm) for t in tensors], layout)
+    if first.dim() == 5 and shape[1] == 2 and shape[2] == block_size:
+        return _core.KvCacheView(list(tensors), _core.KvLayout.FLASHINFER)
+    if first.dim() == 3 and shape[1] == block_size:
+        return _core.KvCacheView(list(tensors), _core.KvLayout.MLA)
+    raise ValueError(
+        f"unsupported KV cache tensor shape {shape} (strides {first.stride()}) for block size "
+        f"{block_size}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Scheduler -> worker messages (plain data: vLLM pickles them to the workers)
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    """What a worker needs to build a request's key: the request's lease id (the server's
+    request id), and its token ids (uint32 LE bytes) or vLLM block hashes, covering at least the
+    op's range."""
+
+    lease_id: str
+    data: bytes
+    hashes: bool
+    block_hash_size: int
+    cache_salt: str
+
+    def key(self, model: str, world_size: int, worker_id: int, start: int, end: int) -> Key:
+        if self.hashes:
+            return Key(
+                model,
+                world_size,
+                worker_id,
+                self.lease_id,
+                block_hashes=self.data,
+                block_hash_size=self.block_hash_size,
+                cache_salt=self.cache_salt,
+                start=start,
+                end=end,
+            )
+        return Key(
+            model,
+            world_size,
+            worker_id,
+            self.lease_id,
+            tokens=self.data,
+            cache_salt=self.cache_salt,
+            start=start,
+            end=end,
+        )
+
+
+@dataclass(frozen=True)
+class LoadOp:
+    """Load tokens ``[start, end)`` (``start`` chunk aligned) of a request into its blocks,
+    leaving its first ``skip`` tokens (vLLM's own prefix-cache hit) untouched."""
+
+    req_id: str
+    key: KeySpec
+    block_ids: tuple[int, ...]
+    start: int
+    end: int
+    skip: int
+
+
+@dataclass(frozen=True)
+class StoreOp:
+    """Store the whole chunks of tokens ``[start, end)`` of a request from its blocks."""
+
+    req_id: str
+    key: KeySpec
+    block_ids: tuple[int, ...]
+    start: int
+    end: int
+
+
+@dataclass
+class ConnectorMeta:
+    """One scheduler step's work for the workers (a ``KVConnectorMetadata`` in vLLM)."""
+
+    loads: list[LoadOp] = field(default_factory=list)
+    stores: list[StoreOp] = field(default_factory=list)
+    preempted: set[str] = field(default_factory=set)
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker transfers
+
+
+class StaleSessionError(UnavailableError):
+    """The server that answered is not the one this worker registered with (it restarted)."""
+
+
+class WorkerSession:
+    """One worker's registration on one server incarnation: the client id the server gave this
+    connection, the registration and the mapped arena.
+
+    A restarted server forgets registrations and hands out a new arena, yet answers a reconnected
+    client as if nothing happened. Each transfer therefore sends HELLO *after* its PREPARE and
+    checks the client id before touching the arena: if the server restarted before the PREPARE,
+    the id differs and nothing is copied; if it restarted after the HELLO, the COMMIT fails. No
+    byte is ever read from or published into an arena of another incarnation.
+
+    Thread-safe: transfers may run on several threads at once. A session never changes; a
+    reconnection makes a new one (:meth:`open`).
+    """
+
+    def __init__(
+        self,
+        client: CacheClient,
+        client_id: int,
+        registration: Mapping[str, Any],
+        kv: _core.KvCacheView,
+        *,
+        copy_threads: int = 0,
+    ) -> None:
+        self._client = client
+        self.client_id = client_id
+        self.registration_id = int(registration["registration_id"])
+        self.chunk_size = int(registration["chunk_size"])
+        self._object_bytes = int(registration["object_bytes"])
+        self._kv = kv
+        self._blocks_per_chunk = self.chunk_size // int(kv.layout.block_size)
+        self._threads = copy_threads
+        if self._object_bytes != kv.object_bytes(self.chunk_size):
+            raise InternalError(
+                f"the server's objects are {self._object_bytes} bytes, this KV cache's chunks "
+                f"{kv.object_bytes(self.chunk_size)}"
+            )
+        descriptor = _core.ArenaDescriptor(registration["arena_path"], registration["arena_size"])
+        self._arena = _core.AttachedArena(descriptor)
+
+    @classmethod
+    def open(
+        cls,
+        client: CacheClient,
+        model: str,
+        world_size: int,
+        worker_id: int,
+        kv: _core.KvCacheView,
+        *,
+        copy_threads: int = 0,
+    ) -> WorkerSession:
+        """HELLO (for the client id), REGISTER_KV_CACHE, map the arena. Raises on failure."""
+        info = client.hello("vllm-worker")
+        registration = client.register_kv_cache(model, world_size, worker_id, kv.layout)
+        return cls(client, info.client_id, registration, kv, copy_threads=copy_threads)
+
+    def _prepare(
+        self, prepare: concurrent.futures.Future[TransferTicket]
+    ) -> tuple[TransferTicket, concurrent.futures.Future[HelloInfo]]:
+        """Sends HELLO right behind a PREPARE (one round trip for both) and waits for the
+        ticket."""
+        hello = self._client.async_hello("vllm-worker")
+        return _result(prepare), hello
+
+    def _check_same_server(self, hello: concurrent.futures.Future[HelloInfo]) -> None:
+        info = _result(hello)
+        if info.client_id != self.client_id:
+            raise StaleSessionError(
+                f"the cache server restarted (client id {info.client_id}, registered as "
+                f"{self.client_id})"
+            )
+
+    def _chunk(self, block_ids: Sequence[int], chunk: int) -> npt.NDArray[np.int64]:
+        lo, hi = chunk * self._blocks_per_chunk, (chunk + 1) * self._blocks_per_chunk
+        if hi > len(block_ids):
+            raise InternalError(f"chunk {chunk} needs blocks [{lo}, {hi}), have {len(block_ids)}")
+        return np.asarray(block_ids[lo:hi], dtype=np.int64)
+
+    def _object(self, offset: int) -> npt.NDArray[np.uint8]:
+        if offset < 0 or offset + self._object_bytes > self._arena.size:
+            raise InternalError(f"object offset {offset} is outside the arena")
+        return self._arena.view(offset, self._object_bytes)
+
+    def store(self, key: Key, block_ids: Sequence[int]) -> int:
+        """PREPARE_STORE, same-server check, gather, COMMIT_STORE; returns objects published."""
+        ticket, hello = self._prepare(self._client.async_prepare_store(key))
+        try:
+            self._check_same_server(hello)
+            chunk_ids, objects = [], []
+            for i, offset in enumerate(ticket.offsets):
+                if offset >= 0:
+                    chunk_ids.append(self._chunk(block_ids, ticket.first_chunk + i))
+                    objects.append(self._object(offset))
+            if objects:
+                self._kv.gather_batch(
+                    self.chunk_size, chunk_ids, objects, num_threads=self._threads
+                )
+        except BaseException:
+            self._abandon(lambda: self._client.commit_store(ticket.handle, success=False))
+            raise
+        return self._client.commit_store(ticket.handle, success=True)
+
+    def retrieve(self, key: Key, block_ids: Sequence[int], skip: int) -> None:
+        """PREPARE_RETRIEVE, same-server check, scatter (leaving the first ``skip`` tokens of the
+        request untouched), COMMIT_RETRIEVE. Raises unless every chunk arrived intact."""
+        ticket, hello = self._prepare(self._client.async_prepare_retrieve(key))
+        try:
+            self._check_same_server(hello)
+            cs = self.chunk_size
+            chunk_ids, objects, skips = [], [], []
+            for i, offset in enumerate(ticket.offsets):
+                chunk = ticket.first_chunk + i
+                if offset < 0:
+                    raise InternalError(f"chunk {chunk} has no object")
+                chunk_skip = min(max(skip - chunk * cs, 0), cs)
+                if chunk_skip < cs:
+                    chunk_ids.append(self._chunk(block_ids, chunk))
+                    objects.append(self._object(offset))
+                    skips.append(chunk_skip)
+            if objects:
+                self._kv.scatter_batch(
+                    cs, objects, chunk_ids, skip_tokens=skips, num_threads=self._threads
+                )
+        except BaseException:
+            self._abandon(lambda: self._client.commit_retrieve(ticket.handle))
+            raise
+        self._client.commit_retrieve(ticket.handle)
+
+    def close(self) -> None:
+        """Unregisters (best effort: the server may be gone). The arena stays mapped until the
+        last transfer holding this session drops it."""
+        self._abandon(lambda: self._client.unregister_kv_cache(self.registration_id))
+
+    @staticmethod
+    def _abandon(call: Callable[[], object]) -> None:
+        try:
+            call()
+        except LMCacheError as exc:
+            _log.debug("lmcache_cpp worker: cleanup request failed: %s", exc)
