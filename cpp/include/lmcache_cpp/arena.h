@@ -17,6 +17,9 @@
 //
 // Thread safety: immutable after construction; base()/size() may be read from any thread. The
 // bytes themselves are synchronised by the object table's leases, not by the arena.
+//
+// Stability: stable: ArenaOptions, ArenaDescriptor, Arena (base, size, descriptor) and
+// AttachedArena.
 #ifndef LMCACHE_CPP_ARENA_H_
 #define LMCACHE_CPP_ARENA_H_
 

@@ -4,6 +4,8 @@
 // are present, which keys every tier has, how many are set).
 //
 // Thread safety: a value type; not synchronised.
+//
+// Stability: stable (L2 adapter callbacks and SyncL2Adapter results use it).
 #ifndef LMCACHE_CPP_BITMAP_H_
 #define LMCACHE_CPP_BITMAP_H_
 

@@ -29,6 +29,9 @@
 //
 // Thread safety: ChunkHasher is immutable after construction; all methods are const and may be
 // called concurrently. Each call uses its own digest context.
+//
+// Stability: unstable API, except HashAlgorithm (EngineConfig::hash_algorithm). The hash
+// values themselves name L2 objects, so they only change with a new format (old objects then miss).
 #ifndef LMCACHE_CPP_CHUNK_HASH_H_
 #define LMCACHE_CPP_CHUNK_HASH_H_
 

@@ -4,6 +4,8 @@
 // TTL expiry is tested without sleeping.
 //
 // Thread safety: Now() may be called from any thread. ManualClock::Advance may race with Now().
+//
+// Stability: stable.
 #ifndef LMCACHE_CPP_CLOCK_H_
 #define LMCACHE_CPP_CLOCK_H_
 

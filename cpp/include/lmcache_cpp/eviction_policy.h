@@ -13,6 +13,8 @@
 // an LRU policy evicts the chain's tail before its head. See docs/design/l1.md.
 //
 // Thread safety: none; the object table calls a policy only under its own mutex.
+//
+// Stability: unstable (a building block of the object table).
 #ifndef LMCACHE_CPP_EVICTION_POLICY_H_
 #define LMCACHE_CPP_EVICTION_POLICY_H_
 

@@ -68,6 +68,13 @@
 // Thread safety: every method may be called from any thread. Locks: close_mu_ (Close only) before
 // mu_; mu_ guards the index and the queues and is held for metadata calls (rename into the final
 // name, unlink of a final name) so those are ordered per key, never for reads or writes of data.
+//
+// Ownership: Create returns the only owner; hand it to StorageManagerConfig::adapters as a
+// std::shared_ptr<L2Adapter>. The manager closes it in Stop.
+//
+// Stability: stable: FileSystemAdapterOptions, Create, recovery(), PathFor and the file layout
+// above. A file whose format version this build does not read is deleted at start-up. The test
+// helpers (PinCount, Contains, TotalPins, WaitUntilClosing) are unstable.
 #ifndef LMCACHE_CPP_FS_ADAPTER_H_
 #define LMCACHE_CPP_FS_ADAPTER_H_
 

@@ -18,6 +18,8 @@
 // outside the mutex; two concurrent calls for the same request may both hash: when their tokens
 // agree the longer result stays in the session, when they conflict the later store replaces it.
 // Each call returns the hashes of its own tokens either way.
+//
+// Stability: unstable, except HashSessionOptions (EngineConfig::sessions), which may gain fields.
 #ifndef LMCACHE_CPP_HASH_SESSION_H_
 #define LMCACHE_CPP_HASH_SESSION_H_
 

@@ -48,6 +48,11 @@
 // stay valid for the duration of a call. Thread safety: Gather/Scatter and their batch forms are
 // reentrant and may be called from any number of threads at once; concurrent calls that write the
 // same bytes (or read bytes another call writes) race, as memcpy would.
+//
+// Stability: stable: the layouts, KvCacheLayout, KvCacheView, BlockIdSpan, ChunkCopy,
+// CopyOptions, Gather, Scatter, GatherBatch, ScatterBatch and CopyThreadPool. The object format is
+// part of what L2 stores; if it ever changes, Fingerprint() changes with it, so objects of the old
+// format become misses, never wrong bytes.
 #ifndef LMCACHE_CPP_KV_COPY_H_
 #define LMCACHE_CPP_KV_COPY_H_
 

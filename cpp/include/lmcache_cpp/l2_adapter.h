@@ -19,6 +19,10 @@
 // not pinned is ignored (counted in stats().bad_unpins).
 //
 // Thread safety: all methods may be called from any thread concurrently.
+//
+// Stability: stable for callers and for implementers (a host may plug in its own store). New
+// virtual methods, if any, will come with default implementations; L2AdapterStats may gain
+// fields.
 #ifndef LMCACHE_CPP_L2_ADAPTER_H_
 #define LMCACHE_CPP_L2_ADAPTER_H_
 

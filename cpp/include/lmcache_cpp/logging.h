@@ -4,7 +4,12 @@
 // background-thread errors); never per key on a hot path. By default messages go to stderr at
 // kWarning and above; the Python module installs a sink that forwards to the `logging` package.
 //
-// Thread safety: Log() may be called from any thread. SetLogSink must not race with Log().
+// Thread safety: Log() may be called from any thread. SetLogSink must not race with Log(): an
+// embedding host installs its sink once, before it creates a StorageManager. The sink runs on the
+// core's threads (adapter workers, controllers), so it must be thread-safe and must not call back
+// into the engine.
+//
+// Stability: stable.
 #ifndef LMCACHE_CPP_LOGGING_H_
 #define LMCACHE_CPP_LOGGING_H_
 

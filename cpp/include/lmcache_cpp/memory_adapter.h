@@ -39,6 +39,8 @@
 // Thread safety: every method may be called from any thread concurrently. Lock order: mu_ is the
 // adapter's only lock besides close_mu_ (held only by Close, taken before mu_); no callback runs
 // while either is held.
+//
+// Stability: unstable: a tool for tests and benchmarks, not a production tier.
 #ifndef LMCACHE_CPP_MEMORY_ADAPTER_H_
 #define LMCACHE_CPP_MEMORY_ADAPTER_H_
 

@@ -9,6 +9,8 @@
 // the table hash is its first 8 bytes mixed with the rank.
 //
 // Thread safety: values; no shared state.
+//
+// Stability: stable (L2 adapters receive ObjectKeys).
 #ifndef LMCACHE_CPP_OBJECT_KEY_H_
 #define LMCACHE_CPP_OBJECT_KEY_H_
 

@@ -40,6 +40,10 @@
 //
 // Thread safety: every method is thread-safe. Lock order: ObjectTable::mu_ -> ExtentAllocator::mu_.
 // maint_mu_ and listeners_mu_ are leaves, never held together with mu_.
+//
+// Stability: unstable (a building block of StorageManager and CacheEngine), except ClientId,
+// RequestId, ObjectTableOptions and ObjectTableStats, which the stable API uses; the option and
+// stats structs may gain fields.
 #ifndef LMCACHE_CPP_OBJECT_TABLE_H_
 #define LMCACHE_CPP_OBJECT_TABLE_H_
 

@@ -41,6 +41,10 @@
 //
 // Lifetime: REQUIRES that no adapter callback can run after destruction: close the adapters
 // (L2Adapter::Close) before destroying the controller. StorageManager does this.
+//
+// Stability: unstable (a building block of CacheEngine), except JobHandle (the handle of
+// CacheEngine lookups and transfer tickets), PrefetchOptions and PrefetchStats; the option and
+// stats structs may gain fields.
 #ifndef LMCACHE_CPP_PREFETCH_CONTROLLER_H_
 #define LMCACHE_CPP_PREFETCH_CONTROLLER_H_
 

@@ -8,6 +8,9 @@
 // one place from StatusCode to Python exception types.
 //
 // Thread safety: Status and Result are values; distinct objects may be used from distinct threads.
+//
+// Stability: stable. StatusCode values never change and new codes are only appended, so a host
+// should treat an unknown code like kInternal. Messages are for humans and may change.
 #ifndef LMCACHE_CPP_STATUS_H_
 #define LMCACHE_CPP_STATUS_H_
 

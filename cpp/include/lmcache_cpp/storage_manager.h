@@ -12,6 +12,20 @@
 //
 // Thread safety: every method is thread-safe; the accessors return components that are
 // themselves thread-safe and live as long as the manager.
+//
+// Ownership: the manager owns the arena, the table and the controllers; it shares ownership of
+// the adapters (StorageManagerConfig::adapters), closes them in Stop, and they must not be given
+// to a second manager. A CacheEngine built on the manager holds a raw pointer: destroy the
+// engine first.
+//
+// Embedding (docs/embedding.md): Create, Start, build a CacheEngine on it; at shutdown call
+// store()->WaitIdle() (Stop drops the keys still queued for L2), destroy the engine, then Stop.
+// Requests go through the engine; EndRequest / EndClient here take the engine's internal ids.
+//
+// Stability: stable: StorageManagerConfig, Create, Start, Stop, arena(), adapters(), stats() and
+// store()->WaitIdle(). The option structs of the components (ArenaOptions, ObjectTableOptions,
+// PrefetchOptions, StoreControllerOptions) may gain fields; table(), prefetch(), store() and
+// EndRequest / EndClient expose building blocks and are unstable.
 #ifndef LMCACHE_CPP_STORAGE_MANAGER_H_
 #define LMCACHE_CPP_STORAGE_MANAGER_H_
 
@@ -49,20 +63,25 @@ struct StorageStats {
 class StorageManager {
  public:
   // Creates the arena and the table (errors from Arena::Create / ObjectTable::Create). Threads
-  // start with Start().
+  // start with Start(). Errors: InvalidArgument (a null adapter, an arena size of 0, bad table
+  // options), IoError (the arena could not be created or mapped).
   static Result<std::unique_ptr<StorageManager>> Create(StorageManagerConfig config);
   ~StorageManager();  // Stop()
   StorageManager(const StorageManager&) = delete;
   StorageManager& operator=(const StorageManager&) = delete;
 
   // Starts the table's maintenance thread and both controllers. Idempotent; Unavailable after
-  // Stop.
+  // Stop. Until it runs, nothing is written to L2 and leases do not expire.
   Status Start();
+  // See the header comment. Idempotent; afterwards lookups fail with Unavailable. REQUIRES: not
+  // called from an adapter callback.
   void Stop();
 
   ObjectTable* table() const { return table_.get(); }
   PrefetchController* prefetch() const { return prefetch_.get(); }
   StoreController* store() const { return store_.get(); }
+  // The arena every ticket offset refers to: object i of a TransferTicket is at
+  // arena()->base() + offsets[i] (another process maps it with arena()->descriptor()).
   const std::shared_ptr<Arena>& arena() const { return arena_; }
   const std::vector<std::shared_ptr<L2Adapter>>& adapters() const { return adapters_; }
 

@@ -17,6 +17,10 @@
 // Thread safety: every method is thread-safe. StoreController::mu_ is never held while calling
 // the object table or an adapter. Lifetime: close the adapters before destroying the controller
 // (no callback may run afterwards); StorageManager does this.
+//
+// Stability: unstable (a building block of StorageManager), except StorePolicy,
+// AllAdaptersStorePolicy, StoreControllerOptions, StoreControllerStats and WaitIdle; the option and
+// stats structs may gain fields.
 #ifndef LMCACHE_CPP_STORE_CONTROLLER_H_
 #define LMCACHE_CPP_STORE_CONTROLLER_H_
 

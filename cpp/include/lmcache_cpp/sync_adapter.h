@@ -44,6 +44,9 @@
 // methods are called from up to `worker_threads` workers at once (and UnpinKeys, after Close,
 // from any thread), so a subclass with more than one worker synchronises its own state. Locks:
 // close_mu_ (Close only) before mu_; no subclass method and no callback runs while either is held.
+//
+// Stability: stable: the base for a host's own blocking L2 tier (Store, LookupAndPin, Load,
+// UnpinKeys, AddStats and SyncAdapterOptions); sync_stats() may gain fields.
 #ifndef LMCACHE_CPP_SYNC_ADAPTER_H_
 #define LMCACHE_CPP_SYNC_ADAPTER_H_
 
