@@ -350,6 +350,14 @@ void BindEngine(nb::module_& m) {
           },
           "client"_a, "key"_a, "tp_size"_a = 1, "timeout_s"_a = nb::none())
       .def(
+          "sync_lookup_in_l1",
+          [](E& e, ClientId client, const PyEngineKey& key, uint32_t tp_size) {
+            const EngineKey k = key.View();
+            nb::gil_scoped_release release;
+            return ValueOrThrow(e.engine->SyncLookupInL1(client, k, tp_size));
+          },
+          "client"_a, "key"_a, "tp_size"_a = 1)
+      .def(
           "free_lookup_locks",
           [](E& e, ClientId client, const PyEngineKey& key, uint32_t tp_size) {
             const EngineKey k = key.View();

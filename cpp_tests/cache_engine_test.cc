@@ -766,6 +766,54 @@ TEST_F(CacheEngineTest, SyncLookupAnswersWithinItsDeadlineWhenL2Stalls) {
   EXPECT_EQ(table()->stats().read_leases, 0u);
 }
 
+TEST_F(CacheEngineTest, SyncLookupInL1AnswersKeysL1HoldsWhollyAndLeavesOthersUntouched) {
+  Register(1);
+  auto tokens = Tokens(6 * kCs, 7);
+  ASSERT_EQ(Store(1, TokenKey(tokens, "", 0, 4 * kCs)), 4u);  // chunks 0-3 in L1 (and L2)
+  adapter_->SetStalled(true);                                 // nothing below may touch L2
+
+  // Every chunk in L1: SyncLookup's answer and leases, without waiting.
+  auto whole = engine_->SyncLookupInL1(2, TokenKey(tokens, "a", 0, 4 * kCs), 2);
+  ASSERT_TRUE(whole.ok()) << whole.status().ToString();
+  ASSERT_TRUE(whole->has_value());
+  EXPECT_EQ((*whole)->hit_chunks, 4u);
+  EXPECT_EQ((*whole)->l1_chunks, 4u);
+  EXPECT_EQ((*whole)->l2_chunks, 0u);
+  EXPECT_EQ((*whole)->hit_tokens, 4u * kCs);
+  EXPECT_EQ(table()->stats().read_leases, 8u) << "tp_size 2: two leases per object";
+  const EngineStats after_hit = engine_->stats();
+  EXPECT_EQ(after_hit.sync_lookups, 1u);
+
+  // A key reaching past L1 would have to ask L2: nullopt, nothing leased, nothing counted.
+  auto partial = engine_->SyncLookupInL1(3, TokenKey(tokens, "b"), 1);
+  ASSERT_TRUE(partial.ok()) << partial.status().ToString();
+  EXPECT_FALSE(partial->has_value());
+  EXPECT_EQ(table()->stats().read_leases, 8u);
+  EXPECT_EQ(engine_->stats().sync_lookups, 1u);
+  EXPECT_EQ(adapter_->TotalPins(), 0u);
+
+  // The request's workers retrieve what the in-L1 lookup leased, one lease each.
+  EXPECT_TRUE(Retrieve(2, TokenKey(tokens, "a", 0, 4 * kCs)).ok());
+  EXPECT_TRUE(Retrieve(2, TokenKey(tokens, "a", 0, 4 * kCs)).ok());
+  EXPECT_EQ(table()->stats().read_leases, 0u);
+
+  // Errors are SyncLookup's.
+  EXPECT_EQ(engine_->SyncLookupInL1(2, TokenKey(tokens, "c"), 0).status().code(),
+            StatusCode::kInvalidArgument);
+  EngineKey unknown = TokenKey(tokens, "c");
+  unknown.model_name = "no-such-model";
+  EXPECT_EQ(engine_->SyncLookupInL1(2, unknown, 1).status().code(), StatusCode::kNotFound);
+
+  // With L2 answering, the full SyncLookup of the longer key finds L1's 4 and L2's 2.
+  adapter_->SetStalled(false);
+  auto full = engine_->SyncLookup(3, TokenKey(tokens, "b"), 1, kWait);
+  ASSERT_TRUE(full.ok()) << full.status().ToString();
+  EXPECT_EQ(full->l1_chunks, 4u);
+  EXPECT_EQ(full->hit_chunks, 4u) << "chunks 4-5 were never stored";
+  EXPECT_EQ(engine_->EndSession(3, kModel, "b"), 4u);
+  EXPECT_EQ(engine_->EndSession(2, kModel, "a"), 0u);
+}
+
 TEST_F(CacheEngineTest, RetrievesOfASyncLookupJoinItsSingleL2Load) {
   Register(1);
   auto tokens = Tokens(6 * kCs, 1);

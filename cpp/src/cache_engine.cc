@@ -470,6 +470,22 @@ Result<std::optional<LookupResult>> CacheEngine::WaitPrefetch(ClientId client,
 
 Result<LookupResult> CacheEngine::SyncLookup(ClientId client, const EngineKey& key,
                                              uint32_t tp_size, std::optional<Duration> timeout) {
+  LMCACHE_ASSIGN_OR_RETURN(
+      std::optional<LookupResult> r,
+      SyncLookupImpl(client, key, tp_size, timeout.value_or(config_.sync_lookup_timeout), false));
+  return *r;
+}
+
+Result<std::optional<LookupResult>> CacheEngine::SyncLookupInL1(ClientId client,
+                                                                const EngineKey& key,
+                                                                uint32_t tp_size) {
+  return SyncLookupImpl(client, key, tp_size, Duration::zero(), true);
+}
+
+Result<std::optional<LookupResult>> CacheEngine::SyncLookupImpl(ClientId client,
+                                                                const EngineKey& key,
+                                                                uint32_t tp_size, Duration timeout,
+                                                                bool l1_only) {
   ResolvedKey rk;
   LMCACHE_RETURN_IF_ERROR(Resolve(key, RangeKind::kLookup, true, true, &rk));
   LMCACHE_ASSIGN_OR_RETURN(uint32_t readers, Readers(*rk.ns, tp_size));
@@ -479,9 +495,15 @@ Result<LookupResult> CacheEngine::SyncLookup(ClientId client, const EngineKey& k
   req.extra_count = readers - 1;
   req.object_size = rk.ns->object_bytes;
   const size_t chunks = req.keys.size() / rk.ranks;
-  LMCACHE_ASSIGN_OR_RETURN(
-      SyncLookupResult s,
-      prefetch_->LookupAndPin(std::move(req), timeout.value_or(config_.sync_lookup_timeout)));
+  SyncLookupResult s;
+  if (l1_only) {
+    LMCACHE_ASSIGN_OR_RETURN(std::optional<SyncLookupResult> found,
+                             prefetch_->LookupAndPinInL1(std::move(req)));
+    if (!found.has_value()) return std::optional<LookupResult>();
+    s = *found;
+  } else {
+    LMCACHE_ASSIGN_OR_RETURN(s, prefetch_->LookupAndPin(std::move(req), timeout));
+  }
   LookupResult r;
   r.hit_chunks = s.hits / rk.ranks;
   r.l1_chunks = std::min<uint64_t>(s.l1_hits / rk.ranks, r.hit_chunks);
@@ -493,7 +515,7 @@ Result<LookupResult> CacheEngine::SyncLookup(ClientId client, const EngineKey& k
   counters_.hit_chunks += r.hit_chunks;
   counters_.l1_hit_chunks += r.l1_chunks;
   counters_.l2_hit_chunks += r.l2_chunks;
-  return r;
+  return std::optional<LookupResult>(r);
 }
 
 Result<uint64_t> CacheEngine::FreeLookupLocks(ClientId client, const EngineKey& key,

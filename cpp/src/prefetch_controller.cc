@@ -385,8 +385,22 @@ Status PrefetchController::Cancel(ClientId client, const JobHandle& handle) {
   return Status::Ok();
 }
 
+Result<std::optional<SyncLookupResult>> PrefetchController::LookupAndPinInL1(
+    PrefetchRequest request) {
+  return SyncLookupImpl(std::move(request), Duration::zero(), false, true);
+}
+
 Result<SyncLookupResult> PrefetchController::LookupAndPin(PrefetchRequest request, Duration timeout,
                                                           bool start_load) {
+  LMCACHE_ASSIGN_OR_RETURN(std::optional<SyncLookupResult> out,
+                           SyncLookupImpl(std::move(request), timeout, start_load, false));
+  return *std::move(out);
+}
+
+Result<std::optional<SyncLookupResult>> PrefetchController::SyncLookupImpl(PrefetchRequest request,
+                                                                           Duration timeout,
+                                                                           bool start_load,
+                                                                           bool l1_only) {
   LMCACHE_RETURN_IF_ERROR(ValidateRequest(request, !adapters_.empty()));
   const auto deadline = std::chrono::steady_clock::now() + timeout;
   auto job = std::make_shared<Job>();
@@ -397,6 +411,10 @@ Result<SyncLookupResult> PrefetchController::LookupAndPin(PrefetchRequest reques
   job->created = clock_->Now();
   const size_t l1 = table_->AcquireReadPrefix(job->req.owner, job->req.keys, job->count);
   const size_t n = job->req.keys.size();
+  if (l1_only && l1 < n && !adapters_.empty()) {
+    ReleaseLeases(table_, job->req.owner.request, job->LeasedPrefix(0, l1), job->count);
+    return std::optional<SyncLookupResult>();
+  }
   std::shared_ptr<Job> superseded;
   CancelAction superseded_action = CancelAction::kNothing;
   {
@@ -438,7 +456,7 @@ Result<SyncLookupResult> PrefetchController::LookupAndPin(PrefetchRequest reques
   out.handle = job->handle;
   out.l1_hits = l1;
   out.hits = l1;
-  if (job->done) return out;
+  if (job->done) return std::optional<SyncLookupResult>(out);
 
   StartL2Lookup(job);
   bool start = false;
@@ -468,7 +486,7 @@ Result<SyncLookupResult> PrefetchController::LookupAndPin(PrefetchRequest reques
   }
   if (start) StartLoadPhase(job);
   cv_.notify_all();
-  return out;
+  return std::optional<SyncLookupResult>(out);
 }
 
 Status PrefetchController::StartLoad(ClientId client, const JobHandle& handle) {

@@ -197,6 +197,11 @@ class CacheEngine {
   // background and PrepareRetrieve joins it. Errors: as Lookup.
   Result<LookupResult> SyncLookup(ClientId client, const EngineKey& key, uint32_t tp_size,
                                   std::optional<Duration> timeout = std::nullopt);
+  // SyncLookup of a key whose every chunk is in L1 (or with no L2 adapters): the same result,
+  // and it never waits, so a server may answer it on its socket thread. Otherwise nullopt, with
+  // nothing leased: call SyncLookup where blocking is allowed. Errors: as Lookup.
+  Result<std::optional<LookupResult>> SyncLookupInL1(ClientId client, const EngineKey& key,
+                                                     uint32_t tp_size);
   // Releases every lease the request holds on the whole chunks of [start, end) (for the key's
   // rank, or every rank), after joining a pending sync load. Returns the leases released; an
   // empty range or an unknown request releases nothing. Errors: InvalidArgument, NotFound
@@ -256,6 +261,10 @@ class CacheEngine {
   Status Resolve(const EngineKey& key, RangeKind range, bool need_request, bool create_request,
                  ResolvedKey* out);
   Result<uint32_t> Readers(const Namespace& ns, uint32_t tp_size) const;
+  // SyncLookup (l1_only: SyncLookupInL1).
+  Result<std::optional<LookupResult>> SyncLookupImpl(ClientId client, const EngineKey& key,
+                                                     uint32_t tp_size, Duration timeout,
+                                                     bool l1_only);
   Result<std::optional<LookupResult>> Collect(ClientId client, const JobHandle& handle,
                                               const Result<std::optional<PrefetchResult>>& result);
   // Stores the ticket under a fresh random handle. REQUIRES: mu_ held (the per-client count is

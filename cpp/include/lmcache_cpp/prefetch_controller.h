@@ -164,6 +164,10 @@ class PrefetchController {
   // Steps 1-3 within `timeout`, then starts the load when `start_load`. Errors: as Submit.
   Result<SyncLookupResult> LookupAndPin(PrefetchRequest request, Duration timeout,
                                         bool start_load = true);
+  // LookupAndPin of a request whose every key is in L1 (or with no adapters), which never
+  // waits. Otherwise nullopt, with nothing leased or changed: the caller then uses LookupAndPin
+  // on a thread that may block. Errors: as Submit.
+  Result<std::optional<SyncLookupResult>> LookupAndPinInL1(PrefetchRequest request);
   // Starts the load of a sync lookup made with start_load = false. Idempotent.
   // Errors: NotFound, PermissionDenied.
   Status StartLoad(ClientId client, const JobHandle& handle);
@@ -192,6 +196,9 @@ class PrefetchController {
   // What the caller of MarkCancelledLocked must do after releasing mu_.
   enum class CancelAction : uint8_t { kNothing, kReleaseLeases, kAbandonIdle };
 
+  // LookupAndPin; with l1_only, nullopt (nothing leased) when L2 would have to be asked.
+  Result<std::optional<SyncLookupResult>> SyncLookupImpl(PrefetchRequest request, Duration timeout,
+                                                         bool start_load, bool l1_only);
   void StartL2Lookup(const std::shared_ptr<Job>& job);
   void OnLookupDone(const std::shared_ptr<Job>& job, size_t adapter, const Status& status,
                     const Bitmap& pinned);
