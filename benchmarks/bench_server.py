@@ -17,12 +17,16 @@ measured, each printed next to its floor and the ratio; nothing is asserted.
      two echoed round trips, one LOOKUP-sized and one QUERY-sized. The echo returns the request's
      own frames (the header turned into a reply header), so it carries the key both ways while
      the server's reply is about 60 bytes;
-   * CacheClient -> echo: the same payloads through ``CacheClient.async_request`` (its encoding,
-     I/O thread and futures on top of the same echo);
+   * CacheClient -> echo: the same payloads through ``CacheClient.request`` (its encoding and
+     futures on top of the same echo);
    * raw DEALER -> server: requests pre-encoded with ``protocol.encode_request``, straight to the
      server (the server's share, without the client library);
-   * CacheClient -> server: ``async_sync_lookup``, or ``async_lookup`` then
-     ``async_query_prefetch_status`` (what an engine sees). Target: p50 <= 2x the raw DEALER echo.
+   * CacheClient -> server: ``sync_lookup``, or ``lookup`` then ``query_prefetch_status`` (what
+     an engine sees). Target: p50 <= 2x the raw DEALER echo.
+
+   With 1 outstanding the client is used through its blocking calls, timed on the calling thread
+   (an engine's scheduler makes one lookup at a time); with 32 outstanding through its
+   ``async_`` calls, each request timed from its submit to its (last) future's done-callback.
 
    The lookup keys belong to a small registered layout (1 layer, 1 head of 8, bf16: 8 KiB
    objects): a lookup reads only the object table, so the object size does not matter to it.
@@ -230,7 +234,7 @@ def echo_server_main(endpoint: str) -> int:
     The request header ``[version, type, seq]`` (a msgpack fixarray of 3) becomes the reply header
     ``[version, type, seq, 0]`` by rewriting its first byte and appending a 0, so a CacheClient
     takes the echo as a success reply whose payload is the request's own payload. The socket calls
-    mirror the server's: a poll, non-blocking receives of copied frames, zero-copy sends.
+    mirror the server's: a poll, then non-blocking receives and sends with int flags.
     """
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     sock = context.socket(zmq.ROUTER)
@@ -238,21 +242,28 @@ def echo_server_main(endpoint: str) -> int:
     sock.bind(endpoint)
     print(f"READY {endpoint}", flush=True)
     parent = os.getppid()
+    nonblock, sndmore, rcvmore = int(zmq.NOBLOCK), int(zmq.SNDMORE), int(zmq.RCVMORE)
+    events, pollin = int(zmq.EVENTS), int(zmq.POLLIN)
     try:
         while True:
             if not sock.poll(1000):
                 if os.getppid() != parent:
                     return 0  # the benchmark is gone
                 continue
+            # Plain int flags and a ZMQ_EVENTS check rather than pyzmq's multipart helpers and
+            # a read that raises zmq.Again: the cheapest pyzmq calls, as the server makes them.
             for _ in range(1024):
-                try:
-                    frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=True)
-                except zmq.Again:
-                    break
+                frames = [sock.recv(nonblock)]
+                while sock.getsockopt(rcvmore):
+                    frames.append(sock.recv(nonblock))
                 if len(frames) == 3 and frames[1][:1] == b"\x93":
                     frames[1] = b"\x94" + frames[1][1:] + b"\x00"
                 with contextlib.suppress(zmq.ZMQError):
-                    sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                    for frame in frames[:-1]:
+                        sock.send(frame, nonblock | sndmore)
+                    sock.send(frames[-1], nonblock)
+                if not int(sock.getsockopt(events)) & pollin:
+                    break
     finally:
         sock.close(linger=0)
         context.term()
@@ -409,11 +420,43 @@ def raw_burst(dealer: RawDealer, case: LookupCase, keys: Sequence[Key], to_serve
     return Burst(latencies, requeries)
 
 
+def client_blocking(client: CacheClient, case: LookupCase, key: Key, to_server: bool) -> Burst:
+    """One lookup through CacheClient's blocking calls, timed on the calling thread: what an
+    engine's scheduler does."""
+    requeries = 0
+    t0 = time.perf_counter()
+    if case.kind == "sync":
+        if to_server:
+            hit = client.sync_lookup(key).hit_chunks
+        else:
+            client.request(*first_request(case, key))
+    else:
+        if to_server:
+            handle = client.lookup(key)
+            result = client.query_prefetch_status(handle)
+            while result is None:
+                requeries += 1
+                result = client.query_prefetch_status(handle)
+            hit = result.hit_chunks
+        else:
+            client.request(*first_request(case, key))
+            client.request(RequestType.QUERY_PREFETCH_STATUS, HandleRequest(DUMMY_HANDLE).to_wire())
+    seconds = time.perf_counter() - t0
+    if to_server:
+        if hit != case.chunks:
+            raise BenchError(f"{case.label}: {hit} chunks hit, expected {case.chunks}")
+        client.end_session(key.model_name, key.request_id)
+    return Burst([seconds], requeries)
+
+
 def client_burst(
     client: CacheClient, case: LookupCase, keys: Sequence[Key], to_server: bool
 ) -> Burst:
-    """Submits the burst's requests at once through CacheClient; times them in done-callbacks."""
+    """Submits the burst's requests at once through CacheClient; times them in done-callbacks.
+    A burst of one uses the blocking calls instead (:func:`client_blocking`)."""
     n = len(keys)
+    if n == 1:
+        return client_blocking(client, case, keys[0], to_server)
     latencies = [0.0] * n
     hits = [case.chunks] * n
     errors: list[BaseException] = []

@@ -5,10 +5,14 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 import lmcache_cpp as lc
+from lmcache_cpp.client import CacheClient
+from lmcache_cpp.server import CacheServer
+from server_helpers import MODEL, Harness, layout
 
 KeyFactory = Callable[..., list[lc.ObjectKey]]
 
@@ -66,3 +70,27 @@ def make_keys() -> KeyFactory:
         return out
 
     return factory
+
+
+# ---- server tests ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[Harness]:
+    """Real storage, engines, servers and clients, all stopped at the end of the test."""
+    h = Harness(tmp_path)
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def stalled(harness: Harness) -> Iterator[tuple[CacheServer, lc.MemoryL2Adapter, CacheClient]]:
+    """A server with one pool thread over a stalled L2 adapter, and a registered client."""
+    mem = lc.MemoryL2Adapter()
+    storage, engine = harness.engine(adapters=[mem])
+    server = harness.server(engine, storage, worker_threads=1, stop_timeout_s=10.0)
+    client = harness.client(server)
+    client.register_kv_cache(MODEL, 1, 0, layout())
+    mem.set_stalled(True)
+    yield server, mem, client
+    mem.set_stalled(False)

@@ -43,6 +43,8 @@ from lmcache_cpp.protocol import (
     UnregisterRequest,
     WireKey,
     WireLayout,
+    _decode_fast,
+    _decode_general,
     decode_reply,
     decode_request,
     encode_error_reply,
@@ -655,6 +657,115 @@ def test_decode_and_dispatch_always_produce_one_reply(
     assert reply.status == status
     assert isinstance(name, str) and name
     event(f"{name}: {lc.status_code_name(status) if status else 'ok'}")
+
+
+_BOUNDARY_VALUES: list[object] = [
+    None,
+    True,
+    False,
+    0,
+    1,
+    -1,
+    2,
+    -2,
+    (1 << 31) - 1,
+    1 << 31,
+    (1 << 32) - 1,
+    1 << 32,
+    (1 << 63) - 1,
+    -(1 << 63),
+    (1 << 64) - 1,
+    0.0,
+    -0.0,
+    0.5,
+    LIMITS.max_wait_s,
+    LIMITS.max_wait_s + 1e-9,
+    math.inf,
+    math.nan,
+    "",
+    "m",
+    "x" * (LIMITS.max_string_bytes // 4),
+    "x" * (LIMITS.max_string_bytes // 4 + 1),
+    "x" * LIMITS.max_string_bytes,
+    "x" * (LIMITS.max_string_bytes + 1),
+    "\u00e9" * (LIMITS.max_string_bytes // 2 + 1),
+    "\U0001f600" * (LIMITS.max_string_bytes // 4),
+    b"",
+    bytes(3),
+    bytes(4),
+    bytes(16),
+    bytes(17),
+    bytes(32),
+    bytes(96),
+    bytes(4 * LIMITS.max_tokens),
+    bytes(4 * LIMITS.max_tokens + 4),
+    [],
+    {},
+]
+
+
+@st.composite
+def boundary_requests(draw: st.DrawFn) -> list[bytes]:
+    """Hot requests with one to three fields (of the payload or its key) set to values at or
+    just past a bound: the fast decoder must agree with the general one on every side."""
+    rt, body = draw(st.sampled_from(SAMPLES))
+    payload = body.to_wire()
+    for _ in range(draw(st.integers(1, 3))):
+        target = payload
+        if isinstance(payload.get("key"), dict) and draw(st.integers(0, 3)) > 0:
+            target = payload["key"]
+        name = draw(st.sampled_from(sorted(set(target) | set(_FIELD_NAMES))))
+        if draw(st.integers(0, 5)) == 0:
+            target.pop(name, None)
+        else:
+            target[name] = draw(st.sampled_from(_BOUNDARY_VALUES))
+    seq = draw(st.sampled_from([0, 1, (1 << 64) - 1]))
+    return [pack([PROTOCOL_VERSION, int(rt), seq]), pack(payload)]
+
+
+@settings(max_examples=2500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(frames=ANY_FRAMES | boundary_requests())
+def test_the_fast_decoder_agrees_with_the_general_one(frames: list[bytes]) -> None:
+    fast = _decode_fast(frames, LIMITS)
+    try:
+        general = _decode_general(frames, LIMITS)
+    except ProtocolError:
+        assert fast is None, "the fast path accepted a request the general path refuses"
+        event("refused")
+        return
+    if fast is None:
+        event("general path only")
+    else:
+        assert fast == general
+        event("fast path")
+
+
+HOT_TYPES = {
+    RequestType.PING,
+    RequestType.GET_CHUNK_SIZE,
+    RequestType.STATUS,
+    RequestType.LOOKUP,
+    RequestType.QUERY_PREFETCH_STATUS,
+    RequestType.WAIT_PREFETCH_STATUS,
+    RequestType.SYNC_LOOKUP,
+    RequestType.FREE_LOOKUP_LOCKS,
+    RequestType.END_SESSION,
+    RequestType.PREPARE_STORE,
+    RequestType.COMMIT_STORE,
+    RequestType.PREPARE_RETRIEVE,
+    RequestType.COMMIT_RETRIEVE,
+}
+
+
+@pytest.mark.parametrize(("rt", "body"), SAMPLES, ids=lambda v: getattr(v, "name", ""))
+def test_hot_requests_take_the_fast_path(rt: RequestType, body: RequestBody) -> None:
+    frames = encode_request(rt, 9, body.to_wire())
+    fast = _decode_fast(frames, LIMITS)
+    if rt in HOT_TYPES:
+        assert fast == _decode_general(frames, LIMITS)
+        assert fast is not None and fast.body == body
+    else:
+        assert fast is None
 
 
 def test_valid_samples_reach_the_engine_and_get_engine_replies(tmp_path: Path) -> None:

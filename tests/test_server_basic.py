@@ -10,7 +10,6 @@ import os
 import socket
 import stat
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,13 +30,6 @@ from lmcache_cpp.errors import (
 from lmcache_cpp.protocol import PROTOCOL_VERSION, RequestType, encode_request
 from lmcache_cpp.server import CacheServer, ServerOptions
 from server_helpers import CHUNK, MODEL, Harness, key, layout, recv_reply, tokens
-
-
-@pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Harness]:
-    h = Harness(tmp_path)
-    yield h
-    h.close()
 
 
 class Recorder:
@@ -254,19 +246,6 @@ def test_a_silent_client_is_dropped_and_its_state_released(harness: Harness) -> 
 
 # ---------------------------------------------------------------------------------------------
 # Threads: the pool, stop, close
-
-
-@pytest.fixture
-def stalled(harness: Harness) -> Iterator[tuple[CacheServer, lc.MemoryL2Adapter, CacheClient]]:
-    """A server with one pool thread over a stalled L2 adapter, and a registered client."""
-    mem = lc.MemoryL2Adapter()
-    storage, engine = harness.engine(adapters=[mem])
-    server = harness.server(engine, storage, worker_threads=1, stop_timeout_s=10.0)
-    client = harness.client(server)
-    client.register_kv_cache(MODEL, 1, 0, layout())
-    mem.set_stalled(True)
-    yield server, mem, client
-    mem.set_stalled(False)
 
 
 def test_a_blocked_pool_thread_does_not_block_other_requests(

@@ -1,12 +1,17 @@
 """Client of the cache server: :class:`CacheClient` (requests) and :class:`KvTransferClient`
 (engine-driven transfers through the shared L1 arena).
 
-:class:`CacheClient` owns one ZeroMQ DEALER socket, used only by its I/O thread. Public methods are
-thread-safe: ``async_<request>()`` returns a :class:`concurrent.futures.Future` at once, and
-``<request>()`` waits for it. Every request has a reply deadline; a request not answered in time
-fails with :class:`~lmcache_cpp.errors.DeadlineExceededError`. Error replies raise the
-:mod:`lmcache_cpp.errors` class of their status code. Futures complete on the I/O thread, so
-done-callbacks must not block.
+:class:`CacheClient` owns one ZeroMQ DEALER socket. Public methods are thread-safe:
+``async_<request>()`` returns a :class:`concurrent.futures.Future` at once, and ``<request>()``
+waits for it. Every request has a reply deadline; a request not answered in time fails with
+:class:`~lmcache_cpp.errors.DeadlineExceededError`. Error replies raise the
+:mod:`lmcache_cpp.errors` class of their status code.
+
+One thread at a time works the socket. A blocking call made while no other thread does sends its
+request and reads its reply on the calling thread (no hand-off between threads, which costs more
+than the round trip itself); otherwise the client's I/O thread does. Futures therefore complete
+on the I/O thread or on a thread inside a blocking call of this client: done-callbacks must not
+block, and a blocking call from a done-callback raises :class:`RuntimeError` (use the async form).
 
 The client sends HELLO when it is created (version handshake; :class:`NotSupportedError` on a
 mismatch) and a PING whenever it has sent nothing for ``heartbeat_interval_s``, so the server
@@ -36,6 +41,7 @@ import numpy.typing as npt
 import zmq
 
 from lmcache_cpp import _core
+from lmcache_cpp._zmq_io import recv_frames, send_frames
 from lmcache_cpp.errors import (
     DeadlineExceededError,
     InternalError,
@@ -99,6 +105,7 @@ TokensLike: TypeAlias = bytes | npt.NDArray[np.integer[Any]] | Sequence[int]
 
 _U32_MAX: Final = (1 << 32) - 1
 _DEFAULT_RETRIEVE_WAIT_S: Final = 30.0
+_EMPTY_PAYLOAD: Final = encode_request(RequestType.PING, 0, {})[1]
 
 
 def tokens_to_bytes(tokens: TokensLike) -> bytes:
@@ -286,22 +293,34 @@ class CacheClient:
             self._curve = (curve_server_key.encode(), public, secret)
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)
         self._outbox: collections.deque[_Outgoing] = collections.deque()  # GUARDED_BY(_lock)
         self._closed = False  # GUARDED_BY(_lock)
+        # GUARDED_BY(_lock): the thread that owns the socket now (see "Who owns the socket").
+        self._leader: int | None = None
+        self._release_on_io_thread = False  # GUARDED_BY(_lock): close() came from a leader
+        self._local = threading.local()  # .defer: _call() sends the request itself
+        self._hello_info: HelloInfo | None = None
+        try:
+            self._sock = self._open_socket()
+        except BaseException:
+            self._context.term()
+            raise
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        self._ready = threading.Event()
-        self._start_error: BaseException | None = None
-        self._hello_info: HelloInfo | None = None
-        self._release_on_io_thread = False  # GUARDED_BY(_lock): close() ran in a callback
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        self._poller.register(self._wake_r, zmq.POLLIN)
+        # Owned by the leader: read or written only by the thread in self._leader, or under
+        # self._lock while there is no leader.
+        self._pending: dict[int, _Pending] = {}
+        self._deadlines: list[tuple[float, int]] = []
+        self._seq = 0
+        self._last_send = time.monotonic()
+        self._heartbeat_pending = False
         self._thread = threading.Thread(target=self._io_main, name="lmcache-client-io", daemon=True)
         self._thread.start()
-        self._ready.wait()
-        if self._start_error is not None:
-            self._thread.join()
-            self._release()
-            raise self._start_error
         if hello:
             try:
                 self._hello_info = self.hello(name)
@@ -335,16 +354,20 @@ class CacheClient:
 
     def close(self) -> None:
         """Fails pending requests with UnavailableError, stops the I/O thread and closes the
-        socket. Idempotent and callable from any thread; from a future's done-callback (the I/O
-        thread) it returns at once and the I/O thread finishes the job."""
-        on_io_thread = threading.current_thread() is self._thread
+        socket. Idempotent and callable from any thread; from a future's done-callback it returns
+        at once and the I/O thread finishes the job."""
+        me = threading.get_ident()
+        from_leader = threading.current_thread() is self._thread
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            self._release_on_io_thread = on_io_thread
-        self._wake()
-        if not on_io_thread:
+            from_leader |= self._leader == me
+            self._release_on_io_thread = from_leader
+            self._cv.notify_all()
+            if self._leader is not None and self._leader != me:
+                self._wake()
+        if not from_leader:
             self._thread.join()
             self._release()
 
@@ -366,6 +389,7 @@ class CacheClient:
                 os.close(fd)
 
     def _wake(self) -> None:
+        """Interrupts the leader's poll (call with the lock held: the pipe outlives the lock)."""
         with contextlib.suppress(BlockingIOError, OSError):
             os.write(self._wake_w, b"\x01")
 
@@ -388,7 +412,7 @@ class CacheClient:
         *,
         deadline_s: float | None = None,
     ) -> dict[str, Any]:
-        return self._wait(self.async_request(request_type, payload, deadline_s=deadline_s))
+        return self._call(lambda: self.async_request(request_type, payload, deadline_s=deadline_s))
 
     def _submit(
         self,
@@ -402,18 +426,55 @@ class CacheClient:
         timeout = self._timeout_s + extra_wait_s if deadline_s is None else float(deadline_s)
         frame = encode_request(request_type, 0, payload)[1]
         item = _Outgoing(int(request_type), frame, future, convert, timeout)
+        me = threading.get_ident()
+        send_now = False
         with self._lock:
             closed = self._closed
             if not closed:
                 self._outbox.append(item)
-                self._wake()  # under the lock: close() releases the pipe only after closing
+                if self._leader is None:
+                    if not getattr(self._local, "defer", False):
+                        # Send it from this thread, then hand the socket to the I/O thread.
+                        self._leader = me
+                        send_now = True
+                elif self._leader != me:
+                    self._wake()
         if closed:
             future.set_exception(UnavailableError("the client is closed"))
+        elif send_now:
+            self._lead(None, send_only=True)
         return future
 
-    def _wait(self, future: concurrent.futures.Future[T]) -> T:
-        # The I/O thread completes every future by its deadline; the wait below only guards
-        # against that thread having died.
+    def _call(self, submit: Callable[[], concurrent.futures.Future[T]]) -> T:
+        """Runs ``submit`` (an ``async_*`` call) and waits for its future. When no other thread
+        owns the socket, this thread sends the request and reads the reply itself: no hand-off
+        to the I/O thread on the way out or back."""
+        me = threading.get_ident()
+        with self._lock:
+            if self._leader == me:
+                raise RuntimeError(
+                    "a blocking CacheClient call from a future's done-callback would deadlock; "
+                    "use the async_ form there"
+                )
+        self._local.defer = True
+        try:
+            future = submit()
+        finally:
+            self._local.defer = False
+        lead = False
+        with self._lock:
+            if self._leader is None:
+                if not self._closed and not future.done():
+                    self._leader = me
+                    lead = True
+                else:
+                    self._cv.notify_all()  # the I/O thread fails or sends what is queued
+            else:
+                self._wake()
+        if lead:
+            self._lead(future)
+        # Every future is completed by its deadline by whichever thread leads; this wait only
+        # guards against the I/O thread having died.
         try:
             return future.result(timeout=self._timeout_s + _DEFAULT_RETRIEVE_WAIT_S + 3600.0)
         except concurrent.futures.TimeoutError:
@@ -426,13 +487,13 @@ class CacheClient:
 
     def hello(self, name: str = "") -> HelloInfo:
         """Version handshake; NotSupportedError when the server speaks another version."""
-        return self._wait(self.async_hello(name))
+        return self._call(lambda: self.async_hello(name))
 
     def async_ping(self, *, deadline_s: float | None = None) -> concurrent.futures.Future[None]:
         return self._submit(RequestType.PING, {}, _nothing, deadline_s)
 
     def ping(self, *, deadline_s: float | None = None) -> None:
-        self._wait(self.async_ping(deadline_s=deadline_s))
+        self._call(lambda: self.async_ping(deadline_s=deadline_s))
 
     def async_get_chunk_size(self) -> concurrent.futures.Future[int]:
         return self._submit(
@@ -443,7 +504,7 @@ class CacheClient:
         )
 
     def get_chunk_size(self) -> int:
-        return self._wait(self.async_get_chunk_size())
+        return self._call(lambda: self.async_get_chunk_size())
 
     def async_register_kv_cache(
         self, model_name: str, world_size: int, worker_id: int, layout: _core.KvCacheLayout
@@ -457,14 +518,16 @@ class CacheClient:
         self, model_name: str, world_size: int, worker_id: int, layout: _core.KvCacheLayout
     ) -> RegistrationInfo:
         """Registers one worker's KV layout; the reply names the L1 arena to map."""
-        return self._wait(self.async_register_kv_cache(model_name, world_size, worker_id, layout))
+        return self._call(
+            lambda: self.async_register_kv_cache(model_name, world_size, worker_id, layout)
+        )
 
     def async_unregister_kv_cache(self, registration_id: int) -> concurrent.futures.Future[None]:
         body = UnregisterRequest(registration_id)
         return self._submit(RequestType.UNREGISTER_KV_CACHE, body.to_wire(), _nothing, None)
 
     def unregister_kv_cache(self, registration_id: int) -> None:
-        self._wait(self.async_unregister_kv_cache(registration_id))
+        self._call(lambda: self.async_unregister_kv_cache(registration_id))
 
     def async_lookup(
         self, key: Key | WireKey, tp_size: int = 1
@@ -474,7 +537,7 @@ class CacheClient:
 
     def lookup(self, key: Key | WireKey, tp_size: int = 1) -> bytes:
         """Two-phase lookup: returns the 16-byte job handle for query/wait_prefetch_status."""
-        return self._wait(self.async_lookup(key, tp_size))
+        return self._call(lambda: self.async_lookup(key, tp_size))
 
     def async_query_prefetch_status(
         self, handle: bytes
@@ -486,7 +549,7 @@ class CacheClient:
 
     def query_prefetch_status(self, handle: bytes) -> LookupResult | None:
         """The lookup's hits once it is done (exactly once), None while it runs."""
-        return self._wait(self.async_query_prefetch_status(handle))
+        return self._call(lambda: self.async_query_prefetch_status(handle))
 
     def async_wait_prefetch_status(
         self, handle: bytes, timeout_s: float, *, deadline_s: float | None = None
@@ -503,7 +566,9 @@ class CacheClient:
     def wait_prefetch_status(
         self, handle: bytes, timeout_s: float, *, deadline_s: float | None = None
     ) -> LookupResult | None:
-        return self._wait(self.async_wait_prefetch_status(handle, timeout_s, deadline_s=deadline_s))
+        return self._call(
+            lambda: self.async_wait_prefetch_status(handle, timeout_s, deadline_s=deadline_s)
+        )
 
     def async_sync_lookup(
         self,
@@ -531,7 +596,9 @@ class CacheClient:
         deadline_s: float | None = None,
     ) -> LookupResult:
         """L1 prefix + L2 existence in one round trip (the L2 load is joined by the retrieve)."""
-        return self._wait(self.async_sync_lookup(key, tp_size, timeout_s, deadline_s=deadline_s))
+        return self._call(
+            lambda: self.async_sync_lookup(key, tp_size, timeout_s, deadline_s=deadline_s)
+        )
 
     def async_free_lookup_locks(
         self, key: Key | WireKey, tp_size: int = 1
@@ -548,7 +615,7 @@ class CacheClient:
     def free_lookup_locks(self, key: Key | WireKey, tp_size: int = 1) -> int:
         """Releases the request's leases on the whole chunks of the key's range; returns how
         many were released."""
-        return self._wait(self.async_free_lookup_locks(key, tp_size))
+        return self._call(lambda: self.async_free_lookup_locks(key, tp_size))
 
     def async_end_session(self, model_name: str, request_id: str) -> concurrent.futures.Future[int]:
         body = EndSessionRequest(model_name, request_id)
@@ -557,7 +624,7 @@ class CacheClient:
         )
 
     def end_session(self, model_name: str, request_id: str) -> int:
-        return self._wait(self.async_end_session(model_name, request_id))
+        return self._call(lambda: self.async_end_session(model_name, request_id))
 
     def async_prepare_store(self, key: Key | WireKey) -> concurrent.futures.Future[TransferTicket]:
         body = PrepareStoreRequest(_key(key))
@@ -566,7 +633,7 @@ class CacheClient:
         )
 
     def prepare_store(self, key: Key | WireKey) -> TransferTicket:
-        return self._wait(self.async_prepare_store(key))
+        return self._call(lambda: self.async_prepare_store(key))
 
     def async_commit_store(
         self, handle: bytes, success: bool = True
@@ -581,7 +648,7 @@ class CacheClient:
 
     def commit_store(self, handle: bytes, success: bool = True) -> int:
         """Publishes (or, success=False, aborts) a store ticket; returns the objects published."""
-        return self._wait(self.async_commit_store(handle, success))
+        return self._call(lambda: self.async_commit_store(handle, success))
 
     def async_prepare_retrieve(
         self, key: Key | WireKey, timeout_s: float | None = None, *, deadline_s: float | None = None
@@ -596,7 +663,9 @@ class CacheClient:
     def prepare_retrieve(
         self, key: Key | WireKey, timeout_s: float | None = None, *, deadline_s: float | None = None
     ) -> TransferTicket:
-        return self._wait(self.async_prepare_retrieve(key, timeout_s, deadline_s=deadline_s))
+        return self._call(
+            lambda: self.async_prepare_retrieve(key, timeout_s, deadline_s=deadline_s)
+        )
 
     def async_commit_retrieve(self, handle: bytes) -> concurrent.futures.Future[None]:
         body = HandleRequest(_check_handle(handle))
@@ -605,7 +674,7 @@ class CacheClient:
     def commit_retrieve(self, handle: bytes) -> None:
         """Returns the ticket's leases; LeaseNotHeldError means the copied bytes must not be
         used."""
-        self._wait(self.async_commit_retrieve(handle))
+        self._call(lambda: self.async_commit_retrieve(handle))
 
     def async_clear(self, force: bool = False) -> concurrent.futures.Future[int]:
         return self._submit(
@@ -616,13 +685,13 @@ class CacheClient:
         )
 
     def clear(self, force: bool = False) -> int:
-        return self._wait(self.async_clear(force))
+        return self._call(lambda: self.async_clear(force))
 
     def async_status(self) -> concurrent.futures.Future[dict[str, Any]]:
         return self._submit(RequestType.STATUS, {}, _identity, None)
 
     def status(self) -> dict[str, Any]:
-        return self._wait(self.async_status())
+        return self._call(lambda: self.async_status())
 
     # ---- the I/O thread ----------------------------------------------------------------------
 
@@ -644,117 +713,172 @@ class CacheClient:
             raise
         return sock
 
+    # ---- who owns the socket -----------------------------------------------------------------
+    #
+    # The socket has one owner at a time, the leader (self._leader, changed under self._lock):
+    # * a thread in a blocking call (_call) leads when no other thread does: it sends its request,
+    #   polls, completes every reply that arrives (its own and other threads') and lets go once
+    #   its own future is done, so a lone caller pays no thread hand-off;
+    # * a thread in an async_ call with no leader sends its request and lets go at once;
+    # * the I/O thread leads whenever requests are outstanding or queued and no one else leads,
+    #   and when a heartbeat is due; it lets go when nothing is outstanding.
+    # A leader that lets go while requests are outstanding wakes the I/O thread (self._cv); a
+    # thread that queues a request while another thread leads wakes the leader's poll (the pipe).
+
     def _io_main(self) -> None:
+        me = threading.get_ident()
         try:
-            sock = self._open_socket()
-        except BaseException as exc:
-            self._start_error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        pending: dict[int, _Pending] = {}
-        try:
-            self._io_loop(sock, pending)
+            while True:
+                with self._cv:
+                    while True:
+                        if self._leader is None:
+                            if self._closed:
+                                return  # the finally below shuts down
+                            if (
+                                self._outbox
+                                or self._pending
+                                or self._heartbeat_due(time.monotonic())
+                            ):
+                                self._leader = me
+                                break
+                        self._cv.wait(self._idle_timeout())
+                self._lead(None)
         except Exception:  # pragma: no cover - a bug; fail what is pending below
             _log.exception("cache client I/O thread failed")
-            with self._lock:
-                self._closed = True
         finally:
-            with self._lock:
-                leftovers = list(self._outbox)
-                self._outbox.clear()
-            error = UnavailableError("the client is closed")
-            for item in leftovers:
-                if item.future is not None:
-                    _fail(item.future, error)
-            for p in pending.values():
-                if p.future is not None:
-                    _fail(p.future, error)
-            sock.close(linger=0)
-            with self._lock:
-                release = self._release_on_io_thread
-            if release:
-                self._release()
+            self._shutdown()
 
-    def _io_loop(self, sock: zmq.Socket[bytes], pending: dict[int, _Pending]) -> None:
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
-        deadlines: list[tuple[float, int]] = []
-        seq = 0
-        last_send = time.monotonic()
-        heartbeat_pending = False
-        while True:
-            now = time.monotonic()
-            wake_at = math.inf
-            if deadlines:
-                wake_at = deadlines[0][0]
-            if self._heartbeat_s is not None and not heartbeat_pending:
-                wake_at = min(wake_at, last_send + self._heartbeat_s)
-            timeout_ms = None if wake_at == math.inf else max(0, math.ceil((wake_at - now) * 1e3))
-            events = dict(poller.poll(timeout_ms))
-            if self._wake_r in events:
-                with contextlib.suppress(BlockingIOError):
-                    os.read(self._wake_r, 4096)
-            with self._lock:
-                batch = list(self._outbox)
-                self._outbox.clear()
-                closing = self._closed
-            if closing:
-                error = UnavailableError("the client is closed")
+    def _idle_timeout(self) -> float | None:
+        """How long the idle I/O thread sleeps (lock held). While another thread leads, it looks
+        again once per heartbeat interval: that leader sends heartbeats itself while it leads."""
+        if self._heartbeat_s is None:
+            return None
+        if self._leader is not None:
+            return self._heartbeat_s
+        return max(0.0, self._last_send + self._heartbeat_s - time.monotonic())
+
+    def _heartbeat_due(self, now: float) -> bool:
+        return (
+            self._heartbeat_s is not None
+            and not self._heartbeat_pending
+            and now - self._last_send >= self._heartbeat_s
+        )
+
+    def _shutdown(self) -> None:
+        """The I/O thread's last act: takes the socket, fails what is left, closes it."""
+        me = threading.get_ident()
+        with self._cv:
+            self._closed = True
+            while self._leader is not None and self._leader != me:
+                self._wake()
+                self._cv.wait(1.0)
+            self._leader = me
+            leftovers = list(self._outbox)
+            self._outbox.clear()
+            release = self._release_on_io_thread
+        self._fail_all(leftovers)
+        self._sock.close(linger=0)
+        if release:
+            self._release()
+
+    def _lead(self, until: concurrent.futures.Future[Any] | None, send_only: bool = False) -> None:
+        """Works the socket as the leader (the caller is self._leader) and then lets go: once
+        ``until`` is done (a blocking call), once the queue is sent (``send_only``), or once
+        nothing is outstanding (the I/O thread, ``until`` None)."""
+        me = threading.get_ident()
+        on_io_thread = threading.current_thread() is self._thread
+        released = False
+        try:
+            while True:
+                now = time.monotonic()
+                with self._lock:
+                    batch = list(self._outbox)
+                    self._outbox.clear()
+                    closing = self._closed
+                    if not batch and not closing:
+                        if send_only:
+                            finished = True
+                        elif until is not None:
+                            finished = until.done()
+                        else:
+                            finished = not self._pending and not self._heartbeat_due(now)
+                        if finished:
+                            self._leader = None
+                            released = True
+                            if self._pending and not on_io_thread:
+                                self._cv.notify_all()
+                            return
+                if closing:
+                    self._fail_all(batch)
+                    return
                 for item in batch:
-                    if item.future is not None:
-                        _fail(item.future, error)
-                return
-            now = time.monotonic()
-            for item in batch:
-                if item.future is not None and not item.future.set_running_or_notify_cancel():
-                    continue  # cancelled by the caller before it was sent
-                seq = seq + 1 if seq < (1 << 64) - 1 else 1
-                if self._send(sock, seq, item):
-                    pending[seq] = _Pending(
-                        item.request_type, item.future, item.convert, now + item.timeout_s
+                    if item.future is not None and not item.future.set_running_or_notify_cancel():
+                        continue  # cancelled by the caller before it was sent
+                    self._send(item, now)
+                if self._heartbeat_due(now):
+                    ping = _Outgoing(
+                        RequestType.PING, _EMPTY_PAYLOAD, None, _nothing, self._timeout_s
                     )
-                    heapq.heappush(deadlines, (now + item.timeout_s, seq))
-                    last_send = now
-            if sock in events:
-                heartbeat_pending &= not self._receive(sock, pending)
-            now = time.monotonic()
-            while deadlines and deadlines[0][0] <= now:
-                _, expired_seq = heapq.heappop(deadlines)
-                p = pending.pop(expired_seq, None)
-                if p is None:
+                    self._heartbeat_pending = self._send(ping, now)
+                    self._last_send = now
+                if send_only:
                     continue
-                if p.future is None:
-                    heartbeat_pending = False
-                    _log.warning("the cache server did not answer a heartbeat in time")
-                else:
-                    _fail(
-                        p.future,
-                        DeadlineExceededError(
-                            f"no reply to {_type_name(p.request_type)} from {self._endpoint} "
-                            "in time"
-                        ),
-                    )
-            if (
-                self._heartbeat_s is not None
-                and not heartbeat_pending
-                and now - last_send >= self._heartbeat_s
-            ):
-                seq = seq + 1 if seq < (1 << 64) - 1 else 1
-                ping = _Outgoing(
-                    RequestType.PING, encode_request(RequestType.PING, 0, {})[1], None, _nothing, 0
+                wake_at = self._deadlines[0][0] if self._deadlines else math.inf
+                if self._heartbeat_s is not None and not self._heartbeat_pending:
+                    wake_at = min(wake_at, self._last_send + self._heartbeat_s)
+                timeout_ms = (
+                    None if wake_at == math.inf else max(0, math.ceil((wake_at - now) * 1e3))
                 )
-                if self._send(sock, seq, ping):
-                    pending[seq] = _Pending(RequestType.PING, None, _nothing, now + self._timeout_s)
-                    heapq.heappush(deadlines, (now + self._timeout_s, seq))
-                    heartbeat_pending = True
-                last_send = now
+                events = dict(self._poller.poll(timeout_ms))
+                if self._wake_r in events:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_r, 4096)
+                if self._sock in events and self._receive():
+                    self._heartbeat_pending = False
+                self._expire(time.monotonic())
+        finally:
+            if not released:
+                with self._lock:
+                    if self._leader == me:
+                        self._leader = None
+                    self._cv.notify_all()
 
-    def _send(self, sock: zmq.Socket[bytes], seq: int, item: _Outgoing) -> bool:
+    def _fail_all(self, queued: list[_Outgoing]) -> None:
+        """Fails queued and outstanding requests: the client is closed (leader only)."""
+        error = UnavailableError("the client is closed")
+        for item in queued:
+            if item.future is not None:
+                _fail(item.future, error)
+        pending = list(self._pending.values())
+        self._pending.clear()
+        self._deadlines.clear()
+        for p in pending:
+            if p.future is not None:
+                _fail(p.future, error)
+
+    def _expire(self, now: float) -> None:
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, expired_seq = heapq.heappop(self._deadlines)
+            p = self._pending.pop(expired_seq, None)
+            if p is None:
+                continue
+            if p.future is None:
+                self._heartbeat_pending = False
+                _log.warning("the cache server did not answer a heartbeat in time")
+            else:
+                _fail(
+                    p.future,
+                    DeadlineExceededError(
+                        f"no reply to {_type_name(p.request_type)} from {self._endpoint} in time"
+                    ),
+                )
+
+    def _send(self, item: _Outgoing, now: float) -> bool:
+        self._seq = self._seq + 1 if self._seq < (1 << 64) - 1 else 1
+        seq = self._seq
         header = encode_request(item.request_type, seq, {})[0]
         try:
-            sock.send_multipart([header, item.payload], flags=zmq.NOBLOCK, copy=False)
+            send_frames(self._sock, (header, item.payload))
         except zmq.ZMQError as exc:
             if item.future is not None:
                 _fail(
@@ -762,43 +886,47 @@ class CacheClient:
                     UnavailableError(f"cannot send to {self._endpoint}: {exc} (server down?)"),
                 )
             return False
+        deadline = now + item.timeout_s
+        self._pending[seq] = _Pending(item.request_type, item.future, item.convert, deadline)
+        heapq.heappush(self._deadlines, (deadline, seq))
+        self._last_send = now
         return True
 
-    def _receive(self, sock: zmq.Socket[bytes], pending: dict[int, _Pending]) -> bool:
-        """Reads every queued reply; returns whether a heartbeat reply was among them."""
-        got_heartbeat = False
-        while True:
-            try:
-                frames = sock.recv_multipart(flags=zmq.NOBLOCK)
-            except zmq.Again:
-                return got_heartbeat
-            try:
-                reply = decode_reply(frames, self._max_reply_bytes)
-            except ProtocolError as exc:
-                _log.warning("dropped a malformed reply from %s: %s", self._endpoint, exc.message)
-                continue
-            p = pending.pop(reply.seq, None)
-            if p is None:
-                _log.debug("reply to seq %d arrived after its deadline", reply.seq)
-                continue
-            if p.future is None:
-                got_heartbeat = True
-                if not reply.ok:
-                    _log.warning("heartbeat answered %s", from_code(reply.status, reply.message))
-                continue
+    def _receive(self) -> bool:
+        """Reads one reply and completes its request; returns whether it answered a heartbeat.
+        One per poll: the next poll reports any others, and a failed non-blocking read would
+        cost an exception."""
+        try:
+            frames = recv_frames(self._sock)
+        except zmq.Again:
+            return False
+        try:
+            reply = decode_reply(frames, self._max_reply_bytes)
+        except ProtocolError as exc:
+            _log.warning("dropped a malformed reply from %s: %s", self._endpoint, exc.message)
+            return False
+        p = self._pending.pop(reply.seq, None)
+        if p is None:
+            _log.debug("reply to seq %d arrived after its deadline", reply.seq)
+            return False
+        if p.future is None:
             if not reply.ok:
-                _fail(p.future, from_code(reply.status, reply.message))
-                continue
-            try:
-                result = p.convert(reply.payload)
-            except ProtocolError as exc:
-                _fail(p.future, InternalError(exc.message))
-                continue
-            except LMCacheError as exc:
-                _fail(p.future, exc)
-                continue
-            with contextlib.suppress(concurrent.futures.InvalidStateError):
-                p.future.set_result(result)
+                _log.warning("heartbeat answered %s", from_code(reply.status, reply.message))
+            return True
+        if not reply.ok:
+            _fail(p.future, from_code(reply.status, reply.message))
+            return False
+        try:
+            result = p.convert(reply.payload)
+        except ProtocolError as exc:
+            _fail(p.future, InternalError(exc.message))
+            return False
+        except LMCacheError as exc:
+            _fail(p.future, exc)
+            return False
+        with contextlib.suppress(concurrent.futures.InvalidStateError):
+            p.future.set_result(result)
+        return False
 
 
 def _fail(future: concurrent.futures.Future[Any], error: BaseException) -> None:

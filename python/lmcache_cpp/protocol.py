@@ -765,6 +765,223 @@ def _unpack_header(frame: bytes) -> object:
     )
 
 
+def _unpack_payload(frame: bytes, limits: ProtocolLimits) -> object:
+    return msgpack.unpackb(
+        frame,
+        raw=False,
+        strict_map_key=True,
+        use_list=True,
+        max_bin_len=limits.max_frame_bytes,
+        max_str_len=limits.max_string_bytes,
+        max_array_len=limits.max_map_entries,
+        max_map_len=limits.max_map_entries,
+        max_ext_len=0,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast path of decode_request
+#
+# The requests an engine sends on every prompt (lookups, their status queries, transfers, END)
+# are decoded by the functions below with a handful of type and range checks instead of the
+# general field reader, which costs several times more. They accept a strict subset of what the
+# general path accepts and return the same value for it; anything else (an unusual but valid
+# request, or an invalid one) returns None and goes through the general path, which also words
+# the error. tests/test_protocol.py checks the two paths against each other.
+
+_KEY_FIELDS: Final = frozenset(
+    {
+        "model_name",
+        "world_size",
+        "worker_id",
+        "request_id",
+        "cache_salt",
+        "tokens",
+        "block_hashes",
+        "block_hash_size",
+        "start",
+        "end",
+    }
+)
+
+
+def _fast_int(value: object, default: int, lo: int, hi: int) -> int | None:
+    if value is None:
+        return default
+    if type(value) is int and lo <= value <= hi:
+        return value
+    return None
+
+
+def _fast_str(value: object, default: str, max_chars: int) -> str | None:
+    # max_chars is a quarter of the byte limit: no string that short can exceed it in UTF-8.
+    if value is None:
+        return default
+    if type(value) is str and len(value) <= max_chars:
+        return value
+    return None
+
+
+def _fast_timeout(value: object, limits: ProtocolLimits) -> float | None:
+    """A valid timeout_s as a float, or None (absent, or to be judged by the general path)."""
+    if type(value) is not float and type(value) is not int:
+        return None
+    seconds = float(value)
+    if math.isfinite(seconds) and 0.0 <= seconds <= limits.max_wait_s:
+        return seconds
+    return None
+
+
+def _fast_key(data: object, limits: ProtocolLimits) -> WireKey | None:
+    if type(data) is not dict or not data.keys() <= _KEY_FIELDS:
+        return None
+    chars = limits.max_string_bytes // 4
+    model_name = data.get("model_name")
+    if type(model_name) is not str or not model_name or len(model_name) > chars:
+        return None
+    world_size = _fast_int(data.get("world_size"), 1, 1, _U32_MAX)
+    if world_size is None:
+        return None
+    worker_id = _fast_int(data.get("worker_id"), -1, -1, min(world_size - 1, _I32_MAX))
+    request_id = _fast_str(data.get("request_id"), "", chars)
+    cache_salt = _fast_str(data.get("cache_salt"), "", chars)
+    block_hash_size = _fast_int(data.get("block_hash_size"), 32, 1, MAX_BLOCK_HASH_SIZE)
+    start = _fast_int(data.get("start"), 0, 0, _I64_MAX)
+    end = _fast_int(data.get("end"), -1, -1, _I64_MAX)
+    if (
+        worker_id is None
+        or request_id is None
+        or cache_salt is None
+        or block_hash_size is None
+        or start is None
+        or end is None
+        or (end != -1 and end < start)
+    ):
+        return None
+    tokens = data.get("tokens")
+    block_hashes = data.get("block_hashes")
+    if tokens is not None:
+        if block_hashes is not None or type(tokens) is not bytes or len(tokens) % 4:
+            return None
+        count = len(tokens) // 4
+    else:
+        if type(block_hashes) is not bytes or len(block_hashes) % block_hash_size:
+            return None
+        count = len(block_hashes) // block_hash_size
+    if count > limits.max_tokens:
+        return None
+    fields = (model_name, world_size, worker_id, request_id, cache_salt, tokens, block_hashes)
+    return WireKey(*fields, block_hash_size, start, end)
+
+
+def _fast_handle(payload: dict[str, Any], extra: frozenset[str]) -> bytes | None:
+    handle = payload.get("handle")
+    if type(handle) is bytes and len(handle) == HANDLE_SIZE and payload.keys() <= extra:
+        return handle
+    return None
+
+
+_KEY_TP: Final = frozenset({"key", "tp_size"})
+_KEY_TP_TIMEOUT: Final = frozenset({"key", "tp_size", "timeout_s"})
+_KEY_ONLY: Final = frozenset({"key"})
+_KEY_TIMEOUT: Final = frozenset({"key", "timeout_s"})
+_HANDLE_ONLY: Final = frozenset({"handle"})
+_HANDLE_SUCCESS: Final = frozenset({"handle", "success"})
+_HANDLE_TIMEOUT: Final = frozenset({"handle", "timeout_s"})
+_SESSION_FIELDS: Final = frozenset({"model_name", "request_id"})
+
+
+def _fast_body(
+    rt: RequestType, payload: dict[str, Any], limits: ProtocolLimits
+) -> RequestBody | None:
+    """The body of a common request, or None (the general path decides)."""
+    if rt is RequestType.PING or rt is RequestType.GET_CHUNK_SIZE or rt is RequestType.STATUS:
+        return None if payload else EmptyRequest()
+    if rt is RequestType.QUERY_PREFETCH_STATUS or rt is RequestType.COMMIT_RETRIEVE:
+        handle = _fast_handle(payload, _HANDLE_ONLY)
+        return None if handle is None else HandleRequest(handle)
+    if rt is RequestType.COMMIT_STORE:
+        handle = _fast_handle(payload, _HANDLE_SUCCESS)
+        success = payload.get("success", True)
+        if handle is None or type(success) is not bool:
+            return None
+        return CommitStoreRequest(handle, success)
+    if rt is RequestType.WAIT_PREFETCH_STATUS:
+        handle = _fast_handle(payload, _HANDLE_TIMEOUT)
+        timeout_s = _fast_timeout(payload.get("timeout_s"), limits)
+        if handle is None or timeout_s is None:
+            return None
+        return PrefetchWaitRequest(handle, timeout_s)
+    if rt is RequestType.END_SESSION:
+        chars = limits.max_string_bytes // 4
+        model_name = payload.get("model_name")
+        request_id = payload.get("request_id")  # required, may be empty
+        if (
+            type(request_id) is not str
+            or len(request_id) > chars
+            or type(model_name) is not str
+            or not model_name
+            or len(model_name) > chars
+            or not payload.keys() <= _SESSION_FIELDS
+        ):
+            return None
+        return EndSessionRequest(model_name, request_id)
+    if rt is RequestType.LOOKUP or rt is RequestType.FREE_LOOKUP_LOCKS:
+        allowed = _KEY_TP
+    elif rt is RequestType.SYNC_LOOKUP:
+        allowed = _KEY_TP_TIMEOUT
+    elif rt is RequestType.PREPARE_STORE:
+        allowed = _KEY_ONLY
+    elif rt is RequestType.PREPARE_RETRIEVE:
+        allowed = _KEY_TIMEOUT
+    else:
+        return None
+    if not payload.keys() <= allowed:
+        return None
+    key = _fast_key(payload.get("key"), limits)
+    tp_size = _fast_int(payload.get("tp_size"), 1, 1, _U32_MAX)
+    raw_timeout = payload.get("timeout_s")
+    timeout_s = None if raw_timeout is None else _fast_timeout(raw_timeout, limits)
+    if key is None or tp_size is None or (raw_timeout is not None and timeout_s is None):
+        return None
+    if rt is RequestType.SYNC_LOOKUP:
+        return SyncLookupRequest(key, tp_size, timeout_s)
+    if rt is RequestType.PREPARE_STORE:
+        return PrepareStoreRequest(key)
+    if rt is RequestType.PREPARE_RETRIEVE:
+        return PrepareRetrieveRequest(key, timeout_s)
+    return KeyRequest(key, tp_size)
+
+
+def _decode_fast(frames: Sequence[bytes], limits: ProtocolLimits) -> Request | None:
+    """decode_request for a well-formed common request; None for anything else."""
+    if len(frames) != 2:
+        return None
+    head, data = frames
+    if len(head) > limits.max_header_bytes or len(data) > limits.max_frame_bytes:
+        return None
+    try:
+        header = _unpack_header(head)
+        payload = _unpack_payload(data, limits)
+    except Exception:
+        return None
+    if type(header) is not list or len(header) != 3 or type(payload) is not dict:
+        return None
+    version, type_id, seq = header
+    if version != PROTOCOL_VERSION or type(version) is not int or type(seq) is not int or seq < 0:
+        return None
+    rt = _FAST_TYPES.get(type_id) if type(type_id) is int else None
+    if rt is None:
+        return None
+    body = _fast_body(rt, payload, limits)
+    if body is None:
+        return None
+    return Request(rt, seq, body)
+
+
+_FAST_TYPES: Final = {int(rt): rt for rt in RequestType if rt not in _RESERVED_TYPES}
+
+
 def decode_request(frames: Sequence[bytes], limits: ProtocolLimits) -> Request:
     """Decodes and validates the frames of one request (without the ROUTER identity frame).
 
@@ -773,6 +990,11 @@ def decode_request(frames: Sequence[bytes], limits: ProtocolLimits) -> Request:
     type (unknown or reserved: NotSupported), payload frame size (ResourceExhausted), payload
     msgpack and schema (InvalidArgument; oversized token lists ResourceExhausted).
     """
+    fast = _decode_fast(frames, limits)
+    return fast if fast is not None else _decode_general(frames, limits)
+
+
+def _decode_general(frames: Sequence[bytes], limits: ProtocolLimits) -> Request:
     header: object = None
     header_error = ""
     if frames and len(frames[0]) <= limits.max_header_bytes:
@@ -840,17 +1062,7 @@ def decode_request(frames: Sequence[bytes], limits: ProtocolLimits) -> Request:
         except ProtocolError as exc:
             raise fail(exc.code, exc.message) from None
     try:
-        payload = msgpack.unpackb(
-            frames[1],
-            raw=False,
-            strict_map_key=True,
-            use_list=True,
-            max_bin_len=limits.max_frame_bytes,
-            max_str_len=limits.max_string_bytes,
-            max_array_len=limits.max_map_entries,
-            max_map_len=limits.max_map_entries,
-            max_ext_len=0,
-        )
+        payload = _unpack_payload(frames[1], limits)
     except Exception as exc:
         raise fail(
             _INVALID,

@@ -49,6 +49,7 @@ from typing import Any, Final, Protocol
 import zmq
 
 from lmcache_cpp import _core
+from lmcache_cpp._zmq_io import readable, recv_frames, send_frames
 from lmcache_cpp.errors import LMCacheError
 from lmcache_cpp.protocol import (
     PROTOCOL_VERSION,
@@ -199,6 +200,9 @@ class EngineLike(Protocol):
     def sync_lookup(
         self, client: int, key: _core.EngineKey, tp_size: int = 1, timeout_s: float | None = None
     ) -> _LookupResultLike: ...
+    def sync_lookup_in_l1(
+        self, client: int, key: _core.EngineKey, tp_size: int = 1
+    ) -> _LookupResultLike | None: ...
     def free_lookup_locks(self, client: int, key: _core.EngineKey, tp_size: int = 1) -> int: ...
     def end_session(self, client: int, model_name: str, request_id: str) -> int: ...
     def prepare_store(self, client: int, key: _core.EngineKey) -> _TicketLike: ...
@@ -479,6 +483,23 @@ class Dispatcher:
 
     def is_blocking(self, request_type: RequestType) -> bool:
         return request_type in self._blocking
+
+    def try_without_blocking(self, client: int, request: Request) -> tuple[list[bytes], int] | None:
+        """Answers a pool request at once when it turns out not to block: a SYNC_LOOKUP whose
+        key is all in L1 (the usual case on a warm server). None: run it on the pool."""
+        if request.request_type is not RequestType.SYNC_LOOKUP:
+            return None
+        body = request.body
+        assert isinstance(body, SyncLookupRequest)
+        try:
+            result = self._engine.sync_lookup_in_l1(client, engine_key(body.key), body.tp_size)
+        except Exception:
+            return None  # the pool runs it again and words the error reply
+        if result is None:
+            return None
+        return encode_reply(
+            int(request.request_type), request.seq, _lookup_result(result).to_wire()
+        ), _OK
 
     def execute(self, client: int, request: Request) -> tuple[list[bytes], int]:
         rt = request.request_type
@@ -1007,16 +1028,19 @@ class CacheServer:
                 next_tick = now + interval
 
     def _drain_requests(self, router: zmq.Socket[bytes]) -> None:
-        # Bounded so that pool results and the reaper are never starved by a flood.
+        # Bounded so that pool results and the reaper are never starved by a flood. ZMQ_EVENTS
+        # says whether another message is queued (cheaper than a read that raises zmq.Again).
         for _ in range(1024):
             try:
-                frames = router.recv_multipart(flags=zmq.NOBLOCK, copy=True)
+                frames = recv_frames(router)
             except zmq.Again:
                 return
             try:
                 self._on_message(router, frames)
             except Exception:  # pragma: no cover - a bug; keep serving
                 _log.exception("failed to handle a message")
+            if not readable(router):
+                return
 
     def _on_message(self, router: zmq.Socket[bytes], frames: list[bytes]) -> None:
         received = time.perf_counter()
@@ -1050,6 +1074,11 @@ class CacheServer:
             self._finish(client, request, status, received)
             self._send(router, identity, reply)
             return
+        answered = self._dispatcher.try_without_blocking(client.id, request)
+        if answered is not None:
+            self._finish(client, request, answered[1], received)
+            self._send(router, identity, answered[0])
+            return
         if client.in_flight >= self._options.max_jobs_per_client:
             message = (
                 f"{client.in_flight} blocking requests of this client are in progress "
@@ -1068,9 +1097,11 @@ class CacheServer:
         self._send(router, identity, reply)
 
     def _drain_results(self, router: zmq.Socket[bytes], results: zmq.Socket[bytes]) -> None:
-        for _ in range(1024):
+        for i in range(1024):
+            if i and not readable(results):
+                return
             try:
-                frames = results.recv_multipart(flags=zmq.NOBLOCK, copy=True)
+                frames = recv_frames(results)
             except zmq.Again:
                 return
             token = int.from_bytes(frames[0], "little")
@@ -1129,7 +1160,7 @@ class CacheServer:
 
     def _send(self, router: zmq.Socket[bytes], identity: bytes, frames: list[bytes]) -> None:
         try:
-            router.send_multipart([identity, *frames], flags=zmq.NOBLOCK, copy=False)
+            send_frames(router, [identity, *frames])
         except zmq.ZMQError as exc:
             # EHOSTUNREACH: the peer disconnected; EAGAIN: its queue is full. Either way the
             # client cannot be answered; it times out on its side.
@@ -1212,7 +1243,7 @@ class CacheServer:
         client = self._clients_by_id.get(client_id)
         if client is not None:
             client.name = body.client_name
-        _log.info(
+        _log.debug(
             "client %d hello%s", client_id, f" ({body.client_name})" if body.client_name else ""
         )
         return HelloInfo(

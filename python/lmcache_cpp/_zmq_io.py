@@ -1,0 +1,45 @@
+"""Multipart sends and receives for the per-message paths of the server and the client.
+
+pyzmq's ``send_multipart`` / ``recv_multipart`` combine its flag enums on every frame, which costs
+about a microsecond per operator; these do the same socket calls with plain int flags. Both are
+non-blocking: ``recv_frames`` raises ``zmq.Again`` when nothing is queued and ``send_frames``
+raises ``zmq.ZMQError`` (``EAGAIN`` on a full queue, ``EHOSTUNREACH`` from a ROUTER socket whose
+peer is gone) before any frame is queued when the first frame cannot be sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Final
+
+import zmq
+
+_NOBLOCK: Final = int(zmq.NOBLOCK)
+_NOBLOCK_MORE: Final = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
+_RCVMORE: Final = int(zmq.RCVMORE)
+_ZERO_COPY_BYTES: Final = 1 << 16
+EVENTS: Final = int(zmq.EVENTS)
+POLLIN: Final = int(zmq.POLLIN)
+
+
+def send_frames(sock: zmq.Socket[bytes], frames: Sequence[bytes]) -> None:
+    """Sends ``frames`` as one message. Small frames are copied (cheaper than tracking a
+    zero-copy send), large ones are not."""
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        sock.send(
+            frame, _NOBLOCK if i == last else _NOBLOCK_MORE, copy=len(frame) < _ZERO_COPY_BYTES
+        )
+
+
+def recv_frames(sock: zmq.Socket[bytes]) -> list[bytes]:
+    """Receives one whole message, or raises ``zmq.Again``."""
+    parts = [sock.recv(_NOBLOCK)]
+    while sock.getsockopt(_RCVMORE):
+        parts.append(sock.recv(_NOBLOCK))
+    return parts
+
+
+def readable(sock: zmq.Socket[bytes]) -> bool:
+    """Whether a message is queued (cheaper than a receive that raises ``zmq.Again``)."""
+    return bool(int(sock.getsockopt(EVENTS)) & POLLIN)
