@@ -4,9 +4,10 @@
 ``conftest.EngineConfig``) and then answers one JSON command per stdin line with one stdout line
 that starts with ``@@`` (vLLM's own output goes to stderr or lacks the prefix):
 
-* ``{"op": "generate", "prompts": [[token ids]], "max_tokens": n}`` -> ``{"outputs": [[token
-  ids]], "cached": [prompt tokens vLLM did not compute: its prefix cache plus the connector]}``
-  (greedy decoding);
+* ``{"op": "generate", "prompts": [[token ids]], "max_tokens": n, "cache_salt": s}`` ->
+  ``{"outputs": [[token ids]], "cached": [prompt tokens vLLM did not compute: its prefix cache
+  plus the connector]}`` (greedy decoding; a fresh ``cache_salt`` shares no cached KV, in vLLM
+  or in lmcache_cpp, so it gives a cold reference run);
 * ``{"op": "reset_prefix_cache"}`` -> ``{"ok": true}`` (drops vLLM's own prefix cache);
 * ``{"op": "quit"}`` -> exits.
 
@@ -53,6 +54,7 @@ def main() -> None:
         "enforce_eager": True,
         "seed": 0,
         "max_num_batched_tokens": config["max_num_batched_tokens"],
+        "max_num_seqs": config.get("max_num_seqs") or 256,
     }
     if config.get("connector") is not None:
         kwargs["kv_transfer_config"] = {
@@ -75,7 +77,11 @@ def main() -> None:
             params = SamplingParams(
                 temperature=0.0, max_tokens=command["max_tokens"], ignore_eos=True, detokenize=False
             )
-            prompts = [{"prompt_token_ids": p} for p in command["prompts"]]
+            salt = command.get("cache_salt")
+            prompts = [
+                {"prompt_token_ids": p, **({"cache_salt": salt} if salt else {})}
+                for p in command["prompts"]
+            ]
             results = llm.generate(prompts, params, use_tqdm=False)
             _reply(
                 {

@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -49,10 +49,10 @@ from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_paral
 
 from lmcache_cpp.client import CacheClient, Key
 from lmcache_cpp.errors import (
+    DeadlineExceededError,
     InternalError,
-    KeyAbsentError,
-    LeaseNotHeldError,
     LMCacheError,
+    NotFoundError,
     UnavailableError,
 )
 from lmcache_cpp.integration.vllm_parts import (
@@ -79,8 +79,6 @@ else:
 __all__ = ["LMCacheCppConnector", "LMCacheCppMetadata"]
 
 _log = logging.getLogger(__name__)
-
-_FUTURE_GUARD_S: Final = 600.0
 
 
 class LMCacheCppMetadata(_MetadataBase):
@@ -121,8 +119,19 @@ def _default_model_name(vllm_config: Any) -> str:
     return f"{name}|{model_config.dtype}|kv={kv_dtype}"
 
 
-def _result(future: concurrent.futures.Future[Any]) -> Any:
-    return future.result(timeout=_FUTURE_GUARD_S)
+def _share_vllm_logging() -> None:
+    """Sends lmcache_cpp's log records (the connector's, the client's, the core's) to vLLM's
+    handlers, at vLLM's level, unless the application configured the ``lmcache_cpp`` logger
+    itself: vLLM configures only its own logger, and its processes would otherwise show
+    lmcache_cpp's warnings without context and drop its INFO lines."""
+    ours = logging.getLogger("lmcache_cpp")
+    theirs = logging.getLogger("vllm")
+    if ours.handlers or not theirs.handlers:
+        return
+    for handler in theirs.handlers:
+        ours.addHandler(handler)
+    ours.setLevel(theirs.getEffectiveLevel())
+    ours.propagate = False
 
 
 class LMCacheCppConnector(_ConnectorBase):
@@ -130,6 +139,7 @@ class LMCacheCppConnector(_ConnectorBase):
 
     def __init__(self, vllm_config: Any, role: Any, kv_cache_config: Any = None) -> None:
         KVConnectorBase_V1.__init__(self, vllm_config, role, kv_cache_config)
+        _share_vllm_logging()
         transfer_config = vllm_config.kv_transfer_config
         self._config = ConnectorConfig.from_extra(transfer_config.kv_connector_extra_config)
         self._topology = _Topology.of(vllm_config, self._config)
@@ -415,7 +425,10 @@ class _SchedulerSide:
         state.looked_up = True
         try:
             result = self._client.sync_lookup(
-                key, self._topology.readers, timeout, deadline_s=timeout + self._config.timeout_s
+                key,
+                self._topology.readers,
+                timeout,
+                deadline_s=timeout + min(self._config.timeout_s, 1.0),
             )
         except LMCacheError as exc:
             self._health.failed(exc)
@@ -621,9 +634,11 @@ class _WorkerSide:
         self._health.succeeded()
 
     def _failed(self, exc: LMCacheError) -> None:
-        """A transfer failed. A lost lease is the request's problem; anything else means the
-        server (or our registration with it) is gone: reconnect on the store thread."""
-        if isinstance(exc, KeyAbsentError | LeaseNotHeldError):
+        """A transfer failed. No reply, a closed connection, an unknown registration or model (a
+        restarted server) or another server incarnation mean the server or our registration with
+        it is gone: reconnect on the store thread. Anything else (a lost lease, a full L1...) is
+        the request's problem only."""
+        if not isinstance(exc, DeadlineExceededError | UnavailableError | NotFoundError):
             _log.debug("LMCacheCppConnector: transfer failed: %s", exc)
             return
         session, self._session = self._session, None
