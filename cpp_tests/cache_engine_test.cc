@@ -86,6 +86,15 @@ EngineKey TokenKey(const std::vector<uint32_t>& tokens, std::string_view request
   return k;
 }
 
+// A token key of every rank of a `world_size`-rank model.
+EngineKey AllRanksKey(const std::vector<uint32_t>& tokens, std::string_view request,
+                      uint32_t world_size) {
+  EngineKey k = TokenKey(tokens, request);
+  k.world_size = world_size;
+  k.worker_id = -1;
+  return k;
+}
+
 EngineKey HashKey(const std::vector<uint8_t>& block_hashes, std::string_view request,
                   uint32_t block_hash_size = 32) {
   EngineKey k;
@@ -645,16 +654,62 @@ TEST_F(CacheEngineTest, TpSizeMustBeAPositiveMultipleOfTheWorldSize) {
   Register(1, 0, 2);
   Register(2, 1, 2);
   auto tokens = Tokens(2 * kCs, 1);
-  EngineKey k = TokenKey(tokens, "r");
-  k.world_size = 2;
-  k.worker_id = -1;
+  const EngineKey k = AllRanksKey(tokens, "r", 2);
   for (uint32_t bad : {0u, 3u, 5u}) {
     EXPECT_EQ(engine_->Lookup(3, k, bad).status().code(), StatusCode::kInvalidArgument) << bad;
     EXPECT_EQ(engine_->SyncLookup(3, k, bad).status().code(), StatusCode::kInvalidArgument) << bad;
+    EXPECT_EQ(engine_->SyncLookupInL1(3, k, bad).status().code(), StatusCode::kInvalidArgument)
+        << bad;
     EXPECT_EQ(engine_->FreeLookupLocks(3, k, bad).status().code(), StatusCode::kInvalidArgument)
         << bad;
   }
+  EXPECT_EQ(engine_->stats().requests, 0u) << "a refused tp_size interns no request";
   for (uint32_t good : {1u, 2u, 4u}) EXPECT_TRUE(engine_->SyncLookup(3, k, good).ok()) << good;
+  EXPECT_EQ(engine_->stats().requests, 1u);
+}
+
+TEST_F(CacheEngineTest, AStoreAfterEndSessionDoesNotBringTheRequestBack) {
+  Register(1);
+  auto tokens = Tokens(4 * kCs, 3);
+  EXPECT_EQ(LookupAndWait(2, TokenKey(tokens, "r")).hit_chunks, 0u);
+  EXPECT_EQ(engine_->stats().requests, 1u);
+  EXPECT_EQ(engine_->EndSession(2, kModel, "r"), 0u);
+  EXPECT_EQ(engine_->stats().requests, 0u);
+  // The worker's stores of the finished request land after END_SESSION.
+  EXPECT_EQ(Store(1, TokenKey(tokens, "r", 0, 2 * kCs)), 2u);
+  EXPECT_EQ(Store(1, TokenKey(tokens, "r", 2 * kCs, 4 * kCs)), 2u);
+  EXPECT_EQ(engine_->stats().requests, 0u) << "no request (or hashing session) came back";
+  EXPECT_EQ(engine_->stats().sessions, 0u);
+  // What they stored is found by the next request with the same prompt.
+  EXPECT_EQ(LookupAndWait(2, TokenKey(tokens, "next")).hit_chunks, 4u);
+  EXPECT_EQ(engine_->EndSession(2, kModel, "next"), 4u);
+}
+
+TEST_F(CacheEngineTest, AQueryAfterTheEngineReapedItsLookupIsNotFoundNotAMiscount) {
+  EngineConfig c;
+  c.lookup_ttl = seconds(10);
+  ASSERT_NO_FATAL_FAILURE(Build(c));
+  Register(1, 0, 2);
+  Register(1, 1, 2);
+  auto tokens = Tokens(2 * kCs, 4);
+  EngineKey all_ranks = AllRanksKey(tokens, "", 2);
+  for (int32_t rank : {0, 1}) {
+    EngineKey k = all_ranks;
+    k.worker_id = rank;
+    ASSERT_EQ(Store(1, k), 2u);
+  }
+  all_ranks.request_id = "r";
+  auto h = engine_->Lookup(2, all_ranks, 2);
+  ASSERT_TRUE(h.ok()) << h.status().ToString();
+  ASSERT_TRUE(storage_->prefetch()->WaitIdle(kWait));
+  clock_->Advance(seconds(11));
+  EXPECT_GE(engine_->ReapExpired(), 1u);
+  // The prefetch job still holds the result (4 keys: 2 chunks x 2 ranks); without the lookup's
+  // rank count the engine cannot turn it into chunks, so the handle is reported expired.
+  auto q = engine_->QueryPrefetch(2, *h);
+  EXPECT_EQ(q.status().code(), StatusCode::kNotFound) << q.status().ToString();
+  EXPECT_EQ(engine_->EndSession(2, kModel, "r"), 4u) << "4 objects, one reader each: released here";
+  EXPECT_EQ(table()->stats().read_leases, 0u);
 }
 
 // ---- store ---------------------------------------------------------------------------------

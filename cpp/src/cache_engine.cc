@@ -89,6 +89,7 @@ struct CacheEngine::PendingLookup {
 struct CacheEngine::ResolvedKey {
   std::shared_ptr<Namespace> ns;
   RequestId request = 0;  // 0 when the key names no (known) request
+  uint32_t readers = 1;   // leases per object for the tp_size given to Resolve
   uint32_t ranks = 1;     // keys per chunk
   uint64_t first_chunk = 0;
   std::vector<ObjectKey> keys;  // chunk-major
@@ -184,7 +185,8 @@ Result<Registration> CacheEngine::RegisterKvCache(ClientId client, std::string_v
   reg.arena = table_->arena()->descriptor();
 
   std::lock_guard<std::mutex> l(mu_);
-  size_t& per_client = registrations_per_client_[client];
+  auto held = registrations_per_client_.find(client);
+  const size_t per_client = held == registrations_per_client_.end() ? 0 : held->second;
   if (per_client >= config_.max_registrations_per_client) {
     return Status::ResourceExhausted("client holds " + std::to_string(per_client) +
                                      " registrations (the limit)");
@@ -208,7 +210,7 @@ Result<Registration> CacheEngine::RegisterKvCache(ClientId client, std::string_v
   while (registrations_.count(id) != 0) id = RandomId();
   registrations_.emplace(id, RegistrationEntry{client, it->second});
   ++it->second->live_registrations;
-  ++per_client;
+  ++registrations_per_client_[client];
   reg.id = id;
   return reg;
 }
@@ -266,7 +268,8 @@ Result<RequestId> CacheEngine::InternRequest(std::string_view model_name,
 }
 
 Status CacheEngine::Resolve(const EngineKey& key, RangeKind range, bool need_request,
-                            bool create_request, ResolvedKey* out) {
+                            bool create_request, ResolvedKey* out,
+                            std::optional<uint32_t> tp_size) {
   if (key.model_name.empty() || key.model_name.size() > kMaxModelNameBytes) {
     return Status::InvalidArgument("key.model_name must have 1 to 1024 bytes");
   }
@@ -328,6 +331,9 @@ Status CacheEngine::Resolve(const EngineKey& key, RangeKind range, bool need_req
   if (range == RangeKind::kAligned && key.start % cs != 0) {
     return Status::InvalidArgument("key.start " + std::to_string(key.start) +
                                    " is not a multiple of the chunk size " + std::to_string(cs));
+  }
+  if (tp_size.has_value()) {
+    LMCACHE_ASSIGN_OR_RETURN(out->readers, Readers(ns, *tp_size));
   }
 
   if (!key.request_id.empty()) {
@@ -411,8 +417,8 @@ Result<uint32_t> CacheEngine::Readers(const Namespace& ns, uint32_t tp_size) con
 
 Result<JobHandle> CacheEngine::Lookup(ClientId client, const EngineKey& key, uint32_t tp_size) {
   ResolvedKey rk;
-  LMCACHE_RETURN_IF_ERROR(Resolve(key, RangeKind::kLookup, true, true, &rk));
-  LMCACHE_ASSIGN_OR_RETURN(uint32_t readers, Readers(*rk.ns, tp_size));
+  LMCACHE_RETURN_IF_ERROR(Resolve(key, RangeKind::kLookup, true, true, &rk, tp_size));
+  const uint32_t readers = rk.readers;
   PrefetchRequest req;
   req.owner = LeaseOwner{client, rk.request};
   req.keys = std::move(rk.keys);
@@ -441,8 +447,13 @@ Result<std::optional<LookupResult>> CacheEngine::Collect(
     return result.status();
   }
   if (!result->has_value()) return std::optional<LookupResult>();
-  const uint32_t ranks = mine ? it->second->ranks : 1;
-  if (mine) lookups_.erase(it);
+  if (!mine) {
+    // The engine reaped the lookup (lookup_ttl) and with it the rank count its hits need; its
+    // leases stay with the request until END_SESSION or request_ttl.
+    return Status::NotFound("lookup " + handle.ToHex() + " expired before it was collected");
+  }
+  const uint32_t ranks = it->second->ranks;
+  lookups_.erase(it);
   const PrefetchResult& p = **result;
   LookupResult r;
   r.hit_chunks = p.hits / ranks;
@@ -487,8 +498,8 @@ Result<std::optional<LookupResult>> CacheEngine::SyncLookupImpl(ClientId client,
                                                                 uint32_t tp_size, Duration timeout,
                                                                 bool l1_only) {
   ResolvedKey rk;
-  LMCACHE_RETURN_IF_ERROR(Resolve(key, RangeKind::kLookup, true, true, &rk));
-  LMCACHE_ASSIGN_OR_RETURN(uint32_t readers, Readers(*rk.ns, tp_size));
+  LMCACHE_RETURN_IF_ERROR(Resolve(key, RangeKind::kLookup, true, true, &rk, tp_size));
+  const uint32_t readers = rk.readers;
   PrefetchRequest req;
   req.owner = LeaseOwner{client, rk.request};
   req.keys = std::move(rk.keys);
@@ -522,9 +533,7 @@ Result<uint64_t> CacheEngine::FreeLookupLocks(ClientId client, const EngineKey& 
                                               uint32_t tp_size) {
   (void)client;
   ResolvedKey rk;
-  LMCACHE_RETURN_IF_ERROR(Resolve(key, RangeKind::kInner, true, false, &rk));
-  LMCACHE_ASSIGN_OR_RETURN(uint32_t readers, Readers(*rk.ns, tp_size));
-  (void)readers;
+  LMCACHE_RETURN_IF_ERROR(Resolve(key, RangeKind::kInner, true, false, &rk, tp_size));
   if (rk.request == 0 || rk.keys.empty()) return uint64_t{0};
   // Leases of a pending sync load arrive when it finishes: join it first.
   (void)prefetch_->WaitLoad(rk.request, config_.retrieve_wait_timeout);
@@ -602,7 +611,9 @@ void CacheEngine::DropTicket(const Ticket& ticket) {
 Result<TransferTicket> CacheEngine::PrepareStore(ClientId client, const EngineKey& key) {
   if (client == 0) return Status::InvalidArgument("client id 0 is invalid");
   ResolvedKey rk;
-  LMCACHE_RETURN_IF_ERROR(Resolve(key, RangeKind::kAligned, false, true, &rk));
+  // A store never creates the request: one stored after END_SESSION must not bring it back
+  // (it would live on until request_ttl). A live request lends its hashing session.
+  LMCACHE_RETURN_IF_ERROR(Resolve(key, RangeKind::kAligned, false, false, &rk));
   RequestId tr = 0;
   {
     std::lock_guard<std::mutex> l(mu_);

@@ -256,10 +256,12 @@ class CacheEngine {
   // Interns (create = true) or finds the request id. Returns 0 when not found.
   Result<RequestId> InternRequest(std::string_view model_name, std::string_view request_id,
                                   bool create);
-  // Hashes the key and selects the chunk range and the object keys.
+  // Hashes the key and selects the chunk range and the object keys. With a tp_size, also
+  // checks it and sets out->readers. Every check runs before the request is interned, so a bad
+  // key or tp_size creates nothing.
   enum class RangeKind : uint8_t { kLookup, kInner, kAligned };
   Status Resolve(const EngineKey& key, RangeKind range, bool need_request, bool create_request,
-                 ResolvedKey* out);
+                 ResolvedKey* out, std::optional<uint32_t> tp_size = std::nullopt);
   Result<uint32_t> Readers(const Namespace& ns, uint32_t tp_size) const;
   // SyncLookup (l1_only: SyncLookupInL1).
   Result<std::optional<LookupResult>> SyncLookupImpl(ClientId client, const EngineKey& key,
