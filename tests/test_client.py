@@ -213,3 +213,15 @@ def test_sync_lookups_of_keys_in_l1_are_answered_while_the_pool_is_busy(
         assert np.array_equal(stored, retrieved)
     counts = server.request_counts()["SYNC_LOOKUP"]
     assert counts == {"ok": 2}
+
+
+def test_a_request_made_before_the_server_is_up_is_sent_once_it_is(harness: Harness) -> None:
+    endpoint = harness.endpoint()
+    client = harness.client(endpoint, hello=False, timeout_s=20.0)
+    early = [client.async_ping() for _ in range(3)]
+    time.sleep(0.3)
+    assert not any(f.done() for f in early), "requests wait for the server, up to their deadline"
+    harness.server(endpoint=endpoint)
+    for f in early:
+        f.result(timeout=20)
+    assert client.get_chunk_size() == CHUNK

@@ -106,6 +106,7 @@ TokensLike: TypeAlias = bytes | npt.NDArray[np.integer[Any]] | Sequence[int]
 _U32_MAX: Final = (1 << 32) - 1
 _DEFAULT_RETRIEVE_WAIT_S: Final = 30.0
 _EMPTY_PAYLOAD: Final = encode_request(RequestType.PING, 0, {})[1]
+_SENT, _LATER, _FAILED = 0, 1, 2  # outcomes of CacheClient._send
 
 
 def tokens_to_bytes(tokens: TokensLike) -> bytes:
@@ -230,7 +231,7 @@ class _Outgoing:
     payload: bytes
     future: concurrent.futures.Future[Any] | None  # None: an internal heartbeat
     convert: Converter
-    timeout_s: float
+    deadline: float  # time.monotonic() by which the reply must be in
 
 
 @dataclass
@@ -316,6 +317,10 @@ class CacheClient:
         # self._lock while there is no leader.
         self._pending: dict[int, _Pending] = {}
         self._deadlines: list[tuple[float, int]] = []
+        # Requests the socket could not take yet (no connected peer, or its queue is full): sent
+        # in order once it is writable, or failed at their deadline.
+        self._unsent: collections.deque[_Outgoing] = collections.deque()
+        self._poll_out = False  # the socket is polled for POLLOUT (while _unsent is not empty)
         self._seq = 0
         self._last_send = time.monotonic()
         self._heartbeat_pending = False
@@ -425,7 +430,7 @@ class CacheClient:
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         timeout = self._timeout_s + extra_wait_s if deadline_s is None else float(deadline_s)
         frame = encode_request(request_type, 0, payload)[1]
-        item = _Outgoing(int(request_type), frame, future, convert, timeout)
+        item = _Outgoing(int(request_type), frame, future, convert, time.monotonic() + timeout)
         me = threading.get_ident()
         send_now = False
         with self._lock:
@@ -737,6 +742,7 @@ class CacheClient:
                             if (
                                 self._outbox
                                 or self._pending
+                                or self._unsent
                                 or self._heartbeat_due(time.monotonic())
                             ):
                                 self._leader = me
@@ -801,39 +807,44 @@ class CacheClient:
                         elif until is not None:
                             finished = until.done()
                         else:
-                            finished = not self._pending and not self._heartbeat_due(now)
+                            finished = (
+                                not self._pending
+                                and not self._unsent
+                                and not self._heartbeat_due(now)
+                            )
                         if finished:
                             self._leader = None
                             released = True
-                            if self._pending and not on_io_thread:
+                            if (self._pending or self._unsent) and not on_io_thread:
                                 self._cv.notify_all()
                             return
                 if closing:
                     self._fail_all(batch)
                     return
+                while self._unsent and self._send(self._unsent[0], now) != _LATER:
+                    self._unsent.popleft()
                 for item in batch:
                     if item.future is not None and not item.future.set_running_or_notify_cancel():
                         continue  # cancelled by the caller before it was sent
-                    self._send(item, now)
-                if self._heartbeat_due(now):
+                    if self._unsent or self._send(item, now) == _LATER:
+                        self._unsent.append(item)
+                if self._heartbeat_due(now) and not self._unsent:
                     ping = _Outgoing(
-                        RequestType.PING, _EMPTY_PAYLOAD, None, _nothing, self._timeout_s
+                        RequestType.PING, _EMPTY_PAYLOAD, None, _nothing, now + self._timeout_s
                     )
-                    self._heartbeat_pending = self._send(ping, now)
+                    self._heartbeat_pending = self._send(ping, now) == _SENT
                     self._last_send = now
                 if send_only:
                     continue
-                wake_at = self._deadlines[0][0] if self._deadlines else math.inf
-                if self._heartbeat_s is not None and not self._heartbeat_pending:
-                    wake_at = min(wake_at, self._last_send + self._heartbeat_s)
-                timeout_ms = (
-                    None if wake_at == math.inf else max(0, math.ceil((wake_at - now) * 1e3))
-                )
-                events = dict(self._poller.poll(timeout_ms))
+                if self._poll_out != bool(self._unsent):
+                    self._poll_out = bool(self._unsent)
+                    flags = zmq.POLLIN | zmq.POLLOUT if self._poll_out else zmq.POLLIN
+                    self._poller.modify(self._sock, flags)
+                events = dict(self._poller.poll(self._poll_timeout_ms(now)))
                 if self._wake_r in events:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._wake_r, 4096)
-                if self._sock in events and self._receive():
+                if events.get(self._sock, 0) & zmq.POLLIN and self._receive():
                     self._heartbeat_pending = False
                 self._expire(time.monotonic())
         finally:
@@ -843,9 +854,20 @@ class CacheClient:
                         self._leader = None
                     self._cv.notify_all()
 
+    def _poll_timeout_ms(self, now: float) -> int | None:
+        """Until the next deadline (a reply's or an unsent request's) or heartbeat."""
+        wake_at = self._deadlines[0][0] if self._deadlines else math.inf
+        for item in self._unsent:
+            wake_at = min(wake_at, item.deadline)
+        if self._heartbeat_s is not None and not self._heartbeat_pending:
+            wake_at = min(wake_at, self._last_send + self._heartbeat_s)
+        return None if wake_at == math.inf else max(0, math.ceil((wake_at - now) * 1e3))
+
     def _fail_all(self, queued: list[_Outgoing]) -> None:
-        """Fails queued and outstanding requests: the client is closed (leader only)."""
+        """Fails queued, unsent and outstanding requests: the client is closed (leader only)."""
         error = UnavailableError("the client is closed")
+        queued = [*self._unsent, *queued]
+        self._unsent.clear()
         for item in queued:
             if item.future is not None:
                 _fail(item.future, error)
@@ -857,6 +879,18 @@ class CacheClient:
                 _fail(p.future, error)
 
     def _expire(self, now: float) -> None:
+        if self._unsent and any(item.deadline <= now for item in self._unsent):
+            waiting = collections.deque(item for item in self._unsent if item.deadline > now)
+            for item in self._unsent:
+                if item.deadline <= now and item.future is not None:
+                    _fail(
+                        item.future,
+                        DeadlineExceededError(
+                            f"could not send {_type_name(item.request_type)} to {self._endpoint} "
+                            "in time (no connection to the server)"
+                        ),
+                    )
+            self._unsent = waiting
         while self._deadlines and self._deadlines[0][0] <= now:
             _, expired_seq = heapq.heappop(self._deadlines)
             p = self._pending.pop(expired_seq, None)
@@ -873,24 +907,28 @@ class CacheClient:
                     ),
                 )
 
-    def _send(self, item: _Outgoing, now: float) -> bool:
-        self._seq = self._seq + 1 if self._seq < (1 << 64) - 1 else 1
-        seq = self._seq
+    def _send(self, item: _Outgoing, now: float) -> int:
+        """Sends one request: _SENT; _LATER when the socket cannot take it now (zmq.Again: no
+        connected peer yet, or a full queue), to be kept in _unsent; _FAILED when sending failed
+        for good (its future has failed)."""
+        seq = self._seq + 1 if self._seq < (1 << 64) - 1 else 1
         header = encode_request(item.request_type, seq, {})[0]
         try:
             send_frames(self._sock, (header, item.payload))
+        except zmq.Again:
+            return _LATER
         except zmq.ZMQError as exc:
             if item.future is not None:
                 _fail(
                     item.future,
                     UnavailableError(f"cannot send to {self._endpoint}: {exc} (server down?)"),
                 )
-            return False
-        deadline = now + item.timeout_s
-        self._pending[seq] = _Pending(item.request_type, item.future, item.convert, deadline)
-        heapq.heappush(self._deadlines, (deadline, seq))
+            return _FAILED
+        self._seq = seq
+        self._pending[seq] = _Pending(item.request_type, item.future, item.convert, item.deadline)
+        heapq.heappush(self._deadlines, (item.deadline, seq))
         self._last_send = now
-        return True
+        return _SENT
 
     def _receive(self) -> bool:
         """Reads one reply and completes its request; returns whether it answered a heartbeat.
