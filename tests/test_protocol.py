@@ -97,6 +97,7 @@ SAMPLES: list[tuple[RequestType, RequestBody]] = [
     (RequestType.COMMIT_RETRIEVE, HandleRequest(HANDLE)),
     (RequestType.CLEAR, ClearRequest(False)),
     (RequestType.STATUS, EmptyRequest()),
+    (RequestType.GOODBYE, EmptyRequest()),
 ]
 VALID_FRAMES = [encode_request(rt, 7, body.to_wire()) for rt, body in SAMPLES]
 
@@ -149,6 +150,7 @@ def test_request_ids_are_the_documented_append_only_values() -> None:
         "RETRIEVE": 17,
         "CLEAR": 18,
         "STATUS": 19,
+        "GOODBYE": 20,
     }
     assert PROTOCOL_VERSION == 1
 
@@ -744,6 +746,7 @@ HOT_TYPES = {
     RequestType.PING,
     RequestType.GET_CHUNK_SIZE,
     RequestType.STATUS,
+    RequestType.GOODBYE,
     RequestType.LOOKUP,
     RequestType.QUERY_PREFETCH_STATUS,
     RequestType.WAIT_PREFETCH_STATUS,

@@ -10,6 +10,7 @@ import os
 import socket
 import stat
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ import zmq
 import zmq.auth
 
 import lmcache_cpp as lc
-from lmcache_cpp.client import CacheClient
+from lmcache_cpp.client import CacheClient, KvTransferClient
 from lmcache_cpp.errors import (
     DeadlineExceededError,
     InvalidArgumentError,
@@ -29,7 +30,7 @@ from lmcache_cpp.errors import (
 )
 from lmcache_cpp.protocol import PROTOCOL_VERSION, RequestType, encode_request
 from lmcache_cpp.server import CacheServer, ServerOptions
-from server_helpers import CHUNK, MODEL, Harness, key, layout, recv_reply, tokens
+from server_helpers import CHUNK, MODEL, Harness, key, kv_cache, layout, recv_reply, tokens
 
 
 class Recorder:
@@ -472,3 +473,46 @@ def test_close_from_a_done_callback_finishes_on_the_io_thread(harness: Harness) 
     with pytest.raises(UnavailableError):
         client.ping()
     harness.client(server).ping()
+
+
+def test_close_says_goodbye_and_the_server_releases_the_client_at_once(harness: Harness) -> None:
+    storage, engine = harness.engine()
+    server = harness.server(engine, storage, heartbeat_grace_s=600.0)
+    worker = harness.client(server)
+    _layers, view = kv_cache(11)
+    transfer = KvTransferClient.register(worker, MODEL, 1, 0, view)
+    toks = tokens(4 * CHUNK, 11)
+    assert transfer.store(view, list(range(16)), key(toks, "store")) == 4
+    scheduler = harness.client(server)
+    assert scheduler.sync_lookup(key(toks, "r"), tp_size=2).hit_chunks == 4
+    assert engine.stats()["l1"]["read_leases"] == 8
+    assert server.clients_connected == 2
+    scheduler.close()  # long before the 600 s grace
+    assert engine.stats()["l1"]["read_leases"] == 0
+    assert server.clients_connected == 1
+    assert server.request_counts()["GOODBYE"] == {"ok": 1}
+    # goodbye() without closing: the registration goes, the connection stays usable.
+    assert engine.stats()["engine"]["registrations"] == 1
+    assert worker.goodbye() == 0
+    assert engine.stats()["engine"]["registrations"] == 0
+    assert worker.get_chunk_size() == CHUNK
+
+
+def test_goodbye_while_a_pool_request_runs_releases_when_it_finishes(
+    harness: Harness, stalled: tuple[CacheServer, lc.MemoryL2Adapter, CacheClient]
+) -> None:
+    server, mem, client = stalled
+    handle = client.lookup(key(tokens(64, 21), "r"))
+    waiting = client.async_wait_prefetch_status(handle, 60.0)
+    deadline = time.monotonic() + 10
+    while client.status()["server"]["pool_jobs"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert client.goodbye() == 0  # deferred: its WAIT is still on the pool
+    assert server.clients_connected == 1
+    mem.set_stalled(False)
+    assert waiting.result(timeout=30) is not None
+    deadline = time.monotonic() + 10
+    while server.clients_connected:
+        assert time.monotonic() < deadline, "the leaving client was not dropped"
+        time.sleep(0.01)

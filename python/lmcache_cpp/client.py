@@ -357,12 +357,21 @@ class CacheClient:
         """The server's HELLO reply (None if the client was created with ``hello=False``)."""
         return self._hello_info
 
-    def close(self) -> None:
-        """Fails pending requests with UnavailableError, stops the I/O thread and closes the
-        socket. Idempotent and callable from any thread; from a future's done-callback it returns
-        at once and the I/O thread finishes the job."""
+    def close(self, goodbye_timeout_s: float = 0.5) -> None:
+        """Says GOODBYE (so the server releases this client's leases, handles and registrations
+        now instead of after its heartbeat grace; waiting at most ``goodbye_timeout_s``, 0 to
+        skip it), then fails pending requests with UnavailableError, stops the I/O thread and
+        closes the socket. Idempotent and callable from any thread; from a future's done-callback
+        it skips GOODBYE, returns at once and the I/O thread finishes the job."""
         me = threading.get_ident()
         from_leader = threading.current_thread() is self._thread
+        with self._lock:
+            if self._closed:
+                return
+            from_leader |= self._leader == me
+        if goodbye_timeout_s > 0 and not from_leader:
+            with contextlib.suppress(LMCacheError, RuntimeError):
+                self.goodbye(deadline_s=goodbye_timeout_s)
         with self._lock:
             if self._closed:
                 return
@@ -499,6 +508,21 @@ class CacheClient:
 
     def ping(self, *, deadline_s: float | None = None) -> None:
         self._call(lambda: self.async_ping(deadline_s=deadline_s))
+
+    def async_goodbye(self, *, deadline_s: float | None = None) -> concurrent.futures.Future[int]:
+        return self._submit(
+            RequestType.GOODBYE,
+            {},
+            lambda p: count_from_wire(p, "released"),
+            deadline_s,
+        )
+
+    def goodbye(self, *, deadline_s: float | None = None) -> int:
+        """Ends this client on the server (leases, lookup jobs, tickets, registrations) without
+        closing the connection: the next request starts a new client. Returns the leases
+        released (0 when blocking requests of this client were still running: they go when
+        those finish). :meth:`close` sends it."""
+        return self._call(lambda: self.async_goodbye(deadline_s=deadline_s))
 
     def async_get_chunk_size(self) -> concurrent.futures.Future[int]:
         return self._submit(

@@ -117,6 +117,7 @@ class RequestType(enum.IntEnum):
     RETRIEVE = 17  # reserved: server-driven (CUDA IPC) mode; answered NotSupported
     CLEAR = 18
     STATUS = 19
+    GOODBYE = 20
 
 
 _RESERVED_TYPES: Final = frozenset({RequestType.STORE, RequestType.RETRIEVE})
@@ -466,7 +467,7 @@ class WireLayout:
 
 @dataclass(frozen=True)
 class EmptyRequest:
-    """PING, GET_CHUNK_SIZE, STATUS: an empty map."""
+    """PING, GET_CHUNK_SIZE, STATUS, GOODBYE: an empty map."""
 
     def to_wire(self) -> dict[str, Any]:
         return {}
@@ -633,7 +634,12 @@ def parse_body(
             f"{rt.name} belongs to the server-driven (CUDA IPC) transfer mode, which this server "
             "does not provide; use PREPARE_STORE/COMMIT_STORE and PREPARE_RETRIEVE/COMMIT_RETRIEVE",
         )
-    if rt in (RequestType.PING, RequestType.GET_CHUNK_SIZE, RequestType.STATUS):
+    if rt in (
+        RequestType.PING,
+        RequestType.GET_CHUNK_SIZE,
+        RequestType.STATUS,
+        RequestType.GOODBYE,
+    ):
         body = EmptyRequest()
     elif rt is RequestType.HELLO:
         body = HelloRequest(f.string("client_name", limits.max_string_bytes, ""))
@@ -895,7 +901,12 @@ def _fast_body(
     rt: RequestType, payload: dict[str, Any], limits: ProtocolLimits
 ) -> RequestBody | None:
     """The body of a common request, or None (the general path decides)."""
-    if rt is RequestType.PING or rt is RequestType.GET_CHUNK_SIZE or rt is RequestType.STATUS:
+    if (
+        rt is RequestType.PING
+        or rt is RequestType.GET_CHUNK_SIZE
+        or rt is RequestType.STATUS
+        or rt is RequestType.GOODBYE
+    ):
         return None if payload else EmptyRequest()
     if rt is RequestType.QUERY_PREFETCH_STATUS or rt is RequestType.COMMIT_RETRIEVE:
         handle = _fast_handle(payload, _HANDLE_ONLY)

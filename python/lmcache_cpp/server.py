@@ -446,6 +446,7 @@ class Dispatcher:
         limits: ProtocolLimits,
         *,
         hello: Callable[[int, HelloRequest], Mapping[str, Any]] | None = None,
+        goodbye: Callable[[int], Mapping[str, Any]] | None = None,
         server_status: Callable[[], Mapping[str, Any]] | None = None,
         has_l2: bool = True,
     ) -> None:
@@ -453,6 +454,7 @@ class Dispatcher:
         self._limits = limits
         self._blocking = BLOCKING_REQUESTS if has_l2 else BLOCKING_WITHOUT_L2
         self._hello = hello
+        self._goodbye = goodbye
         self._server_status = server_status
         self._handlers: dict[RequestType, Handler] = {
             RequestType.HELLO: self._on_hello,
@@ -472,6 +474,7 @@ class Dispatcher:
             RequestType.COMMIT_RETRIEVE: self._on_commit_retrieve,
             RequestType.CLEAR: self._on_clear,
             RequestType.STATUS: self._on_status,
+            RequestType.GOODBYE: self._on_goodbye,
         }
 
     @property
@@ -549,6 +552,11 @@ class Dispatcher:
             max_frame_bytes=self._limits.max_frame_bytes,
             max_tokens=self._limits.max_tokens,
         ).to_wire()
+
+    def _on_goodbye(self, client: int, body: RequestBody) -> Mapping[str, Any]:
+        if self._goodbye is not None:
+            return self._goodbye(client)
+        return {"released": int(self._engine.end_client(client))}
 
     def _on_ping(self, client: int, body: RequestBody) -> Mapping[str, Any]:
         assert isinstance(body, EmptyRequest)
@@ -658,6 +666,7 @@ class _Client:
     last_seen: float
     in_flight: int = 0
     name: str = ""
+    leaving: bool = False  # said GOODBYE while pool requests ran: dropped when they finish
 
 
 @dataclass
@@ -714,6 +723,7 @@ class CacheServer:
             engine,
             self._options.limits,
             hello=self._hello_reply,
+            goodbye=self._goodbye_reply,
             server_status=self._server_status,
             has_l2=_has_l2(storage),
         )
@@ -1114,6 +1124,8 @@ class CacheServer:
             job.client.last_seen = time.monotonic()
             self._finish(job.client, job.request, status, job.received)
             self._send(router, job.identity, frames[2:])
+            if job.client.leaving and job.client.in_flight == 0:
+                self._drop_client(job.client, "said goodbye")
 
     def _client_for(self, identity: bytes) -> _Client | None:
         client = self._clients.get(identity)
@@ -1215,16 +1227,17 @@ class CacheServer:
         except Exception:
             _log.exception("engine.reap_expired failed")
 
-    def _drop_client(self, client: _Client, why: str) -> None:
+    def _drop_client(self, client: _Client, why: str) -> int:
+        """Forgets the client and ends it in the engine; returns the leases released."""
         del self._clients[client.identity]
         del self._clients_by_id[client.id]
         with self._stats_lock:
             self._num_clients = len(self._clients)
         try:
-            released = self._engine.end_client(client.id)
+            released = int(self._engine.end_client(client.id))
         except Exception:
             _log.exception("engine.end_client(%d) failed", client.id)
-            return
+            return 0
         _log.info(
             "client %d%s %s: dropped, %d lease(s) released",
             client.id,
@@ -1232,6 +1245,7 @@ class CacheServer:
             why,
             released,
         )
+        return released
 
     def _end_all_clients(self) -> None:
         for client in list(self._clients.values()):
@@ -1255,6 +1269,17 @@ class CacheServer:
             max_frame_bytes=self._options.limits.max_frame_bytes,
             max_tokens=self._options.limits.max_tokens,
         ).to_wire()
+
+    def _goodbye_reply(self, client_id: int) -> Mapping[str, Any]:
+        """GOODBYE: the client is closing; its state goes now rather than after the heartbeat
+        grace (or once its running pool requests finish)."""
+        client = self._clients_by_id.get(client_id)
+        if client is None:  # pragma: no cover - the socket thread just saw it
+            return {"released": 0}
+        if client.in_flight > 0:
+            client.leaving = True
+            return {"released": 0}
+        return {"released": self._drop_client(client, "said goodbye")}
 
     def _server_status(self) -> Mapping[str, Any]:
         with self._stats_lock:
