@@ -75,6 +75,7 @@ struct PyPrefetchOptions {
 struct PyStorageConfig {
   uint64_t arena_size = 0;
   ArenaBackend arena_backend = ArenaBackend::kMemfd;
+  bool arena_huge_pages = false;
   PyObjectTableOptions table = PyObjectTableOptions::Defaults();
   PyPrefetchOptions prefetch = PyPrefetchOptions::Defaults();
   StoreControllerOptions store;
@@ -176,23 +177,28 @@ void BindOptions(nb::module_& m) {
       .def(
           "__init__",
           [](PyStorageConfig* self, uint64_t arena_size, ArenaBackend arena_backend,
-             const std::optional<PyObjectTableOptions>& table,
+             bool arena_huge_pages, const std::optional<PyObjectTableOptions>& table,
              const std::optional<PyPrefetchOptions>& prefetch,
              const std::optional<StoreControllerOptions>& store,
              std::vector<std::shared_ptr<L2Adapter>> adapters) {
             auto* c = new (self) PyStorageConfig();
             c->arena_size = arena_size;
             c->arena_backend = arena_backend;
+            c->arena_huge_pages = arena_huge_pages;
             if (table) c->table = *table;
             if (prefetch) c->prefetch = *prefetch;
             if (store) c->store = *store;
             c->adapters = std::move(adapters);
           },
           "arena_size"_a, nb::kw_only(), "arena_backend"_a = ArenaBackend::kMemfd,
-          "table"_a.none() = nb::none(), "prefetch"_a.none() = nb::none(),
-          "store"_a.none() = nb::none(), "adapters"_a = std::vector<std::shared_ptr<L2Adapter>>())
+          "arena_huge_pages"_a = false, "table"_a.none() = nb::none(),
+          "prefetch"_a.none() = nb::none(), "store"_a.none() = nb::none(),
+          "adapters"_a = std::vector<std::shared_ptr<L2Adapter>>())
       .def_rw("arena_size", &PyStorageConfig::arena_size, "bytes of the shared-memory arena (L1)")
       .def_rw("arena_backend", &PyStorageConfig::arena_backend)
+      .def_rw("arena_huge_pages", &PyStorageConfig::arena_huge_pages,
+              "back the arena with explicit huge pages when the system has enough free "
+              "(falls back to normal pages with a warning; see Arena.huge_pages)")
       .def_rw("table", &PyStorageConfig::table)
       .def_rw("prefetch", &PyStorageConfig::prefetch)
       .def_rw("store", &PyStorageConfig::store)
@@ -391,6 +397,7 @@ void BindManager(nb::module_& m) {
             StorageManagerConfig core;
             core.arena.size_bytes = config.arena_size;
             core.arena.backend = config.arena_backend;
+            core.arena.huge_pages = config.arena_huge_pages;
             core.table = config.table.ToCore(c);
             core.prefetch = config.prefetch.ToCore(c);
             core.store = config.store;

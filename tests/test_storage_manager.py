@@ -19,6 +19,7 @@ import pytest
 import lmcache_cpp as lc
 from conftest import KeyFactory
 from dict_adapter import DictL2Adapter
+from lmcache_cpp.config import huge_pages_available
 
 OBJ = 16 * 1024
 ARENA = 64 * OBJ
@@ -429,3 +430,18 @@ def test_manager_table_is_an_object_table_started_by_its_manager() -> None:
         with pytest.raises(lc.InvalidArgumentError):
             table.start()
         assert table.stats().objects == 0
+
+
+def test_arena_huge_pages_are_asked_for_and_fall_back_to_normal_pages() -> None:
+    size = 8 << 20
+    smc = lc.StorageManagerConfig(size, arena_huge_pages=True)
+    assert smc.arena_huge_pages
+    storage = lc.StorageManager(smc)
+    storage.start()
+    try:
+        # Explicit huge pages when the system has enough free, else normal pages (a warning).
+        assert storage.arena().huge_pages == huge_pages_available(size)
+        assert storage.arena().size >= size
+    finally:
+        storage.stop()
+    assert not lc.StorageManagerConfig(size).arena_huge_pages

@@ -596,6 +596,7 @@ class StoreControllerOptions:
 class StorageManagerConfig:
     arena_size: int
     arena_backend: ArenaBackend
+    arena_huge_pages: bool
     table: ObjectTableOptions
     prefetch: PrefetchOptions
     store: StoreControllerOptions
@@ -605,6 +606,7 @@ class StorageManagerConfig:
         arena_size: int,
         *,
         arena_backend: ArenaBackend = ArenaBackend.MEMFD,
+        arena_huge_pages: bool = False,
         table: ObjectTableOptions | None = None,
         prefetch: PrefetchOptions | None = None,
         store: StoreControllerOptions | None = None,

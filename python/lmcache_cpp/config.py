@@ -27,9 +27,8 @@ what the file system holds free plus what the directory already uses (see
 
 Huge pages (``hugepages``): ``"off"`` never asks for them; ``"auto"`` (default) asks for explicit
 huge pages only when ``/proc/meminfo`` shows enough free ones for the whole arena; ``"on"`` asks for
-them and fails at startup if the arena did not get them. The request goes to the arena through the
-storage manager's huge-page option; when the native module does not expose one (older builds),
-``"auto"`` uses normal pages and ``"on"`` is an error at startup.
+them and fails at startup if the arena did not get them (``StorageManagerConfig.arena_huge_pages``;
+the arena falls back to normal pages with a warning when the kernel refuses).
 
 Remote access: the server binds to loopback or an ``ipc://`` path by default. A TCP endpoint on any
 other address needs ``allow_remote = true`` *and* a CURVE key pair (``curve_secret_key_file`` and
@@ -1010,8 +1009,6 @@ _HASH_ALGORITHMS: Final = {
     "sha256": _core.HashAlgorithm.SHA256,
     "xxh3": _core.HashAlgorithm.XXH3,
 }
-# The name under which the storage manager config exposes the arena's huge-page option.
-_HUGE_PAGE_ATTR: Final = "arena_huge_pages"
 
 
 def _storage_manager_config(
@@ -1043,19 +1040,9 @@ def _storage_manager_config(
         ),
         adapters=adapters,
     )
-    want_huge = config.hugepages == "on" or (
+    smc.arena_huge_pages = config.hugepages == "on" or (
         config.hugepages == "auto" and huge_pages_available(arena_size)
     )
-    if want_huge:
-        if hasattr(smc, _HUGE_PAGE_ATTR):
-            setattr(smc, _HUGE_PAGE_ATTR, True)
-        elif config.hugepages == "on":
-            raise ConfigError(
-                "hugepages: 'on', but this build's StorageManagerConfig has no huge-page option; "
-                "use 'auto' or 'off'"
-            )
-        else:
-            _log.info("huge pages are free but this build cannot request them; using normal pages")
     return smc
 
 
