@@ -11,6 +11,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -1388,6 +1389,40 @@ TEST_F(CacheEngineTest, AStoreIntoAnL1FullOfLeasedObjectsIsOutOfMemoryAndReserve
 
 // ---- concurrency ---------------------------------------------------------------------------
 
+TEST_F(CacheEngineTest, LookupsRacingEndSessionOfTheirRequestLeaveNoLeases) {
+  Register(1);
+  auto tokens = Tokens(4 * kCs, 9);
+  ASSERT_EQ(Store(1, TokenKey(tokens, "", 0, 4 * kCs)), 4u);
+  // One thread looks the same request up over and over while another keeps ending it: whatever
+  // the interleaving, a lookup whose request ended under it must not keep leases.
+  std::atomic<bool> stop{false};
+  std::thread ender([&] {
+    while (!stop.load()) engine_->EndSession(3, kModel, "r");
+  });
+  // Cancelled: the request ended during the lookup (nothing of it is left behind).
+  size_t cancelled = 0;
+  for (int i = 0; i < 3000; ++i) {
+    Status st;
+    if (i % 2 == 0) {
+      st = engine_->SyncLookup(2, TokenKey(tokens, "r"), 1, kWait).status();
+    } else {
+      auto h = engine_->Lookup(2, TokenKey(tokens, "r"), 1);
+      st = h.status();
+      if (h.ok()) (void)engine_->WaitPrefetch(2, *h, kWait);
+    }
+    if (!st.ok()) {
+      EXPECT_EQ(st.code(), StatusCode::kCancelled) << st.ToString();
+      ++cancelled;
+    }
+  }
+  stop.store(true);
+  ender.join();
+  engine_->EndSession(3, kModel, "r");
+  EXPECT_EQ(table()->stats().read_leases, 0u) << cancelled << " lookups were cancelled";
+  EXPECT_EQ(engine_->stats().requests, 0u);
+  EXPECT_EQ(engine_->stats().sessions, 0u);
+}
+
 TEST_F(CacheEngineTest, ConcurrentTrafficKeepsTheTableConsistentAndLeavesNoLeases) {
   Register(1);
   constexpr size_t kThreads = 4;
@@ -1422,9 +1457,9 @@ TEST_F(CacheEngineTest, ConcurrentTrafficKeepsTheTableConsistentAndLeavesNoLease
         const size_t r = x % 3;
         const EngineKey key = TokenKey(tokens, requests[r], 0, ends[r]);
         switch ((x >> 8) % 8) {
-          case 0: {  // two-phase lookup, collected
+          case 0: {  // two-phase lookup, collected (Cancelled: its request ended meanwhile)
             auto h = engine_->Lookup(client, key, 1);
-            check(h.status(), {StatusCode::kOk}, "Lookup");
+            check(h.status(), {StatusCode::kOk, StatusCode::kCancelled}, "Lookup");
             if (!h.ok()) break;
             auto res = engine_->WaitPrefetch(client, *h, kWait);
             // A concurrent EndSession of the request cancels the job.
@@ -1433,7 +1468,7 @@ TEST_F(CacheEngineTest, ConcurrentTrafficKeepsTheTableConsistentAndLeavesNoLease
           }
           case 1: {  // two-phase lookup left uncollected
             auto h = engine_->Lookup(client, key, 1);
-            check(h.status(), {StatusCode::kOk}, "Lookup");
+            check(h.status(), {StatusCode::kOk, StatusCode::kCancelled}, "Lookup");
             break;
           }
           case 2: {  // a concurrent sync lookup of the same request supersedes this one

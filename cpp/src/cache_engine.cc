@@ -426,6 +426,10 @@ Result<JobHandle> CacheEngine::Lookup(ClientId client, const EngineKey& key, uin
   req.object_size = rk.ns->object_bytes;
   const size_t chunks = req.keys.size() / rk.ranks;
   LMCACHE_ASSIGN_OR_RETURN(JobHandle handle, prefetch_->Submit(std::move(req)));
+  if (DropIfEnded(key, rk)) {
+    return Status::Cancelled("request '" + std::string(key.request_id) +
+                             "' ended (END_SESSION) during its lookup");
+  }
   auto pending = std::make_unique<PendingLookup>();
   pending->client = client;
   pending->ranks = rk.ranks;
@@ -435,6 +439,19 @@ Result<JobHandle> CacheEngine::Lookup(ClientId client, const EngineKey& key, uin
   ++counters_.lookups;
   counters_.lookup_chunks += chunks;
   return handle;
+}
+
+bool CacheEngine::DropIfEnded(const EngineKey& key, const ResolvedKey& rk) {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = requests_.find(RequestKey(key.model_name, key.request_id));
+    if (it != requests_.end() && it->second->id == rk.request) return false;
+  }
+  // EndSession ran between interning the request and its lookup's leases: what the lookup (and
+  // its hashing) created belongs to an id nobody will end again. Ids are never reused.
+  rk.ns->sessions.EndSession(rk.request);
+  (void)storage_->EndRequest(rk.request);
+  return true;
 }
 
 Result<std::optional<LookupResult>> CacheEngine::Collect(
@@ -510,10 +527,17 @@ Result<std::optional<LookupResult>> CacheEngine::SyncLookupImpl(ClientId client,
   if (l1_only) {
     LMCACHE_ASSIGN_OR_RETURN(std::optional<SyncLookupResult> found,
                              prefetch_->LookupAndPinInL1(std::move(req)));
-    if (!found.has_value()) return std::optional<LookupResult>();
+    if (!found.has_value()) {
+      (void)DropIfEnded(key, rk);  // nothing leased, but its hashing may have made a session
+      return std::optional<LookupResult>();
+    }
     s = *found;
   } else {
     LMCACHE_ASSIGN_OR_RETURN(s, prefetch_->LookupAndPin(std::move(req), timeout));
+  }
+  if (DropIfEnded(key, rk)) {
+    return Status::Cancelled("request '" + std::string(key.request_id) +
+                             "' ended (END_SESSION) during its lookup");
   }
   LookupResult r;
   r.hit_chunks = s.hits / rk.ranks;

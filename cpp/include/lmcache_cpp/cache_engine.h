@@ -263,6 +263,9 @@ class CacheEngine {
   Status Resolve(const EngineKey& key, RangeKind range, bool need_request, bool create_request,
                  ResolvedKey* out, std::optional<uint32_t> tp_size = std::nullopt);
   Result<uint32_t> Readers(const Namespace& ns, uint32_t tp_size) const;
+  // After a lookup of `rk`: when its request was ended meanwhile, drops what the lookup left
+  // under the request's id (leases, jobs, hashing session) and returns true.
+  bool DropIfEnded(const EngineKey& key, const ResolvedKey& rk);
   // SyncLookup (l1_only: SyncLookupInL1).
   Result<std::optional<LookupResult>> SyncLookupImpl(ClientId client, const EngineKey& key,
                                                      uint32_t tp_size, Duration timeout,
