@@ -300,6 +300,7 @@ class CacheClient:
         # GUARDED_BY(_lock): the thread that owns the socket now (see "Who owns the socket").
         self._leader: int | None = None
         self._release_on_io_thread = False  # GUARDED_BY(_lock): close() came from a leader
+        self._wake_pending = False  # GUARDED_BY(_lock): the pipe was written since the last batch
         self._local = threading.local()  # .defer: _call() sends the request itself
         self._hello_info: HelloInfo | None = None
         try:
@@ -380,7 +381,7 @@ class CacheClient:
             self._release_on_io_thread = from_leader
             self._cv.notify_all()
             if self._leader is not None and self._leader != me:
-                self._wake()
+                self._wake(force=True)
         if not from_leader:
             self._thread.join()
             self._release()
@@ -402,8 +403,13 @@ class CacheClient:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
-    def _wake(self) -> None:
-        """Interrupts the leader's poll (call with the lock held: the pipe outlives the lock)."""
+    def _wake(self, force: bool = False) -> None:
+        """Interrupts the leader's poll (call with the lock held: the pipe outlives the lock).
+        Once per batch the leader takes, unless ``force``d: a burst of requests costs one
+        write and one wake-up."""
+        if self._wake_pending and not force:
+            return
+        self._wake_pending = True
         with contextlib.suppress(BlockingIOError, OSError):
             os.write(self._wake_w, b"\x01")
 
@@ -800,7 +806,7 @@ class CacheClient:
         with self._cv:
             self._closed = True
             while self._leader is not None and self._leader != me:
-                self._wake()
+                self._wake(force=True)
                 self._cv.wait(1.0)
             self._leader = me
             leftovers = list(self._outbox)
@@ -824,6 +830,7 @@ class CacheClient:
                 with self._lock:
                     batch = list(self._outbox)
                     self._outbox.clear()
+                    self._wake_pending = False
                     closing = self._closed
                     if not batch and not closing:
                         if send_only:
