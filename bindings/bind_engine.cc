@@ -17,6 +17,7 @@
 
 #include "bind_common.h"
 #include "lmcache_cpp/cache_engine.h"
+#include "wire_fast_path.h"
 
 namespace lmcache_cpp::bindings {
 
@@ -428,11 +429,54 @@ void BindEngine(nb::module_& m) {
       });
 }
 
+// The server's socket-thread codec for the per-prompt requests (wire_fast_path.h).
+struct PyWireFastPath {
+  wire::FastPath path;
+};
+
+void BindWireFastPath(nb::module_& m) {
+  nb::class_<PyWireFastPath>(
+      m, "WireFastPath",
+      "Decodes, runs and encodes the per-prompt requests (PING, LOOKUP, QUERY_PREFETCH_STATUS, "
+      "SYNC_LOOKUP, END_SESSION) of the cache server's wire protocol in C++. handle() returns "
+      "(reply header, reply payload, request type, status), or None for anything it leaves to "
+      "the Python dispatcher. Keeps the engine alive.")
+      .def(
+          "__init__",
+          [](PyWireFastPath* self, PyCacheEngine& engine, uint64_t max_frame_bytes,
+             uint64_t max_header_bytes, uint64_t max_tokens, uint64_t max_string_bytes,
+             double max_wait_s, bool has_l2) {
+            wire::Limits limits{max_frame_bytes, max_header_bytes, max_tokens, max_string_bytes,
+                                max_wait_s};
+            new (self) PyWireFastPath{wire::FastPath(engine.engine.get(), limits, has_l2)};
+          },
+          "engine"_a, nb::kw_only(), "max_frame_bytes"_a, "max_header_bytes"_a, "max_tokens"_a,
+          "max_string_bytes"_a, "max_wait_s"_a, "has_l2"_a, nb::keep_alive<1, 2>())
+      .def(
+          "handle",
+          [](const PyWireFastPath& f, ClientId client, const nb::bytes& header,
+             const nb::bytes& payload) -> std::optional<nb::tuple> {
+            const std::string_view h(header.c_str(), header.size());
+            const std::string_view p(payload.c_str(), payload.size());
+            std::optional<wire::Reply> reply;
+            {
+              nb::gil_scoped_release release;  // the bytes objects are kept alive by the caller
+              reply = f.path.Handle(client, h, p);
+            }
+            if (!reply.has_value()) return std::nullopt;
+            return nb::make_tuple(nb::bytes(reply->header.data(), reply->header.size()),
+                                  nb::bytes(reply->payload.data(), reply->payload.size()),
+                                  reply->request_type, reply->status);
+          },
+          "client"_a, "header"_a, "payload"_a);
+}
+
 }  // namespace
 
 void BindCacheEngine(nb::module_& m) {
   BindTypes(m);
   BindEngine(m);
+  BindWireFastPath(m);
 }
 
 }  // namespace lmcache_cpp::bindings

@@ -950,6 +950,22 @@ class TransferTicket:
     @property
     def object_bytes(self) -> int: ...
 
+class WireFastPath:
+    def __init__(
+        self,
+        engine: CacheEngine,
+        *,
+        max_frame_bytes: int,
+        max_header_bytes: int,
+        max_tokens: int,
+        max_string_bytes: int,
+        max_wait_s: float,
+        has_l2: bool,
+    ) -> None: ...
+    def handle(
+        self, client: int, header: bytes, payload: bytes
+    ) -> tuple[bytes, bytes, int, int] | None: ...
+
 class CacheEngine:
     def __init__(
         self, storage: StorageManager, config: EngineConfig, *, clock: ManualClock | None = None

@@ -76,6 +76,7 @@ from lmcache_cpp.protocol import (
     UnregisterRequest,
     WireKey,
     WireLayout,
+    decode_reply,
     decode_request,
     encode_error_reply,
     encode_reply,
@@ -119,6 +120,7 @@ L2 lookup, no pending load to join), so a server with no L2 answers them on the 
 BLOCKING_WITHOUT_L2: Final = frozenset({RequestType.WAIT_PREFETCH_STATUS, RequestType.CLEAR})
 """The pool's requests when the storage has no L2 adapter."""
 
+_REQUEST_NAMES: Final = {int(rt): rt.name for rt in RequestType}
 _MALFORMED: Final = "MALFORMED"  # metrics name of a request whose type could not be read
 _CLIENT_ID_BITS: Final = 63  # fits both a signed and an unsigned 64-bit ClientId
 
@@ -375,6 +377,7 @@ class ServerOptions:
     transport_max_frame_bytes: int | None = None
     stop_timeout_s: float = 5.0
     name: str = "lmcache_cpp"
+    wire_fast_path: bool = True  # the C++ codec for per-prompt requests (_core.WireFastPath)
 
     def __post_init__(self) -> None:
         overrides: dict[str, int] = {}
@@ -719,6 +722,18 @@ class CacheServer:
         self._storage = storage
         self._options = options if options is not None else ServerOptions()
         self._metrics = metrics
+        self._fast: _core.WireFastPath | None = None
+        if self._options.wire_fast_path and isinstance(engine, _core.CacheEngine):
+            limits = self._options.limits
+            self._fast = _core.WireFastPath(
+                engine,
+                max_frame_bytes=limits.max_frame_bytes,
+                max_header_bytes=limits.max_header_bytes,
+                max_tokens=limits.max_tokens,
+                max_string_bytes=limits.max_string_bytes,
+                max_wait_s=limits.max_wait_s,
+                has_l2=_has_l2(storage),
+            )
         self._dispatcher = Dispatcher(
             engine,
             self._options.limits,
@@ -1064,6 +1079,13 @@ class CacheServer:
                 router, identity, body, _UNAVAILABLE, "the server is stopping", received
             )
             return
+        # The per-prompt requests in their usual shape are decoded, run and encoded in C++; at
+        # DEBUG the Python path runs instead, for its per-request log line.
+        if self._fast is not None and len(body) == 2 and not _log.isEnabledFor(logging.DEBUG):
+            fast = self._fast.handle(client.id, body[0], body[1])
+            if fast is not None:
+                self._finish_fast(router, client, identity, fast, received)
+                return
         try:
             request = self._dispatcher.decode(body)
         except ProtocolError as exc:
@@ -1105,6 +1127,22 @@ class CacheServer:
         reply = encode_error_reply(int(rt), request.seq, _EXHAUSTED, message)
         self._finish(client, request, _EXHAUSTED, received)
         self._send(router, identity, reply)
+
+    def _finish_fast(
+        self,
+        router: zmq.Socket[bytes],
+        client: _Client,
+        identity: bytes,
+        answered: tuple[bytes, bytes, int, int],
+        received: float,
+    ) -> None:
+        header, payload, type_id, status = answered
+        name = _REQUEST_NAMES[type_id]
+        self._record(name, status, received)
+        if status == _INTERNAL:
+            message = decode_reply([header, payload]).message
+            _log.warning("client %d: %s failed: %s", client.id, name, message)
+        self._send(router, identity, [header, payload])
 
     def _drain_results(self, router: zmq.Socket[bytes], results: zmq.Socket[bytes]) -> None:
         for i in range(1024):
