@@ -272,6 +272,11 @@ nb::dict BuildInfo() {
 #endif
   // xxhash support is a property of how the core library was built; ask the core.
   info["xxhash"] = ChunkHasher::Create(NamespaceConfig{}, 1, HashAlgorithm::kXxh3).ok();
+#if defined(LMCACHE_CPP_WITH_CUDA)
+  info["cuda"] = true;  // built with the GPU kernels; cuda_info() says whether usable here
+#else
+  info["cuda"] = false;
+#endif
   return info;
 }
 
@@ -340,7 +345,7 @@ void BindStatusAndLogging(nb::module_& m) {
       "The version of the native module.");
   m.def("build_info", &BuildInfo,
         "How the native module was built: version, compiler, optimized, nanobind, stable_abi, "
-        "xxhash.");
+        "xxhash, cuda.");
 
   nb::class_<PyManualClock>(m, "ManualClock",
                             "A clock that moves only when told to; pass it as clock= to tables and "
@@ -373,6 +378,10 @@ void BindStorage(nb::module_& m);
 void BindKvCopy(nb::module_& m);
 // The cache engine (bind_engine.cc).
 void BindCacheEngine(nb::module_& m);
+#if defined(LMCACHE_CPP_WITH_CUDA)
+// The GPU copy kernels, host registration and events (bind_cuda.cc; CUDA builds only).
+void BindCuda(nb::module_& m);
+#endif
 
 }  // namespace lmcache_cpp::bindings
 
@@ -390,4 +399,7 @@ NB_MODULE(_core, m) {
   b::BindStorage(m);
   b::BindKvCopy(m);
   b::BindCacheEngine(m);
+#if defined(LMCACHE_CPP_WITH_CUDA)
+  b::BindCuda(m);
+#endif
 }

@@ -16,6 +16,8 @@
 #include <utility>
 #include <vector>
 
+#include "kv_copy_plan.h"
+
 namespace lmcache_cpp {
 namespace {
 
@@ -230,133 +232,19 @@ Status KvCacheView::Validate() const {
 }
 
 // ------------------------------------------------------------------------------------------
-// The copy plan: validated chunks cut into (chunk, layer, plane, block) pieces.
+// Validation, shared with the CUDA kernels (kv_copy_plan.h).
 
 namespace {
-
-struct PlannedChunk {
-  BlockIdSpan block_ids;
-  uint8_t* object = nullptr;
-  uint64_t first_block = 0;  // blocks before it are skipped entirely (Scatter)
-  uint64_t blocks = 0;       // blocks copied per (layer, plane), starting at first_block
-  uint64_t head_skip = 0;    // tokens of block first_block left alone (Scatter), < block_size
-};
-
-class CopyPlan {
- public:
-  CopyPlan(const KvCacheView& view, uint64_t chunk_size, bool scatter)
-      : view_(view), scatter_(scatter) {
-    const KvCacheLayout& lay = view.layout;
-    planes_ = lay.num_planes();
-    block_size_ = lay.block_size;
-    chunk_blocks_ = chunk_size / lay.block_size;
-    piece_bytes_ = lay.BlockPlaneBytes();
-    block_stride_ = lay.BlockStride();
-    plane_stride_ = lay.PlaneStride();
-    // A block plane is [outer, BS, inner bytes]: HND has one run of tokens per head.
-    if (lay.layout == KvLayout::kHND) {
-      outer_ = lay.num_heads;
-      token_bytes_ = uint64_t{lay.head_size} * lay.element_size;
-    } else {
-      outer_ = 1;
-      token_bytes_ = uint64_t{lay.num_heads} * lay.head_size * lay.element_size;
-    }
-  }
-
-  void Add(const PlannedChunk& chunk) {
-    const uint64_t pieces = uint64_t{view_.layout.num_layers} * planes_ * chunk.blocks;
-    if (pieces == 0) return;
-    chunks_.push_back(chunk);
-    starts_.push_back(total_pieces_);
-    total_pieces_ += pieces;
-  }
-
-  void set_streaming(bool streaming) { streaming_ = streaming; }
-  uint64_t total_pieces() const { return total_pieces_; }
-  uint64_t total_bytes() const { return total_pieces_ * piece_bytes_; }
-
-  // Copies pieces [begin, end) of the flat order: chunk, then layer, plane, block (so each
-  // range writes (Gather) or reads (Scatter) its objects sequentially).
-  void Run(uint64_t begin, uint64_t end) const {
-    if (begin >= end) return;
-    size_t c = static_cast<size_t>(std::upper_bound(starts_.begin(), starts_.end(), begin) -
-                                   starts_.begin()) -
-               1;
-    while (begin < end) {
-      const PlannedChunk& ch = chunks_[c];
-      const uint64_t chunk_end = c + 1 < starts_.size() ? starts_[c + 1] : total_pieces_;
-      const uint64_t stop = std::min(end, chunk_end);
-      const uint64_t u = begin - starts_[c];
-      uint64_t j = u % ch.blocks;
-      const uint64_t lp = u / ch.blocks;
-      uint64_t p = lp % planes_;
-      uint64_t l = lp / planes_;
-      for (uint64_t n = stop - begin; n > 0; --n) {
-        CopyPiece(ch, l, p, j);
-        if (++j == ch.blocks) {
-          j = 0;
-          if (++p == planes_) {
-            p = 0;
-            ++l;
-          }
-        }
-      }
-      begin = stop;
-      ++c;
-    }
-    if (streaming_) StreamFence();
-  }
-
- private:
-  void CopyPiece(const PlannedChunk& ch, uint64_t l, uint64_t p, uint64_t j) const {
-    const uint64_t i = ch.first_block + j;
-    uint8_t* engine = view_.layers[l] + p * plane_stride_ +
-                      static_cast<uint64_t>(ch.block_ids[i]) * block_stride_;
-    uint8_t* object = ch.object + ((l * planes_ + p) * chunk_blocks_ + i) * piece_bytes_;
-    if (!scatter_) {
-      Copy(object, engine, piece_bytes_);
-    } else if (j == 0 && ch.head_skip != 0) {
-      const uint64_t run = (block_size_ - ch.head_skip) * token_bytes_;
-      for (uint64_t o = 0; o < outer_; ++o) {
-        const uint64_t off = (o * block_size_ + ch.head_skip) * token_bytes_;
-        std::memcpy(engine + off, object + off, run);
-      }
-    } else {
-      Copy(engine, object, piece_bytes_);
-    }
-  }
-
-  void Copy(uint8_t* dst, const uint8_t* src, uint64_t n) const {
-    if (streaming_) {
-      StreamCopy(dst, src, n);
-    } else {
-      std::memcpy(dst, src, n);
-    }
-  }
-
-  const KvCacheView& view_;
-  const bool scatter_;
-  bool streaming_ = false;
-  uint64_t planes_ = 0;
-  uint64_t block_size_ = 0;
-  uint64_t chunk_blocks_ = 0;
-  uint64_t piece_bytes_ = 0;
-  uint64_t block_stride_ = 0;
-  uint64_t plane_stride_ = 0;
-  uint64_t outer_ = 0;
-  uint64_t token_bytes_ = 0;
-  std::vector<PlannedChunk> chunks_;
-  std::vector<uint64_t> starts_;  // first flat piece of each chunk
-  uint64_t total_pieces_ = 0;
-};
 
 std::string ChunkPrefix(bool batch, size_t c) {
   return batch ? "chunk " + std::to_string(c) + ": " : std::string();
 }
 
-// Validates `chunks` against the view and fills `plan`. `batch` only changes the messages.
-Status BuildPlan(const KvCacheView& view, uint64_t chunk_size, const ChunkCopy* chunks,
-                 size_t num_chunks, bool scatter, bool batch, CopyPlan* plan) {
+}  // namespace
+
+Status internal::PlanCopies(const KvCacheView& view, uint64_t chunk_size, const ChunkCopy* chunks,
+                            size_t num_chunks, bool scatter, bool batch,
+                            std::vector<PlannedChunk>* out) {
   LMCACHE_RETURN_IF_ERROR(view.Validate());
   uint64_t object_bytes = 0;
   LMCACHE_ASSIGN_OR_RETURN(object_bytes, view.layout.ObjectBytes(chunk_size));
@@ -416,10 +304,119 @@ Status BuildPlan(const KvCacheView& view, uint64_t chunk_size, const ChunkCopy* 
         word |= bit;
       }
     }
-    plan->Add(planned);
+    if (planned.blocks > 0) out->push_back(planned);
   }
   return Status::Ok();
 }
+
+internal::CopyGeometry::CopyGeometry(const KvCacheLayout& lay, uint64_t chunk_size)
+    : planes(lay.num_planes()),
+      chunk_blocks(chunk_size / lay.block_size),
+      piece_bytes(lay.BlockPlaneBytes()),
+      block_stride(lay.BlockStride()),
+      plane_stride(lay.PlaneStride()),
+      block_size(lay.block_size) {
+  // A block plane is [outer, BS, inner bytes]: HND has one run of tokens per head.
+  if (lay.layout == KvLayout::kHND) {
+    outer = lay.num_heads;
+    token_bytes = uint64_t{lay.head_size} * lay.element_size;
+  } else {
+    outer = 1;
+    token_bytes = uint64_t{lay.num_heads} * lay.head_size * lay.element_size;
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// The copy plan: validated chunks cut into (chunk, layer, plane, block) pieces.
+
+namespace {
+
+using internal::PlannedChunk;
+
+class CopyPlan {
+ public:
+  CopyPlan(const KvCacheView& view, uint64_t chunk_size, bool scatter)
+      : view_(view), scatter_(scatter), geo_(view.layout, chunk_size) {}
+
+  void Add(const PlannedChunk& chunk) {
+    const uint64_t pieces = uint64_t{view_.layout.num_layers} * geo_.planes * chunk.blocks;
+    if (pieces == 0) return;
+    chunks_.push_back(chunk);
+    starts_.push_back(total_pieces_);
+    total_pieces_ += pieces;
+  }
+
+  void set_streaming(bool streaming) { streaming_ = streaming; }
+  uint64_t total_pieces() const { return total_pieces_; }
+  uint64_t total_bytes() const { return total_pieces_ * geo_.piece_bytes; }
+
+  // Copies pieces [begin, end) of the flat order: chunk, then layer, plane, block (so each
+  // range writes (Gather) or reads (Scatter) its objects sequentially).
+  void Run(uint64_t begin, uint64_t end) const {
+    if (begin >= end) return;
+    size_t c = static_cast<size_t>(std::upper_bound(starts_.begin(), starts_.end(), begin) -
+                                   starts_.begin()) -
+               1;
+    while (begin < end) {
+      const PlannedChunk& ch = chunks_[c];
+      const uint64_t chunk_end = c + 1 < starts_.size() ? starts_[c + 1] : total_pieces_;
+      const uint64_t stop = std::min(end, chunk_end);
+      const uint64_t u = begin - starts_[c];
+      uint64_t j = u % ch.blocks;
+      const uint64_t lp = u / ch.blocks;
+      uint64_t p = lp % geo_.planes;
+      uint64_t l = lp / geo_.planes;
+      for (uint64_t n = stop - begin; n > 0; --n) {
+        CopyPiece(ch, l, p, j);
+        if (++j == ch.blocks) {
+          j = 0;
+          if (++p == geo_.planes) {
+            p = 0;
+            ++l;
+          }
+        }
+      }
+      begin = stop;
+      ++c;
+    }
+    if (streaming_) StreamFence();
+  }
+
+ private:
+  void CopyPiece(const PlannedChunk& ch, uint64_t l, uint64_t p, uint64_t j) const {
+    const uint64_t i = ch.first_block + j;
+    uint8_t* engine = view_.layers[l] + p * geo_.plane_stride +
+                      static_cast<uint64_t>(ch.block_ids[i]) * geo_.block_stride;
+    uint8_t* object = ch.object + geo_.ObjectOffset(l, p, i);
+    if (!scatter_) {
+      Copy(object, engine, geo_.piece_bytes);
+    } else if (j == 0 && ch.head_skip != 0) {
+      const uint64_t run = (geo_.block_size - ch.head_skip) * geo_.token_bytes;
+      for (uint64_t o = 0; o < geo_.outer; ++o) {
+        const uint64_t off = (o * geo_.block_size + ch.head_skip) * geo_.token_bytes;
+        std::memcpy(engine + off, object + off, run);
+      }
+    } else {
+      Copy(engine, object, geo_.piece_bytes);
+    }
+  }
+
+  void Copy(uint8_t* dst, const uint8_t* src, uint64_t n) const {
+    if (streaming_) {
+      StreamCopy(dst, src, n);
+    } else {
+      std::memcpy(dst, src, n);
+    }
+  }
+
+  const KvCacheView& view_;
+  const bool scatter_;
+  bool streaming_ = false;
+  const internal::CopyGeometry geo_;
+  std::vector<PlannedChunk> chunks_;
+  std::vector<uint64_t> starts_;  // first flat piece of each chunk
+  uint64_t total_pieces_ = 0;
+};
 
 void Execute(CopyPlan& plan, const CopyOptions& options) {
   const uint64_t pieces = plan.total_pieces();
@@ -451,8 +448,11 @@ void Execute(CopyPlan& plan, const CopyOptions& options) {
 
 Status RunCopies(const KvCacheView& view, uint64_t chunk_size, const ChunkCopy* chunks,
                  size_t num_chunks, bool scatter, bool batch, const CopyOptions& options) {
+  std::vector<PlannedChunk> planned;
+  LMCACHE_RETURN_IF_ERROR(
+      internal::PlanCopies(view, chunk_size, chunks, num_chunks, scatter, batch, &planned));
   CopyPlan plan(view, chunk_size, scatter);
-  LMCACHE_RETURN_IF_ERROR(BuildPlan(view, chunk_size, chunks, num_chunks, scatter, batch, &plan));
+  for (const PlannedChunk& chunk : planned) plan.Add(chunk);
   Execute(plan, options);
   return Status::Ok();
 }

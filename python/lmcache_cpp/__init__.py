@@ -3,7 +3,9 @@
 This package currently exposes the native core (``lmcache_cpp._core``): chunk hashing, object
 keys, the shared-memory arena, the extent allocator, the object table, the L2 adapters (with
 :class:`PythonL2Adapter`, the base class of tiers written in Python), the storage manager and
-the CPU KV copy kernels (:class:`KvCacheView`).
+the CPU KV copy kernels (:class:`KvCacheView`). The GPU data path lives in
+:mod:`lmcache_cpp.cuda` (present in CUDA builds; :func:`cuda_available` and
+:func:`cuda_unavailable_reason` say whether it can be used here, and why not).
 Failures of core calls raise the classes in :mod:`lmcache_cpp.errors`, re-exported here.
 
 Core log lines are forwarded to the ``logging`` logger ``"lmcache_cpp.core"`` from import time
@@ -74,6 +76,7 @@ from lmcache_cpp._core import (
     status_code_name,
     version,
 )
+from lmcache_cpp.cuda import cuda_available, cuda_info, cuda_unavailable_reason
 from lmcache_cpp.errors import (
     AlreadyExistsError,
     CancelledError,
@@ -173,6 +176,9 @@ __all__ = [
     "WrongStateError",
     "__version__",
     "build_info",
+    "cuda_available",
+    "cuda_info",
+    "cuda_unavailable_reason",
     "expand_to_all_ranks",
     "keys_for_rank",
     "set_core_log_level",

@@ -836,6 +836,123 @@ class KvCacheView:
         num_threads: int = 0,
     ) -> None: ...
 
+# ---- GPU data path (bindings/bind_cuda.cc) -----------------------------------------------------
+# Present only in modules built with LMCACHE_CPP_ENABLE_CUDA=ON (build_info()["cuda"]); use them
+# through lmcache_cpp.cuda, which says why they are missing or unusable. Streams are int handles
+# (torch.cuda.Stream.cuda_stream; 0 = the legacy default stream). Copies only queue work: keep the
+# tensors and objects alive until the event (or the stream) says the work finished.
+
+def cuda_info() -> dict[str, Any]: ...
+
+class CopyEngine(enum.Enum):
+    KERNEL = 0
+    DMA = 1
+
+class CudaCopyStats:
+    @property
+    def bytes(self) -> int: ...
+    @property
+    def pieces(self) -> int: ...
+    @property
+    def launches(self) -> int: ...
+    @property
+    def segments(self) -> int: ...
+    @property
+    def batch_api(self) -> bool: ...
+
+class CudaEvent:
+    def __init__(self, device: int | None = None) -> None: ...
+    @property
+    def handle(self) -> int: ...
+    def record(self, stream: int) -> None: ...
+    def query(self) -> bool: ...
+    def synchronize(self) -> None: ...
+
+class CudaHostRegistration:
+    def __init__(self, memory: ByteView, *, piece_bytes: int = 1073741824) -> None: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def registered(self) -> bool: ...
+    @property
+    def piece_offsets(self) -> list[int]: ...
+    @property
+    def piece_seconds(self) -> list[float]: ...
+    @property
+    def register_seconds(self) -> float: ...
+    @property
+    def unregister_seconds(self) -> float: ...
+    def unregister(self) -> None: ...
+    def __enter__(self) -> CudaHostRegistration: ...
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None: ...
+
+class CudaKvCacheView:
+    def __init__(self, tensors: Sequence[Any], layout: KvLayout) -> None: ...
+    @property
+    def layout(self) -> KvCacheLayout: ...
+    @property
+    def device(self) -> int: ...
+    def fingerprint(self) -> str: ...
+    def object_bytes(self, chunk_size: int) -> int: ...
+    def gather(
+        self,
+        chunk_size: int,
+        block_ids: npt.NDArray[np.integer[Any]] | Sequence[int] | Any,
+        out: Any,
+        num_tokens: int | None = None,
+        *,
+        stream: int,
+        event: CudaEvent | None = None,
+        engine: CopyEngine = CopyEngine.KERNEL,
+        threads_per_block: int = 256,
+        max_blocks: int = 0,
+        use_batch_api: bool = True,
+    ) -> CudaCopyStats: ...
+    def scatter(
+        self,
+        chunk_size: int,
+        object: Any,
+        block_ids: npt.NDArray[np.integer[Any]] | Sequence[int] | Any,
+        num_tokens: int | None = None,
+        skip_tokens: int = 0,
+        *,
+        stream: int,
+        event: CudaEvent | None = None,
+        engine: CopyEngine = CopyEngine.KERNEL,
+        threads_per_block: int = 256,
+        max_blocks: int = 0,
+        use_batch_api: bool = True,
+    ) -> CudaCopyStats: ...
+    def gather_batch(
+        self,
+        chunk_size: int,
+        block_ids: Sequence[npt.NDArray[np.integer[Any]] | Sequence[int] | Any],
+        objects: Sequence[Any],
+        num_tokens: Sequence[int] | None = None,
+        *,
+        stream: int,
+        event: CudaEvent | None = None,
+        engine: CopyEngine = CopyEngine.KERNEL,
+        threads_per_block: int = 256,
+        max_blocks: int = 0,
+        use_batch_api: bool = True,
+    ) -> CudaCopyStats: ...
+    def scatter_batch(
+        self,
+        chunk_size: int,
+        objects: Sequence[Any],
+        block_ids: Sequence[npt.NDArray[np.integer[Any]] | Sequence[int] | Any],
+        num_tokens: Sequence[int] | None = None,
+        skip_tokens: Sequence[int] | None = None,
+        *,
+        stream: int,
+        event: CudaEvent | None = None,
+        engine: CopyEngine = CopyEngine.KERNEL,
+        threads_per_block: int = 256,
+        max_blocks: int = 0,
+        use_batch_api: bool = True,
+    ) -> CudaCopyStats: ...
+
 # ---- cache engine ---------------------------------------------------------------------------
 # The cache server's request semantics (cpp/include/lmcache_cpp/cache_engine.h, docs/protocol.md).
 # `client` is a nonzero 64-bit id per connection. Every method releases the GIL.
