@@ -5,6 +5,7 @@ one well-formed reply, and the server keeps serving."""
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -720,7 +721,9 @@ def boundary_requests(draw: st.DrawFn) -> list[bytes]:
         if draw(st.integers(0, 5)) == 0:
             target.pop(name, None)
         else:
-            target[name] = draw(st.sampled_from(_BOUNDARY_VALUES))
+            target[name] = copy.deepcopy(
+                draw(st.sampled_from(_BOUNDARY_VALUES))
+            )  # [] and {} are shared
     seq = draw(st.sampled_from([0, 1, (1 << 64) - 1]))
     return [pack([PROTOCOL_VERSION, int(rt), seq]), pack(payload)]
 
