@@ -99,6 +99,36 @@ def test_requests_of_other_threads_go_out_while_a_blocking_call_waits(
     assert waiter.result(timeout=0) is not None
 
 
+def test_async_calls_made_while_requests_are_outstanding_are_sent_by_the_io_thread(
+    harness: Harness,
+    stalled: tuple[CacheServer, lc.MemoryL2Adapter, CacheClient],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A burst from one thread: only a request submitted with nothing outstanding goes out from
+    the submitting thread; the rest are queued for the I/O thread (so the two threads do not
+    trade the GIL at every socket call). Every one is still answered once."""
+    _, mem, client = stalled
+    handle = stalled_lookup(mem, client, 3)
+    senders: list[str] = []
+    real_send = client._send
+
+    def spy(item: Any, now: float) -> int:
+        senders.append(threading.current_thread().name)
+        return real_send(item, now)
+
+    monkeypatch.setattr(client, "_send", spy)
+    # Outstanding on the server until the adapter is released.
+    waiting = client.async_wait_prefetch_status(handle, 30.0)
+    assert senders == [threading.current_thread().name]  # nothing was outstanding: inline
+    pings = [client.async_ping() for _ in range(32)]
+    for p in pings:
+        assert p.result(timeout=10) is None
+    assert senders[1:] == ["lmcache-client-io"] * 32
+    assert not waiting.done()
+    mem.set_stalled(False)
+    assert waiting.result(timeout=30) is not None
+
+
 def test_close_from_another_thread_ends_a_blocking_call_at_once(
     harness: Harness, stalled: tuple[CacheServer, lc.MemoryL2Adapter, CacheClient]
 ) -> None:
@@ -225,3 +255,15 @@ def test_a_request_made_before_the_server_is_up_is_sent_once_it_is(harness: Harn
     for f in early:
         f.result(timeout=20)
     assert client.get_chunk_size() == CHUNK
+
+
+def test_a_keys_wire_map_is_its_wire_keys() -> None:
+    """Key.to_wire builds the map directly; it must equal the WireKey's, in both key modes."""
+    from lmcache_cpp.client import Key
+
+    by_tokens = Key("m", 2, 1, "r", tokens=np.arange(5, dtype=np.int64), cache_salt="s", end=3)
+    by_hashes = Key("m", request_id="r", block_hashes=b"h" * 64, block_hash_size=32, start=1)
+    for k in (by_tokens, by_hashes):
+        assert k.to_wire() == k.to_wire_key().to_wire()
+    assert by_tokens.to_wire()["tokens"] == np.arange(5, dtype="<u4").tobytes()
+    assert "tokens" not in by_hashes.to_wire() and by_hashes.to_wire()["block_hash_size"] == 32

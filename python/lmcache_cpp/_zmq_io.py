@@ -16,7 +16,6 @@ import zmq
 
 _NOBLOCK: Final = int(zmq.NOBLOCK)
 _NOBLOCK_MORE: Final = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
-_RCVMORE: Final = int(zmq.RCVMORE)
 _ZERO_COPY_BYTES: Final = 1 << 16
 EVENTS: Final = int(zmq.EVENTS)
 POLLIN: Final = int(zmq.POLLIN)
@@ -33,11 +32,15 @@ def send_frames(sock: zmq.Socket[bytes], frames: Sequence[bytes]) -> None:
 
 
 def recv_frames(sock: zmq.Socket[bytes]) -> list[bytes]:
-    """Receives one whole message, or raises ``zmq.Again``."""
-    parts = [sock.recv(_NOBLOCK)]
-    while sock.getsockopt(_RCVMORE):
-        parts.append(sock.recv(_NOBLOCK))
-    return parts
+    """Receives one whole message, or raises ``zmq.Again``. Each part is read as a ``zmq.Frame``
+    whose ``more`` flag ends the message: cheaper than asking the socket for ``RCVMORE`` (pyzmq
+    maps every socket option through an enum)."""
+    parts = []
+    while True:
+        frame = sock.recv(_NOBLOCK, copy=False)
+        parts.append(frame.bytes)
+        if not frame.more:
+            return parts
 
 
 def readable(sock: zmq.Socket[bytes]) -> bool:

@@ -9,7 +9,9 @@ waits for it. Every request has a reply deadline; a request not answered in time
 
 One thread at a time works the socket. A blocking call made while no other thread does sends its
 request and reads its reply on the calling thread (no hand-off between threads, which costs more
-than the round trip itself); otherwise the client's I/O thread does. Futures therefore complete
+than the round trip itself); otherwise the client's I/O thread does. An ``async_`` call sends
+from the calling thread only when nothing is outstanding; a burst of them goes out from the I/O
+thread in one batch, so that the two threads do not trade the GIL. Futures therefore complete
 on the I/O thread or on a thread inside a blocking call of this client: done-callbacks must not
 block, and a blocking call from a done-callback raises :class:`RuntimeError` (use the async form).
 
@@ -41,7 +43,7 @@ import numpy.typing as npt
 import zmq
 
 from lmcache_cpp import _core
-from lmcache_cpp._zmq_io import recv_frames, send_frames
+from lmcache_cpp._zmq_io import readable, recv_frames, send_frames
 from lmcache_cpp.errors import (
     DeadlineExceededError,
     InternalError,
@@ -71,14 +73,16 @@ from lmcache_cpp.protocol import (
     RegisterRequest,
     RegistrationInfo,
     RequestType,
-    SyncLookupRequest,
     TransferTicket,
     UnregisterRequest,
     WireKey,
     WireLayout,
     count_from_wire,
     decode_reply,
+    encode_payload,
     encode_request,
+    encode_request_header,
+    key_map,
     prefetch_status_from_wire,
     registration_from_wire,
 )
@@ -107,6 +111,13 @@ _U32_MAX: Final = (1 << 32) - 1
 _DEFAULT_RETRIEVE_WAIT_S: Final = 30.0
 _EMPTY_PAYLOAD: Final = encode_request(RequestType.PING, 0, {})[1]
 _SENT, _LATER, _FAILED = 0, 1, 2  # outcomes of CacheClient._send
+_POLLIN: Final = int(zmq.POLLIN)
+_POLLOUT: Final = int(zmq.POLLOUT)
+_MAX_REPLIES_PER_POLL: Final = 64  # then the leader sends what was queued meanwhile
+_LOOKUP: Final = int(RequestType.LOOKUP)
+_SYNC_LOOKUP: Final = int(RequestType.SYNC_LOOKUP)
+_QUERY_PREFETCH_STATUS: Final = int(RequestType.QUERY_PREFETCH_STATUS)
+_END_SESSION: Final = int(RequestType.END_SESSION)
 
 
 def tokens_to_bytes(tokens: TokensLike) -> bytes:
@@ -189,8 +200,8 @@ class Key:
         )
 
     def to_wire(self) -> dict[str, Any]:
-        """The key map of the wire format."""
-        return self.to_wire_key().to_wire()
+        """The key map of the wire format (``to_wire_key().to_wire()``, built directly)."""
+        return key_map(**self.__dict__)  # the fields are key_map's parameters
 
 
 def wire_layout(layout: _core.KvCacheLayout) -> WireLayout:
@@ -225,21 +236,24 @@ def _check_handle(handle: bytes) -> bytes:
 Converter = Callable[[Mapping[str, Any]], Any]
 
 
-@dataclass
 class _Outgoing:
-    request_type: int
-    payload: bytes
-    future: concurrent.futures.Future[Any] | None  # None: an internal heartbeat
-    convert: Converter
-    deadline: float  # time.monotonic() by which the reply must be in
+    """A request from its submission to its reply (queued, unsent, then pending)."""
 
+    __slots__ = ("convert", "deadline", "future", "payload", "request_type")
 
-@dataclass
-class _Pending:
-    request_type: int
-    future: concurrent.futures.Future[Any] | None
-    convert: Converter
-    deadline: float
+    def __init__(
+        self,
+        request_type: int,
+        payload: bytes,
+        future: concurrent.futures.Future[Any] | None,  # None: an internal heartbeat
+        convert: Converter,
+        deadline: float,  # time.monotonic() by which the reply must be in
+    ) -> None:
+        self.request_type = request_type
+        self.payload = payload
+        self.future = future
+        self.convert = convert
+        self.deadline = deadline
 
 
 def _identity(payload: Mapping[str, Any]) -> dict[str, Any]:
@@ -311,12 +325,12 @@ class CacheClient:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        self._poller = zmq.Poller()
-        self._poller.register(self._sock, zmq.POLLIN)
-        self._poller.register(self._wake_r, zmq.POLLIN)
+        # What the leader polls: the socket (also for POLLOUT while _unsent is not empty) and the
+        # wake-up pipe.
+        self._poll_items: list[tuple[Any, int]] = [(self._sock, _POLLIN), (self._wake_r, _POLLIN)]
         # Owned by the leader: read or written only by the thread in self._leader, or under
         # self._lock while there is no leader.
-        self._pending: dict[int, _Pending] = {}
+        self._pending: dict[int, _Outgoing] = {}
         self._deadlines: list[tuple[float, int]] = []
         # Requests the socket could not take yet (no connected peer, or its queue is full): sent
         # in order once it is writable, or failed at their deadline.
@@ -444,7 +458,7 @@ class CacheClient:
     ) -> concurrent.futures.Future[Any]:
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         timeout = self._timeout_s + extra_wait_s if deadline_s is None else float(deadline_s)
-        frame = encode_request(request_type, 0, payload)[1]
+        frame = encode_payload(payload)
         item = _Outgoing(int(request_type), frame, future, convert, time.monotonic() + timeout)
         me = threading.get_ident()
         send_now = False
@@ -453,7 +467,14 @@ class CacheClient:
             if not closed:
                 self._outbox.append(item)
                 if self._leader is None:
-                    if not getattr(self._local, "defer", False):
+                    if getattr(self._local, "defer", False):
+                        pass  # _call() sends it
+                    elif self._pending or self._unsent:
+                        # Requests are outstanding: the I/O thread (on its way to lead) sends
+                        # this one too. Sending here would make this thread and the I/O thread
+                        # trade the GIL at every socket call while a burst is submitted.
+                        self._cv.notify_all()
+                    else:
                         # Send it from this thread, then hand the socket to the I/O thread.
                         self._leader = me
                         send_now = True
@@ -567,8 +588,9 @@ class CacheClient:
     def async_lookup(
         self, key: Key | WireKey, tp_size: int = 1
     ) -> concurrent.futures.Future[bytes]:
-        body = KeyRequest(_key(key), tp_size)
-        return self._submit(RequestType.LOOKUP, body.to_wire(), _handle_from_reply, None)
+        # KeyRequest(key, tp_size).to_wire(), built directly (the per-prompt path)
+        body = {"key": key.to_wire(), "tp_size": tp_size}
+        return self._submit(_LOOKUP, body, _handle_from_reply, None)
 
     def lookup(self, key: Key | WireKey, tp_size: int = 1) -> bytes:
         """Two-phase lookup: returns the 16-byte job handle for query/wait_prefetch_status."""
@@ -577,10 +599,8 @@ class CacheClient:
     def async_query_prefetch_status(
         self, handle: bytes
     ) -> concurrent.futures.Future[LookupResult | None]:
-        body = HandleRequest(_check_handle(handle))
-        return self._submit(
-            RequestType.QUERY_PREFETCH_STATUS, body.to_wire(), prefetch_status_from_wire, None
-        )
+        body = {"handle": _check_handle(handle)}  # HandleRequest(handle).to_wire()
+        return self._submit(_QUERY_PREFETCH_STATUS, body, prefetch_status_from_wire, None)
 
     def query_prefetch_status(self, handle: bytes) -> LookupResult | None:
         """The lookup's hits once it is done (exactly once), None while it runs."""
@@ -613,13 +633,12 @@ class CacheClient:
         *,
         deadline_s: float | None = None,
     ) -> concurrent.futures.Future[LookupResult]:
-        body = SyncLookupRequest(_key(key), tp_size, timeout_s)
+        # SyncLookupRequest(key, tp_size, timeout_s).to_wire(), built directly
+        body: dict[str, Any] = {"key": key.to_wire(), "tp_size": tp_size}
+        if timeout_s is not None:
+            body["timeout_s"] = timeout_s
         return self._submit(
-            RequestType.SYNC_LOOKUP,
-            body.to_wire(),
-            LookupResult.from_wire,
-            deadline_s,
-            timeout_s or 0.0,
+            _SYNC_LOOKUP, body, LookupResult.from_wire, deadline_s, timeout_s or 0.0
         )
 
     def sync_lookup(
@@ -754,7 +773,10 @@ class CacheClient:
     # * a thread in a blocking call (_call) leads when no other thread does: it sends its request,
     #   polls, completes every reply that arrives (its own and other threads') and lets go once
     #   its own future is done, so a lone caller pays no thread hand-off;
-    # * a thread in an async_ call with no leader sends its request and lets go at once;
+    # * a thread in an async_ call with no leader sends its request and lets go at once, if
+    #   nothing is outstanding; otherwise the I/O thread (woken, on its way to lead) sends it:
+    #   a burst submitted from one thread then goes out in one batch instead of making the two
+    #   threads trade the GIL at every socket call;
     # * the I/O thread leads whenever requests are outstanding or queued and no one else leads,
     #   and when a heartbeat is due; it lets go when nothing is outstanding.
     # A leader that lets go while requests are outstanding wakes the I/O thread (self._cv); a
@@ -869,15 +891,26 @@ class CacheClient:
                     continue
                 if self._poll_out != bool(self._unsent):
                     self._poll_out = bool(self._unsent)
-                    flags = zmq.POLLIN | zmq.POLLOUT if self._poll_out else zmq.POLLIN
-                    self._poller.modify(self._sock, flags)
-                events = dict(self._poller.poll(self._poll_timeout_ms(now)))
-                if self._wake_r in events:
-                    with contextlib.suppress(BlockingIOError):
-                        os.read(self._wake_r, 4096)
-                if events.get(self._sock, 0) & zmq.POLLIN and self._receive():
-                    self._heartbeat_pending = False
-                self._expire(time.monotonic())
+                    flags = _POLLIN | _POLLOUT if self._poll_out else _POLLIN
+                    self._poll_items[0] = (self._sock, flags)
+                timeout_ms = self._poll_timeout_ms(now)
+                polled: list[tuple[Any, int]] = zmq.zmq_poll(
+                    self._poll_items, -1 if timeout_ms is None else timeout_ms
+                )
+                for fd, _ in polled:
+                    if fd == self._wake_r:
+                        with contextlib.suppress(BlockingIOError):
+                            os.read(self._wake_r, 4096)
+                # The socket's fd is edge-triggered: read every reply queued now (up to a bound,
+                # so requests queued meanwhile are not held back), whatever poll reported.
+                for _ in range(_MAX_REPLIES_PER_POLL):
+                    if not readable(self._sock):
+                        break
+                    if self._receive():
+                        self._heartbeat_pending = False
+                later = time.monotonic()
+                if self._unsent or (self._deadlines and self._deadlines[0][0] <= later):
+                    self._expire(later)
         finally:
             if not released:
                 with self._lock:
@@ -943,7 +976,7 @@ class CacheClient:
         connected peer yet, or a full queue), to be kept in _unsent; _FAILED when sending failed
         for good (its future has failed)."""
         seq = self._seq + 1 if self._seq < (1 << 64) - 1 else 1
-        header = encode_request(item.request_type, seq, {})[0]
+        header = encode_request_header(item.request_type, seq)
         try:
             send_frames(self._sock, (header, item.payload))
         except zmq.Again:
@@ -956,15 +989,15 @@ class CacheClient:
                 )
             return _FAILED
         self._seq = seq
-        self._pending[seq] = _Pending(item.request_type, item.future, item.convert, item.deadline)
+        self._pending[seq] = item
         heapq.heappush(self._deadlines, (item.deadline, seq))
         self._last_send = now
         return _SENT
 
     def _receive(self) -> bool:
         """Reads one reply and completes its request; returns whether it answered a heartbeat.
-        One per poll: the next poll reports any others, and a failed non-blocking read would
-        cost an exception."""
+        The caller checks first that one is queued (a failed non-blocking read would cost an
+        exception)."""
         try:
             frames = recv_frames(self._sock)
         except zmq.Again:

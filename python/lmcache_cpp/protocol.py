@@ -27,7 +27,7 @@ import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, TypedDict
+from typing import Any, Final, NamedTuple, TypedDict
 
 import msgpack  # type: ignore[import-untyped]
 
@@ -313,6 +313,36 @@ class _Fields:
 # Request bodies
 
 
+def key_map(
+    model_name: str,
+    world_size: int,
+    worker_id: int,
+    request_id: str,
+    cache_salt: str,
+    tokens: bytes | None,
+    block_hashes: bytes | None,
+    block_hash_size: int,
+    start: int,
+    end: int,
+) -> dict[str, Any]:
+    """The key map of the wire format (what :meth:`WireKey.to_wire` sends)."""
+    out: dict[str, Any] = {
+        "model_name": model_name,
+        "world_size": world_size,
+        "worker_id": worker_id,
+        "request_id": request_id,
+        "cache_salt": cache_salt,
+        "start": start,
+        "end": end,
+    }
+    if tokens is not None:
+        out["tokens"] = tokens
+    if block_hashes is not None:
+        out["block_hashes"] = block_hashes
+        out["block_hash_size"] = block_hash_size
+    return out
+
+
 @dataclass(frozen=True)
 class WireKey:
     """The key map: mirrors ``_core.EngineKey`` field by field.
@@ -334,21 +364,7 @@ class WireKey:
     end: int = -1
 
     def to_wire(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "model_name": self.model_name,
-            "world_size": self.world_size,
-            "worker_id": self.worker_id,
-            "request_id": self.request_id,
-            "cache_salt": self.cache_salt,
-            "start": self.start,
-            "end": self.end,
-        }
-        if self.tokens is not None:
-            out["tokens"] = self.tokens
-        if self.block_hashes is not None:
-            out["block_hashes"] = self.block_hashes
-            out["block_hash_size"] = self.block_hash_size
-        return out
+        return key_map(**self.__dict__)  # the fields are key_map's parameters
 
     @staticmethod
     def parse(f: _Fields, limits: ProtocolLimits) -> WireKey:
@@ -701,10 +717,10 @@ class Request:
     body: RequestBody
 
 
-@dataclass(frozen=True)
-class Reply:
+class Reply(NamedTuple):
     """A decoded reply. ``status`` 0 = ok (``payload`` is the result map), else ``payload`` is
-    ``{"message": str}``; ``version`` is the server's protocol version."""
+    ``{"message": str}``; ``version`` is the server's protocol version. (A named tuple: the
+    client builds one per reply.)"""
 
     version: int
     request_type: int
@@ -726,10 +742,29 @@ def _is_wire_uint(value: object) -> bool:
     return type(value) is int and 0 <= value <= _U64_MAX
 
 
+# One packer for the whole process: a pack runs wholly under the GIL (no Python code is called
+# for the plain maps, lists, strs, ints and bytes of this protocol), and a failed pack empties its
+# buffer. Reusing it saves building a packer per frame.
+_PACKER: Final = msgpack.Packer(use_bin_type=True)
+
+
 def _pack(obj: object) -> bytes:
-    data = msgpack.packb(obj, use_bin_type=True)
+    data = _PACKER.pack(obj)
     assert isinstance(data, bytes)
     return data
+
+
+def encode_request_header(request_type: int, seq: int) -> bytes:
+    """The header frame of a request: ``encode_request(request_type, seq, {})[0]``, cheaper (the
+    client's per-request path)."""
+    data = _PACKER.pack([PROTOCOL_VERSION, request_type, seq])
+    assert isinstance(data, bytes)
+    return data
+
+
+def encode_payload(payload: Mapping[str, Any]) -> bytes:
+    """The payload frame of a request: ``encode_request(any_type, any_seq, payload)[1]``."""
+    return _pack(payload if type(payload) is dict else dict(payload))
 
 
 def encode_request(request_type: int, seq: int, payload: Mapping[str, Any]) -> list[bytes]:
@@ -1105,18 +1140,29 @@ def decode_reply(frames: Sequence[bytes], max_frame_bytes: int = 1 << 31) -> Rep
         header = _unpack_header(frames[0])
     except Exception as exc:
         raise ProtocolError(_INTERNAL, f"reply header is not valid msgpack: {exc}") from None
-    if not (isinstance(header, list) and len(header) == 4 and all(type(v) is int for v in header)):
+    if not (
+        type(header) is list
+        and len(header) == 4
+        and type(header[0]) is int
+        and type(header[1]) is int
+        and type(header[2]) is int
+        and type(header[3]) is int
+    ):
         raise ProtocolError(_INTERNAL, f"malformed reply header {_describe_header(header)}")
     try:
-        payload = msgpack.unpackb(
-            frames[1],
-            raw=False,
-            strict_map_key=False,
-            use_list=True,
-            max_bin_len=max_frame_bytes,
-            max_str_len=max_frame_bytes,
-            max_ext_len=0,
-        )
+        if len(frames[1]) <= max_frame_bytes:
+            # Strings and bins are bounded by the frame anyway; ext types are refused.
+            payload = msgpack.unpackb(frames[1], strict_map_key=False, max_ext_len=0)
+        else:
+            payload = msgpack.unpackb(
+                frames[1],
+                raw=False,
+                strict_map_key=False,
+                use_list=True,
+                max_bin_len=max_frame_bytes,
+                max_str_len=max_frame_bytes,
+                max_ext_len=0,
+            )
     except Exception as exc:
         raise ProtocolError(_INTERNAL, f"reply payload is not valid msgpack: {exc}") from None
     if type(payload) is not dict:
@@ -1234,6 +1280,22 @@ class LookupResult:
 
     @staticmethod
     def from_wire(payload: Mapping[str, Any]) -> LookupResult:
+        # The common case without a per-field walk; anything else gets the walk's messages.
+        hit_chunks = payload.get("hit_chunks")
+        hit_tokens = payload.get("hit_tokens")
+        l1_chunks = payload.get("l1_chunks")
+        l2_chunks = payload.get("l2_chunks")
+        if (
+            type(hit_chunks) is int
+            and type(hit_tokens) is int
+            and type(l1_chunks) is int
+            and type(l2_chunks) is int
+            and 0 <= hit_chunks <= _U64_MAX
+            and 0 <= hit_tokens <= _U64_MAX
+            and 0 <= l1_chunks <= _U64_MAX
+            and 0 <= l2_chunks <= _U64_MAX
+        ):
+            return LookupResult(hit_chunks, hit_tokens, l1_chunks, l2_chunks)
         f = _reply_fields(payload, "lookup reply")
         try:
             return LookupResult(
@@ -1254,6 +1316,11 @@ def prefetch_status_to_wire(result: LookupResult | None) -> dict[str, Any]:
 
 
 def prefetch_status_from_wire(payload: Mapping[str, Any]) -> LookupResult | None:
+    ready = payload.get("ready")
+    if ready is True:
+        return LookupResult.from_wire(payload)
+    if ready is False:
+        return None
     f = _reply_fields(payload, "prefetch status reply")
     try:
         ready = f.boolean("ready")
@@ -1300,6 +1367,9 @@ class TransferTicket:
 
 def count_from_wire(payload: Mapping[str, Any], name: str) -> int:
     """Reads an integer count field of a reply (``released``, ``published``, ``removed``...)."""
+    value = payload.get(name)
+    if type(value) is int and 0 <= value <= _U64_MAX:
+        return value
     f = _reply_fields(payload, "reply")
     try:
         return f.integer(name, 0, _U64_MAX)
