@@ -466,10 +466,11 @@ class CacheClient:
             closed = self._closed
             if not closed:
                 self._outbox.append(item)
-                if self._leader is None:
-                    if getattr(self._local, "defer", False):
-                        pass  # _call() sends it
-                    elif self._pending or self._unsent:
+                if self._leader is not None:
+                    if self._leader != me:
+                        self._wake()
+                elif not getattr(self._local, "defer", False):  # else _call() sends it
+                    if self._pending or self._unsent:
                         # Requests are outstanding: the I/O thread (on its way to lead) sends
                         # this one too. Sending here would make this thread and the I/O thread
                         # trade the GIL at every socket call while a burst is submitted.
@@ -478,8 +479,6 @@ class CacheClient:
                         # Send it from this thread, then hand the socket to the I/O thread.
                         self._leader = me
                         send_now = True
-                elif self._leader != me:
-                    self._wake()
         if closed:
             future.set_exception(UnavailableError("the client is closed"))
         elif send_now:
