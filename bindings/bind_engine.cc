@@ -10,13 +10,16 @@
 #include <nanobind/stl/string_view.h>
 #include <nanobind/stl/vector.h>
 
+#include <cmath>
 #include <memory>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <utility>
 
 #include "bind_common.h"
 #include "lmcache_cpp/cache_engine.h"
+#include "router_loop.h"
 #include "wire_fast_path.h"
 
 namespace lmcache_cpp::bindings {
@@ -434,6 +437,8 @@ struct PyWireFastPath {
   wire::FastPath path;
 };
 
+nb::bytes Bytes(std::string_view s) { return nb::bytes(s.data(), s.size()); }
+
 void BindWireFastPath(nb::module_& m) {
   nb::class_<PyWireFastPath>(
       m, "WireFastPath",
@@ -464,11 +469,105 @@ void BindWireFastPath(nb::module_& m) {
               reply = f.path.Handle(client, h, p);
             }
             if (!reply.has_value()) return std::nullopt;
-            return nb::make_tuple(nb::bytes(reply->header.data(), reply->header.size()),
-                                  nb::bytes(reply->payload.data(), reply->payload.size()),
-                                  reply->request_type, reply->status);
+            return nb::make_tuple(Bytes(reply->header), Bytes(reply->payload), reply->request_type,
+                                  reply->status);
           },
           "client"_a, "header"_a, "payload"_a);
+}
+
+struct PyRouterLoop {
+  std::unique_ptr<wire::RouterLoop> loop;
+};
+
+void BindRouterLoop(nb::module_& m) {
+  nb::class_<PyRouterLoop>(
+      m, "RouterLoop",
+      "The cache server's receive loop for the requests WireFastPath serves, run in C++ on the "
+      "server's ROUTER socket (a pyzmq socket's `underlying` address) without the GIL. "
+      "drain() answers queued messages of admitted clients and returns the first one it "
+      "leaves to Python. Socket-thread only, except stats(). Keeps the fast path alive; the "
+      "socket must stay open while drain() may be called.")
+      .def(
+          "__init__",
+          [](PyRouterLoop* self, PyWireFastPath& fast, uintptr_t socket,
+             const std::string& libzmq_from, std::vector<double> buckets) {
+            if (socket == 0) throw nb::value_error("socket is a null address");
+            for (size_t i = 0; i < buckets.size(); ++i) {
+              if (!std::isfinite(buckets[i]) || (i > 0 && buckets[i] <= buckets[i - 1])) {
+                throw nb::value_error("buckets must be finite and strictly increasing");
+              }
+            }
+            std::string why;
+            std::optional<wire::Libzmq> zmq = wire::Libzmq::Resolve(libzmq_from, &why);
+            if (!zmq.has_value()) throw std::runtime_error(why);
+            new (self) PyRouterLoop{std::make_unique<wire::RouterLoop>(
+                &fast.path, *zmq, reinterpret_cast<void*>(socket), std::move(buckets))};
+          },
+          "fast"_a, "socket"_a, nb::kw_only(), "libzmq_from"_a, "buckets"_a, nb::keep_alive<1, 2>(),
+          "libzmq_from: the file of the loaded extension module whose libzmq owns the socket "
+          "(pyzmq's backend). Raises RuntimeError when its libzmq functions cannot be found.")
+      .def(
+          "add_client",
+          [](PyRouterLoop& l, const nb::bytes& identity, ClientId id) {
+            l.loop->AddClient(std::string(identity.c_str(), identity.size()), id);
+          },
+          "identity"_a, "client"_a)
+      .def(
+          "remove_client",
+          [](PyRouterLoop& l, const nb::bytes& identity) {
+            l.loop->RemoveClient(std::string(identity.c_str(), identity.size()));
+          },
+          "identity"_a)
+      .def(
+          "last_seen",
+          [](const PyRouterLoop& l, const nb::bytes& identity) {
+            return l.loop->LastSeen(std::string(identity.c_str(), identity.size()));
+          },
+          "identity"_a, "time.monotonic() when the loop last received from the client, or None.")
+      .def(
+          "drain",
+          [](PyRouterLoop& l, size_t max_messages) {
+            std::optional<wire::RouterLoop::Drained> d;
+            {
+              nb::gil_scoped_release release;
+              d.emplace(l.loop->Drain(max_messages));
+            }
+            nb::object message = nb::none();
+            if (d->unhandled.size() > 0) {
+              nb::list frames;
+              for (size_t i = 0; i < d->unhandled.size(); ++i) {
+                frames.append(Bytes(d->unhandled.frame(i)));
+              }
+              message = std::move(frames);
+            }
+            nb::list failures;
+            for (const auto& f : d->failures) {
+              failures.append(nb::make_tuple(f.client, f.request_type, f.message));
+            }
+            return nb::make_tuple(d->answered, message, d->tried, failures, d->error);
+          },
+          "max_messages"_a,
+          "(answered, message or None, tried, failures, errno): `message` is the first message "
+          "left to Python (identity frame first), `tried` whether WireFastPath declined it, "
+          "`failures` (client, request type, message) of requests answered with Internal, "
+          "`errno` a libzmq error that stopped the loop (0: none).")
+      .def(
+          "stats",
+          [](const PyRouterLoop& l) {
+            wire::RouterLoop::Stats s;
+            {
+              nb::gil_scoped_release release;
+              s = l.loop->Snapshot();
+            }
+            nb::dict counts, histograms;
+            for (const auto& [key, n] : s.counts) counts[nb::make_tuple(key.first, key.second)] = n;
+            for (const auto& [type, hist] : s.histograms) {
+              histograms[nb::int_(type)] = nb::make_tuple(nb::cast(hist.first), hist.second);
+            }
+            return nb::make_tuple(counts, histograms, s.dropped_replies);
+          },
+          "({(request type, status): count}, {request type: (per-bucket counts, sum of "
+          "seconds)}, dropped replies) of the requests the loop answered.");
 }
 
 }  // namespace
@@ -477,6 +576,7 @@ void BindCacheEngine(nb::module_& m) {
   BindTypes(m);
   BindEngine(m);
   BindWireFastPath(m);
+  BindRouterLoop(m);
 }
 
 }  // namespace lmcache_cpp::bindings

@@ -33,6 +33,19 @@ from test_protocol import ANY_FRAMES, LIMITS, boundary_requests
 CLIENT = 77
 
 
+def fast_path(engine: _core.CacheEngine, *, has_l2: bool) -> _core.WireFastPath:
+    """A WireFastPath over ``engine`` with the test protocol limits."""
+    return _core.WireFastPath(
+        engine,
+        max_frame_bytes=LIMITS.max_frame_bytes,
+        max_header_bytes=LIMITS.max_header_bytes,
+        max_tokens=LIMITS.max_tokens,
+        max_string_bytes=LIMITS.max_string_bytes,
+        max_wait_s=LIMITS.max_wait_s,
+        has_l2=has_l2,
+    )
+
+
 class Twins:
     """Two engines in the same state: ``fast`` behind a WireFastPath, ``slow`` behind the Python
     Dispatcher."""
@@ -46,15 +59,7 @@ class Twins:
             )
             engine.register_kv_cache(CLIENT, MODEL, 1, 0, layout())
             self.engines.append(engine)
-        self.fast = _core.WireFastPath(
-            self.engines[0],
-            max_frame_bytes=LIMITS.max_frame_bytes,
-            max_header_bytes=LIMITS.max_header_bytes,
-            max_tokens=LIMITS.max_tokens,
-            max_string_bytes=LIMITS.max_string_bytes,
-            max_wait_s=LIMITS.max_wait_s,
-            has_l2=with_l2,
-        )
+        self.fast = fast_path(self.engines[0], has_l2=with_l2)
         self.slow = Dispatcher(self.engines[1], LIMITS, has_l2=with_l2)
 
     def store(self, key: Key) -> None:

@@ -1083,6 +1083,27 @@ class WireFastPath:
         self, client: int, header: bytes, payload: bytes
     ) -> tuple[bytes, bytes, int, int] | None: ...
 
+class RouterLoop:
+    """The server's C++ receive loop over a pyzmq ROUTER socket (see bindings/router_loop.h)."""
+
+    def __init__(
+        self,
+        fast: WireFastPath,
+        socket: int,
+        *,
+        libzmq_from: str,
+        buckets: Sequence[float],
+    ) -> None: ...
+    def add_client(self, identity: bytes, client: int) -> None: ...
+    def remove_client(self, identity: bytes) -> None: ...
+    def last_seen(self, identity: bytes) -> float | None: ...
+    def drain(
+        self, max_messages: int
+    ) -> tuple[int, list[bytes] | None, bool, list[tuple[int, int, str]], int]: ...
+    def stats(
+        self,
+    ) -> tuple[dict[tuple[int, int], int], dict[int, tuple[list[int], float]], int]: ...
+
 class CacheEngine:
     def __init__(
         self, storage: StorageManager, config: EngineConfig, *, clock: ManualClock | None = None

@@ -292,6 +292,12 @@ def _flatten(prefix: str, value: object, out: list[tuple[str, float]]) -> None:
 # Metrics
 
 
+RequestSource = Callable[
+    [], tuple[Mapping[tuple[str, str], int], Mapping[str, tuple[Sequence[int], float]]]
+]
+"""See :meth:`Metrics.add_source`."""
+
+
 class _Histogram:
     __slots__ = ("counts", "sum")
 
@@ -326,6 +332,7 @@ class Metrics:
         self._requests: dict[tuple[str, str], int] = {}
         self._histograms: dict[str, _Histogram] = {}
         self._outcomes: set[str] = set()
+        self._sources: list[RequestSource] = []
 
     @property
     def buckets(self) -> tuple[float, ...]:
@@ -357,11 +364,39 @@ class Metrics:
             hist.counts[index] += 1
             hist.sum += value
 
+    def add_source(self, source: RequestSource) -> None:
+        """Adds requests counted elsewhere on these buckets (the server's C++ loop) to what
+        :meth:`render` shows. ``source()`` returns its totals so far: ({(request name, outcome):
+        count}, {request name: (per-bucket counts, len(buckets) + 1 of them, sum of seconds)})."""
+        with self._lock:
+            self._sources.append(source)
+
     def render(self, stats: Mapping[str, Any] | None = None) -> str:
         """The exposition text: request metrics, then the engine ``stats`` dict (may be partial)."""
         with self._lock:
             requests = dict(self._requests)
             histograms = {name: (list(h.counts), h.sum) for name, h in self._histograms.items()}
+            sources = list(self._sources)
+        for source in sources:
+            try:
+                more_requests, more_histograms = source()
+            except Exception:
+                _log.exception("a request metrics source failed")
+                continue
+            for key, count in more_requests.items():
+                requests[key] = requests.get(key, 0) + count
+            for name, (counts, total) in more_histograms.items():
+                if len(counts) != len(self._bounds) + 1:
+                    _log.error("request metrics source: %d buckets for %s", len(counts), name)
+                    continue
+                mine = histograms.get(name)
+                if mine is None:
+                    histograms[name] = (list(counts), total)
+                else:
+                    histograms[name] = (
+                        [a + b for a, b in zip(mine[0], counts, strict=True)],
+                        mine[1] + total,
+                    )
         out = _Writer()
         out.family(
             f"{PREFIX}build_info",

@@ -7,7 +7,9 @@ Threads (see ``docs/protocol.md`` for the wire format and the request table):
   ones to the worker pool, sends every reply, tracks clients (identity -> client id, last seen),
   drops silent clients and calls ``engine.reap_expired()`` once per ``reap_interval_s``. It
   sleeps in ``zmq.Poller.poll`` on the ROUTER, the pool's result socket and a wake-up pipe; the
-  poll timeout is only the reaper tick.
+  poll timeout is only the reaper tick. The per-prompt requests of admitted clients are read,
+  answered and counted by ``_core.RouterLoop`` (C++, on this thread, without the GIL); it hands
+  every other message to the Python code here.
 * **Worker threads** (``worker_threads``) run the blocking handlers (WAIT_PREFETCH_STATUS,
   SYNC_LOOKUP, FREE_LOOKUP_LOCKS, PREPARE_RETRIEVE, CLEAR), calling the engine with the GIL
   released. Each has its own inproc PUSH socket; the encoded reply goes back to the socket thread's
@@ -51,6 +53,7 @@ import zmq
 from lmcache_cpp import _core
 from lmcache_cpp._zmq_io import readable, recv_frames, send_frames
 from lmcache_cpp.errors import LMCacheError
+from lmcache_cpp.metrics import Metrics
 from lmcache_cpp.protocol import (
     PROTOCOL_VERSION,
     ClearRequest,
@@ -138,6 +141,17 @@ class RequestMetrics(Protocol):
     """
 
     def record(self, request_name: str, outcome: str, seconds: float) -> None: ...
+
+
+def _pyzmq_backend_file() -> str | None:
+    """The file of pyzmq's compiled backend, whose libzmq owns our sockets (None: another
+    backend, such as CFFI on PyPy)."""
+    try:
+        from zmq.backend.cython import _zmq
+    except ImportError:
+        return None
+    path = getattr(_zmq, "__file__", None)
+    return path if isinstance(path, str) and not path.endswith(".py") else None
 
 
 class _RegistrationLike(Protocol):
@@ -378,6 +392,10 @@ class ServerOptions:
     stop_timeout_s: float = 5.0
     name: str = "lmcache_cpp"
     wire_fast_path: bool = True  # the C++ codec for per-prompt requests (_core.WireFastPath)
+    # Read and answer those requests in C++ (_core.RouterLoop) instead of the Python loop. Needs
+    # wire_fast_path, and metrics that are None or a lmcache_cpp.metrics.Metrics (another
+    # RequestMetrics gets its record() call per request from the Python loop).
+    native_loop: bool = True
 
     def __post_init__(self) -> None:
         overrides: dict[str, int] = {}
@@ -734,6 +752,16 @@ class CacheServer:
                 max_wait_s=limits.max_wait_s,
                 has_l2=_has_l2(storage),
             )
+        # The C++ receive loop, made on the socket thread once the socket is bound.
+        self._loop: _core.RouterLoop | None = None
+        self._loop_wanted = (
+            self._fast is not None
+            and self._options.native_loop
+            and (metrics is None or isinstance(metrics, Metrics))
+        )
+        self._loop_buckets = metrics.buckets if isinstance(metrics, Metrics) else (1.0,)
+        if self._loop_wanted and isinstance(metrics, Metrics):
+            metrics.add_source(self._loop_metrics)
         self._dispatcher = Dispatcher(
             engine,
             self._options.limits,
@@ -796,9 +824,29 @@ class CacheServer:
         """Requests answered so far: {request name: {outcome: count}}."""
         out: dict[str, dict[str, int]] = {}
         with self._stats_lock:
-            for (name, outcome), n in self._counts.items():
-                out.setdefault(name, {})[outcome] = n
+            counts = Counter(self._counts)
+        loop = self._loop
+        if loop is not None:
+            for (type_id, status), n in loop.stats()[0].items():
+                counts[(_REQUEST_NAMES[type_id], _outcome(status))] += n
+        for (name, outcome), n in counts.items():
+            out.setdefault(name, {})[outcome] = n
         return out
+
+    def _loop_metrics(
+        self,
+    ) -> tuple[dict[tuple[str, str], int], dict[str, tuple[list[int], float]]]:
+        """What the C++ loop answered, for ``Metrics.render`` (names and outcomes as
+        :meth:`_record` gives them)."""
+        loop = self._loop
+        if loop is None:
+            return {}, {}
+        counts, histograms, _ = loop.stats()
+        requests = {
+            (_REQUEST_NAMES[type_id], _outcome(status)): n
+            for (type_id, status), n in counts.items()
+        }
+        return requests, {_REQUEST_NAMES[t]: (h[0], h[1]) for t, h in histograms.items()}
 
     def start(self) -> None:
         """Binds and starts the socket thread and the workers. Raises zmq.ZMQError / OSError
@@ -1002,6 +1050,7 @@ class CacheServer:
             self._start_error = exc
             self._ready.set()
             return
+        self._start_loop(router)
         self._ready.set()
         try:
             self._serve(router, results)
@@ -1011,6 +1060,21 @@ class CacheServer:
             self._end_all_clients()
             router.close(linger=0)
             results.close(linger=0)
+
+    def _start_loop(self, router: zmq.Socket[bytes]) -> None:
+        if not self._loop_wanted:
+            return
+        assert self._fast is not None
+        backend = _pyzmq_backend_file()
+        if backend is None:
+            _log.info("pyzmq has no compiled backend; requests are read by the Python loop")
+            return
+        try:
+            self._loop = _core.RouterLoop(
+                self._fast, router.underlying, libzmq_from=backend, buckets=self._loop_buckets
+            )
+        except RuntimeError as exc:
+            _log.info("requests are read by the Python loop: %s", exc)
 
     def _serve(self, router: zmq.Socket[bytes], results: zmq.Socket[bytes]) -> None:
         poller = zmq.Poller()
@@ -1055,6 +1119,14 @@ class CacheServer:
     def _drain_requests(self, router: zmq.Socket[bytes]) -> None:
         # Bounded so that pool results and the reaper are never starved by a flood. ZMQ_EVENTS
         # says whether another message is queued (cheaper than a read that raises zmq.Again).
+        loop = self._loop
+        if (
+            loop is not None
+            and not self._stopping.is_set()
+            and not _log.isEnabledFor(logging.DEBUG)
+        ):
+            self._drain_natively(router, loop)
+            return
         for _ in range(1024):
             try:
                 frames = recv_frames(router)
@@ -1067,7 +1139,27 @@ class CacheServer:
             if not readable(router):
                 return
 
-    def _on_message(self, router: zmq.Socket[bytes], frames: list[bytes]) -> None:
+    def _drain_natively(self, router: zmq.Socket[bytes], loop: _core.RouterLoop) -> None:
+        budget = 1024
+        while budget > 0:
+            answered, message, tried, failures, error = loop.drain(budget)
+            budget -= answered
+            for client_id, type_id, text in failures:
+                _log.warning("client %d: %s failed: %s", client_id, _request_name(type_id), text)
+            if error:
+                _log.warning("receive failed: %s", zmq.ZMQError(error))
+                return
+            if message is None:
+                return
+            budget -= 1
+            try:
+                self._on_message(router, message, fast_tried=tried)
+            except Exception:  # pragma: no cover - a bug; keep serving
+                _log.exception("failed to handle a message")
+
+    def _on_message(
+        self, router: zmq.Socket[bytes], frames: list[bytes], fast_tried: bool = False
+    ) -> None:
         received = time.perf_counter()
         identity, body = frames[0], frames[1:]
         client = self._client_for(identity)
@@ -1081,7 +1173,12 @@ class CacheServer:
             return
         # The per-prompt requests in their usual shape are decoded, run and encoded in C++; at
         # DEBUG the Python path runs instead, for its per-request log line.
-        if self._fast is not None and len(body) == 2 and not _log.isEnabledFor(logging.DEBUG):
+        if (
+            self._fast is not None
+            and not fast_tried
+            and len(body) == 2
+            and not _log.isEnabledFor(logging.DEBUG)
+        ):
             fast = self._fast.handle(client.id, body[0], body[1])
             if fast is not None:
                 self._finish_fast(router, client, identity, fast, received)
@@ -1179,6 +1276,8 @@ class CacheServer:
         client = _Client(client_id, identity, now)
         self._clients[identity] = client
         self._clients_by_id[client_id] = client
+        if self._loop is not None:
+            self._loop.add_client(identity, client_id)
         with self._stats_lock:
             self._num_clients = len(self._clients)
         _log.info("client %d connected", client_id)
@@ -1256,6 +1355,10 @@ class CacheServer:
         silent = [
             c for c in self._clients.values() if c.in_flight == 0 and now - c.last_seen > grace
         ]
+        if self._loop is not None:  # it also hears from clients
+            for client in silent:
+                client.last_seen = max(client.last_seen, self._loop.last_seen(client.identity) or 0)
+            silent = [c for c in silent if now - c.last_seen > grace]
         for client in silent:
             self._drop_client(client, f"silent for {now - client.last_seen:.1f} s")
         try:
@@ -1269,6 +1372,8 @@ class CacheServer:
         """Forgets the client and ends it in the engine; returns the leases released."""
         del self._clients[client.identity]
         del self._clients_by_id[client.id]
+        if self._loop is not None:
+            self._loop.remove_client(client.identity)
         with self._stats_lock:
             self._num_clients = len(self._clients)
         try:
@@ -1322,6 +1427,8 @@ class CacheServer:
     def _server_status(self) -> Mapping[str, Any]:
         with self._stats_lock:
             dropped = self._dropped_replies
+        if self._loop is not None:
+            dropped += self._loop.stats()[2]
         return {
             "name": self._options.name,
             "version": _core.version(),

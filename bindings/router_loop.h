@@ -1,0 +1,172 @@
+// Copyright (c) lmcache_cpp authors. Licensed under the Apache License 2.0.
+//
+// The cache server's receive loop for the per-prompt requests, in C++: it reads whole messages
+// from the server's ROUTER socket, answers the ones wire::FastPath serves and sends their
+// replies, all without the GIL, and hands anything else back to the Python socket loop one
+// message at a time. Per request that saves the Python side's three receives, three sends and
+// bookkeeping, which cost several times the request itself.
+//
+// The socket is pyzmq's (zmq.Socket.underlying), so the libzmq calls must go to the library
+// pyzmq uses: Libzmq::Resolve looks the functions up through pyzmq's own extension module
+// (dlopen RTLD_NOLOAD of its file, then dlsym, which also searches the libraries it depends
+// on). A pyzmq whose libzmq cannot be found that way leaves the server on its Python loop.
+//
+// The loop knows the clients the Python server has admitted (AddClient/RemoveClient: identity ->
+// ClientId) and stamps when each was last heard from; a message from an identity it does not
+// know goes to Python, which admits (or refuses) the client. It counts what it answers by request
+// type and status, with latency histograms on the bounds the server's metrics use (Stats).
+//
+// Threading: Drain, AddClient, RemoveClient and LastSeen run on the server's socket thread only
+// (the thread that owns the socket); Stats may be called from any thread.
+
+#ifndef LMCACHE_CPP_BINDINGS_ROUTER_LOOP_H_
+#define LMCACHE_CPP_BINDINGS_ROUTER_LOOP_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "lmcache_cpp/cache_engine.h"
+#include "wire_fast_path.h"
+
+namespace lmcache_cpp::bindings::wire {
+
+// libzmq's message type (zmq.h: 64 bytes, pointer-aligned); only libzmq reads its contents.
+struct alignas(sizeof(void*)) ZmqMsg {
+  unsigned char bytes[64];
+};
+
+// The libzmq functions the loop calls, resolved at run time.
+struct Libzmq {
+  int (*msg_init)(ZmqMsg*) = nullptr;
+  int (*msg_recv)(ZmqMsg*, void*, int) = nullptr;
+  int (*msg_close)(ZmqMsg*) = nullptr;
+  void* (*msg_data)(ZmqMsg*) = nullptr;
+  size_t (*msg_size)(const ZmqMsg*) = nullptr;
+  int (*msg_more)(const ZmqMsg*) = nullptr;
+  int (*send)(void*, const void*, size_t, int) = nullptr;
+  int (*errno_value)() = nullptr;
+  void (*version)(int*, int*, int*) = nullptr;
+
+  // The functions of the libzmq that the shared object at `module_path` (pyzmq's backend
+  // extension, already loaded) was linked with. nullopt, with the reason in *why, when that
+  // object is not loaded or neither it nor its dependencies export them.
+  static std::optional<Libzmq> Resolve(const std::string& module_path, std::string* why);
+};
+
+// One received message: its frames, owned (closed on destruction).
+class Message {
+ public:
+  explicit Message(const Libzmq* zmq) : zmq_(zmq) {}
+  Message(Message&& other) noexcept : zmq_(other.zmq_), frames_(std::move(other.frames_)) {
+    other.frames_.clear();
+  }
+  Message& operator=(Message&& other) noexcept {
+    if (this != &other) {
+      Clear();
+      zmq_ = other.zmq_;
+      frames_ = std::move(other.frames_);
+      other.frames_.clear();
+    }
+    return *this;
+  }
+  Message(const Message&) = delete;
+  ~Message() { Clear(); }
+
+  size_t size() const { return frames_.size(); }
+  std::string_view frame(size_t i) const {
+    ZmqMsg* m = const_cast<ZmqMsg*>(&frames_[i]);
+    return {static_cast<const char*>(zmq_->msg_data(m)), zmq_->msg_size(m)};
+  }
+  ZmqMsg* Append() {
+    frames_.emplace_back();
+    zmq_->msg_init(&frames_.back());
+    return &frames_.back();
+  }
+  void Clear() {
+    for (ZmqMsg& m : frames_) zmq_->msg_close(&m);
+    frames_.clear();
+  }
+
+ private:
+  const Libzmq* zmq_;
+  // A deque: libzmq messages must not be relocated by copying their bytes.
+  std::deque<ZmqMsg> frames_;
+};
+
+class RouterLoop {
+ public:
+  // What one Drain call did.
+  struct Drained {
+    explicit Drained(const Libzmq* zmq) : unhandled(zmq) {}
+    size_t answered = 0;
+    // A message (identity frame first) the Python loop must handle; empty when none.
+    Message unhandled;
+    // Whether FastPath::Handle already looked at `unhandled` (and declined it).
+    bool tried = false;
+    // Requests answered with an internal error, for the server's log.
+    struct Failure {
+      ClientId client;
+      uint32_t request_type;
+      std::string message;
+    };
+    std::vector<Failure> failures;
+    // A libzmq error that stopped the loop (0: none), as zmq_errno().
+    int error = 0;
+  };
+
+  // Counts and latency histograms of the answered requests. `counts` by (request type, status);
+  // `histograms` by request type: per-bucket counts (len(bounds) + 1, the last is +Inf) and the
+  // sum of seconds.
+  struct Stats {
+    std::map<std::pair<uint32_t, uint32_t>, uint64_t> counts;
+    std::map<uint32_t, std::pair<std::vector<uint64_t>, double>> histograms;
+    uint64_t dropped_replies = 0;
+  };
+
+  // `path` and `socket` must outlive the loop; `bounds` are the histogram's upper bounds in
+  // seconds, strictly increasing.
+  RouterLoop(const FastPath* path, Libzmq zmq, void* socket, std::vector<double> bounds);
+
+  void AddClient(std::string identity, ClientId id);
+  void RemoveClient(const std::string& identity);
+  // CLOCK_MONOTONIC seconds (Python's time.monotonic()) when the loop last received a message
+  // from the client; nullopt when it has not since AddClient.
+  std::optional<double> LastSeen(const std::string& identity) const;
+
+  // Receives and answers queued messages until none is queued, `max_messages` have been
+  // answered, or a message needs the Python loop. Never blocks. Call without the GIL.
+  Drained Drain(size_t max_messages);
+
+  Stats Snapshot() const;
+
+ private:
+  struct Client {
+    ClientId id = 0;
+    double last_seen = 0;  // 0: not since AddClient
+  };
+  // Reads one whole message into *out; false with *error set (EAGAIN: none queued).
+  bool Receive(Message* out, int* error);
+  void Record(uint32_t type, uint32_t status, double seconds);
+
+  const FastPath* path_;
+  Libzmq zmq_;
+  void* socket_;
+  std::vector<double> bounds_;
+  std::unordered_map<std::string, Client> clients_;
+
+  mutable std::mutex stats_mu_;
+  Stats stats_;  // GUARDED_BY(stats_mu_)
+};
+
+}  // namespace lmcache_cpp::bindings::wire
+
+#endif  // LMCACHE_CPP_BINDINGS_ROUTER_LOOP_H_
