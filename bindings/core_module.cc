@@ -378,6 +378,7 @@ void BindStorage(nb::module_& m);
 void BindKvCopy(nb::module_& m);
 // The cache engine (bind_engine.cc).
 void BindCacheEngine(nb::module_& m);
+void BindZmq(nb::module_& m);
 #if defined(LMCACHE_CPP_WITH_CUDA)
 // The GPU copy kernels, host registration and events (bind_cuda.cc; CUDA builds only).
 void BindCuda(nb::module_& m);
@@ -399,6 +400,7 @@ NB_MODULE(_core, m) {
   b::BindStorage(m);
   b::BindKvCopy(m);
   b::BindCacheEngine(m);
+  b::BindZmq(m);
 #if defined(LMCACHE_CPP_WITH_CUDA)
   b::BindCuda(m);
 #endif

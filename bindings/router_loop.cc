@@ -2,7 +2,6 @@
 
 #include "router_loop.h"
 
-#include <dlfcn.h>
 #include <time.h>
 
 #include <algorithm>
@@ -13,9 +12,6 @@ namespace lmcache_cpp::bindings::wire {
 
 namespace {
 
-// zmq.h's flags and error numbers (stable across libzmq 4.x).
-constexpr int kDontWait = 1;
-constexpr int kSndMore = 2;
 constexpr auto kInternal = static_cast<uint32_t>(StatusCode::kInternal);
 
 double MonotonicSeconds() {
@@ -24,45 +20,7 @@ double MonotonicSeconds() {
   return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) * 1e-9;
 }
 
-template <typename Fn>
-bool Lookup(void* handle, const char* name, Fn* out) {
-  void* p = dlsym(handle, name);
-  if (p == nullptr) return false;
-  *out = reinterpret_cast<Fn>(p);
-  return true;
-}
-
 }  // namespace
-
-std::optional<Libzmq> Libzmq::Resolve(const std::string& module_path, std::string* why) {
-  // RTLD_NOLOAD: only an object already loaded (pyzmq's); the reference it takes is kept for
-  // the life of the process, as the functions are.
-  void* handle = dlopen(module_path.c_str(), RTLD_NOW | RTLD_NOLOAD);
-  if (handle == nullptr) {
-    const char* err = dlerror();
-    *why = "pyzmq's extension " + module_path + " is not loaded" +
-           (err ? std::string(": ") + err : "");
-    return std::nullopt;
-  }
-  Libzmq z;
-  const bool ok =
-      Lookup(handle, "zmq_msg_init", &z.msg_init) && Lookup(handle, "zmq_msg_recv", &z.msg_recv) &&
-      Lookup(handle, "zmq_msg_close", &z.msg_close) &&
-      Lookup(handle, "zmq_msg_data", &z.msg_data) && Lookup(handle, "zmq_msg_size", &z.msg_size) &&
-      Lookup(handle, "zmq_msg_more", &z.msg_more) && Lookup(handle, "zmq_send", &z.send) &&
-      Lookup(handle, "zmq_errno", &z.errno_value) && Lookup(handle, "zmq_version", &z.version);
-  if (!ok) {
-    *why = "libzmq's functions are not exported by " + module_path + " or its libraries";
-    return std::nullopt;
-  }
-  int major = 0, minor = 0, patch = 0;
-  z.version(&major, &minor, &patch);
-  if (major != 4) {
-    *why = "libzmq " + std::to_string(major) + "." + std::to_string(minor) + " is not 4.x";
-    return std::nullopt;
-  }
-  return z;
-}
 
 RouterLoop::RouterLoop(const FastPath* path, Libzmq zmq, void* socket, std::vector<double> bounds)
     : path_(path), zmq_(zmq), socket_(socket), bounds_(std::move(bounds)) {}
@@ -79,29 +37,12 @@ std::optional<double> RouterLoop::LastSeen(const std::string& identity) const {
   return it->second.last_seen;
 }
 
-bool RouterLoop::Receive(Message* out, int* error) {
-  for (;;) {
-    ZmqMsg* frame = out->Append();
-    if (zmq_.msg_recv(frame, socket_, kDontWait) < 0) {
-      const int e = zmq_.errno_value();
-      if (e == EINTR) {
-        out->Clear();  // only the first frame can be interrupted: a message arrives whole
-        continue;
-      }
-      *error = e;
-      out->Clear();
-      return false;
-    }
-    if (!zmq_.msg_more(frame)) return true;
-  }
-}
-
 RouterLoop::Drained RouterLoop::Drain(size_t max_messages) {
   Drained out(&zmq_);
   Message message(&zmq_);
   while (out.answered < max_messages) {
     int error = 0;
-    if (!Receive(&message, &error)) {
+    if (!ReceiveMessage(zmq_, socket_, &message, &error)) {
       if (error != EAGAIN) out.error = error;
       return out;
     }
@@ -137,12 +78,10 @@ RouterLoop::Drained RouterLoop::Drain(size_t max_messages) {
     const std::string_view identity = message.frame(0);
     // ROUTER_MANDATORY: a peer that is gone (EHOSTUNREACH) or whose queue is full (EAGAIN)
     // fails the first frame and nothing is queued; the client times out on its side.
-    if (zmq_.send(socket_, identity.data(), identity.size(), kDontWait | kSndMore) < 0) {
+    const std::string_view frames[] = {identity, reply->header, reply->payload};
+    if (SendMessage(zmq_, socket_, frames, 3) != 0) {
       std::lock_guard<std::mutex> lock(stats_mu_);
       ++stats_.dropped_replies;
-    } else {
-      zmq_.send(socket_, reply->header.data(), reply->header.size(), kDontWait | kSndMore);
-      zmq_.send(socket_, reply->payload.data(), reply->payload.size(), kDontWait);
     }
     message.Clear();
     ++out.answered;

@@ -6,10 +6,8 @@
 // message at a time. Per request that saves the Python side's three receives, three sends and
 // bookkeeping, which cost several times the request itself.
 //
-// The socket is pyzmq's (zmq.Socket.underlying), so the libzmq calls must go to the library
-// pyzmq uses: Libzmq::Resolve looks the functions up through pyzmq's own extension module
-// (dlopen RTLD_NOLOAD of its file, then dlsym, which also searches the libraries it depends
-// on). A pyzmq whose libzmq cannot be found that way leaves the server on its Python loop.
+// The socket is pyzmq's (zmq.Socket.underlying), driven through the libzmq pyzmq loaded
+// (libzmq.h); a pyzmq whose libzmq cannot be found leaves the server on its Python loop.
 //
 // The loop knows the clients the Python server has admitted (AddClient/RemoveClient: identity ->
 // ClientId) and stamps when each was last heard from; a message from an identity it does not
@@ -24,7 +22,6 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <deque>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -34,73 +31,11 @@
 #include <utility>
 #include <vector>
 
+#include "libzmq.h"
 #include "lmcache_cpp/cache_engine.h"
 #include "wire_fast_path.h"
 
 namespace lmcache_cpp::bindings::wire {
-
-// libzmq's message type (zmq.h: 64 bytes, pointer-aligned); only libzmq reads its contents.
-struct alignas(sizeof(void*)) ZmqMsg {
-  unsigned char bytes[64];
-};
-
-// The libzmq functions the loop calls, resolved at run time.
-struct Libzmq {
-  int (*msg_init)(ZmqMsg*) = nullptr;
-  int (*msg_recv)(ZmqMsg*, void*, int) = nullptr;
-  int (*msg_close)(ZmqMsg*) = nullptr;
-  void* (*msg_data)(ZmqMsg*) = nullptr;
-  size_t (*msg_size)(const ZmqMsg*) = nullptr;
-  int (*msg_more)(const ZmqMsg*) = nullptr;
-  int (*send)(void*, const void*, size_t, int) = nullptr;
-  int (*errno_value)() = nullptr;
-  void (*version)(int*, int*, int*) = nullptr;
-
-  // The functions of the libzmq that the shared object at `module_path` (pyzmq's backend
-  // extension, already loaded) was linked with. nullopt, with the reason in *why, when that
-  // object is not loaded or neither it nor its dependencies export them.
-  static std::optional<Libzmq> Resolve(const std::string& module_path, std::string* why);
-};
-
-// One received message: its frames, owned (closed on destruction).
-class Message {
- public:
-  explicit Message(const Libzmq* zmq) : zmq_(zmq) {}
-  Message(Message&& other) noexcept : zmq_(other.zmq_), frames_(std::move(other.frames_)) {
-    other.frames_.clear();
-  }
-  Message& operator=(Message&& other) noexcept {
-    if (this != &other) {
-      Clear();
-      zmq_ = other.zmq_;
-      frames_ = std::move(other.frames_);
-      other.frames_.clear();
-    }
-    return *this;
-  }
-  Message(const Message&) = delete;
-  ~Message() { Clear(); }
-
-  size_t size() const { return frames_.size(); }
-  std::string_view frame(size_t i) const {
-    ZmqMsg* m = const_cast<ZmqMsg*>(&frames_[i]);
-    return {static_cast<const char*>(zmq_->msg_data(m)), zmq_->msg_size(m)};
-  }
-  ZmqMsg* Append() {
-    frames_.emplace_back();
-    zmq_->msg_init(&frames_.back());
-    return &frames_.back();
-  }
-  void Clear() {
-    for (ZmqMsg& m : frames_) zmq_->msg_close(&m);
-    frames_.clear();
-  }
-
- private:
-  const Libzmq* zmq_;
-  // A deque: libzmq messages must not be relocated by copying their bytes.
-  std::deque<ZmqMsg> frames_;
-};
 
 class RouterLoop {
  public:
@@ -153,8 +88,6 @@ class RouterLoop {
     ClientId id = 0;
     double last_seen = 0;  // 0: not since AddClient
   };
-  // Reads one whole message into *out; false with *error set (EAGAIN: none queued).
-  bool Receive(Message* out, int* error);
   void Record(uint32_t type, uint32_t status, double seconds);
 
   const FastPath* path_;

@@ -1083,6 +1083,13 @@ class WireFastPath:
         self, client: int, header: bytes, payload: bytes
     ) -> tuple[bytes, bytes, int, int] | None: ...
 
+class SocketIo:
+    """Whole-message non-blocking send/receive on a pyzmq socket (see bindings/bind_zmq.cc)."""
+
+    def __init__(self, socket: int, *, libzmq_from: str) -> None: ...
+    def send(self, frames: tuple[bytes, ...]) -> int: ...
+    def recv(self, max_messages: int) -> tuple[list[list[bytes]], int]: ...
+
 class RouterLoop:
     """The server's C++ receive loop over a pyzmq ROUTER socket (see bindings/router_loop.h)."""
 

@@ -14,6 +14,9 @@ from the calling thread only when nothing is outstanding; a burst of them goes o
 thread in one batch, so that the two threads do not trade the GIL. Futures therefore complete
 on the I/O thread or on a thread inside a blocking call of this client: done-callbacks must not
 block, and a blocking call from a done-callback raises :class:`RuntimeError` (use the async form).
+The socket is worked through ``_core.SocketIo`` (whole messages, in C++, keeping the GIL: pyzmq
+releases and re-takes it at every frame, which makes a thread working the socket wait for the
+GIL while another submits), or through pyzmq where that is not available.
 
 The client sends HELLO when it is created (version handshake; :class:`NotSupportedError` on a
 mismatch) and a PING whenever it has sent nothing for ``heartbeat_interval_s``, so the server
@@ -26,6 +29,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import errno
 import heapq
 import logging
 import math
@@ -43,7 +47,13 @@ import numpy.typing as npt
 import zmq
 
 from lmcache_cpp import _core
-from lmcache_cpp._zmq_io import readable, recv_frames, send_frames
+from lmcache_cpp._zmq_io import (
+    ZERO_COPY_BYTES,
+    native_io,
+    readable,
+    recv_frames,
+    send_frames,
+)
 from lmcache_cpp.errors import (
     DeadlineExceededError,
     InternalError,
@@ -319,6 +329,8 @@ class CacheClient:
         self._hello_info: HelloInfo | None = None
         try:
             self._sock = self._open_socket()
+            # Whole-message socket calls that keep the GIL (None: pyzmq's calls serve).
+            self._io = native_io(self._sock)
         except BaseException:
             self._context.term()
             raise
@@ -834,6 +846,7 @@ class CacheClient:
             self._outbox.clear()
             release = self._release_on_io_thread
         self._fail_all(leftovers)
+        self._io = None
         self._sock.close(linger=0)
         if release:
             self._release()
@@ -902,11 +915,7 @@ class CacheClient:
                             os.read(self._wake_r, 4096)
                 # The socket's fd is edge-triggered: read every reply queued now (up to a bound,
                 # so requests queued meanwhile are not held back), whatever poll reported.
-                for _ in range(_MAX_REPLIES_PER_POLL):
-                    if not readable(self._sock):
-                        break
-                    if self._receive():
-                        self._heartbeat_pending = False
+                self._receive_queued()
                 later = time.monotonic()
                 if self._unsent or (self._deadlines and self._deadlines[0][0] <= later):
                     self._expire(later)
@@ -976,15 +985,23 @@ class CacheClient:
         for good (its future has failed)."""
         seq = self._seq + 1 if self._seq < (1 << 64) - 1 else 1
         header = encode_request_header(item.request_type, seq)
-        try:
-            send_frames(self._sock, (header, item.payload))
-        except zmq.Again:
+        error = 0
+        if self._io is not None and len(item.payload) < ZERO_COPY_BYTES:
+            error = self._io.send((header, item.payload))
+        else:  # large payloads go out zero-copy through pyzmq
+            try:
+                send_frames(self._sock, (header, item.payload))
+            except zmq.ZMQError as exc:
+                error = exc.errno or errno.EIO
+        if error == errno.EAGAIN:
             return _LATER
-        except zmq.ZMQError as exc:
+        if error:
             if item.future is not None:
                 _fail(
                     item.future,
-                    UnavailableError(f"cannot send to {self._endpoint}: {exc} (server down?)"),
+                    UnavailableError(
+                        f"cannot send to {self._endpoint}: {zmq.strerror(error)} (server down?)"
+                    ),
                 )
             return _FAILED
         self._seq = seq
@@ -993,14 +1010,29 @@ class CacheClient:
         self._last_send = now
         return _SENT
 
-    def _receive(self) -> bool:
-        """Reads one reply and completes its request; returns whether it answered a heartbeat.
-        The caller checks first that one is queued (a failed non-blocking read would cost an
-        exception)."""
-        try:
-            frames = recv_frames(self._sock)
-        except zmq.Again:
-            return False
+    def _receive_queued(self) -> None:
+        """Reads and completes the replies queued now, up to _MAX_REPLIES_PER_POLL."""
+        if self._io is not None:
+            messages, error = self._io.recv(_MAX_REPLIES_PER_POLL)
+            for frames in messages:
+                if self._complete(frames):
+                    self._heartbeat_pending = False
+            if error:
+                _log.warning("receive from %s failed: %s", self._endpoint, zmq.strerror(error))
+            return
+        for _ in range(_MAX_REPLIES_PER_POLL):
+            # Checked first: a failed non-blocking read would cost an exception.
+            if not readable(self._sock):
+                return
+            try:
+                frames = recv_frames(self._sock)
+            except zmq.Again:
+                return
+            if self._complete(frames):
+                self._heartbeat_pending = False
+
+    def _complete(self, frames: list[bytes]) -> bool:
+        """Completes the request a reply answers; returns whether it answered a heartbeat."""
         try:
             reply = decode_reply(frames, self._max_reply_bytes)
         except ProtocolError as exc:

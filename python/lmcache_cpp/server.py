@@ -51,7 +51,7 @@ from typing import Any, Final, Protocol
 import zmq
 
 from lmcache_cpp import _core
-from lmcache_cpp._zmq_io import readable, recv_frames, send_frames
+from lmcache_cpp._zmq_io import pyzmq_backend_file, readable, recv_frames, send_frames
 from lmcache_cpp.errors import LMCacheError
 from lmcache_cpp.metrics import Metrics
 from lmcache_cpp.protocol import (
@@ -141,17 +141,6 @@ class RequestMetrics(Protocol):
     """
 
     def record(self, request_name: str, outcome: str, seconds: float) -> None: ...
-
-
-def _pyzmq_backend_file() -> str | None:
-    """The file of pyzmq's compiled backend, whose libzmq owns our sockets (None: another
-    backend, such as CFFI on PyPy)."""
-    try:
-        from zmq.backend.cython import _zmq
-    except ImportError:
-        return None
-    path = getattr(_zmq, "__file__", None)
-    return path if isinstance(path, str) and not path.endswith(".py") else None
 
 
 class _RegistrationLike(Protocol):
@@ -1065,7 +1054,7 @@ class CacheServer:
         if not self._loop_wanted:
             return
         assert self._fast is not None
-        backend = _pyzmq_backend_file()
+        backend = pyzmq_backend_file()
         if backend is None:
             _log.info("pyzmq has no compiled backend; requests are read by the Python loop")
             return

@@ -1,8 +1,11 @@
-"""The server's C++ receive loop (``_core.RouterLoop``) on real ZeroMQ sockets: what it answers,
-what it hands back to Python, its client table and its counters; and the server using it."""
+"""The C++ socket helpers on real ZeroMQ sockets: the server's receive loop (``_core.RouterLoop``:
+what it answers, what it hands back to Python, its client table and its counters) and the
+client's whole-message calls (``_core.SocketIo``); and the server and the client using them."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import errno
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,12 +14,13 @@ import msgpack
 import pytest
 import zmq
 
+import lmcache_cpp.client as client_module
 from lmcache_cpp import _core
+from lmcache_cpp._zmq_io import ZERO_COPY_BYTES, native_io, pyzmq_backend_file
 from lmcache_cpp.client import Key
 from lmcache_cpp.errors import PermissionDeniedError
 from lmcache_cpp.metrics import Metrics
 from lmcache_cpp.protocol import RequestType, decode_reply, encode_request
-from lmcache_cpp.server import _pyzmq_backend_file
 from server_helpers import CHUNK, MODEL, Harness, layout, tokens
 from test_wire_fast_path import fast_path
 
@@ -40,7 +44,7 @@ class Rig:
         self.dealer.setsockopt(zmq.LINGER, 0)
         self.dealer.setsockopt(zmq.IDENTITY, b"dealer-1")
         self.dealer.connect(endpoint)
-        backend = _pyzmq_backend_file()
+        backend = pyzmq_backend_file()
         if backend is None:  # pragma: no cover - CPython wheels have the compiled backend
             pytest.skip("pyzmq has no compiled backend here")
         self.loop = _core.RouterLoop(
@@ -182,11 +186,11 @@ def test_a_library_that_is_not_loaded_is_refused(rig: Rig, tmp_path: Path) -> No
         _core.RouterLoop(
             rig.fast,
             rig.router.underlying,
-            libzmq_from=_pyzmq_backend_file() or "",
+            libzmq_from=pyzmq_backend_file() or "",
             buckets=(1.0, 1.0),
         )
     with pytest.raises(ValueError, match="null"):
-        _core.RouterLoop(rig.fast, 0, libzmq_from=_pyzmq_backend_file() or "", buckets=BUCKETS)
+        _core.RouterLoop(rig.fast, 0, libzmq_from=pyzmq_backend_file() or "", buckets=BUCKETS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,3 +245,87 @@ def test_options_and_foreign_metrics_keep_the_python_loop(harness: Harness) -> N
     server = harness.server(metrics=Recorder())
     assert server._loop is None
     assert harness.client(server).get_chunk_size() == CHUNK
+
+
+# ---------------------------------------------------------------------------------------------
+# SocketIo
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[tuple[zmq.Socket[bytes], zmq.Socket[bytes]]]:
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    a, b = context.socket(zmq.DEALER), context.socket(zmq.DEALER)
+    for sock in (a, b):
+        sock.setsockopt(zmq.LINGER, 0)
+    a.bind(f"ipc://{tmp_path}/pair.sock")
+    b.connect(f"ipc://{tmp_path}/pair.sock")
+    b.send(b"hi")  # once a has read it, the connection is up both ways
+    assert a.poll(10_000, zmq.POLLIN) and a.recv() == b"hi"
+    yield a, b
+    a.close(linger=0)
+    b.close(linger=0)
+    context.term()
+
+
+def test_socket_io_sends_and_receives_whole_messages(
+    pair: tuple[zmq.Socket[bytes], zmq.Socket[bytes]],
+) -> None:
+    a, b = pair
+    io = native_io(a)
+    assert io is not None
+    assert io.recv(10) == ([], 0)  # nothing queued: no error
+    big = bytes(range(256)) * 1024
+    assert io.send((b"h", b"", big)) == 0
+    assert b.recv_multipart() == [b"h", b"", big]
+    for i in range(5):
+        b.send_multipart([b"m", str(i).encode()])
+    deadline = time.monotonic() + 10
+    got: list[list[bytes]] = []
+    while len(got) < 5:
+        assert time.monotonic() < deadline, got
+        assert a.poll(1000, zmq.POLLIN)
+        messages, error = io.recv(2)  # at most 2 per call
+        assert error == 0 and len(messages) <= 2
+        got.extend(messages)
+    assert got == [[b"m", str(i).encode()] for i in range(5)]
+
+
+def test_socket_io_reports_eagain_and_refuses_bad_frames(tmp_path: Path) -> None:
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    lonely = context.socket(zmq.DEALER)  # no peer: a DEALER cannot queue anything
+    try:
+        lonely.setsockopt(zmq.LINGER, 0)
+        io = native_io(lonely)
+        assert io is not None
+        assert io.send((b"x",)) == errno.EAGAIN
+        with pytest.raises(TypeError):
+            io.send(("not bytes",))  # type: ignore[arg-type]
+        with pytest.raises(ValueError):
+            io.send(())
+        with pytest.raises(RuntimeError, match="not loaded"):
+            _core.SocketIo(lonely.underlying, libzmq_from=str(tmp_path / "x.so"))
+    finally:
+        lonely.close(linger=0)
+        context.term()
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native-io", "pyzmq-io"])
+def test_the_client_works_on_both_socket_paths(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, native: bool
+) -> None:
+    if not native:
+        monkeypatch.setattr(client_module, "native_io", lambda sock: None)
+    server = harness.server(max_tokens_per_key=1 << 16)
+    client = harness.client(server)
+    assert (client._io is not None) == native
+    client.register_kv_cache(MODEL, 1, 0, layout())
+    # A burst of async requests (sent by the I/O thread), each completed once.
+    keys = [Key(MODEL, request_id=f"b{i}", tokens=tokens(2 * CHUNK, i)) for i in range(40)]
+    futures = [client.async_sync_lookup(k) for k in keys]
+    done, _ = concurrent.futures.wait(futures, timeout=10)
+    assert len(done) == 40 and all(f.result().hit_chunks == 0 for f in futures)
+    # A key whose payload is past the zero-copy size goes out through pyzmq on either path.
+    big = Key(MODEL, request_id="big", tokens=tokens(ZERO_COPY_BYTES // 4 + CHUNK, 9))
+    assert client.sync_lookup(big).hit_chunks == 0
+    assert client.end_session(MODEL, "big") == 0
+    assert client.get_chunk_size() == CHUNK
