@@ -814,10 +814,7 @@ class CacheServer:
         out: dict[str, dict[str, int]] = {}
         with self._stats_lock:
             counts = Counter(self._counts)
-        loop = self._loop
-        if loop is not None:
-            for (type_id, status), n in loop.stats()[0].items():
-                counts[(_REQUEST_NAMES[type_id], _outcome(status))] += n
+        counts.update(self._loop_metrics()[0])
         for (name, outcome), n in counts.items():
             out.setdefault(name, {})[outcome] = n
         return out
