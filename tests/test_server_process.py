@@ -116,6 +116,7 @@ class ServerProcess:
     clients: list[CacheClient] = field(default_factory=list)
     transfers: list[KvTransferClient] = field(default_factory=list)
     returncode: int | None = None
+    killed: bool = False  # by the test (SIGKILL): no clean exit is expected
 
     def client(self, **kw: Any) -> CacheClient:
         kw.setdefault("timeout_s", 15.0)
@@ -140,6 +141,12 @@ class ServerProcess:
 
     def stderr_text(self) -> str:
         return self.stderr_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL: the server dies without any cleanup, its clients still open."""
+        self.killed = True
+        self.proc.kill()
+        self.proc.wait()
 
     def stop(self) -> int:
         """SIGTERM (SIGKILL after STOP_TIMEOUT_S); returns the exit status. Idempotent."""
@@ -213,7 +220,7 @@ def start_server(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> It
             rc = server.stop()
             text = server.stderr_text()
             print(f"--- server {i} stderr (exit status {rc}) ---\n{text}")
-            if rc != 0:
+            if rc != 0 and not server.killed:
                 failures.append(f"server {i} exited with status {rc}, not 0")
             if "Traceback" in text:
                 failures.append(f"server {i} logged a traceback")
@@ -901,3 +908,56 @@ def test_a_stopped_server_is_reported_unavailable_not_hung(start_server: StartSe
             client.ping(deadline_s=1.0)
     finally:
         client.close()
+
+
+def _cpu_ticks(native_thread_id: int) -> int:
+    """User + system CPU time a thread of this process has used, in clock ticks."""
+    fields = Path(f"/proc/self/task/{native_thread_id}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+
+
+def test_a_killed_server_fails_requests_at_once_and_is_reconnected(
+    start_server: StartServer,
+) -> None:
+    """The client watches its connection: when the server dies, the request in flight and the
+    ones made while it is down fail with UnavailableError at once (their deadlines are long on
+    purpose), without any thread spinning; once a server listens on the endpoint again, the
+    client's requests are served without the caller doing anything."""
+    server = start_server()
+    client = server.client(timeout_s=60.0, heartbeat_interval_s=0.05)
+    assert client.hello_info is not None
+    client.ping()
+
+    os.kill(server.proc.pid, signal.SIGSTOP)  # hung: the request below stays unanswered
+    in_flight = client.async_ping()
+    time.sleep(0.2)
+    assert not in_flight.done()
+    server.kill()
+    with pytest.raises(UnavailableError, match="lost the connection"):
+        in_flight.result(timeout=20)
+    with pytest.raises(UnavailableError, match="lost the connection"):
+        client.status()
+    with pytest.raises(UnavailableError, match="lost the connection"):
+        client.async_get_chunk_size().result(timeout=20)
+
+    # While it is down, no thread of the client spins (heartbeats are off, every 50 ms otherwise).
+    io_thread = client._thread.native_id
+    assert io_thread is not None
+    before = _cpu_ticks(io_thread)
+    time.sleep(1.0)
+    ticks = _cpu_ticks(io_thread) - before
+    assert ticks < os.sysconf("SC_CLK_TCK") // 5, f"the I/O thread used {ticks} ticks in 1 s"
+
+    back = start_server(endpoint=server.endpoint)
+    deadline = time.monotonic() + 20.0
+    while True:
+        try:
+            client.ping()
+            break
+        except UnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    assert client.get_chunk_size() == CHUNK
+    assert client.hello().server_version == client.hello_info.server_version
+    assert back.client().status()["server"]["clients"] == 2

@@ -22,6 +22,14 @@ The client sends HELLO when it is created (version handshake; :class:`NotSupport
 mismatch) and a PING whenever it has sent nothing for ``heartbeat_interval_s``, so the server
 keeps its leases while the engine is idle. Its routing identity is random and fixed for its
 lifetime, so a reconnect after a transient network error keeps the same server-side client id.
+
+The connection is watched (a ZeroMQ socket monitor, on the ``lmcache-client-link`` thread), so
+that a server that goes away costs no deadline. Until the first connection is made, requests
+wait for it up to their deadline. Once it is lost (the server exited, was killed or closed the
+connection) or a handshake is refused (CURVE keys), requests in flight and requests waiting to be
+sent fail at once with :class:`UnavailableError`, and so does every new request until ZeroMQ,
+which keeps reconnecting by itself, completes a handshake again. A server that stops answering
+without closing the connection (a hung process, a lost host) is still caught by the deadlines.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import logging
 import math
 import os
 import secrets
+import struct
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -128,6 +137,20 @@ _LOOKUP: Final = int(RequestType.LOOKUP)
 _SYNC_LOOKUP: Final = int(RequestType.SYNC_LOOKUP)
 _QUERY_PREFETCH_STATUS: Final = int(RequestType.QUERY_PREFETCH_STATUS)
 _END_SESSION: Final = int(RequestType.END_SESSION)
+# What the connection's monitor reports (see CacheClient._watch_link).
+_HANDSHAKE_FAILED: Final = {
+    int(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL): "no detail",
+    int(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL): "protocol error",
+    int(zmq.EVENT_HANDSHAKE_FAILED_AUTH): "authentication refused",
+}
+_LINK_EVENTS: Final = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_MONITOR_STOPPED
+)
 
 
 def tokens_to_bytes(tokens: TokensLike) -> bytes:
@@ -282,8 +305,8 @@ class CacheClient:
     under the server's ``heartbeat_grace_s``). ``curve_server_key``: the server's z85 CURVE public
     key, which turns CURVE on; the client's own key pair is ``curve_public_key`` /
     ``curve_secret_key`` or a fresh one. ``hello``: send HELLO now and raise
-    :class:`NotSupportedError` / :class:`DeadlineExceededError` if it fails (the client is then
-    closed).
+    :class:`NotSupportedError` / :class:`DeadlineExceededError` / :class:`UnavailableError` if it
+    fails (the client is then closed).
     """
 
     def __init__(
@@ -327,6 +350,14 @@ class CacheClient:
         self._wake_pending = False  # GUARDED_BY(_lock): the pipe was written since the last batch
         self._local = threading.local()  # .defer: _call() sends the request itself
         self._hello_info: HelloInfo | None = None
+        # Why the server cannot be reached now (None: connected, or not connected yet), set by
+        # the link thread; a request submitted meanwhile fails at once with it.
+        self._link_down: str | None = None  # GUARDED_BY(_lock) for writes
+        # Connections lost so far (and refused handshakes); the leader fails what is in flight
+        # whenever it sees this move (_link_seen is the leader's copy).
+        self._link_losses = 0  # GUARDED_BY(_lock) for writes
+        self._link_seen = 0
+        self._monitor: zmq.Socket[bytes] | None = None
         try:
             self._sock = self._open_socket()
             # Whole-message socket calls that keep the GIL (None: pyzmq's calls serve).
@@ -353,6 +384,10 @@ class CacheClient:
         self._heartbeat_pending = False
         self._thread = threading.Thread(target=self._io_main, name="lmcache-client-io", daemon=True)
         self._thread.start()
+        self._link_thread = threading.Thread(
+            target=self._watch_link, name="lmcache-client-link", daemon=True
+        )
+        self._link_thread.start()
         if hello:
             try:
                 self._hello_info = self.hello(name)
@@ -424,6 +459,10 @@ class CacheClient:
         self.close()
 
     def _release(self) -> None:
+        # The socket is closed (its monitor stopped with it): the link thread is on its way out
+        # and closes the monitor's socket, which term() waits for.
+        if self._link_thread is not threading.current_thread():
+            self._link_thread.join(timeout=5.0)  # (term() below also ends its wait)
         self._context.term()
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
@@ -476,7 +515,8 @@ class CacheClient:
         send_now = False
         with self._lock:
             closed = self._closed
-            if not closed:
+            down = self._link_down
+            if not closed and down is None:
                 self._outbox.append(item)
                 if self._leader is not None:
                     if self._leader != me:
@@ -493,6 +533,8 @@ class CacheClient:
                         send_now = True
         if closed:
             future.set_exception(UnavailableError("the client is closed"))
+        elif down is not None:
+            future.set_exception(UnavailableError(down))
         elif send_now:
             self._lead(None, send_only=True)
         return future
@@ -772,11 +814,66 @@ class CacheClient:
                 sock.setsockopt(zmq.CURVE_SERVERKEY, server_key)
                 sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
                 sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+            # Watched from before the connect, so that no event of the first connection is missed.
+            self._monitor = sock.get_monitor_socket(_LINK_EVENTS)
             sock.connect(self._endpoint)
         except BaseException:
+            if self._monitor is not None:
+                self._monitor.close(linger=0)
             sock.close(linger=0)
             raise
         return sock
+
+    def _watch_link(self) -> None:
+        """The link thread: follows the connection's monitor. A lost connection or a refused
+        handshake marks the server unreachable (new requests fail at once) and makes the leader
+        fail what is in flight; a completed handshake marks it reachable again."""
+        monitor = self._monitor
+        assert monitor is not None
+        connected = False
+        try:
+            while True:
+                frames = monitor.recv_multipart()
+                event, value = struct.unpack("=Hi", frames[0][:6])
+                if event == zmq.EVENT_MONITOR_STOPPED:
+                    return
+                if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    connected = True
+                    with self._lock:
+                        if self._link_down is not None:
+                            _log.info("connected to the cache server at %s again", self._endpoint)
+                            self._link_down = None
+                            self._cv.notify_all()  # heartbeats resume
+                    continue
+                if event == zmq.EVENT_DISCONNECTED:
+                    if not connected:
+                        continue  # the end of a refused handshake (reported already)
+                    connected = False
+                    why = f"lost the connection to the cache server at {self._endpoint}"
+                else:
+                    detail = _HANDSHAKE_FAILED.get(event, f"event {event}")
+                    why = (
+                        f"the handshake with the cache server at {self._endpoint} failed "
+                        f"({detail}, {value}): "
+                        + (
+                            "is this client's CURVE key authorized there?"
+                            if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                            else "do both sides use CURVE, with the server's public key?"
+                        )
+                    )
+                with self._lock:
+                    if self._link_down is None:
+                        _log.warning("%s; requests fail at once until a connection is made", why)
+                    self._link_down = why
+                    self._link_losses += 1
+                    if self._leader is not None:
+                        self._wake(force=True)
+                    else:
+                        self._cv.notify_all()
+        except zmq.ZMQError:
+            return  # the context is being terminated
+        finally:
+            monitor.close(linger=0)
 
     # ---- who owns the socket -----------------------------------------------------------------
     #
@@ -822,8 +919,8 @@ class CacheClient:
         again once per heartbeat interval: that leader sends heartbeats itself while it leads."""
         if self._heartbeat_s is None:
             return None
-        if self._leader is not None:
-            return self._heartbeat_s
+        if self._leader is not None or self._link_down is not None:
+            return self._heartbeat_s  # (no heartbeats while the server is unreachable)
         return max(0.0, self._last_send + self._heartbeat_s - time.monotonic())
 
     def _heartbeat_due(self, now: float) -> bool:
@@ -831,6 +928,7 @@ class CacheClient:
             self._heartbeat_s is not None
             and not self._heartbeat_pending
             and now - self._last_send >= self._heartbeat_s
+            and self._link_down is None
         )
 
     def _shutdown(self) -> None:
@@ -847,6 +945,8 @@ class CacheClient:
             release = self._release_on_io_thread
         self._fail_all(leftovers)
         self._io = None
+        with contextlib.suppress(zmq.ZMQError):
+            self._sock.disable_monitor()  # the link thread sees MONITOR_STOPPED and ends
         self._sock.close(linger=0)
         if release:
             self._release()
@@ -916,6 +1016,8 @@ class CacheClient:
                 # The socket's fd is edge-triggered: read every reply queued now (up to a bound,
                 # so requests queued meanwhile are not held back), whatever poll reported.
                 self._receive_queued()
+                if self._link_losses != self._link_seen:
+                    self._fail_lost()
                 later = time.monotonic()
                 if self._unsent or (self._deadlines and self._deadlines[0][0] <= later):
                     self._expire(later)
@@ -931,7 +1033,7 @@ class CacheClient:
         wake_at = self._deadlines[0][0] if self._deadlines else math.inf
         for item in self._unsent:
             wake_at = min(wake_at, item.deadline)
-        if self._heartbeat_s is not None and not self._heartbeat_pending:
+        if self._heartbeat_s is not None and not self._heartbeat_pending and not self._link_down:
             wake_at = min(wake_at, self._last_send + self._heartbeat_s)
         return None if wake_at == math.inf else max(0, math.ceil((wake_at - now) * 1e3))
 
@@ -949,6 +1051,21 @@ class CacheClient:
         for p in pending:
             if p.future is not None:
                 _fail(p.future, error)
+
+    def _fail_lost(self) -> None:
+        """The connection was lost or refused (leader only): the requests in flight will not be
+        answered and those unsent would go to whatever server is there next, so all fail now.
+        Replies read just before count."""
+        self._link_seen = self._link_losses
+        error = UnavailableError(self._link_down or f"the connection to {self._endpoint} dropped")
+        items = [*self._unsent, *self._pending.values()]
+        self._unsent.clear()
+        self._pending.clear()
+        self._deadlines.clear()
+        self._heartbeat_pending = False
+        for item in items:
+            if item.future is not None:
+                _fail(item.future, error)
 
     def _expire(self, now: float) -> None:
         if self._unsent and any(item.deadline <= now for item in self._unsent):
