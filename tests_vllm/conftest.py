@@ -284,10 +284,13 @@ class Engine:
         reply = self._reply(REPLY_S)
         return reply["outputs"], reply["cached"]
 
-    def reset_prefix_cache(self) -> None:
-        """Defeats vLLM's own prefix cache, so that only the connector can supply KV."""
+    def reset_prefix_cache(self) -> float:
+        """Defeats vLLM's own prefix cache, so that only the connector can supply KV. Returns
+        how long the engine waited for the connector to release finished requests' blocks."""
         self.send({"op": "reset_prefix_cache"})
-        assert self._reply(REPLY_S)["ok"], "vLLM did not reset its prefix cache"
+        reply = self._reply(REPLY_S)
+        assert reply["ok"], f"vLLM did not reset its prefix cache in {reply['waited_s']:.1f} s"
+        return float(reply["waited_s"])
 
     def fail_next_loads(self, count: int) -> None:
         """The connector's next ``count`` loads poison the blocks they filled and fail (a test

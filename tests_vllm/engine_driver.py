@@ -8,7 +8,8 @@ that starts with ``@@`` (vLLM's own output goes to stderr or lacks the prefix):
   ``{"outputs": [[token ids]], "cached": [prompt tokens vLLM did not compute: its prefix cache
   plus the connector]}`` (greedy decoding; a fresh ``cache_salt`` shares no cached KV, in vLLM
   or in lmcache_cpp, so it gives a cold reference run);
-* ``{"op": "reset_prefix_cache"}`` -> ``{"ok": true}`` (drops vLLM's own prefix cache);
+* ``{"op": "reset_prefix_cache"}`` -> ``{"ok": true, "waited_s": s}`` (drops vLLM's own prefix
+  cache once the connector has released the blocks of finished requests, ``s`` seconds later);
 * ``{"op": "fail_next_loads", "count": n}`` -> ``{"ok": true}``: the next ``n`` loads of the
   connector fail after poisoning the blocks they filled (see :func:`_fail_next_loads`; needs the
   worker in this process, i.e. ``VLLM_ENABLE_V1_MULTIPROCESSING=0``);
@@ -34,17 +35,19 @@ def _reply(payload: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def _reset_prefix_cache(llm: Any) -> bool:
+def _reset_prefix_cache(llm: Any) -> dict[str, Any]:
     """Resets vLLM's prefix cache once the blocks of finished requests are free. A connector
     may keep them for a few engine steps after a request finishes (stores in flight), so steps
-    are run until the reset succeeds (bounded)."""
-    for _ in range(400):
+    are run until the reset succeeds, for up to 30 s. The reply says how long the blocks were
+    held (``waited_s``)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 30.0:
         if llm.reset_prefix_cache():
-            return True
+            return {"ok": True, "waited_s": time.monotonic() - t0}
         if not llm.llm_engine.has_unfinished_requests():
             llm.llm_engine.step()
         time.sleep(0.01)
-    return False
+    return {"ok": False, "waited_s": time.monotonic() - t0}
 
 
 _injected_failures = [0]  # loads left to fail
@@ -122,7 +125,7 @@ def main() -> None:
         if op == "quit":
             break
         if op == "reset_prefix_cache":
-            _reply({"ok": _reset_prefix_cache(llm)})
+            _reply(_reset_prefix_cache(llm))
         elif op == "fail_next_loads":
             _reply({"ok": _fail_next_loads(int(command["count"]))})
         elif op == "generate":

@@ -219,8 +219,12 @@ def test_server_killed_mid_run_loses_no_request_and_is_reconnected(
     wait_for(lambda: "the cache server is unusable" in engine.log(), "the outage to be logged")
     assert engine.log().count("the cache server is unusable") <= 2, engine.log()[-4000:]
 
+    # The stores of the batch's last requests were dropped at once: nothing waited for the dead
+    # server (a wait would hold those requests' blocks for the connector's timeout_s, 3 s).
+    waited = engine.reset_prefix_cache()
+    assert waited < 2.0, f"finished requests' blocks were held {waited:.1f} s after the outage"
+
     # Still down: vLLM serves the batch again, computing everything.
-    engine.reset_prefix_cache()
     outputs, cached = engine.generate(batch, max_tokens)
     assert outputs == reference
     assert cached == [0] * len(batch)

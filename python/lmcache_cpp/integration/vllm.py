@@ -606,15 +606,19 @@ class _WorkerSide:
         )
         self._kv: Any = None
         self._tensors: list[Any] = []
-        self._session: WorkerSession | None = None  # replaced whole, never mutated
-        self._dropped: WorkerSession | None = None  # the last failed session, to unregister
+        # The current registration; replaced whole, never mutated. Read without the lock (one
+        # reference load); swapped under it.
+        self._session: WorkerSession | None = None
+        self._dropped: WorkerSession | None = None  # GUARDED_BY(_session_lock): to unregister
+        self._session_lock = threading.Lock()
+        self._closing = threading.Event()
         self._load_errors: set[int] = set()
         self._lock = threading.Condition()
         self._pending: dict[str, int] = {}  # GUARDED_BY(_lock): queued stores per request
         self._storing: set[str] = set()  # GUARDED_BY(_lock): requests that had stores
         self._finishing: set[str] = set()  # GUARDED_BY(_lock): finished, stores outstanding
         self._queue: queue.SimpleQueue[StoreOp | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     # ---- registration ----------------------------------------------------------------------------
 
@@ -633,18 +637,25 @@ class _WorkerSide:
         self._tensors = tensors
         _log.info("LMCacheCppConnector worker %d: KV layout %s", self._worker_id, self._kv.layout)
         self._connect()
-        self._thread = threading.Thread(
-            target=self._store_loop, name="lmcache-cpp-store", daemon=True
-        )
-        self._thread.start()
+        # Stores and reconnection on separate threads: an attempt to reach a dead server waits
+        # up to timeout_s, and stores queued behind it would hold their requests' blocks.
+        for target, name in (
+            (self._store_loop, "lmcache-cpp-store"),
+            (self._reconnect_loop, "lmcache-cpp-reconnect"),
+        ):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     def _connect(self) -> None:
-        """Registers with the server (again); on failure the server is marked down."""
-        old, self._dropped = self._dropped, None
+        """Registers with the server (again); on failure the server is marked down. Runs on
+        vLLM's thread at registration, then only on the reconnect thread."""
+        with self._session_lock:
+            old, self._dropped = self._dropped, None
         if old is not None:
             old.close()  # our registration, if this server still has it
         try:
-            self._session = WorkerSession.open(
+            session = WorkerSession.open(
                 self._client,
                 self._topology.model,
                 self._topology.world_size,
@@ -655,18 +666,28 @@ class _WorkerSide:
         except LMCacheError as exc:
             self._health.failed(exc)
             return
+        with self._session_lock:
+            self._session = session
         self._health.succeeded()
 
-    def _failed(self, exc: LMCacheError) -> None:
-        """A transfer failed. No reply, a closed connection, an unknown registration or model (a
-        restarted server) or another server incarnation mean the server or our registration with
-        it is gone: reconnect on the store thread. Anything else (a lost lease, a full L1...) is
+    def _reconnect_loop(self) -> None:
+        while not self._closing.wait(self._config.retry_interval_s):
+            if self._session is None and self._health.may_retry():
+                self._connect()
+
+    def _failed(self, session: WorkerSession, exc: LMCacheError) -> None:
+        """A transfer on ``session`` failed. No reply, a closed connection, an unknown
+        registration or model (a restarted server) or another server incarnation mean the server
+        or our registration with it is gone: drop the session (if it is still the current one),
+        and the reconnect thread registers again. Anything else (a lost lease, a full L1...) is
         the request's problem only."""
         if not isinstance(exc, DeadlineExceededError | UnavailableError | NotFoundError):
             _log.debug("LMCacheCppConnector: transfer failed: %s", exc)
             return
-        session, self._session = self._session, None
-        if session is not None:
+        with self._session_lock:
+            if self._session is not session:
+                return  # dropped already, or replaced by a newer registration
+            self._session = None
             self._dropped = session
         self._health.failed(exc)
 
@@ -688,7 +709,7 @@ class _WorkerSide:
                 session.retrieve(self._key(op), op.block_ids, op.skip)
             except LMCacheError as exc:
                 if session is not None:
-                    self._failed(exc)
+                    self._failed(session, exc)
                 failed = op.block_ids[op.skip // bs : -(-op.end // bs)]
                 self._load_errors.update(failed)
                 _log.debug(
@@ -712,26 +733,19 @@ class _WorkerSide:
             self._queue.put(op)
 
     def _store_loop(self) -> None:
-        while True:
-            try:
-                op = self._queue.get(timeout=self._config.retry_interval_s)
-            except queue.Empty:
-                op = None
-            else:
-                if op is None:
-                    return
-            if self._session is None and self._health.may_retry():
-                self._connect()
-            if op is not None:
-                self._store(op)
+        while (op := self._queue.get()) is not None:
+            self._store(op)
 
     def _store(self, op: StoreOp) -> None:
+        """Stores one request's chunks; without a registration the store is dropped at once, so
+        the request's blocks are not held while the server is down."""
         session = self._session
         try:
             if session is not None:
-                session.store(self._key(op), op.block_ids)
-        except LMCacheError as exc:
-            self._failed(exc)
+                try:
+                    session.store(self._key(op), op.block_ids)
+                except LMCacheError as exc:
+                    self._failed(session, exc)
         except Exception:  # a bug: never leave the request's blocks held forever
             _log.exception("LMCacheCppConnector: store of %s failed", op.req_id)
         finally:
@@ -761,10 +775,12 @@ class _WorkerSide:
         return done
 
     def close(self) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join(timeout=self._config.timeout_s * 2)
-        session, self._session = self._session, None
+        self._closing.set()
+        self._queue.put(None)
+        for thread in self._threads:
+            thread.join(timeout=self._config.timeout_s * 2)
+        with self._session_lock:
+            session, self._session = self._session, None
         if session is not None:
             session.close()
         self._client.close()
