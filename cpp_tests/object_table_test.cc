@@ -320,8 +320,15 @@ TEST_F(ObjectTableTest, ExpiredWriteLeaseNeverMakesHalfWrittenBytesReadable) {
   EXPECT_FALSE(table_->Contains({Key(1)}).Test(0));
   EXPECT_EQ(table_->AcquireRead({1, 91}, {Key(1)}).code(), StatusCode::kKeyAbsent);
   EXPECT_EQ(table_->FinishWrite(90, {Key(1)}).code(), StatusCode::kKeyAbsent);
-  EXPECT_EQ(table_->stats().used_bytes, 0u);
   EXPECT_EQ(listener_->Removed(RemovalReason::kAborted).size(), 1u);
+  // The writer may still be writing: its extent is quarantined, not reused.
+  EXPECT_EQ(table_->stats().used_bytes, kUnit);
+  EXPECT_EQ(table_->stats().quarantined, 1u);
+  ExpectInvariants();
+  EXPECT_EQ(table_->ReleaseQuarantine(90), 1u);
+  EXPECT_EQ(table_->ReleaseQuarantine(90), 0u);
+  EXPECT_EQ(table_->stats().used_bytes, 0u);
+  EXPECT_EQ(table_->stats().quarantined, 0u);
   ExpectInvariants();
 }
 
@@ -543,6 +550,113 @@ TEST_F(ObjectTableTest, MaintenanceThreadReapsExpiredLeases) {
   EXPECT_EQ(table_->stats().expired_leases, 1u);
   EXPECT_EQ(table_->stats().used_bytes, 0u);
   ExpectInvariants();
+}
+
+// ---- fences: lease caps, generations, quarantine, discard -----------------------------------
+
+TEST_F(ObjectTableTest, ReadLeasesAtTheCapAreRefusedNeverWrapped) {
+  Store({Key(1), Key(2)});
+  const uint32_t cap = ObjectTableOptions().max_leases_per_object;
+  // One object driven to the default cap in two grants.
+  ASSERT_TRUE(table_->AcquireRead({1, 200}, {Key(1)}, cap - 1).ok());
+  ASSERT_TRUE(table_->AcquireRead({1, 201}, {Key(1)}, 1).ok());
+  EXPECT_EQ(table_->Info(Key(1))->readers, cap);
+  EXPECT_EQ(table_->AcquireRead({1, 202}, {Key(1)}, 1).code(), StatusCode::kResourceExhausted);
+  EXPECT_EQ(table_->AcquireRead({1, 202}, {Key(2), Key(1)}, 1).code(),
+            StatusCode::kResourceExhausted)
+      << "all or nothing: key 2 is not leased either";
+  EXPECT_EQ(table_->LeasesHeld(202, Key(2)), 0u);
+  EXPECT_EQ(table_->AcquireRead({1, 203}, {Key(2)}, UINT32_MAX).code(),
+            StatusCode::kResourceExhausted)
+      << "a count that would wrap the counter";
+  // A prefix stops at the capped object; "available" skips it.
+  EXPECT_EQ(table_->AcquireReadPrefix({1, 204}, {Key(2), Key(1)}), 1u);
+  EXPECT_EQ(table_->AcquireReadAvailable({1, 205}, {Key(1), Key(2)}).ToString(), "01");
+  EXPECT_EQ(table_->Info(Key(1))->readers, cap);
+  EXPECT_GE(table_->stats().lease_cap_refusals, 5u);
+  ASSERT_TRUE(table_->ReleaseRead(200, {Key(1)}, cap - 1).ok());
+  EXPECT_TRUE(table_->AcquireRead({1, 206}, {Key(1)}, 1).ok());
+  ExpectInvariants();
+  // A batch naming one object twice counts both grants against the cap.
+  ObjectTableOptions small;
+  small.max_leases_per_object = 4;
+  Make(16, small);
+  Store({Key(3)});
+  EXPECT_EQ(table_->AcquireRead({1, 300}, {Key(3), Key(3), Key(3)}, 2).code(),
+            StatusCode::kResourceExhausted);
+  EXPECT_TRUE(table_->AcquireRead({1, 300}, {Key(3), Key(3)}, 2).ok());
+  EXPECT_EQ(table_->Info(Key(3))->readers, 4u);
+  ExpectInvariants();
+}
+
+TEST_F(ObjectTableTest, ReleaseReadUpToReturnsOnlyWhatTheRequestHolds) {
+  Store({Key(1), Key(2), Key(3)});
+  ASSERT_TRUE(table_->AcquireRead({1, 400}, {Key(1), Key(2)}, 2).ok());
+  ASSERT_TRUE(table_->ReleaseRead(400, {Key(1)}, 1).ok());
+  EXPECT_EQ(table_->ReleaseReadUpTo(400, {Key(1), Key(2), Key(3)}, 2), 3u);
+  EXPECT_EQ(table_->stats().read_leases, 0u);
+  EXPECT_EQ(table_->stats().requests, 0u);
+  EXPECT_EQ(table_->ReleaseReadUpTo(400, {Key(1)}, 1), 0u);
+  ExpectInvariants();
+}
+
+TEST_F(ObjectTableTest, AReleaseNamingAnotherGenerationIsRefused) {
+  Store({Key(1)});
+  ASSERT_TRUE(table_->AcquireRead({1, 500}, {Key(1)}).ok());
+  const uint64_t g1 = table_->LeasedInfo(500, Key(1))->generation;
+  EXPECT_NE(g1, 0u);
+  const uint64_t other = g1 + 1;
+  EXPECT_EQ(table_->ReleaseRead(500, {Key(1)}, 1, &other).code(), StatusCode::kLeaseNotHeld);
+  EXPECT_EQ(table_->LeasesHeld(500, Key(1)), 1u) << "a refused release changes nothing";
+  EXPECT_TRUE(table_->ReleaseRead(500, {Key(1)}, 1, &g1).ok());
+  // The key stored again is a new generation.
+  ASSERT_TRUE(table_->Delete({Key(1)}).ok());
+  Store({Key(1)});
+  EXPECT_NE(table_->Info(Key(1))->generation, g1);
+  ExpectInvariants();
+}
+
+TEST_F(ObjectTableTest, AnExtentIsNeverReusedWhileItsDroppedWriterMayStillWrite) {
+  Make(2);
+  auto r = table_->ReserveWrite({1, 600}, {Key(1), Key(2)}, kUnit);
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(table_->ReleaseRequest(600), 2u);  // dropped by someone other than the writer
+  EXPECT_EQ(table_->stats().quarantined, 2u);
+  EXPECT_EQ(table_->ReserveWrite({1, 601}, {Key(3)}, kUnit).status().code(),
+            StatusCode::kOutOfMemory);
+  EXPECT_EQ(table_->FinishWrite(600, {Key(1)}).code(), StatusCode::kKeyAbsent);
+  ExpectInvariants();
+  EXPECT_EQ(table_->ReleaseQuarantine(600), 2u);
+  EXPECT_TRUE(table_->ReserveWrite({1, 601}, {Key(3)}, kUnit).ok());
+  ExpectInvariants();
+}
+
+TEST_F(ObjectTableTest, DiscardRemovesOnlyTheNamedGenerationAndWaitsForItsReaders) {
+  Store({Key(1), Key(2)});
+  const uint64_t g1 = table_->Info(Key(1))->generation;
+  EXPECT_FALSE(table_->Discard(Key(1), g1 + 100));
+  ASSERT_TRUE(table_->AcquireRead({1, 700}, {Key(1)}).ok());
+  EXPECT_TRUE(table_->Discard(Key(1), g1));
+  EXPECT_FALSE(table_->Info(Key(1)).has_value());
+  EXPECT_EQ(table_->AcquireReadPrefix({1, 701}, {Key(1)}), 0u);
+  EXPECT_EQ(table_->stats().detached, 1u);
+  ASSERT_TRUE(table_->ReleaseRead(700, {Key(1)}).ok());
+  EXPECT_EQ(table_->stats().detached, 0u);
+  EXPECT_TRUE(table_->Discard(Key(2), table_->Info(Key(2))->generation));
+  EXPECT_EQ(table_->stats().discarded, 2u);
+  ExpectInvariants();
+}
+
+TEST_F(ObjectTableTest, FinishWriteKeepsTheCommittedChecksum) {
+  auto r = table_->ReserveWrite({1, 800}, {Key(1), Key(2)}, kUnit);
+  ASSERT_TRUE(r.ok());
+  const uint32_t crcs[2] = {0xAAAA5555u, 7u};
+  ASSERT_TRUE(table_->FinishWrite(800, {Key(1), Key(2)}, 0, crcs).ok());
+  EXPECT_TRUE(table_->Info(Key(1))->has_crc32c);
+  EXPECT_EQ(table_->Info(Key(1))->crc32c, 0xAAAA5555u);
+  EXPECT_EQ(table_->Info(Key(2))->crc32c, 7u);
+  Store({Key(3)});
+  EXPECT_FALSE(table_->Info(Key(3))->has_crc32c);
 }
 
 }  // namespace

@@ -50,6 +50,9 @@ Result<std::unique_ptr<ObjectTable>> ObjectTable::Create(std::shared_ptr<Arena> 
   if (arena->size() < options.alignment) {
     return Status::InvalidArgument("arena is smaller than one allocation unit");
   }
+  if (options.max_leases_per_object == 0 || options.max_leases_per_object > (uint32_t{1} << 31)) {
+    return Status::InvalidArgument("max_leases_per_object must be in [1, 2^31]");
+  }
   LMCACHE_ASSIGN_OR_RETURN(auto policy, NewEvictionPolicy(options.eviction_policy));
   if (!options.clock) options.clock = SteadyClock::Default();
   return std::unique_ptr<ObjectTable>(
@@ -103,10 +106,10 @@ void ObjectTable::FreeSlotLocked(SlotId s, RemovalReason reason, Events* ev) {
     --evictable_count_;
   }
   if (policy_->Contains(s)) policy_->Remove(s);
-  if (!slot.detached) {
+  if (!slot.detached && !slot.quarantined) {
     const SlotId* cur = index_->Find(slot.key);
     if (cur != nullptr && *cur == s) index_->EraseValue(cur);
-    // A detached slot was announced as removed when it was detached.
+    // A detached or quarantined slot was announced as removed when it left the index.
     ev->removed.emplace_back(slot.key, reason);
   }
   Status st = allocator_.Free(slot.extent);
@@ -131,6 +134,45 @@ uint64_t ObjectTable::EvictOneLocked(Events* ev) {
     FreeSlotLocked(*victim, RemovalReason::kEvicted, ev);
     return bytes;
   }
+}
+
+void ObjectTable::QuarantineLocked(SlotId s, Events* ev) {
+  Slot& slot = slots_[s];
+  if (policy_->Contains(s)) policy_->Remove(s);
+  if (!slot.detached) {
+    const SlotId* cur = index_->Find(slot.key);
+    if (cur != nullptr && *cur == s) index_->EraseValue(cur);
+    ev->removed.emplace_back(slot.key, RemovalReason::kAborted);
+  }
+  slot.quarantined = true;
+  quarantine_[slot.writer].push_back(s);
+  counters_.quarantined++;
+  counters_.quarantined_bytes += slot.extent.length;
+}
+
+bool ObjectTable::UnderLeaseCapLocked(SlotId s, uint32_t count) {
+  if (count <= options_.max_leases_per_object &&
+      slots_[s].readers <= options_.max_leases_per_object - count) {
+    return true;
+  }
+  counters_.lease_cap_refusals++;
+  return false;
+}
+
+ObjectInfo ObjectTable::InfoLocked(SlotId s) const {
+  const Slot& slot = slots_[s];
+  ObjectInfo info;
+  info.key = slot.key;
+  info.state = slot.state;
+  info.offset = slot.extent.offset;
+  info.size = slot.size;
+  info.readers = slot.readers;
+  info.temporary = slot.temporary;
+  info.detached = slot.detached;
+  info.generation = slot.generation;
+  info.has_crc32c = slot.has_crc;
+  info.crc32c = slot.crc;
+  return info;
 }
 
 void ObjectTable::ReturnReadsLocked(SlotId s, uint32_t n, Events* ev) {
@@ -178,6 +220,10 @@ bool ObjectTable::GrantReadLocked(Ledger* ledger, const ObjectKey& key, SlotId s
   LeaseEntry& e = *entry;
   // The request still holds a lease on a detached (force-cleared) generation of this key.
   if (!inserted && e.slot != s) return false;
+  if (!UnderLeaseCapLocked(s, count)) {
+    if (inserted) ledger->entries->EraseValue(&e);
+    return false;
+  }
   Slot& slot = slots_[s];
   if (IsEvictable(slot)) {
     evictable_bytes_ -= slot.extent.length;
@@ -187,6 +233,9 @@ bool ObjectTable::GrantReadLocked(Ledger* ledger, const ObjectKey& key, SlotId s
   if (inserted) {
     e.slot = s;
     e.seq = ledger->next_seq++;
+    e.generation = slot.generation;
+    e.reads = 0;
+    e.write = false;
   }
   e.reads += count;
   e.expiry = std::max(e.expiry, now + options_.read_lease_ttl);
@@ -195,8 +244,10 @@ bool ObjectTable::GrantReadLocked(Ledger* ledger, const ObjectKey& key, SlotId s
 
 void ObjectTable::DropLedgerEntryLocked(const LeaseEntry& e, Events* ev) {
   if (e.write) {
-    // This request was writing the object: discard it, it never becomes readable.
-    FreeSlotLocked(e.slot, RemovalReason::kAborted, ev);
+    // The write lease expired or was dropped with its request, not by the writer: the object
+    // never becomes readable, and its extent stays out of the allocator while the writer may
+    // still be writing into it.
+    QuarantineLocked(e.slot, ev);
   } else if (e.reads > 0) {
     ReturnReadsLocked(e.slot, e.reads, ev);
   }
@@ -326,12 +377,14 @@ Result<std::vector<Reservation>> ObjectTable::ReserveWrite(const LeaseOwner& own
         slot.in_use = true;
         slot.temporary = options.temporary;
         slot.writer = owner.request;
+        slot.generation = next_generation_++;
         *index_->Insert(keys[i]).first = s;
         LeaseEntry& e = *ledger->entries->Insert(keys[i]).first;
         e.slot = s;
         e.write = true;
         e.reads = 0;
         e.seq = ledger->next_seq++;
+        e.generation = slot.generation;
         e.expiry = now + options_.write_lease_ttl;
         out[i].offset = extents[j].offset;
       }
@@ -372,18 +425,24 @@ Status ObjectTable::ValidateWriteLocked(RequestId request, const std::vector<Obj
 }
 
 Status ObjectTable::FinishWrite(RequestId request, const std::vector<ObjectKey>& keys,
-                                uint32_t read_leases) {
-  return FinishWriteImpl(request, keys, read_leases, nullptr);
+                                uint32_t read_leases, const uint32_t* crc32c) {
+  return FinishWriteImpl(request, keys, read_leases, nullptr, crc32c);
 }
 
 Status ObjectTable::FinishWriteFor(RequestId writer, const std::vector<ObjectKey>& keys,
                                    const LeaseOwner& reader, uint32_t read_leases) {
-  return FinishWriteImpl(writer, keys, read_leases, reader.request == writer ? nullptr : &reader);
+  return FinishWriteImpl(writer, keys, read_leases, reader.request == writer ? nullptr : &reader,
+                         nullptr);
 }
 
 Status ObjectTable::FinishWriteImpl(RequestId request, const std::vector<ObjectKey>& keys,
-                                    uint32_t read_leases, const LeaseOwner* reader) {
+                                    uint32_t read_leases, const LeaseOwner* reader,
+                                    const uint32_t* crc32c) {
   if (keys.empty()) return Status::Ok();
+  if (read_leases > options_.max_leases_per_object) {
+    return Status::InvalidArgument("read_leases " + std::to_string(read_leases) +
+                                   " is above the lease cap");
+  }
   Events ev;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -414,6 +473,10 @@ Status ObjectTable::FinishWriteImpl(RequestId request, const std::vector<ObjectK
       if (!slot.in_use || slot.state == ObjectState::kReady || slot.writer != request) continue;
       slot.state = ObjectState::kReady;
       slot.writer = 0;
+      if (crc32c != nullptr) {
+        slot.has_crc = true;
+        slot.crc = crc32c[k];
+      }
       LeaseEntry* e = ledger.entries->Find(keys[k]);
       if (read_leases > 0 && reader_ledger == nullptr) {
         e->write = false;
@@ -427,6 +490,7 @@ Status ObjectTable::FinishWriteImpl(RequestId request, const std::vector<ObjectK
           if (inserted) {
             re->slot = s;
             re->seq = reader_ledger->next_seq++;
+            re->generation = slot.generation;
           }
           re->reads += read_leases;
           re->expiry = std::max(re->expiry, now + options_.read_lease_ttl);
@@ -466,6 +530,25 @@ Status ObjectTable::AbortWrite(RequestId request, const std::vector<ObjectKey>& 
   return Status::Ok();
 }
 
+size_t ObjectTable::ReleaseQuarantine(RequestId request) {
+  Events ev;
+  size_t n = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = quarantine_.find(request);
+    if (it == quarantine_.end()) return 0;
+    for (SlotId s : it->second) {
+      counters_.quarantined--;
+      counters_.quarantined_bytes -= slots_[s].extent.length;
+      FreeSlotLocked(s, RemovalReason::kAborted, &ev);
+      ++n;
+    }
+    quarantine_.erase(it);
+  }
+  Dispatch(&ev);
+  return n;
+}
+
 // ------------------------------------------------------------------------------------------
 // Reading.
 
@@ -487,6 +570,18 @@ Status ObjectTable::AcquireRead(const LeaseOwner& owner, const std::vector<Objec
         return Status::NotReadable(
             KeyMsg("request still holds a lease on a cleared generation of", key));
       }
+    }
+    // Counted against the cap together with the batch's earlier grants on the same object.
+    uint64_t batch = count;
+    for (SlotId earlier : slots) batch += earlier == *cur ? count : 0;
+    if (batch > options_.max_leases_per_object ||
+        slots_[*cur].readers > options_.max_leases_per_object - batch) {
+      counters_.lease_cap_refusals++;
+      return Status::ResourceExhausted(
+          KeyMsg(("object holds " + std::to_string(slots_[*cur].readers) +
+                  " read leases; the cap is " + std::to_string(options_.max_leases_per_object))
+                     .c_str(),
+                 key));
     }
     slots.push_back(*cur);
   }
@@ -544,7 +639,7 @@ size_t ObjectTable::AcquireReadPrefix(const LeaseOwner& owner, const std::vector
 }
 
 Status ObjectTable::ReleaseRead(RequestId request, const std::vector<ObjectKey>& keys,
-                                uint32_t count) {
+                                uint32_t count, const uint64_t* generations) {
   if (count == 0) return Status::InvalidArgument("lease count must be >= 1");
   if (keys.empty()) return Status::Ok();
   Events ev;
@@ -565,6 +660,13 @@ Status ObjectTable::ReleaseRead(RequestId request, const std::vector<ObjectKey>&
         for (LeaseEntry* taken : entries) taken->reads += count;
         return Status::LeaseNotHeld(KeyMsg("request does not hold the read lease", keys[k]));
       }
+      if (generations != nullptr && e->generation != generations[k]) {
+        for (LeaseEntry* taken : entries) taken->reads += count;
+        return Status::LeaseNotHeld(
+            KeyMsg("the request's lease is on another generation of the object (it was released "
+                   "and leased again)",
+                   keys[k]));
+      }
       e->reads -= count;
       entries.push_back(e);
     }
@@ -581,6 +683,33 @@ Status ObjectTable::ReleaseRead(RequestId request, const std::vector<ObjectKey>&
   }
   Dispatch(&ev);
   return Status::Ok();
+}
+
+uint64_t ObjectTable::ReleaseReadUpTo(RequestId request, const std::vector<ObjectKey>& keys,
+                                      uint32_t count) {
+  if (count == 0 || keys.empty()) return 0;
+  Events ev;
+  uint64_t released = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto lit = ledgers_.find(request);
+    if (lit == ledgers_.end()) return 0;
+    Ledger& ledger = lit->second;
+    // Last chunk first, so the head of a prefix chain ends up most recently used.
+    for (size_t k = keys.size(); k-- > 0;) {
+      LeaseEntry* e = ledger.entries->Find(keys[k]);
+      if (e == nullptr || e->reads == 0) continue;
+      const uint32_t n = std::min(count, e->reads);
+      e->reads -= n;
+      released += n;
+      const SlotId s = e->slot;
+      if (e->reads == 0 && !e->write) ledger.entries->EraseValue(e);
+      ReturnReadsLocked(s, n, &ev);
+    }
+    if (ledger.entries->empty()) EraseLedgerLocked(lit);
+  }
+  Dispatch(&ev);
+  return released;
 }
 
 Bitmap ObjectTable::Contains(const std::vector<ObjectKey>& keys) const {
@@ -687,6 +816,29 @@ Status ObjectTable::Delete(const std::vector<ObjectKey>& keys) {
   return Status::Ok();
 }
 
+bool ObjectTable::Discard(const ObjectKey& key, uint64_t generation) {
+  Events ev;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    const SlotId* cur = index_->Find(key);
+    if (cur == nullptr) return false;
+    const SlotId s = *cur;
+    Slot& slot = slots_[s];
+    if (slot.generation != generation || slot.state != ObjectState::kReady) return false;
+    counters_.discarded++;
+    if (slot.readers == 0) {
+      FreeSlotLocked(s, RemovalReason::kDeleted, &ev);
+    } else {
+      if (policy_->Contains(s)) policy_->Remove(s);
+      index_->EraseValue(cur);
+      slot.detached = true;
+      ev.removed.emplace_back(slot.key, RemovalReason::kDeleted);
+    }
+  }
+  Dispatch(&ev);
+  return true;
+}
+
 size_t ObjectTable::Clear(bool force) {
   Events ev;
   size_t n = 0;
@@ -753,16 +905,7 @@ std::optional<ObjectInfo> ObjectTable::Info(const ObjectKey& key) const {
   std::lock_guard<std::mutex> lock(mu_);
   const SlotId* cur = index_->Find(key);
   if (cur == nullptr) return std::nullopt;
-  const Slot& s = slots_[*cur];
-  ObjectInfo info;
-  info.key = s.key;
-  info.state = s.state;
-  info.offset = s.extent.offset;
-  info.size = s.size;
-  info.readers = s.readers;
-  info.temporary = s.temporary;
-  info.detached = s.detached;
-  return info;
+  return InfoLocked(*cur);
 }
 
 std::optional<ObjectInfo> ObjectTable::LeasedInfo(RequestId request, const ObjectKey& key) const {
@@ -772,15 +915,13 @@ std::optional<ObjectInfo> ObjectTable::LeasedInfo(RequestId request, const Objec
   const LeaseEntry* e = lit->second.entries->Find(key);
   if (e == nullptr || e->reads == 0) return std::nullopt;
   const Slot& s = slots_[e->slot];
-  ObjectInfo info;
-  info.key = s.key;
-  info.state = s.state;
-  info.offset = s.extent.offset;
-  info.size = s.size;
-  info.readers = s.readers;
-  info.temporary = s.temporary;
-  info.detached = s.detached;
-  return info;
+  // The fence on every offset handed to a reader: the slot must still be the object the lease
+  // was granted on (ledger entries and slots are kept consistent; this checks that they are).
+  if (!s.in_use || s.key != key || s.generation != e->generation) {
+    Log(LogLevel::kError, "ObjectTable: a lease does not match its object: " + key.ToShortString());
+    return std::nullopt;
+  }
+  return InfoLocked(e->slot);
 }
 
 uint32_t ObjectTable::LeasesHeld(RequestId request, const ObjectKey& key) const {
@@ -801,7 +942,7 @@ ObjectTableStats ObjectTable::stats() const {
   st.evictable_bytes = evictable_bytes_;
   st.requests = ledgers_.size();
   for (const Slot& s : slots_) {
-    if (!s.in_use) continue;
+    if (!s.in_use || s.quarantined) continue;
     if (s.detached) {
       st.detached++;
     } else {
@@ -838,6 +979,10 @@ Status ObjectTable::CheckInvariants() const {
         bad = Status::Internal("ledger key differs from slot key");
       } else if (e.reads == 0 && !e.write) {
         bad = Status::Internal("empty ledger entry kept");
+      } else if (e.generation != slots_[e.slot].generation) {
+        bad = Status::Internal("ledger entry generation differs from the slot's");
+      } else if (slots_[e.slot].quarantined) {
+        bad = Status::Internal("ledger entry on a quarantined slot");
       } else if (e.write && slots_[e.slot].writer != request) {
         bad = Status::Internal("write lease held by a request that is not the writer");
       } else {
@@ -848,7 +993,7 @@ Status ObjectTable::CheckInvariants() const {
     LMCACHE_RETURN_IF_ERROR(bad);
   }
   uint64_t used = 0, evictable_bytes = 0;
-  size_t in_use = 0, evictable = 0;
+  size_t in_use = 0, evictable = 0, quarantined = 0;
   for (SlotId s = 0; s < slots_.size(); ++s) {
     const Slot& slot = slots_[s];
     if (!slot.in_use) {
@@ -863,6 +1008,15 @@ Status ObjectTable::CheckInvariants() const {
                               std::to_string(reads[s]));
     }
     const bool writing = slot.state == ObjectState::kWriting;
+    if (slot.quarantined) {
+      if (!writing || slot.readers != 0 || policy_->Contains(s)) {
+        return Status::Internal("quarantined slot is not a lone writing object");
+      }
+      const SlotId* cur = index_->Find(slot.key);
+      if (cur != nullptr && *cur == s) return Status::Internal("quarantined slot indexed");
+      ++quarantined;
+      continue;
+    }
     if (writes[s] != (writing ? 1u : 0u)) {
       return Status::Internal("writing object without exactly one write lease");
     }
@@ -895,6 +1049,19 @@ Status ObjectTable::CheckInvariants() const {
     if (s >= slots_.size() || !slots_[s].in_use || slots_[s].key != key) index_ok = false;
   });
   if (!index_ok) return Status::Internal("index entry points at a wrong slot");
+  size_t listed = 0;
+  for (const auto& [writer, list] : quarantine_) {
+    for (SlotId s : list) {
+      if (s >= slots_.size() || !slots_[s].in_use || !slots_[s].quarantined ||
+          slots_[s].writer != writer) {
+        return Status::Internal("quarantine list names a wrong slot");
+      }
+    }
+    listed += list.size();
+  }
+  if (listed != quarantined || listed != counters_.quarantined) {
+    return Status::Internal("quarantine accounting mismatch");
+  }
   if (in_use + free_slots_.size() != slots_.size()) return Status::Internal("slot leak");
   if (allocator_.stats().used != used) return Status::Internal("allocator bytes != slot bytes");
   if (evictable != evictable_count_ || evictable_bytes != evictable_bytes_) {

@@ -5,12 +5,12 @@
 //
 // State machine (docs/design/l1.md has the full table):
 //
-//   absent --ReserveWrite--> writing --FinishWrite--> ready <--AcquireRead/ReleaseRead-->
-//   reading(n)
-//     ^                        |                        |
-//     +--AbortWrite / write----+                        +--evict / Delete / Clear (only when n ==
-//     0)
-//        lease expiry
+//   absent --ReserveWrite--> writing --FinishWrite--> ready <--AcquireRead--> reading(n)
+//     ^  ^                     |  |                     |      --ReleaseRead-->
+//     |  +----AbortWrite-------+  |                     |
+//     |                           v                     +--evict / Delete / Clear (when n == 0)
+//     +--ReleaseQuarantine-- quarantined (the write lease expired or was dropped by anyone but
+//                                         the writer, who may still be writing)
 //
 // "reading(n)" is "ready with n read leases". A temporary object (loaded from L2 for one request)
 // is never evictable and is freed when its last read lease goes; a permanent object is evictable
@@ -34,6 +34,18 @@
 // nothing, when even evicting every evictable object could not free enough bytes. A background
 // maintenance thread (Start/Stop) evicts down to the low watermark when usage crosses the high
 // one and reaps expired leases periodically.
+//
+// Fences (docs/design/integrity.md). Every object has a generation, unique for the table's life,
+// given when it is reserved; a lease records the generation it was granted on, and LeasedInfo and
+// ReleaseRead(generations) check it, so an offset handed out for one object is never taken for
+// another that reuses the key or the extent. Read lease counts are capped
+// (ObjectTableOptions::max_leases_per_object): a grant past the cap is refused with
+// ResourceExhausted (a prefix or "available" grant stops or skips there), never wrapped. A writer
+// that maps the arena (an engine worker) may still write after its write lease expired or its
+// request was dropped by someone else (TTL, client reaped): such an object is *quarantined*
+// instead of freed -- gone from the index, its extent kept out of the allocator -- until the writer
+// is known to be done (ReleaseQuarantine: it committed or aborted late, or its process exited).
+// An object can carry the CRC32C of its bytes, given when its write finishes (FinishWrite).
 //
 // Listeners are called after the table's mutex is released, on the thread that made the change
 // (the maintenance thread for background eviction and expiry). They may call back into the table.
@@ -99,7 +111,10 @@ struct ObjectInfo {
   uint64_t size = 0;     // requested object size (the allocation may be rounded up)
   uint32_t readers = 0;  // read leases outstanding
   bool temporary = false;
-  bool detached = false;  // removed by a forced Clear, freed when its leases drain
+  bool detached = false;    // removed by a forced Clear or Discard, freed when its leases drain
+  uint64_t generation = 0;  // unique per reservation for the table's life (never 0)
+  bool has_crc32c = false;  // crc32c was given when the write finished
+  uint32_t crc32c = 0;      // CRC32C of the object's `size` bytes as committed
 };
 
 enum class ReserveMode : uint8_t {
@@ -136,6 +151,9 @@ struct ObjectTableOptions {
   Duration reap_interval = std::chrono::seconds(1);
   std::string eviction_policy = "lru";
   uint64_t alignment = 4096;
+  // Read leases one object may carry at once; grants past it are refused (ResourceExhausted),
+  // never wrapped. At most 2^31.
+  uint32_t max_leases_per_object = uint32_t{1} << 24;
   std::shared_ptr<Clock> clock;  // null = SteadyClock
 };
 
@@ -155,8 +173,12 @@ struct ObjectTableStats {
   uint64_t requests = 0;  // ledgers
   uint64_t evictions = 0;
   uint64_t evicted_bytes = 0;
-  uint64_t expired_leases = 0;    // ledger entries dropped by TTL
-  uint64_t reserve_failures = 0;  // ReserveWrite calls that returned OutOfMemory
+  uint64_t expired_leases = 0;      // ledger entries dropped by TTL
+  uint64_t reserve_failures = 0;    // ReserveWrite calls that returned OutOfMemory
+  uint64_t lease_cap_refusals = 0;  // read lease grants refused at max_leases_per_object
+  uint64_t quarantined = 0;         // objects held out of the allocator for a fenced writer
+  uint64_t quarantined_bytes = 0;
+  uint64_t discarded = 0;  // objects removed by Discard (failed a checksum in L1)
 };
 
 class ObjectTableListener {
@@ -199,10 +221,12 @@ class ObjectTable {
                                                 const ReserveOptions& options = {});
   // writing -> ready for every key, atomically (validated first; nothing changes on error), and
   // gives the request `read_leases` read leases on each (0 for a plain store; 1 + extra_count for
-  // an object loaded for this request). Errors: KeyAbsent, WrongState (not writing),
-  // LeaseNotHeld (this request does not hold the write lease).
+  // an object loaded for this request). `crc32c`, when not null, holds keys.size() checksums of
+  // the objects' bytes, kept with the objects (ObjectInfo::crc32c). Errors: KeyAbsent, WrongState
+  // (not writing), LeaseNotHeld (this request does not hold the write lease: it expired or was
+  // dropped, and the object is quarantined or gone), InvalidArgument (read_leases above the cap).
   Status FinishWrite(RequestId request, const std::vector<ObjectKey>& keys,
-                     uint32_t read_leases = 0);
+                     uint32_t read_leases = 0, const uint32_t* crc32c = nullptr);
   // As FinishWrite, but the `read_leases` read leases go to `reader`'s ledger instead of the
   // writer's. The prefetch controller reserves loads under its own request id (so an END_SESSION
   // of the user's request cannot free memory an adapter is still writing into) and hands the
@@ -212,23 +236,32 @@ class ObjectTable {
                         const LeaseOwner& reader, uint32_t read_leases);
   // writing -> absent (memory freed), atomically. Errors: as FinishWrite.
   Status AbortWrite(RequestId request, const std::vector<ObjectKey>& keys);
+  // The writer `request` is done writing (it committed or aborted after its lease was dropped, or
+  // its process exited): frees the objects quarantined for it. Returns how many.
+  size_t ReleaseQuarantine(RequestId request);
 
   // ---- reading -----------------------------------------------------------------------------
   // Takes `count` read leases on every key, atomically. Errors: InvalidArgument (count 0),
-  // KeyAbsent, NotReadable (still being written).
+  // KeyAbsent, NotReadable (still being written), ResourceExhausted (an object at the lease cap).
   Status AcquireRead(const LeaseOwner& owner, const std::vector<ObjectKey>& keys,
                      uint32_t count = 1);
   // Takes `count` read leases on the longest readable prefix of `keys` and returns its length;
-  // keys after the first miss are not leased.
+  // keys after the first miss (or the first object at the lease cap) are not leased.
   size_t AcquireReadPrefix(const LeaseOwner& owner, const std::vector<ObjectKey>& keys,
                            uint32_t count = 1);
   // Takes `count` read leases on each key that is ready, skipping the others; bit i is set when
   // keys[i] was leased. Used by the store controller, for which a key evicted meanwhile is fine.
   Bitmap AcquireReadAvailable(const LeaseOwner& owner, const std::vector<ObjectKey>& keys,
                               uint32_t count = 1);
-  // Returns `count` read leases per key, atomically. Errors: InvalidArgument (count 0),
-  // LeaseNotHeld (the request holds fewer than `count` read leases on some key).
-  Status ReleaseRead(RequestId request, const std::vector<ObjectKey>& keys, uint32_t count = 1);
+  // Returns `count` read leases per key, atomically. With `generations` (keys.size() values, from
+  // LeasedInfo), each lease must still be on that generation of its key. Errors: InvalidArgument
+  // (count 0), LeaseNotHeld (the request holds fewer than `count` read leases on some key, or
+  // holds them on another generation: the object was released and leased again meanwhile).
+  Status ReleaseRead(RequestId request, const std::vector<ObjectKey>& keys, uint32_t count = 1,
+                     const uint64_t* generations = nullptr);
+  // Returns up to `count` read leases per key: as many as the request holds, never more. Never
+  // fails. Returns the number of leases returned.
+  uint64_t ReleaseReadUpTo(RequestId request, const std::vector<ObjectKey>& keys, uint32_t count);
   // The ready (readable) keys, without leasing or touching.
   Bitmap Contains(const std::vector<ObjectKey>& keys) const;
   // Length of the ready prefix; touches it (chunk 0 ends most recently used). No lease.
@@ -249,6 +282,10 @@ class ObjectTable {
   // Deletes ready, unleased objects, atomically. Errors: KeyAbsent, Locked (leased or being
   // written).
   Status Delete(const std::vector<ObjectKey>& keys);
+  // Removes `key` from the index if its live object is generation `generation` (its bytes were
+  // found corrupt): freed now when unleased, else when its leases drain (detached). Returns
+  // whether it was removed.
+  bool Discard(const ObjectKey& key, uint64_t generation);
   // Removes every ready unleased object. With force, leased and writing objects are also removed
   // from the index (lookups stop seeing them) and freed when their leases are released or expire.
   // Returns the number of objects removed from the index.
@@ -262,7 +299,8 @@ class ObjectTable {
   // Read leases `request` holds on `key` (0 if none).
   uint32_t LeasesHeld(RequestId request, const ObjectKey& key) const;
   // The object the request's read lease on `key` refers to (which may be a detached generation
-  // after a forced Clear), or nullopt when the request holds no read lease on it.
+  // after a forced Clear), or nullopt when the request holds no read lease on it. The lease's
+  // recorded generation and key are checked against the object before it is returned.
   std::optional<ObjectInfo> LeasedInfo(RequestId request, const ObjectKey& key) const;
   ObjectTableStats stats() const;
   // Verifies every cross-structure invariant (index, slots, ledgers, policy, allocator). Tests.
@@ -285,13 +323,18 @@ class ObjectTable {
     bool in_use = false;
     bool temporary = false;
     bool detached = false;
+    bool quarantined = false;  // write lease lost while the writer may still write
+    bool has_crc = false;
+    uint32_t crc = 0;
+    uint64_t generation = 0;
     RequestId writer = 0;  // valid while writing
   };
   struct LeaseEntry {
     SlotId slot = 0;
     uint32_t reads = 0;
     bool write = false;
-    uint64_t seq = 0;  // acquisition order, so bulk releases can run in reverse chunk order
+    uint64_t seq = 0;         // acquisition order, so bulk releases can run in reverse chunk order
+    uint64_t generation = 0;  // of the slot when the lease was granted
     TimePoint expiry{};
   };
   using LeaseMap = internal::FlatMap<ObjectKey, LeaseEntry, ObjectKeyHash>;
@@ -337,7 +380,12 @@ class ObjectTable {
   Ledger* LedgerLocked(const LeaseOwner& owner);
   LedgerMap::iterator EraseLedgerLocked(LedgerMap::iterator it);
   Status FinishWriteImpl(RequestId writer, const std::vector<ObjectKey>& keys, uint32_t read_leases,
-                         const LeaseOwner* reader);
+                         const LeaseOwner* reader, const uint32_t* crc32c);
+  // A write lease was dropped by someone other than its writer: keeps the extent (quarantine).
+  void QuarantineLocked(SlotId s, Events* ev);
+  // Whether slot `s` can take `count` more read leases; counts a refusal.
+  bool UnderLeaseCapLocked(SlotId s, uint32_t count);
+  ObjectInfo InfoLocked(SlotId s) const;
   Status ValidateWriteLocked(RequestId request, const std::vector<ObjectKey>& keys,
                              std::vector<SlotId>* slots) const;
   void Dispatch(Events* ev);
@@ -359,6 +407,9 @@ class ObjectTable {
   std::vector<std::unique_ptr<LeaseMap>> spare_lease_maps_;  // GUARDED_BY(mu_)
   uint64_t evictable_bytes_ = 0;                             // GUARDED_BY(mu_)
   uint64_t evictable_count_ = 0;                             // GUARDED_BY(mu_)
+  uint64_t next_generation_ = 1;                             // GUARDED_BY(mu_)
+  // Writer request -> its quarantined slots.                           GUARDED_BY(mu_)
+  std::unordered_map<RequestId, std::vector<SlotId>> quarantine_;
   ObjectTableStats counters_;  // GUARDED_BY(mu_): only the monotonic counters are kept here
 
   std::mutex listeners_mu_;
