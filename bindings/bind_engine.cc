@@ -146,6 +146,12 @@ nb::dict EngineStatsDict(const EngineStats& s) {
   LMC_STAT(retrieves);
   LMC_STAT(retrieve_chunks);
   LMC_STAT(retrieve_failures);
+  LMC_STAT(retrieve_absent);
+  LMC_STAT(retrieve_timeouts);
+  LMC_STAT(retrieve_lease_lost);
+  LMC_STAT(store_expired);
+  LMC_STAT(store_crc_computed);
+  LMC_STAT(fenced_stores);
   LMC_STAT(freed_leases);
   LMC_STAT(ended_sessions);
   LMC_STAT(ended_clients);
@@ -385,10 +391,13 @@ void BindEngine(nb::module_& m) {
           "client"_a, "key"_a)
       .def(
           "commit_store",
-          [](E& e, ClientId client, const JobHandle& handle, bool success) {
-            return ValueOrThrow(e.engine->CommitStore(client, handle, success));
+          [](E& e, ClientId client, const JobHandle& handle, bool success,
+             std::optional<std::vector<uint32_t>> crc32c) {
+            nb::gil_scoped_release release;
+            return ValueOrThrow(e.engine->CommitStore(client, handle, success,
+                                                      crc32c.has_value() ? &*crc32c : nullptr));
           },
-          "client"_a, "handle"_a, "success"_a = true, Release())
+          "client"_a, "handle"_a, "success"_a = true, "crc32c"_a = nb::none())
       .def(
           "prepare_retrieve",
           [](E& e, ClientId client, const PyEngineKey& key, std::optional<double> timeout_s) {
@@ -404,6 +413,12 @@ void BindEngine(nb::module_& m) {
             ThrowIfError(e.engine->CommitRetrieve(client, handle));
           },
           "client"_a, "handle"_a, Release())
+      .def(
+          "set_client_process",
+          [](E& e, ClientId client, int pid) {
+            ThrowIfError(e.engine->SetClientProcess(client, pid));
+          },
+          "client"_a, "pid"_a, Release())
       .def(
           "end_client", [](E& e, ClientId client) { return e.engine->EndClient(client); },
           "client"_a, Release())

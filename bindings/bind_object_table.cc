@@ -89,6 +89,13 @@ void BindValueTypes(nb::module_& m) {
       .def_ro("readers", &ObjectInfo::readers, "read leases outstanding")
       .def_ro("temporary", &ObjectInfo::temporary)
       .def_ro("detached", &ObjectInfo::detached)
+      .def_ro("generation", &ObjectInfo::generation, "unique per reservation")
+      .def_prop_ro(
+          "crc32c",
+          [](const ObjectInfo& i) -> std::optional<uint32_t> {
+            return i.has_crc32c ? std::optional<uint32_t>(i.crc32c) : std::nullopt;
+          },
+          "CRC32C committed with the object, or None")
       .def("__repr__", [](const ObjectInfo& i) {
         return "ObjectInfo(key=" + i.key.ToShortString() +
                ", state=" + (i.state == ObjectState::kReady ? "READY" : "WRITING") +
@@ -116,6 +123,12 @@ void BindValueTypes(nb::module_& m) {
       .Field("evicted_bytes", &ObjectTableStats::evicted_bytes, "bytes evicted")
       .Field("expired_leases", &ObjectTableStats::expired_leases, "lease entries dropped by TTL")
       .Field("reserve_failures", &ObjectTableStats::reserve_failures, "OutOfMemory reservations")
+      .Field("lease_cap_refusals", &ObjectTableStats::lease_cap_refusals,
+             "read lease grants refused at the per-object cap")
+      .Field("quarantined", &ObjectTableStats::quarantined,
+             "objects held out of the allocator for a fenced writer")
+      .Field("quarantined_bytes", &ObjectTableStats::quarantined_bytes, "their bytes")
+      .Field("discarded", &ObjectTableStats::discarded, "objects dropped for a failed checksum")
       .Finish();
 
   const PyObjectTableOptions d = PyObjectTableOptions::Defaults();
@@ -212,6 +225,12 @@ void BindTable(nb::module_& m) {
             ThrowIfError(t.table->AbortWrite(request, keys));
           },
           "request"_a, "keys"_a, Release(), "writing -> absent, atomically.")
+      .def(
+          "release_quarantine",
+          [](PyObjectTable& t, RequestId request) { return t.table->ReleaseQuarantine(request); },
+          "request"_a, Release(),
+          "The writer is done: frees the objects quarantined for it (its write lease was "
+          "dropped by someone else). Returns how many.")
       .def(
           "acquire_read",
           [](PyObjectTable& t, const LeaseOwner& owner, const Keys& keys, uint32_t count) {

@@ -268,6 +268,8 @@ void BindResults(nb::module_& m) {
       .Field("failed", &StoreControllerStats::failed, "key x adapter stores that failed")
       .Field("skipped_evicted", &StoreControllerStats::skipped_evicted,
              "keys gone from L1 before they could be leased")
+      .Field("corrupt_in_l1", &StoreControllerStats::corrupt_in_l1,
+             "objects whose L1 bytes no longer matched their checksum (not stored)")
       .Field("dropped", &StoreControllerStats::dropped, "keys dropped from a full queue")
       .Field("freed_from_l1", &StoreControllerStats::freed_from_l1,
              "keys deleted from L1 after their store")

@@ -14,6 +14,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <csignal>
 #include <cstdint>
 #include <cstring>
 #include <future>
@@ -24,6 +25,9 @@
 #include <string_view>
 #include <thread>
 #include <vector>
+
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "lmcache_cpp/chunk_hash.h"
 #include "lmcache_cpp/kv_copy.h"
@@ -130,6 +134,16 @@ void FillObject(uint8_t* p, uint64_t n, uint64_t tag) {
   for (uint64_t i = 0; i < n; ++i) p[i] = static_cast<uint8_t>(tag * 37 + i * 11 + (i >> 8));
 }
 
+// Bitwise CRC32C (Castagnoli), independent of the library's implementation.
+uint32_t ReferenceCrc32c(const uint8_t* p, uint64_t n) {
+  uint32_t c = ~0u;
+  for (uint64_t i = 0; i < n; ++i) {
+    c ^= p[i];
+    for (int k = 0; k < 8; ++k) c = (c >> 1) ^ (0x82F63B78u & (0u - (c & 1u)));
+  }
+  return ~c;
+}
+
 // Counts objects the table removed as aborted (uncommitted stores); waiters block on a condition
 // variable with a deadline.
 class AbortCounter : public ObjectTableListener {
@@ -175,7 +189,8 @@ class CacheEngineTest : public ::testing::Test {
   void SetUp() override { Build(); }
   void TearDown() override { Shutdown(); }
 
-  void Build(EngineConfig config = {}, size_t objects = 256, ObjectTableOptions table = {}) {
+  void Build(EngineConfig config = {}, size_t objects = 256, ObjectTableOptions table = {},
+             bool prefetch_on_test_clock = false) {
     Shutdown();
     clock_ = std::make_shared<ManualClock>();
     adapter_ = std::shared_ptr<MemoryL2Adapter>(
@@ -183,6 +198,7 @@ class CacheEngineTest : public ::testing::Test {
     StorageManagerConfig sc;
     sc.arena.size_bytes = objects * kObjBytes;
     sc.table = table;
+    if (prefetch_on_test_clock) sc.prefetch.clock = clock_;
     sc.adapters.push_back(adapter_);
     auto storage = StorageManager::Create(std::move(sc));
     ASSERT_TRUE(storage.ok()) << storage.status().ToString();
@@ -1027,6 +1043,12 @@ TEST_F(CacheEngineTest, EndClientAbortsItsStoresAndDropsItsTicketsRegistrationsA
   EXPECT_EQ(e.pending_lookups, 0u);
   EXPECT_EQ(e.ended_clients, 1u);
   EXPECT_EQ(engine_->UnregisterKvCache(5, gone.id).code(), StatusCode::kNotFound);
+  // The dropped store's extents stay fenced until its writer commits (late) or its process exits.
+  EXPECT_EQ(table()->stats().quarantined, 3u);
+  EXPECT_EQ(engine_->stats().fenced_stores, 1u);
+  EXPECT_EQ(engine_->CommitStore(5, store->handle).status().code(), StatusCode::kLeaseNotHeld);
+  EXPECT_EQ(table()->stats().quarantined, 0u);
+  EXPECT_EQ(engine_->stats().fenced_stores, 0u);
   EXPECT_EQ(engine_->CommitStore(5, store->handle).status().code(), StatusCode::kNotFound);
   EXPECT_EQ(engine_->CommitRetrieve(5, retrieve->handle).code(), StatusCode::kNotFound);
   EXPECT_EQ(engine_->QueryPrefetch(5, *pending).status().code(), StatusCode::kNotFound);
@@ -1060,7 +1082,11 @@ TEST_F(CacheEngineTest, AnUncommittedStoreTicketIsReapedAfterTheTransferTtl) {
   for (const ObjectKey& k : ExpectedKeys(tokens, 3)) EXPECT_FALSE(table()->Info(k).has_value());
   EXPECT_EQ(engine_->stats().reaped_transfers, 1u);
   EXPECT_EQ(engine_->stats().transfers, 0u);
-  EXPECT_EQ(engine_->CommitStore(1, t->handle).status().code(), StatusCode::kNotFound);
+  EXPECT_EQ(s.quarantined, 3u) << "the late writer's extents are not reused";
+  EXPECT_EQ(engine_->CommitStore(1, t->handle).status().code(), StatusCode::kLeaseNotHeld);
+  EXPECT_EQ(table()->stats().quarantined, 0u);
+  EXPECT_EQ(table()->stats().used_bytes, 0u);
+  EXPECT_EQ(engine_->stats().store_expired, 1u);
 }
 
 TEST_F(CacheEngineTest, AnIdleRequestIsEndedAfterTheRequestTtl) {
@@ -1537,6 +1563,289 @@ TEST_F(CacheEngineTest, ConcurrentTrafficKeepsTheTableConsistentAndLeavesNoLease
   EXPECT_EQ(e.requests, 0u);
   EXPECT_EQ(e.transfers, 0u);
   EXPECT_EQ(e.pending_lookups, 0u);
+}
+
+// ---- integrity: leases, generations, fences (docs/design/integrity.md) ----------------------
+
+// A lookup repeated for a request (as after a preemption) must not take back the leases of the
+// request's new lookup: the first job returns only what it still holds.
+TEST_F(CacheEngineTest, ASyncLookupRepeatedAfterARetrieveLeavesTheNextRetrieveItsLeases) {
+  Register(1);
+  auto tokens = Tokens(4 * kCs, 1);
+  ASSERT_EQ(Store(1, TokenKey(tokens, "", 0, 4 * kCs)), 4u);
+  const auto keys = ExpectedKeys(tokens, 4);
+
+  auto first = engine_->SyncLookup(2, TokenKey(tokens, "r"), 1, kWait);
+  ASSERT_TRUE(first.ok()) << first.status().ToString();
+  EXPECT_EQ(first->hit_chunks, 4u);
+  ASSERT_TRUE(Retrieve(3, TokenKey(tokens, "r", 0, 4 * kCs)).ok());
+  EXPECT_EQ(table()->stats().read_leases, 0u);
+
+  auto again = engine_->SyncLookup(2, TokenKey(tokens, "r"), 1, kWait);
+  ASSERT_TRUE(again.ok()) << again.status().ToString();
+  EXPECT_EQ(again->hit_chunks, 4u);
+  EXPECT_EQ(table()->stats().read_leases, 4u) << "the second lookup's leases are all there";
+  Status st = Retrieve(3, TokenKey(tokens, "r", 0, 4 * kCs));
+  EXPECT_TRUE(st.ok()) << st.ToString();
+  EXPECT_EQ(table()->stats().read_leases, 0u);
+  EXPECT_TRUE(table()->CheckInvariants().ok());
+}
+
+// The other order: looked up twice before any retrieve. The first lookup's leases go back when
+// the second supersedes it, so one retrieve leaves nothing behind.
+TEST_F(CacheEngineTest, ASyncLookupRepeatedBeforeItsRetrieveHoldsOneSetOfLeases) {
+  Register(1);
+  auto tokens = Tokens(4 * kCs, 1);
+  ASSERT_EQ(Store(1, TokenKey(tokens, "", 0, 4 * kCs)), 4u);
+  for (int i = 0; i < 3; ++i) {
+    auto r = engine_->SyncLookup(2, TokenKey(tokens, "r"), 1, kWait);
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    EXPECT_EQ(r->hit_chunks, 4u);
+    EXPECT_EQ(table()->stats().read_leases, 4u);
+  }
+  EXPECT_TRUE(Retrieve(3, TokenKey(tokens, "r", 0, 4 * kCs)).ok());
+  EXPECT_EQ(table()->stats().read_leases, 0u);
+}
+
+// MLA: two workers read each object. One worker's retrieve consumed one lease per object; the
+// repeated lookup returns exactly the other one, then both workers' retrieves succeed.
+TEST_F(CacheEngineTest, ARepeatedSyncLookupReturnsOnlyWhatTheFirstStillHeldWithExtraReaders) {
+  Register(1);
+  auto tokens = Tokens(2 * kCs, 1);
+  ASSERT_EQ(Store(1, TokenKey(tokens, "", 0, 2 * kCs)), 2u);
+  ASSERT_TRUE(engine_->SyncLookup(2, TokenKey(tokens, "m"), 2, kWait).ok());
+  EXPECT_EQ(table()->stats().read_leases, 4u);
+  ASSERT_TRUE(Retrieve(3, TokenKey(tokens, "m", 0, 2 * kCs)).ok());
+  EXPECT_EQ(table()->stats().read_leases, 2u);
+  auto again = engine_->SyncLookup(2, TokenKey(tokens, "m"), 2, kWait);
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(table()->stats().read_leases, 4u);
+  EXPECT_TRUE(Retrieve(3, TokenKey(tokens, "m", 0, 2 * kCs)).ok());
+  EXPECT_TRUE(Retrieve(4, TokenKey(tokens, "m", 0, 2 * kCs)).ok());
+  EXPECT_EQ(table()->stats().read_leases, 0u);
+}
+
+// A sync lookup whose job outlives job_ttl: the reaper returns what the job still holds (here
+// nothing, the retrieve consumed it), never the leases of the request's next lookup.
+TEST_F(CacheEngineTest, AnExpiredSyncLookupNeverTakesTheLeasesOfTheRequestsNextLookup) {
+  ASSERT_NO_FATAL_FAILURE(Build({}, 256, {}, /*prefetch_on_test_clock=*/true));
+  Register(1);
+  auto tokens = Tokens(4 * kCs, 1);
+  ASSERT_EQ(Store(1, TokenKey(tokens, "", 0, 4 * kCs)), 4u);
+  ASSERT_TRUE(engine_->SyncLookup(2, TokenKey(tokens, "t"), 1, kWait).ok());
+  ASSERT_TRUE(Retrieve(3, TokenKey(tokens, "t", 0, 4 * kCs)).ok());
+  clock_->Advance(seconds(119));
+  ASSERT_TRUE(engine_->SyncLookup(2, TokenKey(tokens, "t"), 1, kWait).ok());
+  clock_->Advance(seconds(2));
+  storage_->prefetch()->ReapExpired();
+  EXPECT_EQ(table()->stats().read_leases, 4u);
+  EXPECT_TRUE(Retrieve(3, TokenKey(tokens, "t", 0, 4 * kCs)).ok());
+  // The second job expires unconsumed: its leases go back, and only those.
+  ASSERT_TRUE(engine_->SyncLookup(2, TokenKey(tokens, "t"), 1, kWait).ok());
+  ASSERT_TRUE(engine_->SyncLookup(5, TokenKey(tokens, "other"), 1, kWait).ok());
+  EXPECT_EQ(table()->stats().read_leases, 8u);
+  clock_->Advance(seconds(121));
+  storage_->prefetch()->ReapExpired();
+  EXPECT_EQ(table()->stats().read_leases, 0u);
+  EXPECT_TRUE(table()->CheckInvariants().ok());
+}
+
+TEST_F(CacheEngineTest, ARetrieveOrStorePastTheKeysDataIsAnErrorNotAShortTransfer) {
+  Register(1);
+  auto tokens = Tokens(4 * kCs, 1);
+  ASSERT_EQ(Store(1, TokenKey(tokens, "", 0, 4 * kCs)), 4u);
+  ASSERT_EQ(LookupAndWait(2, TokenKey(tokens, "p")).hit_chunks, 4u);
+  auto past = engine_->PrepareRetrieve(2, TokenKey(tokens, "p", 0, 6 * kCs));
+  EXPECT_EQ(past.status().code(), StatusCode::kInvalidArgument) << past.status().ToString();
+  EXPECT_EQ(engine_->PrepareStore(2, TokenKey(tokens, "", 0, 5 * kCs)).status().code(),
+            StatusCode::kInvalidArgument);
+  std::vector<uint8_t> hashes = BlockHashes(4, 9);  // 4 blocks = 2 chunks
+  Register(1, 0, 1, MakeLayout(), "hash-model");
+  EngineKey hk = HashKey(hashes, "p");
+  hk.model_name = "hash-model";
+  hk.end = 3 * kCs;
+  EXPECT_EQ(engine_->PrepareStore(2, hk).status().code(), StatusCode::kInvalidArgument);
+  hk.end = 2 * kCs;
+  auto ok = engine_->PrepareStore(2, hk);
+  ASSERT_TRUE(ok.ok()) << ok.status().ToString();
+  EXPECT_EQ(ok->offsets.size(), 2u);
+  // Exactly the data, and an open end, are fine.
+  auto whole = engine_->PrepareRetrieve(2, TokenKey(tokens, "p", 0, 4 * kCs));
+  ASSERT_TRUE(whole.ok()) << whole.status().ToString();
+  EXPECT_EQ(whole->offsets.size(), 4u);
+  EXPECT_TRUE(engine_->CommitRetrieve(2, whole->handle).ok());
+}
+
+// The bytes a worker copies between PREPARE_RETRIEVE and COMMIT_RETRIEVE are accepted only if
+// every lease is still on the object whose offset was handed out.
+TEST_F(CacheEngineTest, CommitRetrieveRefusesALeaseTakenAgainOnAnotherGenerationOfTheObject) {
+  Register(1);
+  auto tokens = Tokens(2 * kCs, 1);
+  ASSERT_EQ(Store(1, TokenKey(tokens, "", 0, 2 * kCs)), 2u);
+  ASSERT_TRUE(engine_->SyncLookup(2, TokenKey(tokens, "g"), 1, kWait).ok());
+  auto ticket = engine_->PrepareRetrieve(3, TokenKey(tokens, "g", 0, 2 * kCs));
+  ASSERT_TRUE(ticket.ok()) << ticket.status().ToString();
+  // Meanwhile: L1 is force-cleared, the chunks are stored again (new objects), the request's
+  // old leases are returned (the detached objects are freed) and it looks the chunks up again.
+  EXPECT_EQ(engine_->Clear(true), 2u);
+  ASSERT_EQ(Store(1, TokenKey(tokens, "", 0, 2 * kCs)), 2u);
+  ASSERT_TRUE(engine_->FreeLookupLocks(2, TokenKey(tokens, "g", 0, 2 * kCs), 1).ok());
+  ASSERT_TRUE(engine_->SyncLookup(2, TokenKey(tokens, "g"), 1, kWait).ok());
+  EXPECT_EQ(table()->stats().read_leases, 2u);
+  Status st = engine_->CommitRetrieve(3, ticket->handle);
+  EXPECT_EQ(st.code(), StatusCode::kLeaseNotHeld) << st.ToString();
+  EXPECT_EQ(table()->stats().read_leases, 2u) << "the new lookup's leases are untouched";
+  EXPECT_EQ(engine_->stats().retrieve_lease_lost, 1u);
+  EXPECT_TRUE(Retrieve(3, TokenKey(tokens, "g", 0, 2 * kCs)).ok());
+}
+
+// A worker that stalls past its write lease and then writes at the offsets it was given must
+// not change any other object's bytes, and its commit must fail.
+TEST_F(CacheEngineTest, AWriterWhoseLeaseExpiredNeverWritesIntoAnotherObject) {
+  EngineConfig c;
+  c.transfer_ttl = seconds(10);
+  ObjectTableOptions t;
+  t.write_lease_ttl = seconds(5);
+  t.high_watermark = t.low_watermark = 1.0;  // no background eviction
+  ASSERT_NO_FATAL_FAILURE(Build(c, /*objects=*/4, t));
+  Register(1);
+  auto slow_tokens = Tokens(2 * kCs, 1);
+  auto slow = engine_->PrepareStore(1, TokenKey(slow_tokens, ""));
+  ASSERT_TRUE(slow.ok()) << slow.status().ToString();
+  clock_->Advance(seconds(11));
+  table()->ReapExpired();
+  engine_->ReapExpired();
+  EXPECT_EQ(table()->stats().quarantined, 2u);
+
+  // Another client stores into what is left of the (4-object) arena, then fills it entirely.
+  auto other = Tokens(2 * kCs, 2);
+  ASSERT_EQ(Store(2, TokenKey(other, "", 0, 2 * kCs)), 2u);
+  ASSERT_EQ(LookupAndWait(3, TokenKey(other, "reader")).hit_chunks, 2u);  // not evictable
+  auto full = engine_->PrepareStore(2, TokenKey(Tokens(kCs, 3), ""));
+  EXPECT_EQ(full.status().code(), StatusCode::kOutOfMemory) << "the fenced extents stay out";
+  const auto other_keys = ExpectedKeys(other, 2);
+  std::vector<std::vector<uint8_t>> before;
+  for (const ObjectKey& k : other_keys) {
+    auto info = table()->Info(k);
+    ASSERT_TRUE(info.has_value());
+    const uint8_t* p = table()->data(info->offset);
+    before.emplace_back(p, p + info->size);
+    for (int64_t off : slow->offsets) EXPECT_NE(static_cast<uint64_t>(off), info->offset);
+  }
+  // The stalled worker wakes up and writes.
+  for (int64_t off : slow->offsets) {
+    std::memset(table()->data(static_cast<uint64_t>(off)), 0xEE, slow->object_bytes);
+  }
+  for (size_t i = 0; i < other_keys.size(); ++i) {
+    auto info = table()->Info(other_keys[i]);
+    const uint8_t* p = table()->data(info->offset);
+    EXPECT_TRUE(std::equal(p, p + info->size, before[i].begin())) << "object " << i;
+  }
+  EXPECT_EQ(engine_->CommitStore(1, slow->handle).status().code(), StatusCode::kLeaseNotHeld);
+  for (const ObjectKey& k : ExpectedKeys(slow_tokens, 2)) EXPECT_FALSE(table()->Info(k));
+  EXPECT_EQ(table()->stats().quarantined, 0u) << "its commit freed them";
+  EXPECT_EQ(Store(2, TokenKey(slow_tokens, "", 0, 2 * kCs)), 2u);
+}
+
+// A client dropped (heartbeats missed) while its worker was copying: its extents stay fenced
+// while its process lives, and are freed once the process has exited.
+TEST_F(CacheEngineTest, AnEndedClientsFencedStoresAreFreedWhenItsProcessExits) {
+  Register(1);
+  int ready[2];
+  ASSERT_EQ(pipe(ready), 0);
+  const pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {  // the "worker process": waits until killed
+    close(ready[0]);
+    pause();
+    _exit(0);
+  }
+  close(ready[1]);
+  close(ready[0]);
+  Status set = engine_->SetClientProcess(7, child);
+  ASSERT_TRUE(set.ok() || set.code() == StatusCode::kNotSupported) << set.ToString();
+  auto tokens = Tokens(2 * kCs, 4);
+  auto ticket = engine_->PrepareStore(7, TokenKey(tokens, ""));
+  ASSERT_TRUE(ticket.ok());
+  engine_->EndClient(7);
+  EXPECT_EQ(table()->stats().quarantined, 2u);
+  engine_->ReapExpired();
+  EXPECT_EQ(table()->stats().quarantined, 2u) << "the process is alive: it may still write";
+  kill(child, SIGKILL);
+  int status = 0;
+  waitpid(child, &status, 0);
+  engine_->ReapExpired();
+  if (set.ok()) {
+    EXPECT_EQ(table()->stats().quarantined, 0u);
+    EXPECT_EQ(engine_->stats().fenced_stores, 0u);
+  }
+  EXPECT_EQ(engine_->SetClientProcess(8, 0).code(), StatusCode::kInvalidArgument);
+}
+
+// Every committed object carries a CRC32C: the worker's, or one the engine computes.
+TEST_F(CacheEngineTest, CommitStoreRecordsTheWorkersChecksumsOrComputesThem) {
+  Register(1);
+  auto tokens = Tokens(3 * kCs, 5);
+  ASSERT_EQ(Store(1, TokenKey(tokens, "", 0, kCs)), 1u);  // chunk 0 present: skipped below
+  auto t = engine_->PrepareStore(1, TokenKey(tokens, "", 0, 3 * kCs));
+  ASSERT_TRUE(t.ok());
+  ASSERT_EQ(t->offsets.size(), 3u);
+  EXPECT_EQ(t->offsets[0], -1);
+  std::vector<uint32_t> wrong_count = {1, 2};
+  EXPECT_EQ(engine_->CommitStore(1, t->handle, true, &wrong_count).status().code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_FALSE(table()->Info(ExpectedKeys(tokens, 2)[1]).has_value()) << "nothing published";
+
+  t = engine_->PrepareStore(1, TokenKey(tokens, "", 0, 3 * kCs));
+  ASSERT_TRUE(t.ok());
+  std::vector<uint32_t> crcs = {0xDEAD};  // the skipped entry's value is ignored
+  for (size_t i = 1; i < 3; ++i) {
+    uint8_t* obj = table()->data(static_cast<uint64_t>(t->offsets[i]));
+    FillObject(obj, t->object_bytes, 10 + i);
+    crcs.push_back(ReferenceCrc32c(obj, t->object_bytes));
+  }
+  auto n = engine_->CommitStore(1, t->handle, true, &crcs);
+  ASSERT_TRUE(n.ok()) << n.status().ToString();
+  EXPECT_EQ(*n, 2u);
+  const auto keys = ExpectedKeys(tokens, 3);
+  EXPECT_TRUE(table()->Info(keys[1])->has_crc32c);
+  EXPECT_EQ(table()->Info(keys[1])->crc32c, crcs[1]);
+  EXPECT_EQ(table()->Info(keys[2])->crc32c, crcs[2]);
+  EXPECT_TRUE(storage_->store()->WaitIdle(kWait));
+  EXPECT_TRUE(adapter_->Contains(keys[2]));
+  // Chunk 0 went through Store() without checksums: the engine computed its CRC.
+  auto info = table()->Info(keys[0]);
+  ASSERT_TRUE(info.has_value());
+  EXPECT_TRUE(info->has_crc32c);
+  std::vector<uint8_t> expect(kObjBytes);
+  FillObject(expect.data(), kObjBytes, 0);
+  EXPECT_EQ(info->crc32c, ReferenceCrc32c(expect.data(), kObjBytes));
+  EXPECT_GE(engine_->stats().store_crc_computed, 1u);
+}
+
+// A stray write into a published object (bytes that no longer match the checksum committed with
+// them) is caught before the object reaches L2: it is dropped from L1 and never stored.
+TEST_F(CacheEngineTest, AnObjectWhoseBytesNoLongerMatchItsChecksumNeverReachesL2) {
+  Register(1);
+  auto tokens = Tokens(2 * kCs, 6);
+  auto t = engine_->PrepareStore(1, TokenKey(tokens, ""));
+  ASSERT_TRUE(t.ok());
+  std::vector<uint32_t> crcs;
+  for (size_t i = 0; i < 2; ++i) {
+    uint8_t* obj = table()->data(static_cast<uint64_t>(t->offsets[i]));
+    FillObject(obj, t->object_bytes, i);
+    crcs.push_back(ReferenceCrc32c(obj, t->object_bytes));
+  }
+  // Chunk 1 changes after its checksum was taken (a worker writing where it no longer may).
+  table()->data(static_cast<uint64_t>(t->offsets[1]))[100] ^= 0x01;
+  ASSERT_TRUE(engine_->CommitStore(1, t->handle, true, &crcs).ok());
+  EXPECT_TRUE(storage_->store()->WaitIdle(kWait));
+  const auto keys = ExpectedKeys(tokens, 2);
+  EXPECT_TRUE(adapter_->Contains(keys[0]));
+  EXPECT_FALSE(adapter_->Contains(keys[1])) << "corrupt bytes never reach L2";
+  EXPECT_FALSE(table()->Info(keys[1]).has_value()) << "and leave L1";
+  EXPECT_EQ(storage_->store()->stats().corrupt_in_l1, 1u);
+  EXPECT_EQ(LookupAndWait(2, TokenKey(tokens, "x")).hit_chunks, 1u);
 }
 
 }  // namespace

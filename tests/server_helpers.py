@@ -74,11 +74,12 @@ class Harness:
         *,
         chunk_size: int = CHUNK,
         adapters: Sequence[lc.L2Adapter] = (),
+        arena_bytes: int = ARENA,
         **engine_kw: Any,
     ) -> tuple[lc.StorageManager, _core.CacheEngine]:
         table = lc.ObjectTableOptions(high_watermark=1.0, low_watermark=1.0)
         storage = lc.StorageManager(
-            lc.StorageManagerConfig(ARENA, table=table, adapters=list(adapters))
+            lc.StorageManagerConfig(arena_bytes, table=table, adapters=list(adapters))
         )
         storage.start()
         self._storages.append(storage)

@@ -162,3 +162,106 @@ def test_a_key_for_every_rank_of_a_larger_world_is_refused(setup: tuple) -> None
     _, view = kv_cache(seed=8)
     with pytest.raises(InvalidArgumentError, match="one rank"):
         transfer.store(view, np.arange(BPC), Key(MODEL, world_size=2, tokens=tokens(CHUNK, 8)))
+
+
+# ---- integrity (docs/design/integrity.md) ------------------------------------------------------
+
+
+def test_a_repeated_sync_lookup_leaves_the_next_retrieve_its_leases(setup: tuple) -> None:
+    """SYNC_LOOKUP, a retrieve, SYNC_LOOKUP again for the same request (as after a preemption):
+    the next retrieve succeeds, and nothing is left leased."""
+    _, engine, client, transfer = setup
+    _, src_view = kv_cache(seed=11)
+    toks = tokens(4 * CHUNK, seed=11)
+    assert transfer.store(src_view, np.arange(4 * BPC), key(toks, "w")) == 4
+    _, dst_view = kv_cache(None)
+    ids = np.arange(4 * BPC)
+    for _ in range(3):
+        assert client.sync_lookup(key(toks, "r")).hit_chunks == 4
+        assert transfer.retrieve(dst_view, ids, key(toks, "r", end=4 * CHUNK)) == 4 * CHUNK
+    assert engine.stats()["l1"]["read_leases"] == 0
+
+
+def _crc32c(data: bytes) -> int:
+    """Bitwise CRC32C (Castagnoli), independent of the library's."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 & -(crc & 1))
+    return crc ^ 0xFFFFFFFF
+
+
+def test_commit_store_carries_the_workers_checksums_and_bad_bytes_never_reach_l2(
+    tmp_path: Path,
+) -> None:
+    harness = Harness(tmp_path)
+    try:
+        l2 = lc.MemoryL2Adapter()
+        storage, engine = harness.engine(adapters=[l2])
+        client = harness.client(harness.server(engine, storage))
+        _, view = kv_cache(None)
+        transfer = KvTransferClient.register(client, MODEL, 1, 0, view)
+        toks = tokens(3 * CHUNK, seed=12)
+        ticket = client.prepare_store(key(toks, "", end=3 * CHUNK))
+        assert len(ticket.offsets) == 3
+        with pytest.raises(InvalidArgumentError, match="checksums"):
+            client.commit_store(ticket.handle, crc32c=[1, 2])
+        # The arena bytes of the reserved objects are zeros here (a fresh arena).
+        good = _crc32c(bytes(ticket.object_bytes))
+        ticket = client.prepare_store(key(toks, "", end=3 * CHUNK))
+        assert client.commit_store(ticket.handle, crc32c=[good, good ^ 1, good]) == 3
+        assert storage.store_controller().wait_idle(10.0)
+        found = client.sync_lookup(key(toks, "r"))
+        assert found.hit_chunks == 1, "chunk 1's bytes do not match its checksum: not served on"
+        assert engine.stats()["store"]["corrupt_in_l1"] == 1
+        assert l2.stats().objects == 2
+        transfer.close()
+    finally:
+        harness.close()
+
+
+@pytest.mark.parametrize("key_mode", ["tokens", "hash"])
+@pytest.mark.parametrize("lookup_mode", ["sync", "two-phase"])
+def test_a_512_chunk_key_round_trips_byte_exactly(
+    tmp_path: Path, key_mode: str, lookup_mode: str
+) -> None:
+    """128K tokens in 256-token chunks: every chunk found, and every byte retrieved, in both key
+    modes and both lookup modes (upstream served wrong KV past 114 chunks)."""
+    chunk, chunks = 256, 512
+    bpc = chunk // 4
+    harness = Harness(tmp_path)
+    try:
+        storage, engine = harness.engine(chunk_size=chunk, arena_bytes=40 << 20)
+        client = harness.client(harness.server(engine, storage))
+        num_blocks = chunks * bpc
+        src, src_view = kv_cache(seed=13, num_blocks=num_blocks)
+        dst, dst_view = kv_cache(None, num_blocks=num_blocks)
+        transfer = KvTransferClient.register(
+            client, MODEL, 1, 0, lc.KvCacheView(dst, lc.KvLayout.NHD)
+        )
+        toks = tokens(chunks * chunk, seed=13)
+        hashes = np.random.default_rng(13).integers(0, 256, num_blocks * 32, dtype=np.uint8)
+
+        def k(request_id: str) -> Key:
+            if key_mode == "tokens":
+                return key(toks, request_id)
+            return Key(MODEL, request_id=request_id, block_hashes=hashes.tobytes())
+
+        assert transfer.store(src_view, np.arange(num_blocks), k("w")) == chunks
+        if lookup_mode == "sync":
+            hit = client.sync_lookup(k("r")).hit_chunks
+        else:
+            result = client.wait_prefetch_status(client.lookup(k("r")), 30.0)
+            assert result is not None
+            hit = result.hit_chunks
+        assert hit == chunks
+        dst_ids = np.arange(num_blocks)[::-1].copy()  # every block elsewhere
+        assert transfer.retrieve(dst_view, dst_ids, k("r")) == chunks * chunk
+        for a, b in zip(
+            blocks_of(src, np.arange(num_blocks)), blocks_of(dst, dst_ids), strict=True
+        ):
+            np.testing.assert_array_equal(a, b)
+        transfer.close()
+    finally:
+        harness.close()

@@ -2,10 +2,16 @@
 
 #include "lmcache_cpp/cache_engine.h"
 
+#include <poll.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <cstring>
 #include <utility>
 
+#include "crc32c.h"
 #include "lmcache_cpp/logging.h"
 
 namespace lmcache_cpp {
@@ -70,6 +76,7 @@ struct CacheEngine::Namespace {
 struct CacheEngine::Request {
   RequestId id = 0;
   TimePoint last_used{};
+  bool load_failure_logged = false;  // a failed retrieve is logged once per request
 };
 
 struct CacheEngine::Ticket {
@@ -77,6 +84,13 @@ struct CacheEngine::Ticket {
   bool store = false;
   RequestId request = 0;  // store: the ticket's internal request; retrieve: the engine request
   std::vector<ObjectKey> keys;  // store: the reserved keys; retrieve: every key of the range
+  // Store: per reserved key, its index among the ticket's offsets, and its arena offset.
+  std::vector<uint32_t> positions;
+  std::vector<uint64_t> offsets;
+  size_t num_offsets = 0;
+  uint64_t object_bytes = 0;
+  // Retrieve: per key, the generation of the object whose offset was handed out.
+  std::vector<uint64_t> generations;
   TimePoint created{};
 };
 
@@ -118,7 +132,12 @@ CacheEngine::CacheEngine(StorageManager* storage, EngineConfig config)
       config_(std::move(config)),
       clock_(config_.clock ? config_.clock : SteadyClock::Default()) {}
 
-CacheEngine::~CacheEngine() { Stop(); }
+CacheEngine::~CacheEngine() {
+  Stop();
+  for (auto& [client, p] : processes_) {
+    if (p.pidfd >= 0) close(p.pidfd);
+  }
+}
 
 void CacheEngine::Start() {
   std::lock_guard<std::mutex> ss(start_stop_mu_);
@@ -376,6 +395,15 @@ Status CacheEngine::Resolve(const EngineKey& key, RangeKind range, bool need_req
         hashes, hasher->HashFromBlockHashes(key.data, blocks, key.block_hash_size, bs));
   }
 
+  if (range == RangeKind::kAligned && key.end != UINT64_MAX) {
+    // A transfer names exactly the tokens it moves: a range past the key's data is an error,
+    // never a shorter transfer that the caller would take for the whole.
+    const uint64_t have = key.mode == KeyMode::kTokens ? n : blocks * bs;
+    if (key.end > have) {
+      return Status::InvalidArgument("key.end " + std::to_string(key.end) + " is past the key's " +
+                                     std::to_string(have) + " tokens of data");
+    }
+  }
   const uint64_t total = std::min<uint64_t>(hashes.size(), key.end / cs);
   uint64_t first = 0;
   switch (range) {
@@ -626,10 +654,66 @@ Result<CacheEngine::Ticket> CacheEngine::TakeTicket(ClientId client, const JobHa
   return t;
 }
 
-void CacheEngine::DropTicket(const Ticket& ticket) {
+void CacheEngine::AbortTicket(const Ticket& ticket) {
   if (!ticket.store) return;  // a retrieve's leases belong to the request
   if (!ticket.keys.empty()) (void)table_->AbortWrite(ticket.request, ticket.keys);
   table_->ReleaseRequest(ticket.request);
+  (void)table_->ReleaseQuarantine(ticket.request);  // reservations whose lease had expired
+}
+
+void CacheEngine::FenceTicket(const JobHandle& handle, const Ticket& ticket) {
+  if (!ticket.store || ticket.keys.empty()) return;
+  // The writer may still be copying into the reserved extents: they leave the index and stay out
+  // of the allocator (quarantined) until the writer's late commit, or its process's exit.
+  table_->ReleaseRequest(ticket.request);
+  bool exited = false;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    auto p = processes_.find(ticket.client);
+    if (p != processes_.end() && p->second.pidfd >= 0) {
+      pollfd pfd{p->second.pidfd, POLLIN, 0};
+      exited = poll(&pfd, 1, 0) > 0;
+    }
+    if (!exited) {
+      tombstones_[handle] = Tombstone{ticket.client, ticket.request};
+      counters_.fenced_stores = tombstones_.size();
+    }
+  }
+  if (exited) (void)table_->ReleaseQuarantine(ticket.request);
+}
+
+void CacheEngine::ReleaseExitedWriters() {
+  std::vector<RequestId> release;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (processes_.empty()) return;
+    std::vector<ClientId> exited;
+    for (auto it = processes_.begin(); it != processes_.end();) {
+      bool gone = false;
+      if (it->second.pidfd >= 0) {
+        pollfd pfd{it->second.pidfd, POLLIN, 0};
+        gone = poll(&pfd, 1, 0) > 0;
+      }
+      if (gone) exited.push_back(it->first);
+      if (gone || (it->second.ended && it->second.pidfd < 0)) {
+        if (it->second.pidfd >= 0) close(it->second.pidfd);
+        it = processes_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    if (exited.empty()) return;
+    for (auto it = tombstones_.begin(); it != tombstones_.end();) {
+      if (std::find(exited.begin(), exited.end(), it->second.client) != exited.end()) {
+        release.push_back(it->second.request);
+        it = tombstones_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    counters_.fenced_stores = tombstones_.size();
+  }
+  for (RequestId r : release) (void)table_->ReleaseQuarantine(r);
 }
 
 Result<TransferTicket> CacheEngine::PrepareStore(ClientId client, const EngineKey& key) {
@@ -671,11 +755,15 @@ Result<TransferTicket> CacheEngine::PrepareStore(ClientId client, const EngineKe
       if (r.skipped) {
         out.offsets.push_back(-1);
       } else {
+        t.positions.push_back(static_cast<uint32_t>(out.offsets.size()));
+        t.offsets.push_back(r.offset);
         out.offsets.push_back(static_cast<int64_t>(r.offset));
         t.keys.push_back(r.key);
       }
     }
   }
+  t.num_offsets = out.offsets.size();
+  t.object_bytes = rk.ns->object_bytes;
   const uint64_t reserved = t.keys.size();
   const uint64_t skipped = rk.keys.size() - reserved;
   {
@@ -687,19 +775,66 @@ Result<TransferTicket> CacheEngine::PrepareStore(ClientId client, const EngineKe
   return out;
 }
 
-Result<uint64_t> CacheEngine::CommitStore(ClientId client, const JobHandle& handle, bool success) {
-  LMCACHE_ASSIGN_OR_RETURN(Ticket t, TakeTicket(client, handle, true));
+Result<uint64_t> CacheEngine::CommitStore(ClientId client, const JobHandle& handle, bool success,
+                                          const std::vector<uint32_t>* crc32c) {
+  Result<Ticket> taken = TakeTicket(client, handle, true);
+  if (!taken.ok()) {
+    if (taken.status().code() != StatusCode::kNotFound) return taken.status();
+    // A ticket dropped while its writer was still at work: the writer is done now.
+    RequestId fenced = 0;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      auto it = tombstones_.find(handle);
+      if (it == tombstones_.end()) return taken.status();
+      fenced = it->second.request;
+      tombstones_.erase(it);
+      counters_.fenced_stores = tombstones_.size();
+      if (success) ++counters_.store_expired;
+    }
+    (void)table_->ReleaseQuarantine(fenced);
+    if (!success) return uint64_t{0};
+    return Status::LeaseNotHeld(
+        "the store's reservation expired before COMMIT_STORE (transfer_ttl); nothing was "
+        "published");
+  }
+  Ticket t = std::move(*taken);
+  if (success && crc32c != nullptr && crc32c->size() != t.num_offsets) {
+    AbortTicket(t);
+    std::lock_guard<std::mutex> l(mu_);
+    ++counters_.store_aborts;
+    return Status::InvalidArgument("COMMIT_STORE carries " + std::to_string(crc32c->size()) +
+                                   " checksums for " + std::to_string(t.num_offsets) +
+                                   " offsets; nothing was published");
+  }
   if (!success) {
-    DropTicket(t);
+    AbortTicket(t);
     std::lock_guard<std::mutex> l(mu_);
     ++counters_.store_aborts;
     return uint64_t{0};
   }
-  Status st = t.keys.empty() ? Status::Ok() : table_->FinishWrite(t.request, t.keys, 0);
-  table_->ReleaseRequest(t.request);  // nothing is left on success; a failed publish is aborted
+  // Every object carries its checksum from here on: the worker's (computed from the bytes it
+  // copied), or ours, over the bytes now in the arena.
+  std::vector<uint32_t> crcs(t.keys.size());
+  for (size_t i = 0; i < t.keys.size(); ++i) {
+    crcs[i] = crc32c != nullptr ? (*crc32c)[t.positions[i]]
+                                : internal::Crc32c(table_->data(t.offsets[i]), t.object_bytes);
+  }
+  Status st =
+      t.keys.empty() ? Status::Ok() : table_->FinishWrite(t.request, t.keys, 0, crcs.data());
+  table_->ReleaseRequest(t.request);  // nothing is left on success
+  // A write lease that expired before the commit left its object quarantined; the writer is done.
+  (void)table_->ReleaseQuarantine(t.request);
   std::lock_guard<std::mutex> l(mu_);
+  if (crc32c == nullptr) counters_.store_crc_computed += t.keys.size();
   if (!st.ok()) {
     ++counters_.store_aborts;
+    if (st.code() == StatusCode::kLeaseNotHeld) {
+      ++counters_.store_expired;
+      return Status::LeaseNotHeld(
+          "the store's write lease expired before COMMIT_STORE; nothing "
+          "was published (" +
+          st.message() + ")");
+    }
     return st;
   }
   counters_.store_chunks += t.keys.size();
@@ -712,8 +847,28 @@ Result<TransferTicket> CacheEngine::PrepareRetrieve(ClientId client, const Engin
   ResolvedKey rk;
   LMCACHE_RETURN_IF_ERROR(Resolve(key, RangeKind::kAligned, true, false, &rk));
   auto fail = [&](Status st) {
-    std::lock_guard<std::mutex> l(mu_);
-    ++counters_.retrieve_failures;
+    bool log = false;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      ++counters_.retrieve_failures;
+      if (st.code() == StatusCode::kTimeout) {
+        ++counters_.retrieve_timeouts;
+      } else {
+        ++counters_.retrieve_absent;
+      }
+      auto it = requests_.find(RequestKey(key.model_name, key.request_id));
+      if (it != requests_.end() && !it->second->load_failure_logged) {
+        it->second->load_failure_logged = true;
+        log = true;
+      }
+    }
+    if (log) {
+      Log(LogLevel::kWarning, "retrieve of request '" + std::string(key.request_id) + "' chunks [" +
+                                  std::to_string(key.start / config_.chunk_size) + ", " +
+                                  std::to_string(key.end / config_.chunk_size) +
+                                  ") failed; the engine recomputes them: " + st.ToString() +
+                                  " (further failures of this request are only counted)");
+    }
     return st;
   };
   if (rk.request == 0 && !rk.keys.empty()) {
@@ -730,6 +885,8 @@ Result<TransferTicket> CacheEngine::PrepareRetrieve(ClientId client, const Engin
   out.first_chunk = rk.first_chunk;
   out.object_bytes = rk.ns->object_bytes;
   out.offsets.reserve(rk.keys.size());
+  std::vector<uint64_t> generations;
+  generations.reserve(rk.keys.size());
   for (size_t i = 0; i < rk.keys.size(); ++i) {
     const ObjectKey& k = rk.keys[i];
     // The generation the request leases (after a forced Clear the index may already hold a
@@ -742,17 +899,20 @@ Result<TransferTicket> CacheEngine::PrepareRetrieve(ClientId client, const Engin
                                     std::string(key.request_id) + "'; nothing may be retrieved"));
     }
     out.offsets.push_back(static_cast<int64_t>(info->offset));
+    generations.push_back(info->generation);
   }
   Ticket t;
   t.store = false;
   t.request = rk.request;
   t.keys = std::move(rk.keys);
+  t.generations = std::move(generations);
   const uint64_t n = t.keys.size();
   {
     std::lock_guard<std::mutex> l(mu_);
     size_t& per = tickets_per_client_[client];
     if (per >= config_.max_transfers_per_client) {
       ++counters_.retrieve_failures;
+      ++counters_.retrieve_absent;
       return Status::ResourceExhausted("client has " + std::to_string(per) +
                                        " uncommitted transfers (the limit)");
     }
@@ -767,10 +927,11 @@ Result<TransferTicket> CacheEngine::PrepareRetrieve(ClientId client, const Engin
 Status CacheEngine::CommitRetrieve(ClientId client, const JobHandle& handle) {
   LMCACHE_ASSIGN_OR_RETURN(Ticket t, TakeTicket(client, handle, false));
   if (t.keys.empty()) return Status::Ok();
-  Status st = table_->ReleaseRead(t.request, t.keys, 1);
+  Status st = table_->ReleaseRead(t.request, t.keys, 1, t.generations.data());
   if (!st.ok()) {
     std::lock_guard<std::mutex> l(mu_);
     ++counters_.retrieve_failures;
+    ++counters_.retrieve_lease_lost;
     return Status::LeaseNotHeld(
         "a lease of this retrieve was released or expired before the "
         "commit; the copied bytes must not be used (" +
@@ -781,13 +942,33 @@ Status CacheEngine::CommitRetrieve(ClientId client, const JobHandle& handle) {
 
 // ---- housekeeping ----------------------------------------------------------------------------
 
+Status CacheEngine::SetClientProcess(ClientId client, int pid) {
+  if (pid <= 0) return Status::InvalidArgument("pid must be > 0");
+#ifdef SYS_pidfd_open
+  const int fd = static_cast<int>(syscall(SYS_pidfd_open, pid, 0));
+  if (fd < 0) {
+    const int err = errno;
+    if (err == ESRCH) return Status::NotFound("no process " + std::to_string(pid));
+    return Status::NotSupported(std::string("pidfd_open: ") + std::strerror(err));
+  }
+  std::lock_guard<std::mutex> l(mu_);
+  ClientProcess& p = processes_[client];
+  if (p.pidfd >= 0) close(p.pidfd);
+  p.pidfd = fd;
+  return Status::Ok();
+#else
+  (void)client;
+  return Status::NotSupported("pidfd_open is not available on this system");
+#endif
+}
+
 uint64_t CacheEngine::EndClient(ClientId client) {
-  std::vector<Ticket> dropped;
+  std::vector<std::pair<JobHandle, Ticket>> dropped;
   {
     std::lock_guard<std::mutex> l(mu_);
     for (auto it = tickets_.begin(); it != tickets_.end();) {
       if (it->second->client == client) {
-        dropped.push_back(std::move(*it->second));
+        dropped.emplace_back(it->first, std::move(*it->second));
         it = tickets_.erase(it);
       } else {
         ++it;
@@ -806,17 +987,34 @@ uint64_t CacheEngine::EndClient(ClientId client) {
     for (auto it = lookups_.begin(); it != lookups_.end();) {
       it = it->second->client == client ? lookups_.erase(it) : std::next(it);
     }
+    auto p = processes_.find(client);
+    if (p != processes_.end()) p->second.ended = true;
     ++counters_.ended_clients;
   }
-  for (const Ticket& t : dropped) DropTicket(t);
-  return storage_->EndClient(client);
+  for (const auto& [h, t] : dropped) FenceTicket(h, t);
+  const uint64_t released = storage_->EndClient(client);
+  // The process's pidfd stays while tombstones name the client (ReleaseExitedWriters).
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    auto p = processes_.find(client);
+    if (p != processes_.end()) {
+      bool named = false;
+      for (const auto& [h, ts] : tombstones_) named = named || ts.client == client;
+      if (!named) {
+        if (p->second.pidfd >= 0) close(p->second.pidfd);
+        processes_.erase(p);
+      }
+    }
+  }
+  return released;
 }
 
 uint64_t CacheEngine::Clear(bool force) { return table_->Clear(force); }
 
 uint64_t CacheEngine::ReapExpired() {
+  ReleaseExitedWriters();
   const TimePoint now = clock_->Now();
-  std::vector<Ticket> tickets;
+  std::vector<std::pair<JobHandle, Ticket>> tickets;
   std::vector<RequestId> requests;
   std::vector<std::shared_ptr<Namespace>> spaces;
   uint64_t dropped = 0;
@@ -826,7 +1024,7 @@ uint64_t CacheEngine::ReapExpired() {
       if (now - it->second->created >= config_.transfer_ttl) {
         auto pc = tickets_per_client_.find(it->second->client);
         if (pc != tickets_per_client_.end() && --pc->second == 0) tickets_per_client_.erase(pc);
-        tickets.push_back(std::move(*it->second));
+        tickets.emplace_back(it->first, std::move(*it->second));
         it = tickets_.erase(it);
       } else {
         ++it;
@@ -852,7 +1050,7 @@ uint64_t CacheEngine::ReapExpired() {
     counters_.reaped_requests += requests.size();
     for (const auto& [k, ns] : namespaces_) spaces.push_back(ns);
   }
-  for (const Ticket& t : tickets) DropTicket(t);
+  for (const auto& [h, t] : tickets) FenceTicket(h, t);
   for (RequestId r : requests) {
     for (const auto& ns : spaces) ns->sessions.EndSession(r);
     storage_->EndRequest(r);
@@ -877,6 +1075,7 @@ EngineStats CacheEngine::stats() const {
     s.requests = requests_.size();
     s.transfers = tickets_.size();
     s.pending_lookups = lookups_.size();
+    s.fenced_stores = tombstones_.size();
     for (const auto& [k, ns] : namespaces_) spaces.push_back(ns);
   }
   for (const auto& ns : spaces) s.sessions += ns->sessions.size();

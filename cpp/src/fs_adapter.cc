@@ -590,7 +590,10 @@ bool FileSystemL2Adapter::StoreOne(const ObjectKey& key, const ConstBuffer& buf,
 
 Status FileSystemL2Adapter::WriteObjectFile(const std::string& tmp, const ObjectKey& key,
                                             const ConstBuffer& buf, uint8_t* scratch) {
-  EncodeHeader(scratch, key, buf.size, internal::Crc32c(buf.data, buf.size));
+  // The checksum committed with the object when known (the store controller verified the bytes
+  // against it just before this store): bytes that changed since then fail it on load.
+  EncodeHeader(scratch, key, buf.size,
+               buf.has_crc32c ? buf.crc32c : internal::Crc32c(buf.data, buf.size));
   bool direct = WantDirect(buf.data, buf.size);
   for (int attempt = 0; attempt < 2; ++attempt) {
     const int flags = O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | (direct ? O_DIRECT : 0);

@@ -22,13 +22,13 @@ enum class KeyState : uint8_t {
   kLeased = 1,  // the key appeared in L1 meanwhile and was leased directly
 };
 
-// Releases `count` leases per key for the request; a key whose lease is gone (expired, or the
-// request ended) is skipped instead of failing the others.
+// Returns what a job still holds of its `count` leases per key: up to `count`, never more than
+// the request holds. A retrieve (or FREE_LOOKUP_LOCKS) of the request may have returned some
+// already, and those must not be taken again from leases a newer lookup of the request took.
 void ReleaseLeases(ObjectTable* table, RequestId request, const std::vector<ObjectKey>& keys,
                    uint32_t count) {
   if (keys.empty()) return;
-  if (table->ReleaseRead(request, keys, count).ok()) return;
-  for (const ObjectKey& k : keys) (void)table->ReleaseRead(request, {k}, count);
+  (void)table->ReleaseReadUpTo(request, keys, count);
 }
 
 // Aborts the writes; per key when the batch fails (a write lease reaped meanwhile).
@@ -116,6 +116,9 @@ struct PrefetchController::Job {
   bool holds_slot = false;  // counted in in_flight_
   bool active = false;      // L2 work outstanding (counted in active_)
   CancelKind cancel = CancelKind::kNone;
+  // The L1 prefix leases were returned at the cancel (a superseding lookup of the request must
+  // find them gone before it leases): Complete then returns only what the job published.
+  bool prefix_released = false;
   bool publishing = false;  // FinishWriteFor in progress (outside the lock)
   bool done = false;        // result available
   PrefetchResult result;
@@ -237,14 +240,20 @@ PrefetchController::CancelAction PrefetchController::MarkCancelledLocked(Job* jo
     // Finished: holds exactly result.hits leases.
     return kind == CancelKind::kCancelled ? CancelAction::kReleaseLeases : CancelAction::kNothing;
   }
-  // In flight: the pipeline sees `cancel` when its current step ends and cleans up.
-  return CancelAction::kNothing;
+  // In flight: the pipeline sees `cancel` when its current step ends and cleans up what it
+  // published; the L1 prefix goes back now.
+  if (kind != CancelKind::kCancelled) return CancelAction::kNothing;
+  job->prefix_released = true;
+  return CancelAction::kReleasePrefix;
 }
 
 void PrefetchController::RunCancelAction(const std::shared_ptr<Job>& job, CancelAction action) {
   switch (action) {
     case CancelAction::kNothing: return;
     case CancelAction::kReleaseLeases: ReleaseJobLeases(*job); return;
+    case CancelAction::kReleasePrefix:
+      ReleaseLeases(table_, job->req.owner.request, job->LeasedPrefix(0, job->l1_hits), job->count);
+      return;
     case CancelAction::kAbandonIdle:
       UnpinAll(job.get());
       Complete(job, {job->l1_hits, job->l1_hits, 0}, Status::Cancelled("cancelled"));
@@ -409,8 +418,33 @@ Result<std::optional<SyncLookupResult>> PrefetchController::SyncLookupImpl(Prefe
   job->req = std::move(request);
   job->sync = true;
   job->created = clock_->Now();
-  const size_t l1 = table_->AcquireReadPrefix(job->req.owner, job->req.keys, job->count);
   const size_t n = job->req.keys.size();
+  // A request has one sync lookup: the previous one (an engine looking the request up again, as
+  // after a preemption) returns what it still holds *before* this one leases, so that what it
+  // returns cannot be this lookup's leases.
+  std::shared_ptr<Job> previous;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopped_) return Status::Unavailable("prefetch controller is stopped");
+    auto prev = sync_by_request_.find(job->req.owner.request);
+    if (prev != sync_by_request_.end()) {
+      auto pj = jobs_.find(prev->second);
+      if (pj != jobs_.end()) previous = pj->second;
+    }
+  }
+  if (previous) {
+    // The socket-thread variant changes nothing when it would have to ask L2.
+    if (l1_only && !adapters_.empty() && !table_->Contains(job->req.keys).All()) {
+      return std::optional<SyncLookupResult>();
+    }
+    CancelAction action;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      action = MarkCancelledLocked(previous.get(), CancelKind::kCancelled);
+    }
+    RunCancelAction(previous, action);
+  }
+  const size_t l1 = table_->AcquireReadPrefix(job->req.owner, job->req.keys, job->count);
   if (l1_only && l1 < n && !adapters_.empty()) {
     ReleaseLeases(table_, job->req.owner.request, job->LeasedPrefix(0, l1), job->count);
     return std::optional<SyncLookupResult>();
@@ -424,6 +458,7 @@ Result<std::optional<SyncLookupResult>> PrefetchController::SyncLookupImpl(Prefe
       ReleaseLeases(table_, job->req.owner.request, job->LeasedPrefix(0, l1), job->count);
       return Status::Unavailable("prefetch controller is stopped");
     }
+    // A concurrent sync lookup of the same request registered meanwhile: the later one wins.
     auto prev = sync_by_request_.find(job->req.owner.request);
     if (prev != sync_by_request_.end()) {
       auto pj = jobs_.find(prev->second);
@@ -851,6 +886,9 @@ void PrefetchController::FinishLoad(const std::shared_ptr<Job>& job) {
     }
   }
   AbortWrites(table_, internal, abort);
+  // Writes whose lease was dropped meanwhile (reaped, or the client ended) were quarantined: the
+  // adapters are done writing into them now.
+  (void)table_->ReleaseQuarantine(internal);
   ReleaseLeases(table_, req.owner.request, release_leased, job->count);
   // Step 7: drop the remaining pins.
   for (size_t a = 0; a < adapters_.size(); ++a) {
@@ -905,7 +943,7 @@ void PrefetchController::Complete(const std::shared_ptr<Job>& job, PrefetchResul
       }
       // kCancelled: the job's L1 prefix and whatever it published. kEnded: only what it
       // published (the request's ledger is dropped by the caller anyway).
-      from = kind == CancelKind::kCancelled ? 0 : job->l1_hits;
+      from = kind == CancelKind::kCancelled && !job->prefix_released ? 0 : job->l1_hits;
       to = result.hits;
       handled = kind;
     }

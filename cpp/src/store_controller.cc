@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <utility>
 
+#include "crc32c.h"
 #include "lmcache_cpp/logging.h"
 
 namespace lmcache_cpp {
@@ -135,17 +136,33 @@ void StoreController::RunBatch(std::vector<ObjectKey> keys) {
   // Lease what is still in L1; a key evicted (or deleted) since it was announced is skipped.
   const Bitmap leased = table_->AcquireReadAvailable({0, batch->request}, keys, 1);
   std::vector<ConstBuffer> buffers;
+  size_t corrupt = 0;
   for (size_t i = 0; i < keys.size(); ++i) {
     if (!leased.Test(i)) continue;
-    std::optional<ObjectInfo> info = table_->Info(keys[i]);
+    std::optional<ObjectInfo> info = table_->LeasedInfo(batch->request, keys[i]);
     if (!info) {  // cannot happen while leased; be defensive
-      (void)table_->ReleaseRead(batch->request, {keys[i]});
+      (void)table_->ReleaseReadUpTo(batch->request, {keys[i]}, 1);
       continue;
     }
+    ConstBuffer buf{table_->data(info->offset), info->size};
+    if (info->has_crc32c) {
+      // The bytes must still be the ones committed: a stray write into a published object (a
+      // worker writing past its lease) is caught here, before it reaches any tier.
+      if (internal::Crc32c(buf.data, buf.size) != info->crc32c) {
+        ++corrupt;
+        (void)table_->ReleaseRead(batch->request, {keys[i]});
+        (void)table_->Discard(keys[i], info->generation);
+        Log(LogLevel::kWarning, "store: L1 object " + keys[i].ToShortString() +
+                                    " no longer matches its checksum; dropped, not written to L2");
+        continue;
+      }
+      buf.has_crc32c = true;
+      buf.crc32c = info->crc32c;
+    }
     batch->keys.push_back(keys[i]);
-    buffers.push_back({table_->data(info->offset), info->size});
+    buffers.push_back(buf);
   }
-  const size_t skipped = keys.size() - batch->keys.size();
+  const size_t skipped = keys.size() - batch->keys.size() - corrupt;
   batch->sent.assign(adapters_.size(), {});
   batch->targets_left.assign(batch->keys.size(), 0);
   batch->failed.assign(batch->keys.size(), 0);
@@ -164,6 +181,7 @@ void StoreController::RunBatch(std::vector<ObjectKey> keys) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     counters_.skipped_evicted += skipped;
+    counters_.corrupt_in_l1 += corrupt;
     counters_.submitted += submitted;
     batch->pending = calls;
     if (calls == 0) --in_flight_;

@@ -102,6 +102,7 @@ from lmcache_cpp.protocol import (
     encode_request,
     encode_request_header,
     key_map,
+    pid_namespace,
     prefetch_status_from_wire,
     registration_from_wire,
 )
@@ -128,6 +129,7 @@ TokensLike: TypeAlias = bytes | npt.NDArray[np.integer[Any]] | Sequence[int]
 
 _U32_MAX: Final = (1 << 32) - 1
 _DEFAULT_RETRIEVE_WAIT_S: Final = 30.0
+_PID_NAMESPACE: Final = pid_namespace()
 _EMPTY_PAYLOAD: Final = encode_request(RequestType.PING, 0, {})[1]
 _SENT, _LATER, _FAILED = 0, 1, 2  # outcomes of CacheClient._send
 _POLLIN: Final = int(zmq.POLLIN)
@@ -577,7 +579,8 @@ class CacheClient:
     # ---- requests ----------------------------------------------------------------------------
 
     def async_hello(self, name: str = "") -> concurrent.futures.Future[HelloInfo]:
-        return self._submit(RequestType.HELLO, HelloRequest(name).to_wire(), _hello_from_wire, None)
+        body = HelloRequest(name, os.getpid(), _PID_NAMESPACE)
+        return self._submit(RequestType.HELLO, body.to_wire(), _hello_from_wire, None)
 
     def hello(self, name: str = "") -> HelloInfo:
         """Version handshake; NotSupportedError when the server speaks another version."""
@@ -743,9 +746,12 @@ class CacheClient:
         return self._call(lambda: self.async_prepare_store(key))
 
     def async_commit_store(
-        self, handle: bytes, success: bool = True
+        self, handle: bytes, success: bool = True, crc32c: Sequence[int] | None = None
     ) -> concurrent.futures.Future[int]:
-        body = CommitStoreRequest(_check_handle(handle), bool(success))
+        crcs = None
+        if crc32c is not None:
+            crcs = struct.pack(f"<{len(crc32c)}I", *crc32c)
+        body = CommitStoreRequest(_check_handle(handle), bool(success), crcs)
         return self._submit(
             RequestType.COMMIT_STORE,
             body.to_wire(),
@@ -753,9 +759,15 @@ class CacheClient:
             None,
         )
 
-    def commit_store(self, handle: bytes, success: bool = True) -> int:
-        """Publishes (or, success=False, aborts) a store ticket; returns the objects published."""
-        return self._call(lambda: self.async_commit_store(handle, success))
+    def commit_store(
+        self, handle: bytes, success: bool = True, crc32c: Sequence[int] | None = None
+    ) -> int:
+        """Publishes (or, success=False, aborts) a store ticket; returns the objects published.
+
+        ``crc32c``: one CRC32C per offset of the ticket (skipped offsets' entries are ignored), of
+        the bytes written; without it the server computes them. A reservation that expired before
+        the commit raises :class:`LeaseNotHeldError`: nothing was published."""
+        return self._call(lambda: self.async_commit_store(handle, success, crc32c))
 
     def async_prepare_retrieve(
         self, key: Key | WireKey, timeout_s: float | None = None, *, deadline_s: float | None = None

@@ -179,6 +179,14 @@ _L1_STATS: Final = (
     _c("evicted_bytes", "l1_evicted_bytes_total", "L1 bytes evicted."),
     _c("expired_leases", "l1_expired_leases_total", "L1 leases released by TTL expiry."),
     _c("reserve_failures", "l1_reserve_failures_total", "L1 reservations that found no space."),
+    _c(
+        "lease_cap_refusals",
+        "l1_lease_cap_refusals_total",
+        "L1 read leases refused at the per-object cap.",
+    ),
+    _g("quarantined", "l1_quarantined_objects", "L1 extents held for writers still at work."),
+    _g("quarantined_bytes", "l1_quarantined_bytes", "Bytes of quarantined L1 extents."),
+    _c("discarded", "l1_discarded_total", "L1 objects dropped for failing their checksum."),
 )
 
 _PREFETCH_STATS: Final = (
@@ -207,6 +215,11 @@ _STORE_STATS: Final = (
     _c("stored", "store_stored_total", "Objects stored to L2."),
     _c("failed", "store_failed_total", "Objects whose L2 store failed."),
     _c("skipped_evicted", "store_skipped_evicted_total", "Objects evicted before their L2 store."),
+    _c(
+        "corrupt_in_l1",
+        "store_corrupt_in_l1_total",
+        "Objects whose L1 bytes failed their checksum before the L2 store (not stored).",
+    ),
     _c("dropped", "store_dropped_total", "Objects not stored to L2 because the queue was full."),
     _c("freed_from_l1", "store_freed_from_l1_total", "Objects dropped from L1 after the L2 store."),
 )
@@ -254,6 +267,32 @@ _ENGINE_STATS: Final = (
     _c("retrieves", "engine_retrieves_total", "Retrieve transfers prepared."),
     _c("retrieve_chunks", "engine_retrieve_chunks_total", "Chunks handed out for retrieval."),
     _c("retrieve_failures", "engine_retrieve_failures_total", "Retrieves that failed."),
+    _c(
+        "retrieve_absent",
+        "engine_retrieve_absent_total",
+        "Retrieves that failed: an object absent or not leased.",
+    ),
+    _c(
+        "retrieve_timeouts",
+        "engine_retrieve_timeouts_total",
+        "Retrieves that failed: the request's L2 load did not finish in time.",
+    ),
+    _c(
+        "retrieve_lease_lost",
+        "engine_retrieve_lease_lost_total",
+        "Retrieves refused at COMMIT_RETRIEVE: a lease expired or moved to another object.",
+    ),
+    _c(
+        "store_expired",
+        "engine_store_expired_total",
+        "COMMIT_STOREs refused because the reservation had expired (nothing published).",
+    ),
+    _c(
+        "store_crc_computed",
+        "engine_store_crc_computed_total",
+        "Objects whose CRC32C the server computed at COMMIT_STORE (the worker sent none).",
+    ),
+    _g("fenced_stores", "engine_fenced_stores", "Dropped stores whose writer may still write."),
     _c("freed_leases", "engine_freed_leases_total", "Leases released by FREE_LOOKUP_LOCKS."),
     _c("ended_sessions", "engine_ended_sessions_total", "END_SESSION requests handled."),
     _c("ended_clients", "engine_ended_clients_total", "Clients ended (disconnect or timeout)."),

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import enum
 import math
+import os
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -70,6 +71,7 @@ __all__ = [
     "encode_request",
     "pack_offsets",
     "parse_body",
+    "pid_namespace",
     "prefetch_status_from_wire",
     "prefetch_status_to_wire",
     "registration_from_wire",
@@ -489,14 +491,34 @@ class EmptyRequest:
         return {}
 
 
+def pid_namespace() -> int | None:
+    """The inode of this process's pid namespace (None where /proc does not say): two processes
+    with the same value see the same pids."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
 @dataclass(frozen=True)
 class HelloRequest:
-    """HELLO: ``client_name`` is free text for the server's log (e.g. ``"vllm worker 3"``)."""
+    """HELLO: ``client_name`` is free text for the server's log (e.g. ``"vllm worker 3"``).
+
+    ``pid`` and ``pid_ns`` (the inode of ``/proc/self/ns/pid``) name the client's process: a
+    server in the same pid namespace watches it, so that arena extents fenced for the client's
+    writers are freed once the process has exited (docs/design/integrity.md).
+    """
 
     client_name: str = ""
+    pid: int | None = None
+    pid_ns: int | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {"client_name": self.client_name}
+        out: dict[str, Any] = {"client_name": self.client_name}
+        if self.pid is not None:
+            out["pid"] = self.pid
+            out["pid_ns"] = self.pid_ns
+        return out
 
 
 @dataclass(frozen=True)
@@ -593,11 +615,19 @@ class PrefetchWaitRequest:
 
 @dataclass(frozen=True)
 class CommitStoreRequest:
+    """COMMIT_STORE. ``crc32c``: the CRC32C of every object the worker wrote, one little-endian
+    uint32 per offset of the PREPARE_STORE reply (entries of skipped offsets are ignored); absent,
+    the server computes them."""
+
     handle: bytes
     success: bool = True
+    crc32c: bytes | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {"handle": self.handle, "success": self.success}
+        out: dict[str, Any] = {"handle": self.handle, "success": self.success}
+        if self.crc32c is not None:
+            out["crc32c"] = self.crc32c
+        return out
 
 
 @dataclass(frozen=True)
@@ -658,7 +688,11 @@ def parse_body(
     ):
         body = EmptyRequest()
     elif rt is RequestType.HELLO:
-        body = HelloRequest(f.string("client_name", limits.max_string_bytes, ""))
+        body = HelloRequest(
+            f.string("client_name", limits.max_string_bytes, ""),
+            f.optional_integer("pid", 1, _I32_MAX),
+            f.optional_integer("pid_ns", 0, _U64_MAX),
+        )
     elif rt is RequestType.REGISTER_KV_CACHE:
         model_name = f.string("model_name", limits.max_string_bytes, nonempty=True)
         world_size = f.integer("world_size", 1, _U32_MAX)
@@ -690,7 +724,12 @@ def parse_body(
             f.handle("handle"), f.number("timeout_s", 0.0, limits.max_wait_s)
         )
     elif rt is RequestType.COMMIT_STORE:
-        body = CommitStoreRequest(f.handle("handle"), f.boolean("success", True))
+        crc32c = f.optional_binary("crc32c")
+        if crc32c is not None and len(crc32c) % 4 != 0:
+            raise ProtocolError(
+                _INVALID, "COMMIT_STORE: field 'crc32c' must hold whole uint32 values"
+            )
+        body = CommitStoreRequest(f.handle("handle"), f.boolean("success", True), crc32c)
     elif rt is RequestType.END_SESSION:
         s = limits.max_string_bytes
         body = EndSessionRequest(

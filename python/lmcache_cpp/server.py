@@ -40,10 +40,11 @@ import os
 import queue
 import secrets
 import socket
+import struct
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, Protocol
@@ -83,6 +84,7 @@ from lmcache_cpp.protocol import (
     decode_request,
     encode_error_reply,
     encode_reply,
+    pid_namespace,
     prefetch_status_to_wire,
 )
 
@@ -211,11 +213,18 @@ class EngineLike(Protocol):
     def free_lookup_locks(self, client: int, key: _core.EngineKey, tp_size: int = 1) -> int: ...
     def end_session(self, client: int, model_name: str, request_id: str) -> int: ...
     def prepare_store(self, client: int, key: _core.EngineKey) -> _TicketLike: ...
-    def commit_store(self, client: int, handle: _core.JobHandle, success: bool = True) -> int: ...
+    def commit_store(
+        self,
+        client: int,
+        handle: _core.JobHandle,
+        success: bool = True,
+        crc32c: Sequence[int] | None = None,
+    ) -> int: ...
     def prepare_retrieve(
         self, client: int, key: _core.EngineKey, timeout_s: float | None = None
     ) -> _TicketLike: ...
     def commit_retrieve(self, client: int, handle: _core.JobHandle) -> None: ...
+    def set_client_process(self, client: int, pid: int) -> None: ...
     def end_client(self, client: int) -> int: ...
     def clear(self, force: bool = False) -> int: ...
     def reap_expired(self) -> int: ...
@@ -633,7 +642,14 @@ class Dispatcher:
 
     def _on_commit_store(self, client: int, body: RequestBody) -> Mapping[str, Any]:
         assert isinstance(body, CommitStoreRequest)
-        published = self._engine.commit_store(client, _handle_from_wire(body.handle), body.success)
+        crcs = (
+            None
+            if body.crc32c is None
+            else list(struct.unpack(f"<{len(body.crc32c) // 4}I", body.crc32c))
+        )
+        published = self._engine.commit_store(
+            client, _handle_from_wire(body.handle), body.success, crcs
+        )
         return {"published": int(published)}
 
     def _on_prepare_retrieve(self, client: int, body: RequestBody) -> Mapping[str, Any]:
@@ -1386,6 +1402,13 @@ class CacheServer:
         client = self._clients_by_id.get(client_id)
         if client is not None:
             client.name = body.client_name
+        if body.pid is not None and body.pid_ns is not None and body.pid_ns == pid_namespace():
+            # Same host and pid namespace: the engine watches the process, so that stores it
+            # left unfinished stay fenced exactly as long as it could still write.
+            try:
+                self._engine.set_client_process(client_id, body.pid)
+            except LMCacheError as exc:
+                _log.debug("client %d: cannot watch process %d: %s", client_id, body.pid, exc)
         _log.debug(
             "client %d hello%s", client_id, f" ({body.client_name})" if body.client_name else ""
         )

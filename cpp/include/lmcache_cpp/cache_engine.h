@@ -27,8 +27,18 @@
 //
 // Retrieve never reports partial success: PrepareRetrieve fails (KeyAbsent) unless every object
 // of the range is present and leased by the request, and CommitRetrieve fails (LeaseNotHeld) when
-// a lease expired or was released while the worker copied, in which case the copied bytes must
-// not be used.
+// a lease expired or was released while the worker copied -- checked against the generation of
+// each object handed out, so a lease released and taken again on a new object does not pass --
+// in which case the copied bytes must not be used. A transfer range past the key's data is
+// InvalidArgument, never a shorter transfer.
+//
+// Writers are fenced. A worker writes into the arena between PrepareStore and CommitStore. When
+// its ticket is dropped without its commit (transfer_ttl, or its client ended), or its write
+// lease expired, the reserved extents are quarantined, not freed (ObjectTable), and the ticket
+// leaves a tombstone: a late CommitStore is refused (LeaseNotHeld) and frees them, and so does the
+// exit of the writer's process when the host told the engine its pid (SetClientProcess). Every
+// object carries a CRC32C from CommitStore on: the worker's, computed while it copied, or the
+// engine's, computed at the commit.
 //
 // Thread safety: every method is thread-safe. The engine's mutex is a leaf: it is never held while
 // calling the storage manager (table, controllers, adapters), so blocking calls (SyncLookup,
@@ -146,6 +156,14 @@ struct EngineStats {
   uint64_t lookup_chunks = 0, hit_chunks = 0, l1_hit_chunks = 0, l2_hit_chunks = 0;
   uint64_t stores = 0, store_chunks = 0, store_skipped = 0, store_aborts = 0;
   uint64_t retrieves = 0, retrieve_chunks = 0, retrieve_failures = 0;
+  // retrieve_failures by cause: objects absent or not leased, a pending L2 load not finished in
+  // time, a lease lost (expired, released, or another generation) before COMMIT_RETRIEVE.
+  uint64_t retrieve_absent = 0, retrieve_timeouts = 0, retrieve_lease_lost = 0;
+  // COMMIT_STOREs refused because the reservation had expired or been dropped (nothing published).
+  uint64_t store_expired = 0;
+  // Objects whose CRC32C the engine computed at COMMIT_STORE (the worker sent none).
+  uint64_t store_crc_computed = 0;
+  uint64_t fenced_stores = 0;  // dropped store tickets whose writer may still write (gauge)
   uint64_t freed_leases = 0, ended_sessions = 0, ended_clients = 0;
   uint64_t reaped_transfers = 0, reaped_requests = 0;
 };
@@ -218,9 +236,13 @@ class CacheEngine {
   // leased objects), ResourceExhausted (client's tickets).
   Result<TransferTicket> PrepareStore(ClientId client, const EngineKey& key);
   // Publishes (success) or aborts the reserved objects. Returns the objects published.
-  // Errors: NotFound (unknown ticket), InvalidArgument (a retrieve ticket), PermissionDenied,
-  // LeaseNotHeld (the reservation expired: nothing was published).
-  Result<uint64_t> CommitStore(ClientId client, const JobHandle& handle, bool success = true);
+  // `crc32c`, when given, holds one CRC32C per offset of the ticket (entries of skipped offsets
+  // are ignored): the checksums of the bytes the worker wrote; without it the engine computes
+  // them. Errors: NotFound (unknown ticket), InvalidArgument (a retrieve ticket; a wrong number
+  // of checksums: nothing is published), PermissionDenied, LeaseNotHeld (the reservation expired
+  // or was dropped: nothing was published).
+  Result<uint64_t> CommitStore(ClientId client, const JobHandle& handle, bool success = true,
+                               const std::vector<uint32_t>* crc32c = nullptr);
   // Joins the request's pending sync load (up to `timeout`, nullopt = retrieve_wait_timeout), then
   // returns the offsets of the objects of [start, end), each of which must be present and leased
   // by the request. Errors: InvalidArgument, NotFound (model), KeyAbsent (an object is missing or
@@ -233,8 +255,13 @@ class CacheEngine {
   Status CommitRetrieve(ClientId client, const JobHandle& handle);
 
   // ---- housekeeping ------------------------------------------------------------------------
-  // A client disconnected: its jobs, leases, tickets (stores aborted) and registrations go.
-  // Returns the leases released.
+  // The process behind `client` (same host, same pid namespace): the engine keeps a pidfd, so
+  // that extents fenced for the client's writers are freed once the process has exited. Errors:
+  // InvalidArgument (pid <= 0), NotFound (no such process), NotSupported (no pidfd_open).
+  Status SetClientProcess(ClientId client, int pid);
+  // A client disconnected: its jobs, leases, tickets and registrations go. Its uncommitted stores
+  // are fenced (see above) unless its process is known to have exited. Returns the leases
+  // released.
   uint64_t EndClient(ClientId client);
   // Removes every unleased L1 object (force: leased ones are detached and freed when released).
   uint64_t Clear(bool force = false);
@@ -276,7 +303,13 @@ class CacheEngine {
   // the caller's).
   JobHandle InsertTicketLocked(ClientId client, Ticket ticket);
   Result<Ticket> TakeTicket(ClientId client, const JobHandle& handle, bool store);
-  void DropTicket(const Ticket& ticket);
+  // The writer aborted: frees its reservations.
+  void AbortTicket(const Ticket& ticket);
+  // Dropped without its writer (TTL, client ended): quarantines its reservations and leaves a
+  // tombstone, unless the writer's process has exited.
+  void FenceTicket(const JobHandle& handle, const Ticket& ticket);
+  // Frees the quarantines of tombstones whose writer's process exited.
+  void ReleaseExitedWriters();
   void ReapLoop();
 
   StorageManager* const storage_;
@@ -297,6 +330,16 @@ class CacheEngine {
   std::unordered_map<std::string, std::unique_ptr<Request>> requests_;  // GUARDED_BY(mu_)
   std::unordered_map<JobHandle, std::unique_ptr<Ticket>, JobHandleHash> tickets_;  // mu_
   std::unordered_map<ClientId, size_t> tickets_per_client_;  // GUARDED_BY(mu_)
+  struct Tombstone {
+    ClientId client = 0;
+    RequestId request = 0;  // the ticket's internal request (its quarantine)
+  };
+  std::unordered_map<JobHandle, Tombstone, JobHandleHash> tombstones_;  // GUARDED_BY(mu_)
+  struct ClientProcess {
+    int pidfd = -1;
+    bool ended = false;  // EndClient ran; kept while tombstones name the client
+  };
+  std::unordered_map<ClientId, ClientProcess> processes_;  // GUARDED_BY(mu_)
   std::unordered_map<JobHandle, std::unique_ptr<PendingLookup>, JobHandleHash> lookups_;  // mu_
   RequestId next_request_ = 1;                              // GUARDED_BY(mu_)
   RequestId next_transfer_request_ = kTransferRequestBase;  // GUARDED_BY(mu_)

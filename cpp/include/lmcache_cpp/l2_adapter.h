@@ -41,6 +41,12 @@ namespace lmcache_cpp {
 struct ConstBuffer {
   const uint8_t* data = nullptr;
   uint64_t size = 0;
+  // The CRC32C of the `size` bytes as they were committed to L1, when known (the store
+  // controller checks the bytes against it just before it submits them). An adapter keeps it with
+  // the object and checks the bytes against it on every load; one that computes its own checksum
+  // may use this one instead, saving a pass over the bytes.
+  bool has_crc32c = false;
+  uint32_t crc32c = 0;
 };
 
 struct MutableBuffer {

@@ -26,12 +26,14 @@
 //     its timeout (an adapter that has not answered by then counts as a miss and its late pins
 //     are dropped); it then starts the load (steps 4-7) in the background, which any number of
 //     the request's workers join with WaitLoad. Sync lookups are not subject to max_in_flight.
-//     A request has at most one pending sync lookup; a new one cancels the previous.
+//     A request has at most one pending sync lookup; a new one cancels the previous, which
+//     returns what it still holds before the new one leases anything.
 //
 // Ownership and cleanup: a job's leases belong to the user's request (LeaseOwner). Cancel and
-// the TTL reaper release exactly what the job leased. EndRequest / EndClient drop jobs without
-// releasing their leases: the caller then drops the request's whole ledger
-// (ObjectTable::ReleaseRequest / ReleaseClient). Results not collected within job_ttl are
+// the TTL reaper release what the job still holds: its leases, less any the request returned
+// meanwhile (a retrieve or FreeLookupLocks), never another lookup's (ReleaseReadUpTo). EndRequest /
+// EndClient drop jobs without releasing their leases: the caller then drops the request's whole
+// ledger (ObjectTable::ReleaseRequest / ReleaseClient). Results not collected within job_ttl are
 // reaped (their leases released).
 //
 // Request ids with the top bit set are reserved for internal use (kInternalRequestBit).
@@ -194,7 +196,7 @@ class PrefetchController {
   // whole ledger is dropped by the caller, so the job only drops its pins and temporaries.
   enum class CancelKind : uint8_t { kNone, kCancelled, kEnded };
   // What the caller of MarkCancelledLocked must do after releasing mu_.
-  enum class CancelAction : uint8_t { kNothing, kReleaseLeases, kAbandonIdle };
+  enum class CancelAction : uint8_t { kNothing, kReleaseLeases, kReleasePrefix, kAbandonIdle };
 
   // LookupAndPin; with l1_only, nullopt (nothing leased) when L2 would have to be asked.
   Result<std::optional<SyncLookupResult>> SyncLookupImpl(PrefetchRequest request, Duration timeout,

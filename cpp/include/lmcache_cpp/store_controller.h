@@ -7,7 +7,10 @@
 //
 // Flow: ObjectTable::OnObjectsReady -> queue (bounded; the oldest keys are dropped, and counted,
 // when producers outrun the adapters) -> worker thread forms batches -> AcquireReadAvailable (a key
-// evicted meanwhile is skipped) -> SubmitStore on each target adapter (StorePolicy) -> the last
+// evicted meanwhile is skipped) -> each object's bytes checked against the CRC32C committed with
+// it (a mismatch -- a stray write into a published object -- drops it from L1, counted in
+// corrupt_in_l1, and it reaches no tier) -> SubmitStore on each target adapter (StorePolicy),
+// the checksum passed along in the ConstBuffer -> the last
 // completion releases the batch's leases and, with free_l1_after_store ("L1 as a write buffer"),
 // deletes the L1 copies that every target adapter stored.
 //
@@ -71,6 +74,7 @@ struct StoreControllerStats {
   uint64_t stored = 0;           // key x adapter stores that succeeded
   uint64_t failed = 0;           // key x adapter stores that failed
   uint64_t skipped_evicted = 0;  // keys gone from L1 before they could be leased
+  uint64_t corrupt_in_l1 = 0;    // objects whose L1 bytes no longer matched their checksum
   uint64_t dropped = 0;          // keys dropped from a full queue
   uint64_t freed_from_l1 = 0;    // keys deleted from L1 (free_l1_after_store)
 };
