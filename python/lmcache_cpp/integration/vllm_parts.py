@@ -6,7 +6,13 @@
 * :func:`kv_view_of`: the core's :class:`~lmcache_cpp.KvCacheView` of vLLM's per-layer KV tensors.
 * :class:`WorkerSession`: one worker's registration and arena mapping on one server incarnation,
   and the store/retrieve transfers through it, each checked against a server restart.
-* The plain-data messages from the scheduler side to the workers (:class:`ConnectorMeta`).
+* The plain-data messages from the scheduler side to the workers (:class:`ConnectorMeta`) and
+  back (:class:`LoadReport`).
+* The two fences that keep KV computed over the blocks of a failed load out of the cache:
+  :class:`LoadTracker` (scheduler side: no store is planned that depends on a load whose outcome
+  is not known yet) and :class:`StoreFence` (worker side: no store is sent that depends on a load
+  this worker saw fail, until the scheduler has seen the failure). See "Failed loads" in
+  ``docs/vllm.md``.
 
 Nothing here imports vLLM or torch at module level, so it can be used and tested without them.
 """
@@ -18,7 +24,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
@@ -37,7 +43,10 @@ __all__ = [
     "ConnectorMeta",
     "KeySpec",
     "LoadOp",
+    "LoadReport",
+    "LoadTracker",
     "ServerHealth",
+    "StoreFence",
     "StoreOp",
     "WorkerSession",
     "kv_view_of",
@@ -312,11 +321,182 @@ class StoreOp:
 
 @dataclass
 class ConnectorMeta:
-    """One scheduler step's work for the workers (a ``KVConnectorMetadata`` in vLLM)."""
+    """One scheduler step's work for the workers (a ``KVConnectorMetadata`` in vLLM).
+
+    ``step`` numbers the scheduler's steps (0, 1, ...); ``reports_seen`` is the last step whose
+    :class:`LoadReport` the scheduler had processed when it planned this one (-1: none yet);
+    ``chunk_size`` is the server's, in tokens (0 while the scheduler does not know it).
+    """
 
     loads: list[LoadOp] = field(default_factory=list)
     stores: list[StoreOp] = field(default_factory=list)
     preempted: set[str] = field(default_factory=set)
+    step: int = 0
+    reports_seen: int = -1
+    chunk_size: int = 0
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """The outcome of one step's loads, sent by the workers to the scheduler (through vLLM's
+    ``KVConnectorWorkerMetadata``) for every step that had loads: the requests whose load failed
+    on some worker. Every other load of the step succeeded on every worker."""
+
+    step: int
+    failed: frozenset[str] = frozenset()
+
+    def merge(self, other: LoadReport) -> LoadReport:
+        """The report of the same step from two workers: a load failed if it failed on either."""
+        if other.step != self.step:
+            raise ValueError(f"cannot merge the reports of steps {self.step} and {other.step}")
+        return LoadReport(self.step, self.failed | other.failed)
+
+
+def merge_reports(reports: Iterable[LoadReport]) -> list[LoadReport]:
+    """One report per step, in step order."""
+    by_step: dict[int, LoadReport] = {}
+    for report in reports:
+        seen = by_step.get(report.step)
+        by_step[report.step] = report if seen is None else seen.merge(report)
+    return [by_step[step] for step in sorted(by_step)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Failed loads: the two fences
+
+
+@dataclass(frozen=True)
+class _PendingLoad:
+    step: int
+    start: int  # first token of the load (chunk aligned)
+    blocks: frozenset[int]  # the blocks the load fills
+
+
+class LoadTracker:
+    """Scheduler side: the loads whose outcome the workers have not reported yet.
+
+    A load that fails leaves garbage in the blocks it should have filled, and vLLM discards the
+    step and recomputes those tokens, but every chunk computed in that step (or in a step
+    scheduled before vLLM knew of the failure) was computed over them. So a store is planned only
+    once the outcome of every load it could depend on is known: the request's own load, and any
+    load that fills one of the blocks its chunks were computed over (another request that shares
+    a block vLLM cached in the same step). A store held back is not lost: the scheduler's
+    ``stored`` mark does not advance, so a later step's store covers it. When a report says a
+    load failed, :meth:`report` returns where that request's load started, and the scheduler
+    moves its ``stored`` mark back there, so the chunks vLLM recomputes are stored again.
+
+    vLLM's scheduler thread only.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, _PendingLoad] = {}
+        self.reports_seen = -1  # the last step whose report was processed
+        self.failed_loads = 0  # loads reported failed
+        self.held_back = 0  # store plans that waited for a load's outcome
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def planned(self, req_id: str, step: int, start: int, blocks: Iterable[int]) -> None:
+        """A load of ``req_id`` filling ``blocks`` is sent to the workers in ``step``."""
+        self._pending[req_id] = _PendingLoad(step, start, frozenset(blocks))
+
+    def holds_back(self, req_id: str, block_ids: Sequence[int]) -> bool:
+        """True when a store of ``req_id`` whose chunks were computed over ``block_ids`` must
+        wait: its own load, or a load into one of those blocks, has not been reported yet."""
+        if not self._pending:
+            return False
+        if req_id in self._pending or any(
+            not load.blocks.isdisjoint(block_ids) for load in self._pending.values()
+        ):
+            self.held_back += 1
+            return True
+        return False
+
+    def report(self, report: LoadReport) -> dict[str, int | None]:
+        """Settles the loads of ``report.step``. Returns the requests whose load failed, each
+        with the first token of its load (None: a load this tracker no longer knows, e.g. of a
+        request that was preempted and loaded again since)."""
+        self.reports_seen = max(self.reports_seen, report.step)
+        failed: dict[str, int | None] = dict.fromkeys(sorted(report.failed))
+        for req_id, load in list(self._pending.items()):
+            if load.step == report.step:
+                del self._pending[req_id]
+                if req_id in failed:
+                    failed[req_id] = load.start
+        self.failed_loads += len(failed)
+        return failed
+
+    def forget(self, req_id: str) -> bool:
+        """The request finished: its load is no longer waited for. True if one was pending."""
+        return self._pending.pop(req_id, None) is not None
+
+
+class StoreFence:
+    """Worker side: the stores that a load this worker saw fail forbids.
+
+    When a load of a request fails, its blocks hold garbage until vLLM recomputes them, and
+    vLLM learns of the failure only from this step's output. Until the scheduler has processed
+    that output (a metadata whose ``reports_seen`` reaches the failed step), this worker refuses
+    every store of that request, and every store of any request whose chunks were computed over
+    one of the failed blocks. The scheduler's :class:`LoadTracker` never plans such a store; this
+    fence is the second line, on the side that saw the failure, and counts what it drops.
+
+    vLLM's worker thread only (loads and store submissions run there).
+    """
+
+    def __init__(self, block_size: int) -> None:
+        self._block_size = block_size
+        self._requests: dict[str, int] = {}  # request -> step of the failed load it depends on
+        self._blocks: dict[int, int] = {}  # block -> step of the failed load that filled it
+        self.stores_dropped = 0
+        self.chunks_dropped = 0
+
+    def load_failed(self, req_id: str, step: int, blocks: Iterable[int]) -> None:
+        """A load of ``req_id`` into ``blocks``, sent in ``step``, failed."""
+        self._requests[req_id] = max(step, self._requests.get(req_id, step))
+        for block in blocks:
+            self._blocks[block] = max(step, self._blocks.get(block, step))
+
+    def lift(self, reports_seen: int) -> None:
+        """The scheduler has processed the reports of every step up to ``reports_seen``."""
+        if self._requests:
+            self._requests = {r: s for r, s in self._requests.items() if s > reports_seen}
+        if self._blocks:
+            self._blocks = {b: s for b, s in self._blocks.items() if s > reports_seen}
+
+    def admit(self, op: StoreOp, chunk_size: int) -> bool:
+        """True if ``op`` may be stored; otherwise it is counted, logged and must be dropped.
+        ``chunk_size``: the server's (``op``'s range is whole chunks of it)."""
+        if not self._requests and not self._blocks:
+            return True
+        fenced = self._requests.get(op.req_id)
+        if fenced is None and self._blocks:
+            used = op.block_ids[: -(-op.end // self._block_size)]
+            steps = [self._blocks[b] for b in used if b in self._blocks]
+            if steps:
+                fenced = self._requests[op.req_id] = max(steps)
+        if fenced is None:
+            return True
+        chunk_size = max(chunk_size, 1)
+        self.stores_dropped += 1
+        self.chunks_dropped += (op.end - op.start) // chunk_size
+        _log.warning(
+            "LMCacheCppConnector: store of request %s, chunks [%d, %d), dropped: computed over "
+            "the blocks of a load that failed in step %d (%d store(s) dropped so far)",
+            op.req_id,
+            op.start // chunk_size,
+            op.end // chunk_size,
+            fenced,
+            self.stores_dropped,
+        )
+        return False
+
+    def forget(self, req_ids: Iterable[str]) -> None:
+        """These requests finished."""
+        for req_id in req_ids:
+            self._requests.pop(req_id, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,11 +610,22 @@ class WorkerSession:
 
     def retrieve(self, key: Key, block_ids: Sequence[int], skip: int) -> None:
         """PREPARE_RETRIEVE, same-server check, scatter (leaving the first ``skip`` tokens of the
-        request untouched), COMMIT_RETRIEVE. Raises unless every chunk arrived intact."""
+        request untouched), COMMIT_RETRIEVE. Raises unless every chunk arrived intact: the key's
+        range must be whole chunks, and the ticket must hold exactly one object per chunk of it
+        (anything else would leave blocks unfilled that vLLM takes as loaded)."""
+        cs = self.chunk_size
+        if key.end < 0 or key.start % cs or key.end % cs or key.end <= key.start:
+            raise InternalError(f"retrieve of tokens [{key.start}, {key.end}) is not whole chunks")
+        first, count = key.start // cs, (key.end - key.start) // cs
         ticket, hello = self._prepare(self._client.async_prepare_retrieve(key))
         try:
             self._check_same_server(hello)
-            cs = self.chunk_size
+            if ticket.first_chunk != first or len(ticket.offsets) != count:
+                raise InternalError(
+                    f"the retrieve ticket covers chunks [{ticket.first_chunk}, "
+                    f"{ticket.first_chunk + len(ticket.offsets)}), asked for [{first}, "
+                    f"{first + count})"
+                )
             chunk_ids, objects, skips = [], [], []
             for i, offset in enumerate(ticket.offsets):
                 chunk = ticket.first_chunk + i
