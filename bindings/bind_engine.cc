@@ -43,6 +43,7 @@ struct PyEngineConfig {
   size_t max_transfers_per_client = 4096;
   size_t max_chunks_per_key = 16384;
   size_t max_requests = size_t{1} << 20;
+  size_t max_keys_per_request = size_t{1} << 20;
 
   EngineConfig ToCore(std::shared_ptr<Clock> clock) const {
     EngineConfig c;
@@ -59,6 +60,7 @@ struct PyEngineConfig {
     c.max_transfers_per_client = max_transfers_per_client;
     c.max_chunks_per_key = max_chunks_per_key;
     c.max_requests = max_requests;
+    c.max_keys_per_request = max_keys_per_request;
     c.clock = std::move(clock);
     return c;
   }
@@ -174,7 +176,7 @@ void BindTypes(nb::module_& m) {
              double sync_lookup_timeout_s, double retrieve_wait_timeout_s, double transfer_ttl_s,
              double request_ttl_s, double lookup_ttl_s, double session_ttl_s, size_t max_sessions,
              size_t max_registrations_per_client, size_t max_transfers_per_client,
-             size_t max_chunks_per_key, size_t max_requests) {
+             size_t max_chunks_per_key, size_t max_requests, size_t max_keys_per_request) {
             new (self) PyEngineConfig{chunk_size,
                                       hash_algorithm,
                                       sync_lookup_timeout_s,
@@ -187,7 +189,8 @@ void BindTypes(nb::module_& m) {
                                       max_registrations_per_client,
                                       max_transfers_per_client,
                                       max_chunks_per_key,
-                                      max_requests};
+                                      max_requests,
+                                      max_keys_per_request};
           },
           nb::kw_only(), "chunk_size"_a = d.chunk_size, "hash_algorithm"_a = d.hash_algorithm,
           "sync_lookup_timeout_s"_a = d.sync_lookup_timeout_s,
@@ -197,7 +200,8 @@ void BindTypes(nb::module_& m) {
           "max_sessions"_a = d.max_sessions,
           "max_registrations_per_client"_a = d.max_registrations_per_client,
           "max_transfers_per_client"_a = d.max_transfers_per_client,
-          "max_chunks_per_key"_a = d.max_chunks_per_key, "max_requests"_a = d.max_requests)
+          "max_chunks_per_key"_a = d.max_chunks_per_key, "max_requests"_a = d.max_requests,
+          "max_keys_per_request"_a = d.max_keys_per_request)
       .def_rw("chunk_size", &PyEngineConfig::chunk_size)
       .def_rw("hash_algorithm", &PyEngineConfig::hash_algorithm)
       .def_rw("sync_lookup_timeout_s", &PyEngineConfig::sync_lookup_timeout_s)
@@ -210,7 +214,8 @@ void BindTypes(nb::module_& m) {
       .def_rw("max_registrations_per_client", &PyEngineConfig::max_registrations_per_client)
       .def_rw("max_transfers_per_client", &PyEngineConfig::max_transfers_per_client)
       .def_rw("max_chunks_per_key", &PyEngineConfig::max_chunks_per_key)
-      .def_rw("max_requests", &PyEngineConfig::max_requests);
+      .def_rw("max_requests", &PyEngineConfig::max_requests)
+      .def_rw("max_keys_per_request", &PyEngineConfig::max_keys_per_request);
 
   nb::class_<PyEngineKey>(m, "EngineKey",
                           "A request's key: model, ranks, request id and token range, by token "

@@ -55,8 +55,14 @@ RouterLoop::Drained RouterLoop::Drain(size_t max_messages) {
       return out;
     }
     client->second.last_seen = MonotonicSeconds();
-    std::optional<Reply> reply =
-        path_->Handle(client->second.id, message.frame(1), message.frame(2));
+    std::optional<Reply> reply;
+    try {
+      reply = path_->Handle(client->second.id, message.frame(1), message.frame(2));
+    } catch (const std::exception&) {
+      // FastPath answers its own failures; anything else goes to the Python path, which words
+      // an error reply. The loop itself never stops on a request.
+      reply.reset();
+    }
     if (!reply.has_value()) {
       out.unhandled = std::move(message);
       out.tried = true;

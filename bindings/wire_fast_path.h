@@ -18,6 +18,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <exception>
+#include <new>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -304,19 +306,29 @@ class FastPath {
       return std::nullopt;
     }
     Reader r(payload);
-    switch (type) {
-      case kPing: {
-        uint32_t fields = 0;
-        if (!r.ReadMapHeader(&fields) || fields != 0 || !r.AtEnd()) return std::nullopt;
-        Writer w;
-        w.FixMap(0);
-        return Ok(kPing, seq, w.Take());
+    // Nothing escapes to the socket thread: a request whose work cannot be allocated (or that
+    // trips any other exception) gets an error reply, and the server keeps serving.
+    try {
+      switch (type) {
+        case kPing: {
+          uint32_t fields = 0;
+          if (!r.ReadMapHeader(&fields) || fields != 0 || !r.AtEnd()) return std::nullopt;
+          Writer w;
+          w.FixMap(0);
+          return Ok(kPing, seq, w.Take());
+        }
+        case kLookup:
+        case kSyncLookup: return KeyRequest(client, static_cast<uint32_t>(type), seq, &r);
+        case kQueryPrefetchStatus: return Query(client, seq, &r);
+        case kEndSession: return EndSessionRequest(client, seq, &r);
+        default: return std::nullopt;
       }
-      case kLookup:
-      case kSyncLookup: return KeyRequest(client, static_cast<uint32_t>(type), seq, &r);
-      case kQueryPrefetchStatus: return Query(client, seq, &r);
-      case kEndSession: return EndSessionRequest(client, seq, &r);
-      default: return std::nullopt;
+    } catch (const std::bad_alloc&) {
+      return Error(static_cast<uint32_t>(type), seq,
+                   Status::ResourceExhausted("the server ran out of memory for this request"));
+    } catch (const std::exception& e) {
+      return Error(static_cast<uint32_t>(type), seq,
+                   Status::Internal(std::string("request failed: ") + e.what()));
     }
   }
 

@@ -1848,5 +1848,35 @@ TEST_F(CacheEngineTest, AnObjectWhoseBytesNoLongerMatchItsChecksumNeverReachesL2
   EXPECT_EQ(LookupAndWait(2, TokenKey(tokens, "x")).hit_chunks, 1u);
 }
 
+// ---- bounded work per request ---------------------------------------------------------------
+
+TEST_F(CacheEngineTest, ARequestNamingMoreObjectsThanTheCapIsRefusedBeforeAnyWork) {
+  EngineConfig c;
+  c.max_keys_per_request = 64;
+  ASSERT_NO_FATAL_FAILURE(Build(c));
+  Register(1, 0, /*world_size=*/16);
+  auto tokens = Tokens(5 * kCs, 1);  // 5 chunks x 16 ranks = 80 objects
+  auto lookup = engine_->Lookup(2, AllRanksKey(tokens, "big", 16), 1);
+  EXPECT_EQ(lookup.status().code(), StatusCode::kResourceExhausted) << lookup.status().ToString();
+  EXPECT_EQ(engine_->SyncLookup(2, AllRanksKey(tokens, "big", 16), 1).status().code(),
+            StatusCode::kResourceExhausted);
+  EXPECT_EQ(engine_->stats().requests, 0u) << "nothing was interned";
+  EXPECT_EQ(engine_->stats().sessions, 0u) << "nothing was hashed";
+  // 4 chunks x 16 ranks = 64: at the cap, served.
+  auto four = Tokens(4 * kCs, 1);
+  EXPECT_TRUE(engine_->SyncLookup(2, AllRanksKey(four, "ok", 16), 1).ok());
+  // One rank's key names one object per chunk.
+  EngineKey one = AllRanksKey(tokens, "one", 16);
+  one.worker_id = 3;
+  EXPECT_TRUE(engine_->SyncLookup(2, one, 1).ok());
+}
+
+TEST_F(CacheEngineTest, AWorldWhoseChunkForEveryRankCannotFitInL1IsRefused) {
+  ASSERT_NO_FATAL_FAILURE(Build({}, /*objects=*/8));
+  auto too_wide = engine_->RegisterKvCache(1, kModel, 9, 0, MakeLayout());
+  EXPECT_EQ(too_wide.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_TRUE(engine_->RegisterKvCache(1, kModel, 8, 0, MakeLayout()).ok());
+}
+
 }  // namespace
 }  // namespace lmcache_cpp

@@ -179,3 +179,21 @@ def test_l1_demo_fails_when_a_verification_fails(
     captured = capsys.readouterr()
     assert "FAILED" in captured.out
     assert "read back wrong bytes" in captured.err
+
+
+def test_serve_exits_non_zero_when_its_socket_thread_dies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that can no longer serve must not stay alive: run_forever returns
+    EXIT_SERVER_FAILED (the socket thread's loop is made to fail: a fault injection)."""
+    from lmcache_cpp import app, server
+    from lmcache_cpp.config import ServerConfig
+
+    def broken_serve(self: server.CacheServer, router: object, results: object) -> None:
+        raise MemoryError("injected")
+
+    monkeypatch.setattr(server.CacheServer, "_serve", broken_serve)
+    config = ServerConfig(
+        endpoint=f"ipc://{tmp_path}/s.sock", l1_size_gb=0.0625, hugepages="off", chunk_size=16
+    )
+    assert app.run_forever(config, ready_line=False) == app.EXIT_SERVER_FAILED

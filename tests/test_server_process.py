@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import select
 import signal
 import subprocess
@@ -34,10 +35,13 @@ from lmcache_cpp import _core
 from lmcache_cpp.client import CacheClient, Key, KvTransferClient, LookupResult
 from lmcache_cpp.errors import (
     DeadlineExceededError,
+    InternalError,
+    InvalidArgumentError,
     KeyAbsentError,
     LMCacheError,
     NotFoundError,
     PermissionDeniedError,
+    ResourceExhaustedError,
     UnavailableError,
 )
 from lmcache_cpp.protocol import PROTOCOL_VERSION, RequestType, encode_request
@@ -186,16 +190,24 @@ def start_server(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     # A short directory: a Unix socket path has at most 107 bytes, and test ids can be long.
     ipc_dir = tmp_path_factory.mktemp("ipc")
 
-    def start(**overrides: Any) -> ServerProcess:
+    def start(*, address_space_limit: int | None = None, **overrides: Any) -> ServerProcess:
         n = len(servers)
         flags = {**BASE_FLAGS, "endpoint": f"ipc://{ipc_dir}/s{n}.sock", **overrides}
         stderr_path = tmp_path / f"server{n}.stderr"
+
+        def limit() -> None:  # in the child, before exec
+            if address_space_limit is not None:
+                resource.setrlimit(resource.RLIMIT_AS, (address_space_limit, address_space_limit))
+
+        env = {**os.environ, "MALLOC_ARENA_MAX": "2"} if address_space_limit else None
         with stderr_path.open("wb") as stderr:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "lmcache_cpp", "serve", *_flag_args(flags)],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=stderr,
+                preexec_fn=limit if address_space_limit is not None else None,
+                env=env,
             )
         grace = float(flags.get("heartbeat_grace_s", 30.0))
         server = ServerProcess(proc, flags["endpoint"], stderr_path, min(5.0, grace / 5))
@@ -961,3 +973,55 @@ def test_a_killed_server_fails_requests_at_once_and_is_reconnected(
     assert client.get_chunk_size() == CHUNK
     assert client.hello().server_version == client.hello_info.server_version
     assert back.client().status()["server"]["clients"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# One client cannot stop the server (bounded work per request; nothing escapes the socket thread)
+
+
+def _every_rank_lookup(client: CacheClient, world_size: int, n_tokens: int) -> Any:
+    toks = np.arange(n_tokens, dtype=np.uint32)
+    return client.async_lookup(
+        Key(MODEL, request_id="huge", tokens=toks, world_size=world_size, worker_id=-1), 1
+    )
+
+
+def test_a_request_naming_too_many_objects_is_refused_before_any_work(
+    start_server: StartServer,
+) -> None:
+    """A lookup for every rank of a 4096-rank namespace with 1M tokens names 268M objects; it
+    gets ResourceExhausted at once and everyone else is served."""
+    server = start_server(max_tokens_per_key=1 << 20)
+    kv = EngineKv.make(_core.KvLayout.NHD)
+    server.worker(kv, world_size=4096, worker_id=0)
+    bad = server.client()
+    with pytest.raises(ResourceExhaustedError, match="max_keys_per_request"):
+        _every_rank_lookup(bad, 4096, 1 << 20).result(timeout=15.0)
+    other = server.client()
+    other.ping(deadline_s=2.0)
+    assert other.hello().client_id != 0
+    # A namespace whose one chunk for every rank could not fit in L1 is refused at registration.
+    with pytest.raises(InvalidArgumentError, match="world_size"):
+        server.worker(kv, model="too-wide", world_size=1 << 16, worker_id=0)
+
+
+def test_a_request_that_runs_out_of_memory_gets_an_error_and_the_server_keeps_serving(
+    start_server: StartServer,
+) -> None:
+    """With the per-request cap lifted, the same lookup runs out of memory in a server under a
+    3 GB address-space limit: the request gets an error reply, the socket thread survives, and
+    a second client is served."""
+    server = start_server(
+        max_tokens_per_key=1 << 20,
+        max_keys_per_request=1 << 31,
+        address_space_limit=3 << 30,
+    )
+    kv = EngineKv.make(_core.KvLayout.NHD)
+    server.worker(kv, world_size=4096, worker_id=0)
+    bad = server.client()
+    with pytest.raises((ResourceExhaustedError, InternalError)):
+        _every_rank_lookup(bad, 4096, 1 << 20).result(timeout=60.0)
+    other = server.client(timeout_s=5.0)
+    assert other.hello().client_id != 0
+    other.ping(deadline_s=2.0)
+    assert server.proc.poll() is None

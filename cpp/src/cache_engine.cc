@@ -115,8 +115,9 @@ Result<std::unique_ptr<CacheEngine>> CacheEngine::Create(StorageManager* storage
                                                          EngineConfig config) {
   if (storage == nullptr) return Status::InvalidArgument("CacheEngine: storage is null");
   if (config.chunk_size == 0) return Status::InvalidArgument("CacheEngine: chunk_size is 0");
-  if (config.max_chunks_per_key == 0) {
-    return Status::InvalidArgument("CacheEngine: max_chunks_per_key is 0");
+  if (config.max_chunks_per_key == 0 || config.max_keys_per_request == 0) {
+    return Status::InvalidArgument(
+        "CacheEngine: max_chunks_per_key and max_keys_per_request must be >= 1");
   }
   // Fails early for a hash algorithm this build lacks.
   LMCACHE_ASSIGN_OR_RETURN(
@@ -190,6 +191,15 @@ Result<Registration> CacheEngine::RegisterKvCache(ClientId client, std::string_v
                                    ")");
   }
   LMCACHE_ASSIGN_OR_RETURN(uint64_t object_bytes, layout.ObjectBytes(config_.chunk_size));
+  // One chunk for every rank must fit in L1, or every lookup of the namespace's keys for all
+  // ranks would name more objects than L1 can ever hold.
+  const uint64_t arena_objects = table_->arena()->size() / std::max<uint64_t>(object_bytes, 1);
+  if (world_size > arena_objects) {
+    return Status::InvalidArgument("world_size " + std::to_string(world_size) + " needs " +
+                                   std::to_string(world_size) + " objects of " +
+                                   std::to_string(object_bytes) + " bytes per chunk; L1 holds " +
+                                   std::to_string(arena_objects));
+  }
   const std::string fingerprint = layout.Fingerprint();
   NamespaceConfig nsc{std::string(model_name), fingerprint + "|ws=" + std::to_string(world_size),
                       ""};
@@ -347,6 +357,18 @@ Status CacheEngine::Resolve(const EngineKey& key, RangeKind range, bool need_req
     }
   }
 
+  {
+    // The work of a request is its chunks times its ranks: bounded before anything is hashed,
+    // expanded or leased.
+    const uint64_t chunks = key.mode == KeyMode::kTokens ? n / cs : blocks * bs / cs;
+    const uint64_t ranks = key.worker_id < 0 ? ns.world_size : 1;
+    if (chunks * ranks > config_.max_keys_per_request) {
+      return Status::ResourceExhausted(
+          "key names " + std::to_string(chunks) + " chunks x " + std::to_string(ranks) +
+          " ranks = " + std::to_string(chunks * ranks) + " objects; one request may name at most " +
+          std::to_string(config_.max_keys_per_request) + " (max_keys_per_request)");
+    }
+  }
   if (range == RangeKind::kAligned && key.start % cs != 0) {
     return Status::InvalidArgument("key.start " + std::to_string(key.start) +
                                    " is not a multiple of the chunk size " + std::to_string(cs));

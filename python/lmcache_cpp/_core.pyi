@@ -990,6 +990,7 @@ class EngineConfig:
     max_transfers_per_client: int
     max_chunks_per_key: int
     max_requests: int
+    max_keys_per_request: int
     def __init__(
         self,
         *,
@@ -1006,6 +1007,7 @@ class EngineConfig:
         max_transfers_per_client: int = 4096,
         max_chunks_per_key: int = 16384,
         max_requests: int = 1048576,
+        max_keys_per_request: int = 1048576,
     ) -> None: ...
 
 class EngineKey:

@@ -22,9 +22,13 @@ from lmcache_cpp.config import ServerConfig, build_storage, server_options
 from lmcache_cpp.metrics import Metrics, MetricsHTTPServer
 from lmcache_cpp.server import CacheServer, ServerOptions
 
-__all__ = ["ServerApp", "run_forever"]
+__all__ = ["EXIT_SERVER_FAILED", "ServerApp", "run_forever"]
 
 _log = logging.getLogger(__name__)
+
+# The exit status of `lmcache-cpp serve` when the server stopped serving by itself (its socket
+# thread failed): non-zero, so that a supervisor restarts it (EX_SOFTWARE).
+EXIT_SERVER_FAILED = 70
 
 
 class ServerApp:
@@ -157,9 +161,16 @@ def run_forever(config: ServerConfig, ready_line: bool = True) -> int:
         _log.info("signal %d: shutting down", signum)
         stop.set()
 
+    failed: list[BaseException] = []
+
+    def _on_fatal(exc: BaseException) -> None:
+        failed.append(exc)
+        stop.set()
+
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         with ServerApp(config) as app:
+            app.server.on_fatal(_on_fatal)
             if ready_line:
                 print(f"READY {app.endpoint}", flush=True)
             while not stop.wait(timeout=3600.0):
@@ -167,4 +178,7 @@ def run_forever(config: ServerConfig, ready_line: bool = True) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    if failed:
+        _log.critical("exiting: the server stopped serving (%r)", failed[0])
+        return EXIT_SERVER_FAILED
     return 0

@@ -291,6 +291,13 @@ class ServerConfig:
     max_requests: int = _knob(
         1 << 20, "int", "request ids tracked at once (leases, pending loads)", metavar="N"
     )
+    max_keys_per_request: int = _knob(
+        1 << 20,
+        "int",
+        "objects one request may name: chunks x ranks (larger requests are refused before any "
+        "work)",
+        metavar="N",
+    )
     max_registrations_per_client: int = _knob(
         256, "int", "KV-cache registrations one client may hold", metavar="N"
     )
@@ -412,6 +419,7 @@ class ServerConfig:
             "max_jobs_per_client",
             "max_sessions",
             "max_requests",
+            "max_keys_per_request",
             "max_registrations_per_client",
             "max_transfers_per_client",
             "store_max_batch",
@@ -1115,6 +1123,7 @@ def build_storage(config: ServerConfig) -> tuple[_core.StorageManager, CacheEngi
         session_ttl_s=config.session_ttl_s,
         max_sessions=config.max_sessions,
         max_requests=config.max_requests,
+        max_keys_per_request=config.max_keys_per_request,
         max_registrations_per_client=config.max_registrations_per_client,
         max_transfers_per_client=config.max_transfers_per_client,
         max_chunks_per_key=config.max_chunks_per_key(),

@@ -781,6 +781,10 @@ class CacheServer:
         self._stopped = threading.Event()
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
+        # Called (on the dying socket thread) if the socket thread fails: the server no longer
+        # serves, and a process must not stay alive pretending it does.
+        self._fatal_listeners: list[Callable[[BaseException], None]] = []
+        self.fatal_error: BaseException | None = None
         self._context: zmq.Context[zmq.Socket[bytes]] | None = None
         self._authenticator: Any = None
         self._socket_thread: threading.Thread | None = None
@@ -1056,12 +1060,26 @@ class CacheServer:
         self._ready.set()
         try:
             self._serve(router, results)
-        except Exception:  # pragma: no cover - _serve guards every step
-            _log.exception("cache server socket thread failed")
+        except BaseException as exc:  # _serve guards every request; this is a bug or no memory
+            _log.critical("cache server socket thread failed; the server no longer serves: %r", exc)
+            self.fatal_error = exc
+            for listener in list(self._fatal_listeners):
+                try:
+                    listener(exc)
+                except Exception:  # pragma: no cover - a listener's bug
+                    _log.exception("fatal-error listener failed")
         finally:
             self._end_all_clients()
             router.close(linger=0)
             results.close(linger=0)
+
+    def on_fatal(self, listener: Callable[[BaseException], None]) -> None:
+        """Calls ``listener(exc)`` if the socket thread ever dies (it never should: every request
+        gets a reply, errors included). ``lmcache-cpp serve`` exits non-zero then, so that a
+        supervisor restarts it (docs/operations.md). A server that already failed calls it now."""
+        self._fatal_listeners.append(listener)
+        if self.fatal_error is not None:
+            listener(self.fatal_error)
 
     def _start_loop(self, router: zmq.Socket[bytes]) -> None:
         if not self._loop_wanted:

@@ -96,7 +96,11 @@ struct EngineConfig {
   size_t max_registrations_per_client = 256;
   size_t max_transfers_per_client = 4096;
   size_t max_chunks_per_key = 16384;  // InvalidArgument beyond
-  size_t max_requests = 1 << 20;      // interned request ids; ResourceExhausted beyond
+  // Object keys one request may name: chunks x ranks (a key for every rank of a world of W ranks
+  // names W keys per chunk). ResourceExhausted beyond, before anything is hashed or leased: the
+  // memory and time of one request are bounded by this, not by its chunks alone.
+  size_t max_keys_per_request = size_t{1} << 20;
+  size_t max_requests = 1 << 20;  // interned request ids; ResourceExhausted beyond
   Duration reap_interval = std::chrono::seconds(1);
   std::shared_ptr<Clock> clock;  // null = SteadyClock; used for TTLs only
 };
@@ -191,7 +195,8 @@ class CacheEngine {
 
   // ---- registration ------------------------------------------------------------------------
   // Registers one worker's KV layout for (model_name, world_size); worker_id in [0, world_size).
-  // Errors: InvalidArgument (bad layout, chunk size not a multiple of the block size, bad ids),
+  // Errors: InvalidArgument (bad layout, chunk size not a multiple of the block size, bad ids, a
+  // world_size whose one chunk for every rank would not fit in L1),
   // AlreadyExists (the namespace is registered with a different layout fingerprint),
   // ResourceExhausted (client's registrations).
   Result<Registration> RegisterKvCache(ClientId client, std::string_view model_name,
