@@ -1416,6 +1416,9 @@ TEST_F(CacheEngineTest, AStoreIntoAnL1FullOfLeasedObjectsIsOutOfMemoryAndReserve
 // ---- concurrency ---------------------------------------------------------------------------
 
 TEST_F(CacheEngineTest, LookupsRacingEndSessionOfTheirRequestLeaveNoLeases) {
+  EngineConfig c;
+  c.ended_request_ttl = Duration::zero();  // the request id is reused on purpose
+  ASSERT_NO_FATAL_FAILURE(Build(c));
   Register(1);
   auto tokens = Tokens(4 * kCs, 9);
   ASSERT_EQ(Store(1, TokenKey(tokens, "", 0, 4 * kCs)), 4u);
@@ -1450,6 +1453,9 @@ TEST_F(CacheEngineTest, LookupsRacingEndSessionOfTheirRequestLeaveNoLeases) {
 }
 
 TEST_F(CacheEngineTest, ConcurrentTrafficKeepsTheTableConsistentAndLeavesNoLeases) {
+  EngineConfig reused_ids;
+  reused_ids.ended_request_ttl = Duration::zero();  // ids are reused after END_SESSION on purpose
+  ASSERT_NO_FATAL_FAILURE(Build(reused_ids));
   Register(1);
   constexpr size_t kThreads = 4;
   constexpr size_t kIterations = 150;
@@ -1876,6 +1882,26 @@ TEST_F(CacheEngineTest, AWorldWhoseChunkForEveryRankCannotFitInL1IsRefused) {
   auto too_wide = engine_->RegisterKvCache(1, kModel, 9, 0, MakeLayout());
   EXPECT_EQ(too_wide.status().code(), StatusCode::kInvalidArgument);
   EXPECT_TRUE(engine_->RegisterKvCache(1, kModel, 8, 0, MakeLayout()).ok());
+}
+
+// A SYNC_LOOKUP that a server queued before the END_SESSION of its request overtook it: the
+// lookup must not bring the request back with leases nobody will release.
+TEST_F(CacheEngineTest, ALookupArrivingAfterItsRequestsEndSessionIsCancelled) {
+  Register(1);
+  auto tokens = Tokens(2 * kCs, 8);
+  ASSERT_EQ(Store(1, TokenKey(tokens, "", 0, 2 * kCs)), 2u);
+  EXPECT_EQ(engine_->EndSession(2, kModel, "late"), 0u);  // END_SESSION first
+  auto late = engine_->SyncLookup(2, TokenKey(tokens, "late"), 1, kWait);
+  EXPECT_EQ(late.status().code(), StatusCode::kCancelled) << late.status().ToString();
+  EXPECT_EQ(engine_->Lookup(2, TokenKey(tokens, "late"), 1).status().code(),
+            StatusCode::kCancelled);
+  EXPECT_EQ(engine_->stats().requests, 0u);
+  EXPECT_EQ(table()->stats().read_leases, 0u);
+  // Other requests are unaffected, and the id is usable again once ended_request_ttl passed.
+  EXPECT_EQ(LookupAndWait(2, TokenKey(tokens, "other")).hit_chunks, 2u);
+  clock_->Advance(seconds(31));
+  engine_->ReapExpired();
+  EXPECT_EQ(LookupAndWait(2, TokenKey(tokens, "late")).hit_chunks, 2u);
 }
 
 }  // namespace

@@ -518,3 +518,30 @@ def test_goodbye_while_a_pool_request_runs_releases_when_it_finishes(
     while server.clients_connected:
         assert time.monotonic() < deadline, "the leaving client was not dropped"
         time.sleep(0.01)
+
+
+def test_a_pool_reply_the_result_socket_refuses_is_still_delivered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker thread's reply that its PUSH socket does not take (full, or any error) is spilled
+    and sent by the socket thread: the client gets it and is not left "in flight" forever."""
+    real = zmq.Socket.send_multipart
+    refused: list[int] = []
+
+    def flaky(self: zmq.Socket[bytes], parts: list[bytes], *args: object, **kw: object) -> object:
+        if self.type == zmq.PUSH and not refused:
+            refused.append(1)
+            raise zmq.Again()
+        return real(self, parts, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(zmq.Socket, "send_multipart", flaky)
+    harness = Harness(tmp_path)
+    try:
+        server = harness.server()
+        client = harness.client(server, timeout_s=5.0)
+        assert client.clear() == 0  # CLEAR runs on the pool
+        assert refused == [1], "the fault was not injected"
+        assert all(c.in_flight == 0 for c in server._clients.values())
+        assert client.clear() == 0
+    finally:
+        harness.close()

@@ -284,6 +284,11 @@ Result<RequestId> CacheEngine::InternRequest(std::string_view model_name,
     return it->second->id;
   }
   if (!create) return RequestId{0};
+  auto ended = ended_.find(k);
+  if (ended != ended_.end() && now - ended->second < config_.ended_request_ttl) {
+    return Status::Cancelled("request '" + std::string(request_id) +
+                             "' was ended by END_SESSION; a lookup that arrives after it is void");
+  }
   if (requests_.size() >= config_.max_requests) {
     return Status::ResourceExhausted("too many open requests (" + std::to_string(requests_.size()) +
                                      "); end sessions with END_SESSION");
@@ -630,7 +635,21 @@ uint64_t CacheEngine::EndSession(ClientId client, std::string_view model_name,
   std::vector<std::shared_ptr<Namespace>> spaces;
   {
     std::lock_guard<std::mutex> l(mu_);
-    auto it = requests_.find(RequestKey(model_name, request_id));
+    std::string key = RequestKey(model_name, request_id);
+    if (config_.ended_request_ttl > Duration::zero()) {
+      // Remembered even when the request is unknown: its lookup may still be queued.
+      constexpr size_t kMaxEnded = size_t{1} << 16;
+      const TimePoint now = clock_->Now();
+      if (ended_.size() >= kMaxEnded) {
+        auto& oldest = ended_order_.front();
+        auto e = ended_.find(oldest.first);
+        if (e != ended_.end() && e->second == oldest.second) ended_.erase(e);
+        ended_order_.pop_front();
+      }
+      ended_[key] = now;
+      ended_order_.emplace_back(key, now);
+    }
+    auto it = requests_.find(key);
     if (it == requests_.end()) return 0;
     req = std::move(it->second);
     requests_.erase(it);
@@ -1067,6 +1086,12 @@ uint64_t CacheEngine::ReapExpired() {
       } else {
         ++it;
       }
+    }
+    while (!ended_order_.empty() &&
+           now - ended_order_.front().second >= config_.ended_request_ttl) {
+      auto e = ended_.find(ended_order_.front().first);
+      if (e != ended_.end() && e->second == ended_order_.front().second) ended_.erase(e);
+      ended_order_.pop_front();
     }
     counters_.reaped_transfers += tickets.size();
     counters_.reaped_requests += requests.size();

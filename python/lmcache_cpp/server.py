@@ -29,6 +29,7 @@ An ``ipc://`` socket file is chmod-ed to ``ipc_mode`` (0o600: only this user) af
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import errno
@@ -798,6 +799,10 @@ class CacheServer:
         self._clients: dict[bytes, _Client] = {}
         self._clients_by_id: dict[int, _Client] = {}
         self._pending: dict[int, _PendingJob] = {}
+        # Pool results the PUSH socket did not take (collections.deque: thread-safe appends and
+        # pops); the socket thread sends them after a wake-up, so no reply is ever lost and no
+        # client stays "in flight" forever.
+        self._spilled: collections.deque[list[bytes]] = collections.deque()
         self._tokens = itertools.count(1)
         # Shared with other threads (STATUS is built on the socket thread, accessors elsewhere).
         self._stats_lock = threading.Lock()
@@ -991,6 +996,7 @@ class CacheServer:
         assert self._context is not None
         push = self._context.socket(zmq.PUSH)
         push.setsockopt(zmq.LINGER, 0)
+        push.setsockopt(zmq.SNDHWM, 0)  # bounded by max_queued_jobs, never by the queue
         push.connect(self._results_endpoint)
         try:
             while True:
@@ -1008,12 +1014,19 @@ class CacheServer:
                 else:
                     frames, status = self._dispatcher.execute(job.client, job.request)
                 message = [job.token.to_bytes(8, "little"), status.to_bytes(4, "little"), *frames]
-                try:
-                    push.send_multipart(message, flags=zmq.NOBLOCK)
-                except zmq.ZMQError as exc:  # the socket thread is gone (stop past its deadline)
-                    _log.debug("pool reply for job %d dropped: %s", job.token, exc)
+                self._push_result(push, message)
         finally:
             push.close(linger=0)
+
+    def _push_result(self, push: zmq.Socket[bytes], message: list[bytes]) -> None:
+        """Hands a pool result to the socket thread; what the socket does not take is spilled
+        to a queue the socket thread drains after a wake-up."""
+        try:
+            push.send_multipart(message, flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            _log.debug("pool result spilled past the result socket: %s", exc)
+            self._spilled.append(message)
+            self._wake()
 
     # ---- socket thread -----------------------------------------------------------------------
 
@@ -1042,6 +1055,7 @@ class CacheServer:
                 if path and not path.startswith("@"):
                     os.chmod(path, opts.ipc_mode)
             results.setsockopt(zmq.LINGER, 0)
+            results.setsockopt(zmq.RCVHWM, 0)
             results.bind(self._results_endpoint)
         except BaseException:
             router.close(linger=0)
@@ -1127,6 +1141,8 @@ class CacheServer:
             if self._wake_r in events:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 4096)
+                if self._spilled:
+                    self._send_spilled(router)
             if results in events:
                 self._drain_results(router, results)
             if router in events:
@@ -1269,18 +1285,30 @@ class CacheServer:
                 frames = recv_frames(results)
             except zmq.Again:
                 return
-            token = int.from_bytes(frames[0], "little")
-            status = int.from_bytes(frames[1], "little")
-            job = self._pending.pop(token, None)
-            if job is None:  # pragma: no cover - tokens are unique
-                _log.error("pool result for unknown job %d", token)
-                continue
-            job.client.in_flight -= 1
-            job.client.last_seen = time.monotonic()
-            self._finish(job.client, job.request, status, job.received)
-            self._send(router, job.identity, frames[2:])
-            if job.client.leaving and job.client.in_flight == 0:
-                self._drop_client(job.client, "said goodbye")
+            self._on_result(router, frames)
+
+    def _send_spilled(self, router: zmq.Socket[bytes]) -> None:
+        while True:
+            try:
+                frames = self._spilled.popleft()
+            except IndexError:
+                return
+            self._on_result(router, frames)
+
+    def _on_result(self, router: zmq.Socket[bytes], frames: list[bytes]) -> None:
+        """One pool result: [token, status, *reply frames]."""
+        token = int.from_bytes(frames[0], "little")
+        status = int.from_bytes(frames[1], "little")
+        job = self._pending.pop(token, None)
+        if job is None:  # pragma: no cover - tokens are unique
+            _log.error("pool result for unknown job %d", token)
+            return
+        job.client.in_flight -= 1
+        job.client.last_seen = time.monotonic()
+        self._finish(job.client, job.request, status, job.received)
+        self._send(router, job.identity, frames[2:])
+        if job.client.leaving and job.client.in_flight == 0:
+            self._drop_client(job.client, "said goodbye")
 
     def _client_for(self, identity: bytes) -> _Client | None:
         client = self._clients.get(identity)

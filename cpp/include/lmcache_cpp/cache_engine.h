@@ -54,6 +54,7 @@
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -89,6 +90,11 @@ struct EngineConfig {
   Duration transfer_ttl = std::chrono::seconds(120);
   // A request id unused for this long is ended as by EndSession.
   Duration request_ttl = std::chrono::minutes(10);
+  // How long a request id ended by EndSession stays ended: a lookup of it that arrives later (one
+  // a server had queued before the END_SESSION overtook it) is Cancelled instead of bringing the
+  // request back with leases nobody releases. Request ids are unique per request in practice;
+  // zero disables it.
+  Duration ended_request_ttl = std::chrono::seconds(30);
   // Lookup results not collected within this are forgotten (the prefetch controller's job_ttl
   // releases their leases).
   Duration lookup_ttl = std::chrono::seconds(240);
@@ -333,6 +339,9 @@ class CacheEngine {
   std::unordered_map<uint64_t, RegistrationEntry> registrations_;       // GUARDED_BY(mu_)
   std::unordered_map<ClientId, size_t> registrations_per_client_;       // GUARDED_BY(mu_)
   std::unordered_map<std::string, std::unique_ptr<Request>> requests_;  // GUARDED_BY(mu_)
+  // Request keys ended by EndSession, with when, oldest first (bounded).     GUARDED_BY(mu_)
+  std::unordered_map<std::string, TimePoint> ended_;
+  std::deque<std::pair<std::string, TimePoint>> ended_order_;
   std::unordered_map<JobHandle, std::unique_ptr<Ticket>, JobHandleHash> tickets_;  // mu_
   std::unordered_map<ClientId, size_t> tickets_per_client_;  // GUARDED_BY(mu_)
   struct Tombstone {
