@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,10 +153,10 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     made: list[Server] = []
     ipc_dir = tmp_path_factory.mktemp("ipc")
 
-    def make(*, l2: bool = True) -> Server:
+    def make(*, l2: bool = True, extra_args: Sequence[str] = ()) -> Server:
         n = len(made)
         args = ["--chunk-size", str(CHUNK), "--l1-size-gb", "0.25", "--hugepages", "off"]
-        args += ["--worker-threads", "2", "--log-level", "INFO"]
+        args += ["--worker-threads", "2", "--log-level", "INFO", *extra_args]
         l2_dir = None
         if l2:
             l2_dir = tmp_path_factory.mktemp(f"l2-{n}")

@@ -92,3 +92,24 @@ def test_prompt_of_whole_chunks_is_loaded_up_to_its_last_token(
     assert outputs == first
     assert delta(after, stored, "hit_chunks") == 10
     assert delta(after, stored, "retrieve_chunks") == 10
+
+
+def test_a_lookup_the_server_refuses_is_a_miss_for_that_request_only(
+    servers: Any, engines: Any
+) -> None:
+    """A lookup answered with an error (here ResourceExhausted: the prompt names more objects
+    than --max-keys-per-request) is a miss for that request; the server is not marked down, so
+    the next request in the same step is still served from the cache."""
+    server = servers(l2=False, extra_args=["--max-keys-per-request", "8"])
+    engine = engines(server.endpoint).wait_ready()
+    try:
+        short = prompt(5 * CHUNK + 20, next(_seeds))
+        reference, _ = _stored(server, engine, short)
+        long = prompt(12 * CHUNK + 20, next(_seeds))
+        outputs, cached = engine.generate([long, short])
+        assert cached == [0, 5 * CHUNK], "the refused lookup took the next request's hit with it"
+        assert outputs[1] == reference[0]
+        assert "a lookup failed" in engine.log()
+        assert "the cache server is unusable" not in engine.log()
+    finally:
+        engine.close()

@@ -356,6 +356,7 @@ class _SchedulerSide:
         self._requests: dict[str, _RequestState] = {}
         self.kv_cache_manager: Any = None
         self._step = 0  # the number of the next step planned
+        self.lookup_errors = 0  # lookups the server answered with an error (each a miss)
         self._loads = LoadTracker()
         self._final_stores: list[StoreOp] = []  # planned by finished(), sent with the next step
 
@@ -504,10 +505,28 @@ class _SchedulerSide:
                 deadline_s=timeout + min(self._config.timeout_s, 1.0),
             )
         except LMCacheError as exc:
-            self._health.failed(exc)
+            self._lookup_failed(state, exc)
             return 0
         self._health.succeeded()
         return min(int(result.hit_tokens), end)
+
+    def _lookup_failed(self, state: _RequestState, error: BaseException) -> None:
+        """A lookup failed: a miss for this request. Only a server that cannot be reached (the
+        connection is lost, or no reply came in time) is marked down for every request; an error
+        the server answered (a key it refuses, a limit, an unknown model after a restart) is
+        this request's alone."""
+        if isinstance(error, UnavailableError | DeadlineExceededError):
+            self._health.failed(error)
+            return
+        self._health.succeeded()
+        self.lookup_errors += 1
+        self._warn_once(
+            f"lookup-{type(error).__name__}",
+            "LMCacheCppConnector: a lookup failed (%s); a miss for request %s (further lookup "
+            "errors of this kind are only counted)",
+            error,
+            state.lease_id,
+        )
 
     def _poll_lookup(self, state: _RequestState, end: int) -> int | None:
         """Async mode: LOOKUP once, then one QUERY_PREFETCH_STATUS per call, never waiting."""
@@ -531,7 +550,7 @@ class _SchedulerSide:
             return self._end_poll(state, "the lookup was not answered in time")
         error = future.exception()
         if error is not None:
-            self._health.failed(error)
+            self._lookup_failed(state, error)
             return self._end_poll(state, None)
         self._health.succeeded()
         if future is state.job:
