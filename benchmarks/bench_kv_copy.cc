@@ -18,6 +18,14 @@
 // each figure is the best of `repeats` rounds. Ratios: kernel GB/s / memcpy GB/s with the same
 // thread count; the target is >= 0.8 of the multi-threaded memcpy.
 //
+// Checksums: the store with a CRC32C per object (ChunkCopy::crc32c) against the same store
+// without, NHD, 16-chunk requests of two object sizes: 32 MiB (the layout above, 32 KiB block
+// planes) and 6 MiB (24 layers, 2 KV heads of 128, bf16: 8 KiB block planes, 96 MiB per request),
+// on 1 thread and on `threads` threads, rounds interleaved as above. Ratio: GB/s with / without,
+// of the best rounds and the median over rounds of the two adjacent runs; the target is >= 0.9
+// (a checksum costs at most ~10% of the copy). For reference, Crc32c alone over a buffer in L1
+// and over the whole 512 MiB request (from memory), on one thread.
+//
 // Usage: bench_kv_copy [num_blocks] [repeats] [threads]   (defaults 1024, 5, all cores)
 
 #include <algorithm>
@@ -31,8 +39,10 @@
 #include <random>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
+#include "../cpp/src/crc32c.h"  // internal (not installed): for the checksum-alone reference
 #include "lmcache_cpp/kv_copy.h"
 
 namespace {
@@ -214,5 +224,115 @@ int main(int argc, char** argv) {
     std::printf("kv_copy retrieve %s: %.2f GB/s, floor %.2f GB/s, ratio %.2f (target >= 0.8)\n",
                 name, retrieve, memcpy_mt, retrieve / memcpy_mt);
   }
+
+  // ---- Checksums: the store with and without a CRC32C per object -------------------------------
+  struct Model {
+    const char* name;
+    uint32_t layers;
+    uint32_t heads;
+    std::vector<std::vector<uint8_t>>* tensors;  // empty: allocated and filled here
+  };
+  std::vector<std::vector<uint8_t>> small_layers;
+  const Model models[] = {{"6 MiB objects", 24, 2, &small_layers},
+                          {"32 MiB objects", 32, 8, &layers}};
+  struct CrcCase {
+    std::string name;
+    uint64_t bytes = 0;
+    std::function<void()> without, with;
+    double best_without = 1e30, best_with = 1e30;
+    std::vector<double> round_ratios;  // with / without GB/s of each round (adjacent runs)
+  };
+  std::vector<CrcCase> crc_cases;
+  std::vector<KvCacheView> crc_views;
+  std::vector<std::vector<ChunkCopy>> crc_chunks;    // per model: without checksums
+  std::vector<std::vector<ChunkCopy>> crc_chunks_c;  // per model: with
+  std::vector<uint32_t> crcs(kChunks);
+  crc_views.reserve(2);
+  crc_chunks.reserve(2);
+  crc_chunks_c.reserve(2);
+  for (const Model& m : models) {
+    KvCacheLayout lay = base;
+    lay.num_layers = m.layers;
+    lay.num_heads = m.heads;
+    if (m.tensors->empty()) {
+      const uint64_t bytes = 2 * num_blocks * lay.BlockPlaneBytes();
+      m.tensors->resize(m.layers);
+      for (auto& l : *m.tensors) {
+        l.resize(bytes);
+        for (size_t i = 0; i < l.size(); i += 4096) l[i] = static_cast<uint8_t>(rng());
+      }
+    }
+    KvCacheView view;
+    view.layout = lay;
+    for (auto& l : *m.tensors) view.layers.push_back(l.data());
+    Check(view.Validate(), "checksum layout");
+    crc_views.push_back(view);
+    const uint64_t obj = *lay.ObjectBytes(kChunkSize);
+    std::vector<ChunkCopy> plain = chunks;
+    for (size_t c = 0; c < kChunks; ++c) {
+      plain[c].object = buffer.data() + c * obj;
+      plain[c].object_size = obj;
+    }
+    std::vector<ChunkCopy> summed = plain;
+    for (size_t c = 0; c < kChunks; ++c) summed[c].crc32c = &crcs[c];
+    crc_chunks.push_back(plain);
+    crc_chunks_c.push_back(summed);
+    const KvCacheView* v = &crc_views.back();
+    const std::vector<ChunkCopy>* without = &crc_chunks.back();
+    const std::vector<ChunkCopy>* with = &crc_chunks_c.back();
+    char piece[32];
+    std::snprintf(piece, sizeof(piece), "%llu KiB pieces",
+                  static_cast<unsigned long long>(lay.BlockPlaneBytes() >> 10));
+    for (const CopyOptions* o : {&single, &multi}) {
+      const std::string t = o == &single ? "1 thread" : std::to_string(threads) + " threads";
+      CrcCase c;
+      c.name = std::string("store nhd ") + m.name + " (" + piece + "), " + t;
+      c.bytes = obj * kChunks;
+      c.without = [&, v, without, o] {
+        Check(GatherBatch(*v, kChunkSize, *without, *o), "gather");
+      };
+      c.with = [&, v, with, o] { Check(GatherBatch(*v, kChunkSize, *with, *o), "gather+crc"); };
+      crc_cases.push_back(std::move(c));
+    }
+  }
+  std::vector<uint8_t> hot(16 << 10, 3);
+  double crc_hot = 1e30;
+  double crc_cold = 1e30;
+  uint32_t sink = 0;
+  for (int r = 0; r < repeats; ++r) {
+    for (CrcCase& c : crc_cases) {
+      const double without = BestSeconds(1, c.without);
+      const double with = BestSeconds(1, c.with);
+      c.best_without = std::min(c.best_without, without);
+      c.best_with = std::min(c.best_with, with);
+      c.round_ratios.push_back(without / with);
+    }
+    crc_hot = std::min(crc_hot, BestSeconds(1, [&] {
+                         for (int i = 0; i < 4096; ++i) {
+                           sink += lmcache_cpp::internal::Crc32c(hot.data(), hot.size());
+                         }
+                       }));
+    crc_cold = std::min(crc_cold, BestSeconds(1, [&] {
+                          sink += lmcache_cpp::internal::Crc32c(buffer.data(), request_bytes);
+                        }));
+  }
+  std::printf("checksums (CRC32C while gathering; fold path %s):\n",
+              lmcache_cpp::internal::Crc32cFoldAvailable() ? "on" : "off");
+  // Two ratios: of the best rounds, and the median of each round's pair of adjacent runs (less
+  // sensitive to a neighbour that takes a core or the memory bus for part of the run).
+  for (CrcCase& c : crc_cases) {
+    const double without = GBps(c.bytes, c.best_without);
+    const double with = GBps(c.bytes, c.best_with);
+    std::sort(c.round_ratios.begin(), c.round_ratios.end());
+    std::printf(
+        "  %-50s %6.2f GB/s, with crc %6.2f GB/s, ratio %.3f, median of rounds %.3f "
+        "(target >= 0.9)\n",
+        c.name.c_str(), without, with, with / without, c.round_ratios[c.round_ratios.size() / 2]);
+  }
+  std::printf(
+      "  crc32c alone, 1 thread: 16 KiB in L1 %.2f GB/s, %.0f MiB from memory %.2f GB/s"
+      " (%08x)\n",
+      GBps(4096 * hot.size(), crc_hot), static_cast<double>(request_bytes) / (1 << 20),
+      GBps(request_bytes, crc_cold), sink);
   return 0;
 }

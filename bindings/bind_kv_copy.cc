@@ -16,6 +16,11 @@
 // Block ids: a 1-D int32 or int64 array (C-contiguous ones are read in place), any other 1-D
 // integer array, or a sequence of ints.
 //
+// Checksums: gather_batch(..., checksums=True) also returns one CRC32C per chunk (a list of ints,
+// in chunk order): the checksum of the object's first object_bytes(chunk_size) bytes as the copy
+// left them, computed while copying (ChunkCopy::crc32c). The CRCs live in a C++ vector owned by
+// the call until the copy has finished; the list is built afterwards, with the GIL held.
+//
 // GIL: every argument is converted to C++ values first; the copy itself runs with the GIL
 // released. Errors of the core raise InvalidArgumentError (lmcache_cpp.errors).
 
@@ -99,18 +104,27 @@ void ScatterOne(const PyKvCacheView& self, uint64_t chunk_size, InObject object,
   ThrowIfError(st);
 }
 
-void GatherMany(const PyKvCacheView& self, uint64_t chunk_size, nb::handle block_ids,
-                nb::handle objects, std::optional<std::vector<uint64_t>> num_tokens,
-                size_t num_threads) {
+// None, or with `checksums` the CRC32C of every chunk's object (returned as list[int]).
+std::optional<std::vector<uint32_t>> GatherMany(const PyKvCacheView& self, uint64_t chunk_size,
+                                                nb::handle block_ids, nb::handle objects,
+                                                std::optional<std::vector<uint64_t>> num_tokens,
+                                                size_t num_threads, bool checksums) {
   ChunkArgs<OutObject> args;
   ConvertChunks(self.view.layout, block_ids, objects, num_tokens, std::nullopt,
                 "a writable 1-D C-contiguous uint8 CPU array", &args);
+  std::vector<uint32_t> crcs;
+  if (checksums) {
+    crcs.assign(args.chunks.size(), 0);
+    for (size_t c = 0; c < args.chunks.size(); ++c) args.chunks[c].crc32c = &crcs[c];
+  }
   Status st;
   {
     nb::gil_scoped_release release;
     st = GatherBatch(self.view, chunk_size, args.chunks, MakeOptions(num_threads));
   }
   ThrowIfError(st);
+  if (!checksums) return std::nullopt;
+  return crcs;
 }
 
 void ScatterMany(const PyKvCacheView& self, uint64_t chunk_size, nb::handle objects,
@@ -214,7 +228,12 @@ void BindKvCopy(nb::module_& m) {
            "tokens untouched. GIL released.")
       .def("gather_batch", &GatherMany, "chunk_size"_a, "block_ids"_a, "objects"_a,
            "num_tokens"_a.none() = nb::none(), nb::kw_only(), "num_threads"_a = 0,
-           "gather for several chunks in one call; all are validated before any is copied.")
+           "checksums"_a = false,
+           "gather for several chunks in one call; all are validated before any is copied. "
+           "Returns None, or with checksums=True a list of one CRC32C (Castagnoli) per chunk: "
+           "the checksum of the object's first object_bytes(chunk_size) bytes after the copy, "
+           "computed while copying; every chunk must then be whole (num_tokens == chunk_size). "
+           "GIL released.")
       .def("scatter_batch", &ScatterMany, "chunk_size"_a, "objects"_a, "block_ids"_a,
            "num_tokens"_a.none() = nb::none(), "skip_tokens"_a.none() = nb::none(), nb::kw_only(),
            "num_threads"_a = 0,

@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <random>
@@ -122,6 +123,124 @@ TEST(Crc32cTest, FoldingPathMatchesSoftwareAroundItsStrides) {
         ASSERT_EQ(Crc32cExtendHardware(seed, data.data() + offset, len),
                   Crc32cExtendSoftware(seed, data.data() + offset, len))
             << "offset " << offset << " len " << len << " seed " << seed;
+      }
+    }
+  }
+}
+
+TEST(Crc32cTest, CombineEqualsChecksumOfConcatenation) {
+  std::mt19937_64 rng(2024);
+  std::vector<uint8_t> data(300000);
+  for (auto& b : data) b = static_cast<uint8_t>(rng());
+  const uint32_t whole = Crc32c(data.data(), data.size());
+  std::vector<size_t> cuts = {0, 1, 2, 3, 4, 7, 8, 255, 4096, data.size() - 1, data.size()};
+  for (int trial = 0; trial < 100; ++trial) cuts.push_back(rng() % (data.size() + 1));
+  for (size_t cut : cuts) {
+    const uint32_t a = Crc32c(data.data(), cut);
+    const uint32_t b = Crc32c(data.data() + cut, data.size() - cut);
+    EXPECT_EQ(Crc32cCombine(a, b, data.size() - cut), whole) << "cut " << cut;
+  }
+  // Short pieces of every length up to 64 bytes, after prefixes of every length up to 16.
+  for (size_t la = 0; la <= 16; ++la) {
+    for (size_t lb = 0; lb <= 64; ++lb) {
+      const uint32_t a = Crc32c(data.data(), la);
+      const uint32_t b = Crc32c(data.data() + la, lb);
+      ASSERT_EQ(Crc32cCombine(a, b, lb), Crc32c(data.data(), la + lb)) << la << " + " << lb;
+    }
+  }
+}
+
+TEST(Crc32cTest, CombineWithEmptyPiecesIsTheIdentity) {
+  const char* s = "123456789";
+  const uint32_t crc = Crc32c(s, 9);
+  EXPECT_EQ(Crc32cCombine(crc, Crc32c(nullptr, 0), 0), crc);  // b empty
+  EXPECT_EQ(Crc32cCombine(Crc32c(nullptr, 0), crc, 9), crc);  // a empty
+  EXPECT_EQ(Crc32cCombine(0, 0, 0), 0u);
+}
+
+TEST(Crc32cTest, CombineOfManyPiecesInOrderEqualsWhole) {
+  std::mt19937_64 rng(77);
+  std::vector<uint8_t> data(1 << 20);
+  for (auto& b : data) b = static_cast<uint8_t>(rng());
+  uint32_t combined = 0;
+  size_t pos = 0;
+  while (pos < data.size()) {
+    const size_t n = std::min<size_t>(data.size() - pos, rng() % 70000);
+    combined = Crc32cCombine(combined, Crc32c(data.data() + pos, n), n);
+    pos += n;
+  }
+  EXPECT_EQ(combined, Crc32c(data.data(), data.size()));
+}
+
+// Lengths whose bit count (8 * len) reaches 2^32 and passes 2^35: b is a 1 MiB random block
+// repeated (then 3 more bytes), checksummed by extension, so the expected values come from the
+// bytes themselves.
+TEST(Crc32cTest, CombineHandlesLengthsBeyondFourGigabytes) {
+  std::mt19937_64 rng(5);
+  std::vector<uint8_t> block(1 << 20);
+  for (auto& b : block) b = static_cast<uint8_t>(rng());
+  std::vector<uint8_t> prefix(100);
+  for (auto& b : prefix) b = static_cast<uint8_t>(rng());
+  const uint32_t crc_a = Crc32c(prefix.data(), prefix.size());
+  uint32_t crc_b = 0;
+  uint32_t crc_ab = crc_a;
+  for (uint64_t blocks = 1; blocks <= 4096; ++blocks) {
+    crc_b = Crc32cExtend(crc_b, block.data(), block.size());
+    crc_ab = Crc32cExtend(crc_ab, block.data(), block.size());
+    if (blocks == 512) {  // 512 MiB: 8 * len == 2^32
+      ASSERT_EQ(Crc32cCombine(crc_a, crc_b, uint64_t{512} << 20), crc_ab);
+    }
+  }
+  crc_b = Crc32cExtend(crc_b, block.data(), 3);
+  crc_ab = Crc32cExtend(crc_ab, block.data(), 3);
+  EXPECT_EQ(Crc32cCombine(crc_a, crc_b, (uint64_t{1} << 32) + 3), crc_ab);
+}
+
+TEST(Crc32cTest, CombineIsAssociativeForHugeLengths) {
+  // (a || b) || c == a || (b || c) for lengths no buffer could hold.
+  std::mt19937_64 rng(11);
+  for (int trial = 0; trial < 200; ++trial) {
+    const auto a = static_cast<uint32_t>(rng());
+    const auto b = static_cast<uint32_t>(rng());
+    const auto c = static_cast<uint32_t>(rng());
+    const uint64_t lb = rng() >> (rng() % 64);
+    const uint64_t lc = rng() >> (rng() % 64);
+    if (lb + lc < lb) continue;  // the sum must fit in 64 bits
+    EXPECT_EQ(Crc32cCombine(Crc32cCombine(a, b, lb), c, lc),
+              Crc32cCombine(a, Crc32cCombine(b, c, lc), lb + lc))
+        << lb << " " << lc;
+  }
+}
+
+// Crc32cCopy copies exactly and returns Crc32cExtend of the source, in one pass (the folding path,
+// 4 KiB and more) or not, with regular or streaming stores, for any alignment of either side.
+TEST(Crc32cTest, CopyCopiesAndChecksumsTheSource) {
+  std::mt19937_64 rng(8);
+  std::vector<uint8_t> src(70000 + 128);
+  for (auto& b : src) b = static_cast<uint8_t>(rng());
+  std::vector<size_t> lengths = {0,          1,          63,        255,       4095,
+                                 4096,       4097,       4096 + 63, 4096 + 64, 4096 + 255,
+                                 4096 + 256, 4096 + 257, 32768,     70000};
+  for (int i = 0; i < 20; ++i) lengths.push_back(rng() % 70001);
+  for (size_t len : lengths) {
+    for (size_t src_offset : {size_t{0}, size_t{5}}) {
+      for (size_t dst_offset : {size_t{0}, size_t{1}, size_t{17}, size_t{63}}) {
+        for (bool streaming : {false, true}) {
+          const uint32_t seed = static_cast<uint32_t>(rng());
+          std::vector<uint8_t> dst(len + 128, 0x5A);
+          const uint32_t crc =
+              Crc32cCopy(seed, dst.data() + dst_offset, src.data() + src_offset, len, streaming);
+          ASSERT_EQ(crc, Crc32cExtendSoftware(seed, src.data() + src_offset, len))
+              << "len " << len << " src+" << src_offset << " dst+" << dst_offset;
+          ASSERT_TRUE(std::equal(src.begin() + src_offset, src.begin() + src_offset + len,
+                                 dst.begin() + dst_offset))
+              << "len " << len << " src+" << src_offset << " dst+" << dst_offset;
+          // Nothing written around the destination.
+          ASSERT_TRUE(std::all_of(dst.begin(), dst.begin() + dst_offset,
+                                  [](uint8_t b) { return b == 0x5A; }));
+          ASSERT_TRUE(std::all_of(dst.begin() + dst_offset + len, dst.end(),
+                                  [](uint8_t b) { return b == 0x5A; }));
+        }
       }
     }
   }

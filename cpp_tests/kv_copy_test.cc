@@ -16,6 +16,9 @@
 #include <thread>
 #include <vector>
 
+#include "crc32c.h"
+#include "kv_copy_plan.h"
+
 namespace lmcache_cpp {
 namespace {
 
@@ -531,6 +534,299 @@ TEST(KvCopyTest, BatchEqualsOneCallPerChunk) {
     ASSERT_TRUE(ScatterBatch(batch_dst.View(), kChunkSize, scatters).ok());
     for (uint32_t l = 0; l < kLayers; ++l) EXPECT_EQ(batch_dst.layers[l], single_dst.layers[l]);
   }
+}
+
+// Large copies use non-temporal stores (a 16-byte loop, or 64-byte stores for pieces of 512 bytes
+// and more where the CPU has AVX-512); they must write exactly the bytes memcpy writes, for
+// pieces of any size and alignment: small and large block planes, sizes that are not a multiple
+// of 64, padded strides that misalign the engine side.
+TEST(KvCopyTest, StreamingStoresWriteTheSameBytesAsRegularOnes) {
+  uint64_t seed = 0;
+  std::mt19937_64 rng = MakeRng(&seed);
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  const struct {
+    uint32_t block_size, heads, head_size, element_size;
+  } shapes[] = {{4, 3, 5, 2}, {4, 2, 24, 2}, {16, 8, 128, 2}, {16, 3, 200, 1}, {16, 1, 577, 2}};
+  for (KvLayout kind : kAllLayouts) {
+    for (const auto& shape : shapes) {
+      KvCacheLayout lay;
+      lay.layout = kind;
+      lay.num_layers = 2;
+      lay.block_size = shape.block_size;
+      lay.num_heads = kind == KvLayout::kMLA ? 1 : shape.heads;
+      lay.head_size = shape.head_size;
+      lay.element_size = shape.element_size;
+      lay.num_blocks = 10;
+      for (const uint64_t pad : {uint64_t{0}, uint64_t{4096 + 3}}) {
+        if (pad != 0) {
+          lay.block_stride = (kind == KvLayout::kFlashInfer ? 2 : 1) * lay.BlockPlaneBytes() + pad;
+        }
+        SCOPED_TRACE(Describe(lay));
+        ASSERT_TRUE(lay.Validate().ok()) << lay.Validate().ToString();
+        const uint64_t chunk_size = 3 * lay.block_size;
+        Cache src = MakeCache(lay, &rng, true);
+        const std::vector<int64_t> ids = RandomDistinctIds(lay.num_blocks, 3, &rng);
+        std::vector<uint8_t> expected(*lay.ObjectBytes(chunk_size) + 7, kPoison);
+        ReferenceGather(src, chunk_size, ids, &expected);
+        Cache old = MakeCache(lay, &rng, true);
+        const uint64_t skip = lay.block_size + 1;
+        Cache want = old;
+        ReferenceScatter(expected, chunk_size, ids, skip, &want);
+        for (const bool streaming : {false, true}) {
+          SCOPED_TRACE(streaming ? "streaming" : "regular");
+          CopyOptions options;
+          options.num_threads = 1;
+          options.streaming_threshold_bytes = streaming ? 0 : UINT64_MAX;
+          // Objects at an odd offset in their buffer: the object side is misaligned too.
+          std::vector<uint8_t> buffer(expected.size() + 1, kPoison);
+          uint8_t* object = buffer.data() + 1;
+          ASSERT_TRUE(
+              Gather(src.View(), chunk_size, ids, chunk_size, object, expected.size(), options)
+                  .ok());
+          ASSERT_EQ(std::vector<uint8_t>(object, object + expected.size()), expected);
+          Cache dst = old;
+          ASSERT_TRUE(Scatter(dst.View(), chunk_size, object, expected.size(), ids, chunk_size,
+                              skip, options)
+                          .ok());
+          for (uint32_t l = 0; l < lay.num_layers; ++l) ASSERT_EQ(dst.layers[l], want.layers[l]);
+        }
+      }
+    }
+  }
+}
+
+// ---- checksums ---------------------------------------------------------------------------------
+
+// The copy settings a checksummed gather must give the same bytes and checksums under: one
+// thread or several (every copy split, pieces of one object on different threads), regular or
+// streaming stores.
+struct CopyMode {
+  const char* name;
+  size_t threads;
+  bool streaming;
+};
+const CopyMode kCopyModes[] = {{"1 thread", 1, false},
+                               {"1 thread, streaming", 1, true},
+                               {"4 threads", 4, false},
+                               {"4 threads, streaming", 4, true},
+                               {"3 threads, streaming", 3, true}};
+
+CopyOptions OptionsFor(const CopyMode& mode, CopyThreadPool* pool) {
+  CopyOptions o;
+  o.pool = pool;
+  o.num_threads = mode.threads;
+  o.parallel_threshold_bytes = 1;  // split even the smallest copies
+  o.streaming_threshold_bytes = mode.streaming ? 0 : UINT64_MAX;
+  return o;
+}
+
+// Gathers `num_chunks` chunks of `chunk_blocks` random distinct blocks each with a checksum for
+// every chunk, in every CopyMode, once through GatherBatch and once per chunk through Gather,
+// into objects with `slack` bytes of poison past ObjectBytes; checks the bytes against the
+// reference gather and every checksum against Crc32c of the object's ObjectBytes bytes (the slack
+// is not covered, and stays poison).
+void CheckChecksummedGathers(const KvCacheLayout& lay, uint64_t chunk_blocks, size_t num_chunks,
+                             uint64_t slack, CopyThreadPool* pool, std::mt19937_64* rng) {
+  SCOPED_TRACE(Describe(lay));
+  ASSERT_TRUE(lay.Validate().ok()) << lay.Validate().ToString();
+  const uint64_t chunk_size = chunk_blocks * lay.block_size;
+  Cache src = MakeCache(lay, rng, /*random_fill=*/true);
+  const uint64_t object_bytes = *lay.ObjectBytes(chunk_size);
+  std::vector<std::vector<int64_t>> ids;
+  std::vector<std::vector<uint8_t>> expected;
+  for (size_t c = 0; c < num_chunks; ++c) {
+    ids.push_back(RandomDistinctIds(lay.num_blocks, chunk_blocks, rng));
+    expected.emplace_back(object_bytes + slack, kPoison);
+    ReferenceGather(src, chunk_size, ids.back(), &expected.back());
+  }
+  for (const CopyMode& mode : kCopyModes) {
+    SCOPED_TRACE(mode.name);
+    const CopyOptions options = OptionsFor(mode, pool);
+    std::vector<std::vector<uint8_t>> objects(num_chunks,
+                                              std::vector<uint8_t>(object_bytes + slack, kPoison));
+    std::vector<uint32_t> crcs(num_chunks, 0);
+    std::vector<ChunkCopy> chunks(num_chunks);
+    for (size_t c = 0; c < num_chunks; ++c) {
+      chunks[c].block_ids = ids[c];
+      chunks[c].num_tokens = chunk_size;
+      chunks[c].object = objects[c].data();
+      chunks[c].object_size = objects[c].size();
+      chunks[c].crc32c = &crcs[c];
+    }
+    ASSERT_TRUE(GatherBatch(src.View(), chunk_size, chunks, options).ok());
+    for (size_t c = 0; c < num_chunks; ++c) {
+      ASSERT_EQ(objects[c], expected[c]) << "chunk " << c;
+      EXPECT_EQ(crcs[c], internal::Crc32c(objects[c].data(), object_bytes)) << "chunk " << c;
+    }
+    for (size_t c = 0; c < num_chunks; ++c) {
+      std::vector<uint8_t> one(object_bytes + slack, kPoison);
+      uint32_t crc = 0;
+      ASSERT_TRUE(
+          Gather(src.View(), chunk_size, ids[c], chunk_size, one.data(), one.size(), options, &crc)
+              .ok());
+      ASSERT_EQ(one, expected[c]) << "chunk " << c;
+      EXPECT_EQ(crc, crcs[c]) << "chunk " << c;
+    }
+  }
+}
+
+TEST(KvCopyChecksumTest, ChecksumIsCrcOfTheObjectForEveryLayoutStrideAndThreadCount) {
+  uint64_t seed = 0;
+  std::mt19937_64 rng = MakeRng(&seed);
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  CopyThreadPool pool(3);
+  constexpr uint64_t kNumBlocks = 24;
+  for (KvLayout kind : kAllLayouts) {
+    for (uint32_t e : kElementSizes) {
+      for (const KvCacheLayout& lay : StrideVariants(kind, e, kNumBlocks)) {
+        CheckChecksummedGathers(lay, /*chunk_blocks=*/5, /*num_chunks=*/3, /*slack=*/0, &pool,
+                                &rng);
+      }
+    }
+  }
+}
+
+// Block planes of 4 KiB and more take the checksum's folding path; one of 19 200 bytes is copied
+// and checksummed in two steps (16 KiB, then the rest); padded block strides leave gaps between
+// the engine's block planes that must not enter the checksum; objects with slack past
+// ObjectBytes.
+TEST(KvCopyChecksumTest, LargeBlockPlanesPaddedStridesAndSlackPastTheObject) {
+  uint64_t seed = 0;
+  std::mt19937_64 rng = MakeRng(&seed);
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  CopyThreadPool pool(3);
+  const struct {
+    uint32_t heads, head_size, element_size;
+  } shapes[] = {{8, 128, 2}, {3, 200, 2}, {1, 576, 2}};
+  for (KvLayout kind : kAllLayouts) {
+    for (const auto& shape : shapes) {
+      KvCacheLayout lay;
+      lay.layout = kind;
+      lay.num_layers = 2;
+      lay.block_size = 16;
+      lay.num_heads = kind == KvLayout::kMLA ? 1 : shape.heads;
+      lay.head_size = shape.head_size;
+      lay.element_size = shape.element_size;
+      lay.num_blocks = 12;
+      CheckChecksummedGathers(lay, /*chunk_blocks=*/4, /*num_chunks=*/3, /*slack=*/100, &pool,
+                              &rng);
+      const uint64_t pbb = lay.BlockPlaneBytes();
+      lay.block_stride = (kind == KvLayout::kFlashInfer ? 2 * pbb : pbb) + 4096 + 64;
+      CheckChecksummedGathers(lay, /*chunk_blocks=*/4, /*num_chunks=*/2, /*slack=*/1, &pool, &rng);
+    }
+  }
+}
+
+TEST(KvCopyChecksumTest, ChunksWithAndWithoutChecksumsMixInOneBatch) {
+  uint64_t seed = 0;
+  std::mt19937_64 rng = MakeRng(&seed);
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  CopyThreadPool pool(3);
+  constexpr uint64_t kChunkSize = 3 * kBlockSize;
+  const KvCacheLayout lay = MakeLayout(KvLayout::kNHD, 2, 30);
+  Cache src = MakeCache(lay, &rng, true);
+  const uint64_t object_bytes = *lay.ObjectBytes(kChunkSize);
+  const std::vector<int64_t> all = RandomDistinctIds(30, 11, &rng);
+  // Chunks: full with a checksum, full without, partial without, full with.
+  const std::vector<std::vector<int64_t>> ids = {{all[0], all[1], all[2]},
+                                                 {all[3], all[4], all[5]},
+                                                 {all[6], all[7]},
+                                                 {all[8], all[9], all[10]}};
+  const bool want_crc[] = {true, false, false, true};
+  for (const CopyMode& mode : kCopyModes) {
+    SCOPED_TRACE(mode.name);
+    std::vector<std::vector<uint8_t>> objects(ids.size(),
+                                              std::vector<uint8_t>(object_bytes, kPoison));
+    std::vector<uint32_t> crcs(ids.size(), 0x12345678u);
+    std::vector<ChunkCopy> chunks(ids.size());
+    for (size_t c = 0; c < ids.size(); ++c) {
+      chunks[c].block_ids = ids[c];
+      chunks[c].num_tokens = ids[c].size() * kBlockSize;
+      chunks[c].object = objects[c].data();
+      chunks[c].object_size = object_bytes;
+      chunks[c].crc32c = want_crc[c] ? &crcs[c] : nullptr;
+    }
+    ASSERT_TRUE(GatherBatch(src.View(), kChunkSize, chunks, OptionsFor(mode, &pool)).ok());
+    for (size_t c = 0; c < ids.size(); ++c) {
+      std::vector<uint8_t> expected(object_bytes, kPoison);
+      ReferenceGather(src, kChunkSize, ids[c], &expected);
+      ASSERT_EQ(objects[c], expected) << c;
+      if (want_crc[c]) {
+        EXPECT_EQ(crcs[c], internal::Crc32c(objects[c].data(), object_bytes)) << c;
+      } else {
+        EXPECT_EQ(crcs[c], 0x12345678u) << c;  // not asked for, not written
+      }
+    }
+  }
+}
+
+TEST(KvCopyChecksumTest, ChecksumOfAPartialCopyOrAScatterIsRejectedAndNothingIsCopied) {
+  uint64_t seed = 0;
+  std::mt19937_64 rng = MakeRng(&seed);
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  constexpr uint64_t kChunkSize = 3 * kBlockSize;
+  const KvCacheLayout lay = MakeLayout(KvLayout::kHND, 2, 12);
+  Cache cache = MakeCache(lay, &rng, true);
+  const Cache original = cache;
+  const uint64_t object_bytes = *lay.ObjectBytes(kChunkSize);
+  std::vector<uint8_t> object(object_bytes, kPoison);
+  std::vector<uint8_t> second(object_bytes, kPoison);
+  const std::vector<int64_t> ids = {1, 4, 7};
+  const std::vector<int64_t> two = {2, 5};
+  uint32_t crc = 0xDEADBEEFu;
+  uint32_t crc2 = 0xDEADBEEFu;
+
+  // Gather of 2 of 3 blocks with a checksum.
+  Status st = Gather(cache.View(), kChunkSize, two, 2 * kBlockSize, object.data(), object_bytes,
+                     CopyOptions(), &crc);
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("num_tokens 8 must equal chunk_size 12"), std::string::npos)
+      << st.message();
+  // A batch whose second chunk is partial: the first, valid, is not copied either.
+  std::vector<ChunkCopy> batch(2);
+  batch[0].block_ids = ids;
+  batch[0].num_tokens = kChunkSize;
+  batch[0].object = object.data();
+  batch[0].object_size = object_bytes;
+  batch[0].crc32c = &crc;
+  batch[1] = batch[0];
+  batch[1].block_ids = two;
+  batch[1].num_tokens = 2 * kBlockSize;
+  batch[1].object = second.data();
+  batch[1].crc32c = &crc2;
+  st = GatherBatch(cache.View(), kChunkSize, batch);
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("chunk 1: a CRC32C covers a whole object"), std::string::npos)
+      << st.message();
+  EXPECT_EQ(object, std::vector<uint8_t>(object_bytes, kPoison));
+  EXPECT_EQ(second, std::vector<uint8_t>(object_bytes, kPoison));
+  EXPECT_EQ(crc, 0xDEADBEEFu);
+  EXPECT_EQ(crc2, 0xDEADBEEFu);
+
+  // Scatter does not checksum: a set crc32c is a mistake, and nothing is written to the engine.
+  std::vector<uint8_t> data(object_bytes);
+  FillRandom(&data, &rng);
+  batch.resize(1);
+  batch[0].object = data.data();
+  st = ScatterBatch(cache.View(), kChunkSize, batch);
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("Gather only"), std::string::npos) << st.message();
+  for (uint32_t l = 0; l < kLayers; ++l) EXPECT_EQ(cache.layers[l], original.layers[l]);
+  EXPECT_EQ(crc, 0xDEADBEEFu);
+
+  // A copy engine that does not checksum (the CUDA one) rejects the request in planning.
+  std::vector<internal::PlannedChunk> planned;
+  batch[0].object = object.data();
+  st = internal::PlanCopies(cache.View(), kChunkSize, batch.data(), batch.size(), /*scatter=*/false,
+                            /*batch=*/true, &planned);
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("does not compute CRC32C"), std::string::npos) << st.message();
+  // With checksums the same chunk plans fine.
+  planned.clear();
+  EXPECT_TRUE(internal::PlanCopies(cache.View(), kChunkSize, batch.data(), batch.size(), false,
+                                   true, &planned, /*checksums=*/true)
+                  .ok());
+  EXPECT_EQ(object, std::vector<uint8_t>(object_bytes, kPoison));
 }
 
 // ---- threads -----------------------------------------------------------------------------------

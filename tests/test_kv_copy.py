@@ -1,6 +1,7 @@
 """CPU KV copy kernels through the bindings: numpy round trips for every layout and element size,
 token-granular skips, padded and interleaved strides, batches, torch CPU tensors in vLLM's shapes
-(bf16 and fp16 through DLPack) round-tripping through an arena object, and argument checking."""
+(bf16 and fp16 through DLPack) round-tripping through an arena object, the CRC32C checksums of
+gather_batch(checksums=True) against a reference CRC32C, and argument checking."""
 
 from __future__ import annotations
 
@@ -194,6 +195,99 @@ def test_batch_equals_single_copies_and_threads_do_not_change_bytes(
     lc.KvCacheView(d_batch, layout).scatter_batch(chunk, batch, ids, skip_tokens=skips)
     for a, b in zip(d_single, d_batch, strict=True):
         assert a.tobytes() == b.tobytes()
+
+
+# ---- checksums ----------------------------------------------------------------------------------
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for byte in range(256):
+        r = byte
+        for _ in range(8):
+            r = (r >> 1) ^ (0x82F63B78 if r & 1 else 0)
+        table.append(r)
+    return table
+
+
+_CRC32C_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    """Reference CRC32C (Castagnoli, reflected, register preset to ~0, result complemented)."""
+    table = _CRC32C_TABLE
+    r = 0xFFFFFFFF
+    for byte in data:
+        r = (r >> 8) ^ table[(r ^ byte) & 0xFF]
+    return r ^ 0xFFFFFFFF
+
+
+def test_reference_crc32c_known_answer() -> None:
+    assert crc32c(b"123456789") == 0xE3069283
+    assert crc32c(b"") == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gather_batch_checksums_are_crc32c_of_the_objects(
+    layout: lc.KvLayout, dtype: Any, rng: np.random.Generator
+) -> None:
+    src = random_tensors(rng, layout, dtype)
+    view = lc.KvCacheView(src, layout)
+    chunk = 3 * BS
+    size = view.object_bytes(chunk)
+    perm = [int(x) for x in rng.permutation(NB)]
+    ids = [perm[0:3], perm[3:6], perm[6:9]]
+    # Objects larger than object_bytes: the checksum covers object_bytes, the rest is untouched.
+    objects = [np.full(size + 5, POISON, np.uint8) for _ in ids]
+    crcs = view.gather_batch(chunk, ids, objects, checksums=True)
+    assert isinstance(crcs, list) and len(crcs) == len(ids)
+    for block_ids, obj, crc in zip(ids, objects, crcs, strict=True):
+        assert np.array_equal(obj[:size], reference_object(src, layout, block_ids, chunk))
+        assert (obj[size:] == POISON).all()
+        assert crc == crc32c(obj[:size].tobytes())
+    # Without checksums: the same bytes and None, as before.
+    plain = [np.full(size + 5, POISON, np.uint8) for _ in ids]
+    assert view.gather_batch(chunk, ids, plain, num_threads=1) is None
+    for a, b in zip(objects, plain, strict=True):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_checksums_of_large_pieces_do_not_depend_on_threads(layout: lc.KvLayout) -> None:
+    # vLLM shapes (32 KiB block planes for K/V layouts, 18 KiB for MLA): pieces this large are
+    # copied and checksummed in one pass; 2 MiB per batch is split between threads.
+    src = vllm_kv_caches(layout, torch.bfloat16, 1, 40)
+    view = lc.KvCacheView(src, layout)
+    chunk = 128
+    size = view.object_bytes(chunk)
+    num_chunks = max(2, (2 << 20) // size)
+    perm = torch.randperm(40)
+    ids = [perm[(i * 8) % 32 : (i * 8) % 32 + 8] for i in range(num_chunks)]
+    results = []
+    for threads in (1, 0):
+        objects = [np.zeros(size, np.uint8) for _ in ids]
+        crcs = view.gather_batch(chunk, ids, objects, num_threads=threads, checksums=True)
+        assert crcs is not None
+        results.append((crcs, objects))
+    (crcs1, objects1), (crcs_n, objects_n) = results
+    assert crcs1 == crcs_n
+    for obj_1, obj_n, crc in zip(objects1, objects_n, crcs1, strict=True):
+        assert np.array_equal(obj_1, obj_n)
+        assert crc == crc32c(obj_1.tobytes())
+
+
+def test_checksums_need_whole_chunks(rng: np.random.Generator) -> None:
+    src = random_tensors(rng, lc.KvLayout.NHD, np.float16)
+    view = lc.KvCacheView(src, lc.KvLayout.NHD)
+    chunk = 2 * BS
+    objects = [np.full(view.object_bytes(chunk), POISON, np.uint8) for _ in range(2)]
+    with pytest.raises(lc.InvalidArgumentError, match="CRC32C covers a whole object"):
+        view.gather_batch(chunk, [[0, 1], [2]], objects, checksums=True)
+    for obj in objects:
+        assert (obj == POISON).all()  # nothing copied, not even the whole first chunk
+    # The same partial batch without checksums is fine.
+    assert view.gather_batch(chunk, [[0, 1], [2]], objects) is None
 
 
 # ---- torch CPU tensors in vLLM's shapes ---------------------------------------------------------

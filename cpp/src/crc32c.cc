@@ -66,6 +66,55 @@ uint32_t SoftwareUpdate(uint32_t reg, const uint8_t* p, size_t n) {
   return reg;
 }
 
+// ---- Combining checksums ---------------------------------------------------------------------
+//
+// A reflected CRC register r holds a polynomial of degree < 32 with bit 31 the coefficient of x^0
+// and bit 0 that of x^31. Running the register over n zero bytes multiplies it by x^(8n) mod P, and
+// the register is linear in the bytes, so for the standard CRC (register preset to ~0, result
+// complemented):
+//   Crc32c(a || b) = Crc32c(a) * x^(8 |b|)  xor  Crc32c(b)      (mod P)
+// (the complement that ends Crc32c(a), shifted over b, cancels the ~0 preset of b's register,
+// shifted the same; the complement that ends Crc32c(b) is the one that ends Crc32c(a || b)).
+
+constexpr uint32_t kOne = 0x80000000u;  // the polynomial 1
+
+// a(x) * b(x) mod P.
+uint32_t MulModP(uint32_t a, uint32_t b) {
+  uint32_t product = 0;
+  for (uint32_t coefficient = kOne; coefficient != 0 && a != 0; coefficient >>= 1) {
+    if ((a & coefficient) != 0) {
+      product ^= b;
+      a ^= coefficient;
+    }
+    b = (b >> 1) ^ ((b & 1u) ? kPoly : 0u);  // b *= x
+  }
+  return product;
+}
+
+// x^(2^k) mod P for k in [0, 67): enough for x^(8n) with any 64-bit n.
+struct SquarePowers {
+  std::array<uint32_t, 67> x2k{};
+  SquarePowers() {
+    x2k[0] = kOne >> 1;  // x
+    for (size_t k = 1; k < x2k.size(); ++k) x2k[k] = MulModP(x2k[k - 1], x2k[k - 1]);
+  }
+};
+
+const SquarePowers& Powers() {
+  static const SquarePowers powers;
+  return powers;
+}
+
+// x^(8n) mod P, as the product of x^(2^(k+3)) over the set bits k of n.
+uint32_t XPow8N(uint64_t n) {
+  const auto& x2k = Powers().x2k;
+  uint32_t r = kOne;
+  for (size_t k = 3; n != 0; ++k, n >>= 1) {
+    if ((n & 1u) != 0) r = MulModP(r, x2k[k]);
+  }
+  return r;
+}
+
 #if LMCACHE_CPP_CRC32C_X86
 
 // Stream lengths of the interleaved loop: three streams of kLongBlock bytes while that much is
@@ -212,8 +261,8 @@ const FoldConstants& Folds() {
   return constants;
 }
 
-constexpr size_t kFoldStride = 256;          // four 512-bit accumulators
-constexpr size_t kFoldMinLength = 4 * 1024;  // below this the crc32 instruction path is as fast
+constexpr size_t kFoldStride = 256;                      // four 512-bit accumulators
+constexpr size_t kFoldMinLength = kCrc32cFoldMinLength;  // below it crc32 is as fast
 
 #define LMCACHE_CPP_FOLD_TARGET __attribute__((target("avx512f,vpclmulqdq,pclmul,sse4.2")))
 
@@ -240,26 +289,9 @@ LMCACHE_CPP_FOLD_TARGET inline __m128i Fold128(__m128i a, uint64_t hi_const, uin
   return _mm_xor_si128(_mm_xor_si128(lo, hi), next);
 }
 
-// Consumes whole 256-byte strides of [p, p + n); returns the register after them.
-// REQUIRES: n >= kFoldStride.
-LMCACHE_CPP_FOLD_TARGET uint32_t FoldAvx512(uint32_t reg, const uint8_t*& p, size_t& n) {
+// The register after the 256-byte accumulators z0..z3 (in memory order) of a fold.
+LMCACHE_CPP_FOLD_TARGET uint32_t FoldReduce(__m512i z0, __m512i z1, __m512i z2, __m512i z3) {
   const FoldConstants& c = Folds();
-  __m512i z0 = _mm512_loadu_si512(p);
-  __m512i z1 = _mm512_loadu_si512(p + 64);
-  __m512i z2 = _mm512_loadu_si512(p + 128);
-  __m512i z3 = _mm512_loadu_si512(p + 192);
-  z0 = _mm512_xor_si512(z0, _mm512_zextsi128_si512(_mm_cvtsi32_si128(static_cast<int>(reg))));
-  p += kFoldStride;
-  n -= kFoldStride;
-  const __m512i k2048 = Constant512(c.hi2048, c.lo2048);
-  while (n >= kFoldStride) {
-    z0 = Fold512(z0, k2048, _mm512_loadu_si512(p));
-    z1 = Fold512(z1, k2048, _mm512_loadu_si512(p + 64));
-    z2 = Fold512(z2, k2048, _mm512_loadu_si512(p + 128));
-    z3 = Fold512(z3, k2048, _mm512_loadu_si512(p + 192));
-    p += kFoldStride;
-    n -= kFoldStride;
-  }
   // Four accumulators into one (z0 lies 192 bytes before z3, z1 128, z2 64).
   __m512i x = Fold512(z2, Constant512(c.hi512, c.lo512), z3);
   x = Fold512(z1, Constant512(c.hi1024, c.lo1024), x);
@@ -274,6 +306,93 @@ LMCACHE_CPP_FOLD_TARGET uint32_t FoldAvx512(uint32_t reg, const uint8_t*& p, siz
   uint64_t r = _mm_crc32_u64(0, static_cast<uint64_t>(_mm_cvtsi128_si64(y)));
   r = _mm_crc32_u64(r, static_cast<uint64_t>(_mm_extract_epi64(y, 1)));
   return static_cast<uint32_t>(r);
+}
+
+LMCACHE_CPP_FOLD_TARGET inline __m512i WithRegister(__m512i z, uint32_t reg) {
+  return _mm512_xor_si512(z, _mm512_zextsi128_si512(_mm_cvtsi32_si128(static_cast<int>(reg))));
+}
+
+// Consumes whole 256-byte strides of [p, p + n); returns the register after them.
+// REQUIRES: n >= kFoldStride.
+LMCACHE_CPP_FOLD_TARGET uint32_t FoldAvx512(uint32_t reg, const uint8_t*& p, size_t& n) {
+  __m512i z0 = WithRegister(_mm512_loadu_si512(p), reg);
+  __m512i z1 = _mm512_loadu_si512(p + 64);
+  __m512i z2 = _mm512_loadu_si512(p + 128);
+  __m512i z3 = _mm512_loadu_si512(p + 192);
+  p += kFoldStride;
+  n -= kFoldStride;
+  const __m512i k2048 = Constant512(Folds().hi2048, Folds().lo2048);
+  while (n >= kFoldStride) {
+    z0 = Fold512(z0, k2048, _mm512_loadu_si512(p));
+    z1 = Fold512(z1, k2048, _mm512_loadu_si512(p + 64));
+    z2 = Fold512(z2, k2048, _mm512_loadu_si512(p + 128));
+    z3 = Fold512(z3, k2048, _mm512_loadu_si512(p + 192));
+    p += kFoldStride;
+    n -= kFoldStride;
+  }
+  return FoldReduce(z0, z1, z2, z3);
+}
+
+template <bool kStream>
+LMCACHE_CPP_FOLD_TARGET inline void Store512(uint8_t* d, __m512i v) {
+  if (kStream) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(d), v);
+  } else {
+    _mm512_storeu_si512(d, v);
+  }
+}
+
+// FoldCopyAvx512 prefetches the source this far ahead (within the input): the loop's fold
+// instructions hold back how far out-of-order execution runs ahead of the copy's loads, and
+// without the prefetches the one-pass copy ran ~10% slower than a plain one on 32 KiB pieces
+// (from memory); with them, within ~1-3%.
+constexpr size_t kPrefetchAhead = 2048;
+
+// FoldAvx512 that also stores every 64 bytes it loads at d (advanced like p): the copy and the
+// checksum read the source once. REQUIRES: n >= kFoldStride; with kStream, d 64-byte aligned.
+template <bool kStream>
+LMCACHE_CPP_FOLD_TARGET uint32_t FoldCopyAvx512(uint32_t reg, uint8_t*& d, const uint8_t*& p,
+                                                size_t& n) {
+  __m512i x0 = _mm512_loadu_si512(p);
+  __m512i x1 = _mm512_loadu_si512(p + 64);
+  __m512i x2 = _mm512_loadu_si512(p + 128);
+  __m512i x3 = _mm512_loadu_si512(p + 192);
+  Store512<kStream>(d, x0);
+  Store512<kStream>(d + 64, x1);
+  Store512<kStream>(d + 128, x2);
+  Store512<kStream>(d + 192, x3);
+  __m512i z0 = WithRegister(x0, reg);
+  __m512i z1 = x1;
+  __m512i z2 = x2;
+  __m512i z3 = x3;
+  p += kFoldStride;
+  d += kFoldStride;
+  n -= kFoldStride;
+  const __m512i k2048 = Constant512(Folds().hi2048, Folds().lo2048);
+  while (n >= kFoldStride) {
+    if (n >= kPrefetchAhead + kFoldStride) {
+      _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchAhead), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchAhead + 64), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchAhead + 128), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchAhead + 192), _MM_HINT_T0);
+    }
+    x0 = _mm512_loadu_si512(p);
+    x1 = _mm512_loadu_si512(p + 64);
+    x2 = _mm512_loadu_si512(p + 128);
+    x3 = _mm512_loadu_si512(p + 192);
+    Store512<kStream>(d, x0);
+    Store512<kStream>(d + 64, x1);
+    Store512<kStream>(d + 128, x2);
+    Store512<kStream>(d + 192, x3);
+    z0 = Fold512(z0, k2048, x0);
+    z1 = Fold512(z1, k2048, x1);
+    z2 = Fold512(z2, k2048, x2);
+    z3 = Fold512(z3, k2048, x3);
+    p += kFoldStride;
+    d += kFoldStride;
+    n -= kFoldStride;
+  }
+  return FoldReduce(z0, z1, z2, z3);
 }
 
 bool DetectHardware() {
@@ -334,6 +453,34 @@ uint32_t Crc32cExtendHardwareImpl(uint32_t crc, const void* data, size_t n, bool
   (void)allow_fold;
   return Crc32cExtendSoftware(crc, data, n);
 #endif
+}
+
+uint32_t Crc32cCombine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b) {
+  if (crc_a == 0 || len_b == 0) return crc_a ^ crc_b;
+  return MulModP(crc_a, XPow8N(len_b)) ^ crc_b;
+}
+
+uint32_t Crc32cCopy(uint32_t crc, void* dst, const void* src, size_t n, bool streaming) {
+  auto* d = static_cast<uint8_t*>(dst);
+  const auto* p = static_cast<const uint8_t*>(src);
+#if LMCACHE_CPP_CRC32C_X86
+  if (n >= kFoldMinLength && Crc32cFoldAvailable()) {
+    // Up to 63 bytes to align the destination, whole strides in one pass, under 256 bytes left.
+    const size_t head = (64 - (reinterpret_cast<uintptr_t>(d) & 63u)) & 63u;
+    std::memcpy(d, p, head);
+    uint32_t reg = HardwareSingle(~crc, p, head);
+    d += head;
+    p += head;
+    n -= head;
+    reg = streaming ? FoldCopyAvx512<true>(reg, d, p, n) : FoldCopyAvx512<false>(reg, d, p, n);
+    std::memcpy(d, p, n);
+    return ~HardwareSingle(reg, p, n);
+  }
+#else
+  (void)streaming;
+#endif
+  std::memcpy(d, p, n);
+  return Crc32cExtend(crc, p, n);
 }
 
 uint32_t Crc32cExtend(uint32_t crc, const void* data, size_t n) {

@@ -7,6 +7,9 @@
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -16,6 +19,7 @@
 #include <utility>
 #include <vector>
 
+#include "crc32c.h"
 #include "kv_copy_plan.h"
 
 namespace lmcache_cpp {
@@ -34,11 +38,51 @@ bool AddBytes(uint64_t a, uint64_t b, uint64_t* out) {
 
 std::string U64(uint64_t v) { return std::to_string(v); }
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// StreamCopy with whole cache lines per instruction (64-byte loads and streaming stores, four
+// lines per iteration): fewer, fuller stores than the SSE2 loop keep more lines in flight.
+__attribute__((target("avx512f"))) void StreamCopy512(uint8_t* dst, const uint8_t* src,
+                                                      uint64_t n) {
+  const uint64_t head = (64 - (reinterpret_cast<uintptr_t>(dst) & 63)) & 63;
+  std::memcpy(dst, src, head);
+  dst += head;
+  src += head;
+  n -= head;
+  for (uint64_t blocks = n / 256; blocks > 0; --blocks) {
+    const __m512i a = _mm512_loadu_si512(src);
+    const __m512i b = _mm512_loadu_si512(src + 64);
+    const __m512i c = _mm512_loadu_si512(src + 128);
+    const __m512i d = _mm512_loadu_si512(src + 192);
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), a);
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + 64), b);
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + 128), c);
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + 192), d);
+    src += 256;
+    dst += 256;
+  }
+  std::memcpy(dst, src, n % 256);
+}
+
+bool HaveAvx512() {
+  static const bool have = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return have;
+}
+#endif
+
 // memcpy with non-temporal (streaming) stores where the ISA has them: the destination lines are
 // written without first being read into the cache, which saves a third of the memory traffic of
 // a large copy that does not fit in the cache anyway. Callers issue StreamFence() before
 // publishing the bytes to another thread.
 void StreamCopy(uint8_t* dst, const uint8_t* src, uint64_t n) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  if (n >= 512 && HaveAvx512()) {
+    StreamCopy512(dst, src, n);
+    return;
+  }
+#endif
 #if defined(__SSE2__)
   const uint64_t head = (16 - (reinterpret_cast<uintptr_t>(dst) & 15)) & 15;
   if (n < head + 256) {
@@ -244,7 +288,7 @@ std::string ChunkPrefix(bool batch, size_t c) {
 
 Status internal::PlanCopies(const KvCacheView& view, uint64_t chunk_size, const ChunkCopy* chunks,
                             size_t num_chunks, bool scatter, bool batch,
-                            std::vector<PlannedChunk>* out) {
+                            std::vector<PlannedChunk>* out, bool checksums) {
   LMCACHE_RETURN_IF_ERROR(view.Validate());
   uint64_t object_bytes = 0;
   LMCACHE_ASSIGN_OR_RETURN(object_bytes, view.layout.ObjectBytes(chunk_size));
@@ -274,6 +318,21 @@ Status internal::PlanCopies(const KvCacheView& view, uint64_t chunk_size, const 
     if (!scatter && ch.skip_tokens != 0) {
       return Status::InvalidArgument(where + "skip_tokens applies to Scatter only");
     }
+    if (ch.crc32c != nullptr) {
+      if (scatter) {
+        return Status::InvalidArgument(where + "a CRC32C is computed by Gather only (crc32c must " +
+                                       "be null for Scatter)");
+      }
+      if (!checksums) {
+        return Status::InvalidArgument(where + "this copy engine does not compute CRC32C " +
+                                       "checksums (crc32c must be null)");
+      }
+      if (ch.num_tokens != chunk_size) {
+        return Status::InvalidArgument(where + "a CRC32C covers a whole object: num_tokens " +
+                                       U64(ch.num_tokens) + " must equal chunk_size " +
+                                       U64(chunk_size) + " when crc32c is set");
+      }
+    }
     if (ch.skip_tokens > ch.num_tokens) {
       return Status::InvalidArgument(where + "skip_tokens " + U64(ch.skip_tokens) +
                                      " exceeds num_tokens " + U64(ch.num_tokens));
@@ -291,6 +350,7 @@ Status internal::PlanCopies(const KvCacheView& view, uint64_t chunk_size, const 
     planned.first_block = ch.skip_tokens / bs;
     planned.blocks = blocks - planned.first_block;
     planned.head_skip = ch.skip_tokens % bs;
+    planned.crc32c = ch.crc32c;
     if (scatter && planned.blocks > 0) {
       if (written.empty()) written.assign((nb + 63) / 64, 0);
       for (uint64_t i = planned.first_block; i < blocks; ++i) {
@@ -333,10 +393,21 @@ namespace {
 
 using internal::PlannedChunk;
 
+// Checksummed gathers. Where the CPU has the checksum's folding path (AVX-512 VPCLMULQDQ), a piece
+// of at least kCrc32cFoldMinLength bytes is copied and checksummed in one pass (Crc32cCopy): the
+// folding hides in the time the copy waits for memory. Otherwise the piece is copied and then
+// checksummed this many bytes at a time, from the source, which is then still in L1 whatever the
+// size of a block plane (a streaming copy's destination is not in any cache).
+constexpr uint64_t kChecksumStep = 16 * 1024;
+
 class CopyPlan {
  public:
   CopyPlan(const KvCacheView& view, uint64_t chunk_size, bool scatter)
-      : view_(view), scatter_(scatter), geo_(view.layout, chunk_size) {}
+      : view_(view),
+        scatter_(scatter),
+        geo_(view.layout, chunk_size),
+        one_pass_checksums_(internal::Crc32cFoldAvailable() &&
+                            geo_.piece_bytes >= internal::kCrc32cFoldMinLength) {}
 
   void Add(const PlannedChunk& chunk) {
     const uint64_t pieces = uint64_t{view_.layout.num_layers} * geo_.planes * chunk.blocks;
@@ -344,30 +415,90 @@ class CopyPlan {
     chunks_.push_back(chunk);
     starts_.push_back(total_pieces_);
     total_pieces_ += pieces;
+    if (chunk.crc32c != nullptr) checksums_ = true;
   }
 
   void set_streaming(bool streaming) { streaming_ = streaming; }
   uint64_t total_pieces() const { return total_pieces_; }
   uint64_t total_bytes() const { return total_pieces_ * geo_.piece_bytes; }
 
+  // Cuts the flat piece order into `tasks` contiguous ranges of (almost) equal length. With
+  // checksums, also into segments: the ranges cut again at chunk starts, so that every segment
+  // lies in one task and one chunk. REQUIRES: 1 <= tasks <= total_pieces().
+  void Split(uint64_t tasks) {
+    num_tasks_ = tasks;
+    if (!checksums_) return;
+    cuts_.clear();
+    cuts_.reserve(tasks + starts_.size() + 1);
+    size_t c = 0;
+    for (uint64_t t = 0; t < tasks; ++t) {
+      const uint64_t begin = TaskBegin(t);
+      for (; c < starts_.size() && starts_[c] <= begin; ++c) {
+        if (starts_[c] < begin) cuts_.push_back(starts_[c]);
+      }
+      cuts_.push_back(begin);
+    }
+    for (; c < starts_.size(); ++c) cuts_.push_back(starts_[c]);
+    cuts_.push_back(total_pieces_);
+    segment_crcs_.assign(cuts_.size() - 1, 0);
+  }
+
+  uint64_t num_tasks() const { return num_tasks_; }
+
+  // Runs task t of Split(). Tasks may run concurrently (they write disjoint bytes).
+  void RunTask(uint64_t t) { Run(TaskBegin(t), TaskBegin(t + 1)); }
+
+  // Joins the segments' checksums of every chunk that asked for one, in object order, and writes
+  // them. REQUIRES: every task has finished (and its writes are visible to this thread).
+  void WriteChecksums() const {
+    if (!checksums_) return;
+    size_t c = 0;
+    uint32_t crc = 0;
+    for (size_t k = 0; k + 1 < cuts_.size(); ++k) {
+      while (c + 1 < starts_.size() && starts_[c + 1] <= cuts_[k]) ++c;
+      if (chunks_[c].crc32c == nullptr) continue;
+      if (cuts_[k] == starts_[c]) crc = 0;
+      crc = internal::Crc32cCombine(crc, segment_crcs_[k],
+                                    (cuts_[k + 1] - cuts_[k]) * geo_.piece_bytes);
+      if (cuts_[k + 1] == ChunkEnd(c)) *chunks_[c].crc32c = crc;
+    }
+  }
+
+ private:
+  uint64_t TaskBegin(uint64_t t) const {
+    const uint64_t per = total_pieces_ / num_tasks_;
+    const uint64_t extra = total_pieces_ % num_tasks_;
+    return t * per + std::min(t, extra);
+  }
+
+  uint64_t ChunkEnd(size_t c) const {
+    return c + 1 < starts_.size() ? starts_[c + 1] : total_pieces_;
+  }
+
   // Copies pieces [begin, end) of the flat order: chunk, then layer, plane, block (so each
-  // range writes (Gather) or reads (Scatter) its objects sequentially).
-  void Run(uint64_t begin, uint64_t end) const {
+  // range writes (Gather) or reads (Scatter) its objects sequentially). A chunk that wants a
+  // checksum gets one per segment, over the pieces in order.
+  void Run(uint64_t begin, uint64_t end) {
     if (begin >= end) return;
     size_t c = static_cast<size_t>(std::upper_bound(starts_.begin(), starts_.end(), begin) -
                                    starts_.begin()) -
                1;
     while (begin < end) {
       const PlannedChunk& ch = chunks_[c];
-      const uint64_t chunk_end = c + 1 < starts_.size() ? starts_[c + 1] : total_pieces_;
-      const uint64_t stop = std::min(end, chunk_end);
+      const uint64_t stop = std::min(end, ChunkEnd(c));
       const uint64_t u = begin - starts_[c];
       uint64_t j = u % ch.blocks;
       const uint64_t lp = u / ch.blocks;
       uint64_t p = lp % geo_.planes;
       uint64_t l = lp / geo_.planes;
+      const bool checksum = ch.crc32c != nullptr;
+      uint32_t crc = 0;
       for (uint64_t n = stop - begin; n > 0; --n) {
-        CopyPiece(ch, l, p, j);
+        if (checksum) {
+          crc = CopyAndChecksumPiece(ch, l, p, j, crc);
+        } else {
+          CopyPiece(ch, l, p, j);
+        }
         if (++j == ch.blocks) {
           j = 0;
           if (++p == geo_.planes) {
@@ -376,17 +507,25 @@ class CopyPlan {
           }
         }
       }
+      if (checksum) {
+        const auto k = static_cast<size_t>(std::lower_bound(cuts_.begin(), cuts_.end(), begin) -
+                                           cuts_.begin());
+        segment_crcs_[k] = crc;
+      }
       begin = stop;
       ++c;
     }
     if (streaming_) StreamFence();
   }
 
- private:
+  uint8_t* EnginePiece(const PlannedChunk& ch, uint64_t l, uint64_t p, uint64_t i) const {
+    return view_.layers[l] + p * geo_.plane_stride +
+           static_cast<uint64_t>(ch.block_ids[i]) * geo_.block_stride;
+  }
+
   void CopyPiece(const PlannedChunk& ch, uint64_t l, uint64_t p, uint64_t j) const {
     const uint64_t i = ch.first_block + j;
-    uint8_t* engine = view_.layers[l] + p * geo_.plane_stride +
-                      static_cast<uint64_t>(ch.block_ids[i]) * geo_.block_stride;
+    uint8_t* engine = EnginePiece(ch, l, p, i);
     uint8_t* object = ch.object + geo_.ObjectOffset(l, p, i);
     if (!scatter_) {
       Copy(object, engine, geo_.piece_bytes);
@@ -401,6 +540,24 @@ class CopyPlan {
     }
   }
 
+  // A gather piece, checksummed (see kChecksumStep): returns `crc` extended over its bytes.
+  uint32_t CopyAndChecksumPiece(const PlannedChunk& ch, uint64_t l, uint64_t p, uint64_t j,
+                                uint32_t crc) const {
+    const uint64_t i = ch.first_block + j;
+    const uint8_t* engine = EnginePiece(ch, l, p, i);
+    uint8_t* object = ch.object + geo_.ObjectOffset(l, p, i);
+    if (one_pass_checksums_) {
+      return internal::Crc32cCopy(crc, object, engine, geo_.piece_bytes, streaming_);
+    }
+    for (uint64_t done = 0; done < geo_.piece_bytes;) {
+      const uint64_t n = std::min(geo_.piece_bytes - done, kChecksumStep);
+      Copy(object + done, engine + done, n);
+      crc = internal::Crc32cExtend(crc, engine + done, n);
+      done += n;
+    }
+    return crc;
+  }
+
   void Copy(uint8_t* dst, const uint8_t* src, uint64_t n) const {
     if (streaming_) {
       StreamCopy(dst, src, n);
@@ -412,10 +569,17 @@ class CopyPlan {
   const KvCacheView& view_;
   const bool scatter_;
   bool streaming_ = false;
+  bool checksums_ = false;  // some chunk wants a checksum
   const internal::CopyGeometry geo_;
+  const bool one_pass_checksums_;  // checksummed pieces go through Crc32cCopy
   std::vector<PlannedChunk> chunks_;
   std::vector<uint64_t> starts_;  // first flat piece of each chunk
   uint64_t total_pieces_ = 0;
+  uint64_t num_tasks_ = 1;
+  // With checksums: segment k is pieces [cuts_[k], cuts_[k + 1]), within one task and one chunk;
+  // segment_crcs_[k] is its checksum, written by the task that copies it.
+  std::vector<uint64_t> cuts_;
+  std::vector<uint32_t> segment_crcs_;
 };
 
 void Execute(CopyPlan& plan, const CopyOptions& options) {
@@ -432,25 +596,22 @@ void Execute(CopyPlan& plan, const CopyOptions& options) {
     threads = std::min<uint64_t>({cap, bytes / threshold, pieces});
   }
   if (threads <= 1) {
-    plan.Run(0, pieces);
-    return;
+    plan.Split(1);
+    plan.RunTask(0);
+  } else {
+    // A few tasks per thread evens out threads that start late or run slower.
+    plan.Split(std::min<uint64_t>(pieces, threads * 4));
+    pool->ParallelFor(static_cast<size_t>(plan.num_tasks()), static_cast<size_t>(threads),
+                      [&](size_t t) { plan.RunTask(t); });
   }
-  // A few tasks per thread evens out threads that start late or run slower.
-  const uint64_t tasks = std::min<uint64_t>(pieces, threads * 4);
-  const uint64_t per = pieces / tasks;
-  const uint64_t extra = pieces % tasks;
-  pool->ParallelFor(static_cast<size_t>(tasks), static_cast<size_t>(threads), [&](size_t t) {
-    const uint64_t begin = t * per + std::min<uint64_t>(t, extra);
-    const uint64_t end = begin + per + (t < extra ? 1 : 0);
-    plan.Run(begin, end);
-  });
+  plan.WriteChecksums();
 }
 
 Status RunCopies(const KvCacheView& view, uint64_t chunk_size, const ChunkCopy* chunks,
                  size_t num_chunks, bool scatter, bool batch, const CopyOptions& options) {
   std::vector<PlannedChunk> planned;
-  LMCACHE_RETURN_IF_ERROR(
-      internal::PlanCopies(view, chunk_size, chunks, num_chunks, scatter, batch, &planned));
+  LMCACHE_RETURN_IF_ERROR(internal::PlanCopies(view, chunk_size, chunks, num_chunks, scatter, batch,
+                                               &planned, /*checksums=*/true));
   CopyPlan plan(view, chunk_size, scatter);
   for (const PlannedChunk& chunk : planned) plan.Add(chunk);
   Execute(plan, options);
@@ -461,12 +622,13 @@ Status RunCopies(const KvCacheView& view, uint64_t chunk_size, const ChunkCopy* 
 
 Status Gather(const KvCacheView& view, uint64_t chunk_size, BlockIdSpan block_ids,
               uint64_t num_tokens, uint8_t* object, uint64_t object_size,
-              const CopyOptions& options) {
+              const CopyOptions& options, uint32_t* crc32c) {
   ChunkCopy chunk;
   chunk.block_ids = block_ids;
   chunk.num_tokens = num_tokens;
   chunk.object = object;
   chunk.object_size = object_size;
+  chunk.crc32c = crc32c;
   return RunCopies(view, chunk_size, &chunk, 1, /*scatter=*/false, /*batch=*/false, options);
 }
 

@@ -22,9 +22,10 @@ namespace internal {
 struct PlannedChunk {
   BlockIdSpan block_ids;
   uint8_t* object = nullptr;
-  uint64_t first_block = 0;  // blocks before it are skipped entirely (Scatter)
-  uint64_t blocks = 0;       // blocks copied per (layer, plane), starting at first_block
-  uint64_t head_skip = 0;    // tokens of block first_block left alone (Scatter), < block_size
+  uint64_t first_block = 0;    // blocks before it are skipped entirely (Scatter)
+  uint64_t blocks = 0;         // blocks copied per (layer, plane), starting at first_block
+  uint64_t head_skip = 0;      // tokens of block first_block left alone (Scatter), < block_size
+  uint32_t* crc32c = nullptr;  // ChunkCopy::crc32c (Gather with checksums only)
 };
 
 // The arithmetic of a copy's pieces: a piece is one block of one plane of one layer ("a block
@@ -51,9 +52,12 @@ struct CopyGeometry {
 // Checks `chunks` against the view exactly as Gather/Scatter (and their batch forms) document,
 // and appends one PlannedChunk per chunk with something to copy to `out` (a chunk whose tokens
 // are all skipped is left out). `batch` only changes the messages ("chunk <i>: " prefixes).
-// InvalidArgument on the first problem; `out` may then hold a prefix of the plan. Thread-safe.
+// `checksums`: the caller computes ChunkCopy::crc32c (the CPU gather); without it a set crc32c is
+// InvalidArgument, as it always is for a scatter. InvalidArgument on the first problem; `out` may
+// then hold a prefix of the plan. Thread-safe.
 Status PlanCopies(const KvCacheView& view, uint64_t chunk_size, const ChunkCopy* chunks,
-                  size_t num_chunks, bool scatter, bool batch, std::vector<PlannedChunk>* out);
+                  size_t num_chunks, bool scatter, bool batch, std::vector<PlannedChunk>* out,
+                  bool checksums = false);
 
 }  // namespace internal
 }  // namespace lmcache_cpp

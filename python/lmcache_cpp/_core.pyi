@@ -839,7 +839,8 @@ class KvCacheView:
         num_tokens: Sequence[int] | None = None,
         *,
         num_threads: int = 0,
-    ) -> None: ...
+        checksums: bool = False,
+    ) -> list[int] | None: ...
     def scatter_batch(
         self,
         chunk_size: int,

@@ -68,8 +68,11 @@ class _OnStream:
         num_tokens: list[int] | None = None,
         *,
         num_threads: int = 0,
-    ) -> None:
-        del num_threads  # a CPU option
+        checksums: bool = False,
+    ) -> list[int] | None:
+        """Gathers on the GPU. No checksums come back from a GPU copy: the server computes the
+        objects' CRC32C at COMMIT_STORE instead (returns None)."""
+        del num_threads, checksums  # CPU options
         self._run(
             lambda: self._view.gather_batch(
                 chunk_size,
@@ -81,6 +84,7 @@ class _OnStream:
                 engine=self._engine,
             )
         )
+        return None
 
     def scatter_batch(
         self,

@@ -32,11 +32,28 @@
 // tokens touches the first num_tokens / BS block slots of every (layer, plane) segment of the
 // object and leaves the rest of the object alone.
 //
-// Large copies (CopyOptions::streaming_threshold_bytes) use non-temporal stores, fenced before
-// the call returns. Parallelism: a copy larger than CopyOptions::parallel_threshold_bytes is split
-// into contiguous ranges of (chunk, layer, plane, block) pieces run on a CopyThreadPool (threads
-// created once, condition variables, no spinning) with the calling thread taking part. Every piece
-// writes bytes no other piece writes, so results do not depend on the number of threads.
+// Large copies (CopyOptions::streaming_threshold_bytes) use non-temporal stores (64 bytes at a
+// time where the CPU has AVX-512), fenced before the call returns. Parallelism: a copy larger than
+// CopyOptions::parallel_threshold_bytes is split into contiguous ranges of (chunk, layer, plane,
+// block) pieces run on a CopyThreadPool (threads created once, condition variables, no spinning)
+// with the calling thread taking part. Every piece writes bytes no other piece writes, so results
+// do not depend on the number of threads.
+//
+// Checksums: a gather can also return each object's CRC32C (Castagnoli, the standard variant:
+// register preset to ~0, result complemented; the checksum of L2 files, and what the store
+// protocol carries), computed while it copies, never in a second pass over the object: where the
+// CPU has AVX-512 VPCLMULQDQ, a block plane of 4 KiB or more is copied and checksummed in one pass
+// (every 64 bytes loaded are stored and folded into the checksum); otherwise each 16 KiB of a
+// piece is checksummed from the engine side right after it was copied, while it is in L1 (the
+// object side may have been written with non-temporal stores and is in no cache). Each thread
+// checksums the pieces it copies; the pieces' checksums are then joined in object order (the
+// object is the concatenation of its pieces, with no gaps). So the result is the checksum of the
+// object's first ObjectBytes(chunk_size) bytes as they are when the call returns -- bytes past
+// that in a larger object are not covered -- and it does not depend on how the copy was split
+// between threads. Only whole objects (num_tokens == chunk_size) can be checksummed. The cost is
+// within the noise of the copy on AVX-512 machines (benchmarks/bench_kv_copy.cc measures it).
+// The checksum guards the object's bytes from here on (L1, L2, the retrieving engine); it cannot
+// tell whether the engine's blocks held the right tokens.
 //
 // Validation: every call checks its arguments (layout arithmetic, null pointers, block ids in
 // range, token counts, object sizes, a block written twice by one Scatter) before copying anything
@@ -183,29 +200,41 @@ struct ChunkCopy {
   uint64_t skip_tokens = 0;  // ScatterBatch only; must be 0 for GatherBatch
   uint8_t* object = nullptr;
   uint64_t object_size = 0;
+  // GatherBatch only (nullptr elsewhere): where to write the CRC32C of the object's first
+  // ObjectBytes(chunk_size) bytes as the gather leaves them (see "Checksums" above); nullptr = no
+  // checksum. Written by the calling thread after every copy of the call has finished, and only
+  // when the call returns Ok. REQUIRES: num_tokens == chunk_size (else InvalidArgument); the
+  // caller owns the uint32_t, which must not lie in an object or an engine tensor.
+  uint32_t* crc32c = nullptr;
 };
 
 // Engine blocks -> one object. `block_ids` are the engine blocks of the chunk's first
-// `num_tokens` tokens, in order. REQUIRES (unchecked): `object` addresses `object_size` writable
-// bytes not overlapping the engine tensors; the view's pointers address tensors of its layout.
+// `num_tokens` tokens, in order. With a non-null `crc32c`, also writes the object's CRC32C there
+// on success, as ChunkCopy::crc32c describes. REQUIRES (unchecked): `object` addresses
+// `object_size` writable bytes not overlapping the engine tensors; the view's pointers address
+// tensors of its layout.
 // InvalidArgument: view.Validate() fails; chunk_size is 0 or not a multiple of BS; num_tokens is
 // not a multiple of BS or exceeds chunk_size; block_ids.size() != num_tokens / BS; a block id
-// outside [0, NB); a null object; object_size < ObjectBytes(chunk_size).
+// outside [0, NB); a null object; object_size < ObjectBytes(chunk_size); a checksum asked for
+// with num_tokens != chunk_size.
 Status Gather(const KvCacheView& view, uint64_t chunk_size, BlockIdSpan block_ids,
               uint64_t num_tokens, uint8_t* object, uint64_t object_size,
-              const CopyOptions& options = CopyOptions());
+              const CopyOptions& options = CopyOptions(), uint32_t* crc32c = nullptr);
 
 // One object -> engine blocks, leaving the chunk's first `skip_tokens` tokens untouched in the
 // engine. Same REQUIRES and errors as Gather, plus InvalidArgument for skip_tokens > num_tokens
-// and for a block id that appears twice among the blocks that would be written.
+// and for a block id that appears twice among the blocks that would be written. Scatter does not
+// checksum (ScatterBatch rejects a non-null ChunkCopy::crc32c): a retriever checks the object
+// before scattering it.
 Status Scatter(const KvCacheView& view, uint64_t chunk_size, const uint8_t* object,
                uint64_t object_size, BlockIdSpan block_ids, uint64_t num_tokens,
                uint64_t skip_tokens, const CopyOptions& options = CopyOptions());
 
 // Several chunks in one call (one parallel region). Every chunk is validated first; on an error
-// nothing is copied and the message names the chunk. ScatterBatch also rejects a block written by
-// two chunks. Same REQUIRES as above, for every chunk; objects must not overlap each other
-// (GatherBatch) .
+// nothing is copied, no checksum is written and the message names the chunk. GatherBatch writes
+// the checksum of every chunk whose crc32c is set; ScatterBatch rejects a set crc32c and a block
+// written by two chunks. Same REQUIRES as above, for every chunk; objects must not overlap each
+// other (GatherBatch).
 Status GatherBatch(const KvCacheView& view, uint64_t chunk_size,
                    const std::vector<ChunkCopy>& chunks,
                    const CopyOptions& options = CopyOptions());

@@ -592,21 +592,27 @@ class WorkerSession:
     def store(self, key: Key, block_ids: Sequence[int]) -> int:
         """PREPARE_STORE, same-server check, gather, COMMIT_STORE; returns objects published."""
         ticket, hello = self._prepare(self._client.async_prepare_store(key))
+        # The CRC32C of every object, computed while it is copied (docs/design/integrity.md).
+        crcs = [0] * len(ticket.offsets)
         try:
             self._check_same_server(hello)
-            chunk_ids, objects = [], []
+            chunk_ids, objects, written = [], [], []
             for i, offset in enumerate(ticket.offsets):
                 if offset >= 0:
                     chunk_ids.append(self._chunk(block_ids, ticket.first_chunk + i))
                     objects.append(self._object(offset))
+                    written.append(i)
             if objects:
-                self._kv.gather_batch(
-                    self.chunk_size, chunk_ids, objects, num_threads=self._threads
+                got = self._kv.gather_batch(
+                    self.chunk_size, chunk_ids, objects, num_threads=self._threads, checksums=True
                 )
+                assert got is not None
+                for i, crc in zip(written, got, strict=True):
+                    crcs[i] = crc
         except BaseException:
             self._abandon(lambda: self._client.commit_store(ticket.handle, success=False))
             raise
-        return self._client.commit_store(ticket.handle, success=True)
+        return self._client.commit_store(ticket.handle, success=True, crc32c=crcs)
 
     def retrieve(self, key: Key, block_ids: Sequence[int], skip: int) -> None:
         """PREPARE_RETRIEVE, same-server check, scatter (leaving the first ``skip`` tokens of the
