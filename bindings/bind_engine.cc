@@ -383,7 +383,7 @@ void BindEngine(nb::module_& m) {
       .def(
           "end_session",
           [](E& e, ClientId client, const std::string& model_name, const std::string& request_id) {
-            return e.engine->EndSession(client, model_name, request_id);
+            return ValueOrThrow(e.engine->EndSession(client, model_name, request_id));
           },
           "client"_a, "model_name"_a, "request_id"_a, Release())
       .def(

@@ -548,11 +548,12 @@ class FastPath {
       }
     }
     if (!have_model || !have_request || !r->AtEnd()) return std::nullopt;
-    const uint64_t released = engine_->EndSession(client, model, request);
+    const Result<uint64_t> released = engine_->EndSession(client, model, request);
+    if (!released.ok()) return Error(kEndSession, seq, released.status());
     Writer w;
     w.FixMap(1);
     w.Str("released");
-    w.Uint(released);
+    w.Uint(*released);
     return Ok(kEndSession, seq, w.Take());
   }
 

@@ -663,7 +663,7 @@ TEST_F(CacheEngineTest, EachMlaWorkerReturnsOneLeaseAndTheLastMakesTheObjectEvic
   EngineKey other = scheduler;
   other.request_id = "r2";
   EXPECT_EQ(LookupAndWait(10, other, 4).hit_chunks, 3u);
-  EXPECT_EQ(engine_->EndSession(10, kModel, "r2"), 12u);
+  EXPECT_EQ(*engine_->EndSession(10, kModel, "r2"), 12u);
   EXPECT_EQ(table()->stats().read_leases, 0u);
 }
 
@@ -690,7 +690,7 @@ TEST_F(CacheEngineTest, AStoreAfterEndSessionDoesNotBringTheRequestBack) {
   auto tokens = Tokens(4 * kCs, 3);
   EXPECT_EQ(LookupAndWait(2, TokenKey(tokens, "r")).hit_chunks, 0u);
   EXPECT_EQ(engine_->stats().requests, 1u);
-  EXPECT_EQ(engine_->EndSession(2, kModel, "r"), 0u);
+  EXPECT_EQ(*engine_->EndSession(2, kModel, "r"), 0u);
   EXPECT_EQ(engine_->stats().requests, 0u);
   // The worker's stores of the finished request land after END_SESSION.
   EXPECT_EQ(Store(1, TokenKey(tokens, "r", 0, 2 * kCs)), 2u);
@@ -699,7 +699,7 @@ TEST_F(CacheEngineTest, AStoreAfterEndSessionDoesNotBringTheRequestBack) {
   EXPECT_EQ(engine_->stats().sessions, 0u);
   // What they stored is found by the next request with the same prompt.
   EXPECT_EQ(LookupAndWait(2, TokenKey(tokens, "next")).hit_chunks, 4u);
-  EXPECT_EQ(engine_->EndSession(2, kModel, "next"), 4u);
+  EXPECT_EQ(*engine_->EndSession(2, kModel, "next"), 4u);
 }
 
 TEST_F(CacheEngineTest, AQueryAfterTheEngineReapedItsLookupIsNotFoundNotAMiscount) {
@@ -725,7 +725,8 @@ TEST_F(CacheEngineTest, AQueryAfterTheEngineReapedItsLookupIsNotFoundNotAMiscoun
   // rank count the engine cannot turn it into chunks, so the handle is reported expired.
   auto q = engine_->QueryPrefetch(2, *h);
   EXPECT_EQ(q.status().code(), StatusCode::kNotFound) << q.status().ToString();
-  EXPECT_EQ(engine_->EndSession(2, kModel, "r"), 4u) << "4 objects, one reader each: released here";
+  EXPECT_EQ(*engine_->EndSession(2, kModel, "r"), 4u)
+      << "4 objects, one reader each: released here";
   EXPECT_EQ(table()->stats().read_leases, 0u);
 }
 
@@ -882,8 +883,8 @@ TEST_F(CacheEngineTest, SyncLookupInL1AnswersKeysL1HoldsWhollyAndLeavesOthersUnt
   ASSERT_TRUE(full.ok()) << full.status().ToString();
   EXPECT_EQ(full->l1_chunks, 4u);
   EXPECT_EQ(full->hit_chunks, 4u) << "chunks 4-5 were never stored";
-  EXPECT_EQ(engine_->EndSession(3, kModel, "b"), 4u);
-  EXPECT_EQ(engine_->EndSession(2, kModel, "a"), 0u);
+  EXPECT_EQ(*engine_->EndSession(3, kModel, "b"), 4u);
+  EXPECT_EQ(*engine_->EndSession(2, kModel, "a"), 0u);
 }
 
 TEST_F(CacheEngineTest, RetrievesOfASyncLookupJoinItsSingleL2Load) {
@@ -989,7 +990,7 @@ TEST_F(CacheEngineTest, EndSessionLeavesNothingBehind) {
   EXPECT_EQ(table()->stats().temporary, 4u);
 
   EXPECT_EQ(engine_->stats().sessions, 1u);
-  EXPECT_EQ(engine_->EndSession(2, kModel, "r"), 8u) << "the leases released, not objects";
+  EXPECT_EQ(*engine_->EndSession(2, kModel, "r"), 8u) << "the leases released, not objects";
   EXPECT_EQ(engine_->stats().requests, 0u);
   EXPECT_EQ(engine_->stats().sessions, 0u) << "the hashing session went with the request";
   EXPECT_EQ(engine_->stats().ended_sessions, 1u);
@@ -999,7 +1000,7 @@ TEST_F(CacheEngineTest, EndSessionLeavesNothingBehind) {
   // No load is left to join: the retrieve is refused at once, not after its deadline.
   EXPECT_EQ(engine_->PrepareRetrieve(3, TokenKey(tokens, "r", 0, kCs), kWait).status().code(),
             StatusCode::kKeyAbsent);
-  EXPECT_EQ(engine_->EndSession(2, kModel, "r"), 0u);
+  EXPECT_EQ(*engine_->EndSession(2, kModel, "r"), 0u);
 
   adapter_->SetStalled(false);  // releases the held load, whose objects are then discarded
   ASSERT_TRUE(storage_->prefetch()->WaitIdle(kWait));
@@ -1420,13 +1421,14 @@ TEST_F(CacheEngineTest, LookupsRacingEndSessionOfTheirRequestLeaveNoLeases) {
   c.ended_request_ttl = Duration::zero();  // the request id is reused on purpose
   ASSERT_NO_FATAL_FAILURE(Build(c));
   Register(1);
+  Register(3);  // the ender acts for the request: it holds a registration of the model
   auto tokens = Tokens(4 * kCs, 9);
   ASSERT_EQ(Store(1, TokenKey(tokens, "", 0, 4 * kCs)), 4u);
   // One thread looks the same request up over and over while another keeps ending it: whatever
   // the interleaving, a lookup whose request ended under it must not keep leases.
   std::atomic<bool> stop{false};
   std::thread ender([&] {
-    while (!stop.load()) engine_->EndSession(3, kModel, "r");
+    while (!stop.load()) (void)engine_->EndSession(3, kModel, "r");
   });
   // Cancelled: the request ended during the lookup (nothing of it is left behind).
   size_t cancelled = 0;
@@ -1446,7 +1448,7 @@ TEST_F(CacheEngineTest, LookupsRacingEndSessionOfTheirRequestLeaveNoLeases) {
   }
   stop.store(true);
   ender.join();
-  engine_->EndSession(3, kModel, "r");
+  (void)engine_->EndSession(3, kModel, "r");
   EXPECT_EQ(table()->stats().read_leases, 0u) << cancelled << " lookups were cancelled";
   EXPECT_EQ(engine_->stats().requests, 0u);
   EXPECT_EQ(engine_->stats().sessions, 0u);
@@ -1458,6 +1460,7 @@ TEST_F(CacheEngineTest, ConcurrentTrafficKeepsTheTableConsistentAndLeavesNoLease
   ASSERT_NO_FATAL_FAILURE(Build(reused_ids));
   Register(1);
   constexpr size_t kThreads = 4;
+  for (size_t t = 0; t < kThreads; ++t) Register(21 + t);  // every client may act for any
   constexpr size_t kIterations = 150;
   constexpr size_t kChunks = 10;
   const std::vector<uint32_t> tokens = Tokens(kChunks * kCs, 1);
@@ -1666,7 +1669,7 @@ TEST_F(CacheEngineTest, ARetrieveOrStorePastTheKeysDataIsAnErrorNotAShortTransfe
   EXPECT_EQ(engine_->PrepareStore(2, TokenKey(tokens, "", 0, 5 * kCs)).status().code(),
             StatusCode::kInvalidArgument);
   std::vector<uint8_t> hashes = BlockHashes(4, 9);  // 4 blocks = 2 chunks
-  Register(1, 0, 1, MakeLayout(), "hash-model");
+  Register(2, 0, 1, MakeLayout(), "hash-model");
   EngineKey hk = HashKey(hashes, "p");
   hk.model_name = "hash-model";
   hk.end = 3 * kCs;
@@ -1724,6 +1727,7 @@ TEST_F(CacheEngineTest, AWriterWhoseLeaseExpiredNeverWritesIntoAnotherObject) {
   EXPECT_EQ(table()->stats().quarantined, 2u);
 
   // Another client stores into what is left of the (4-object) arena, then fills it entirely.
+  Register(2);
   auto other = Tokens(2 * kCs, 2);
   ASSERT_EQ(Store(2, TokenKey(other, "", 0, 2 * kCs)), 2u);
   ASSERT_EQ(LookupAndWait(3, TokenKey(other, "reader")).hit_chunks, 2u);  // not evictable
@@ -1756,7 +1760,7 @@ TEST_F(CacheEngineTest, AWriterWhoseLeaseExpiredNeverWritesIntoAnotherObject) {
 // A client dropped (heartbeats missed) while its worker was copying: its extents stay fenced
 // while its process lives, and are freed once the process has exited.
 TEST_F(CacheEngineTest, AnEndedClientsFencedStoresAreFreedWhenItsProcessExits) {
-  Register(1);
+  Register(7);
   int ready[2];
   ASSERT_EQ(pipe(ready), 0);
   const pid_t child = fork();
@@ -1768,6 +1772,13 @@ TEST_F(CacheEngineTest, AnEndedClientsFencedStoresAreFreedWhenItsProcessExits) {
   }
   close(ready[1]);
   close(ready[0]);
+  struct Reaper {  // the child never outlives the test, whatever fails
+    pid_t pid;
+    ~Reaper() {
+      kill(pid, SIGKILL);
+      waitpid(pid, nullptr, 0);
+    }
+  } reaper{child};
   Status set = engine_->SetClientProcess(7, child);
   ASSERT_TRUE(set.ok() || set.code() == StatusCode::kNotSupported) << set.ToString();
   auto tokens = Tokens(2 * kCs, 4);
@@ -1778,14 +1789,44 @@ TEST_F(CacheEngineTest, AnEndedClientsFencedStoresAreFreedWhenItsProcessExits) {
   engine_->ReapExpired();
   EXPECT_EQ(table()->stats().quarantined, 2u) << "the process is alive: it may still write";
   kill(child, SIGKILL);
-  int status = 0;
-  waitpid(child, &status, 0);
+  waitpid(child, nullptr, 0);
   engine_->ReapExpired();
   if (set.ok()) {
     EXPECT_EQ(table()->stats().quarantined, 0u);
     EXPECT_EQ(engine_->stats().fenced_stores, 0u);
   }
   EXPECT_EQ(engine_->SetClientProcess(8, 0).code(), StatusCode::kInvalidArgument);
+}
+
+// The usual order when a worker is killed mid-store: the reaper sees the process gone before the
+// heartbeat grace ends the client. Its stores must still be freed, not fenced for good.
+TEST_F(CacheEngineTest, AStoreOfAProcessThatExitedBeforeItsClientEndedIsNotFenced) {
+  Register(9);
+  const pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    pause();
+    _exit(0);
+  }
+  struct Reaper {  // the child never outlives the test, whatever fails
+    pid_t pid;
+    ~Reaper() {
+      kill(pid, SIGKILL);
+      waitpid(pid, nullptr, 0);
+    }
+  } reaper{child};
+  Status set = engine_->SetClientProcess(9, child);
+  if (!set.ok()) GTEST_SKIP() << "no pidfd_open on this kernel: " << set.ToString();
+  auto tokens = Tokens(2 * kCs, 5);
+  ASSERT_TRUE(engine_->PrepareStore(9, TokenKey(tokens, "")).ok());
+  kill(child, SIGKILL);
+  waitpid(child, nullptr, 0);
+  engine_->ReapExpired();  // notices the exit first
+  engine_->EndClient(9);   // then the grace ends the client
+  engine_->ReapExpired();
+  EXPECT_EQ(table()->stats().quarantined, 0u);
+  EXPECT_EQ(engine_->stats().fenced_stores, 0u);
+  EXPECT_EQ(table()->stats().used_bytes, 0u);
 }
 
 // Every committed object carries a CRC32C: the worker's, or one the engine computes.
@@ -1890,7 +1931,7 @@ TEST_F(CacheEngineTest, ALookupArrivingAfterItsRequestsEndSessionIsCancelled) {
   Register(1);
   auto tokens = Tokens(2 * kCs, 8);
   ASSERT_EQ(Store(1, TokenKey(tokens, "", 0, 2 * kCs)), 2u);
-  EXPECT_EQ(engine_->EndSession(2, kModel, "late"), 0u);  // END_SESSION first
+  EXPECT_EQ(*engine_->EndSession(2, kModel, "late"), 0u);  // END_SESSION first
   auto late = engine_->SyncLookup(2, TokenKey(tokens, "late"), 1, kWait);
   EXPECT_EQ(late.status().code(), StatusCode::kCancelled) << late.status().ToString();
   EXPECT_EQ(engine_->Lookup(2, TokenKey(tokens, "late"), 1).status().code(),
@@ -1902,6 +1943,34 @@ TEST_F(CacheEngineTest, ALookupArrivingAfterItsRequestsEndSessionIsCancelled) {
   clock_->Advance(seconds(31));
   engine_->ReapExpired();
   EXPECT_EQ(LookupAndWait(2, TokenKey(tokens, "late")).hit_chunks, 2u);
+}
+
+// ---- authorization ----------------------------------------------------------------------------
+
+TEST_F(CacheEngineTest, OnlyTheRequestsOwnerOrItsEngineMayEndOrFreeIt) {
+  Register(1);  // a worker of the engine
+  auto tokens = Tokens(2 * kCs, 12);
+  ASSERT_EQ(Store(1, TokenKey(tokens, "", 0, 2 * kCs)), 2u);
+  ASSERT_EQ(LookupAndWait(2, TokenKey(tokens, "mine")).hit_chunks, 2u);  // the scheduler
+  // A stranger (no registration, not the owner) can neither end nor free the request.
+  EXPECT_EQ(engine_->EndSession(66, kModel, "mine").status().code(), StatusCode::kPermissionDenied);
+  EXPECT_EQ(engine_->FreeLookupLocks(66, TokenKey(tokens, "mine", 0, 2 * kCs), 1).status().code(),
+            StatusCode::kPermissionDenied);
+  EXPECT_EQ(table()->stats().read_leases, 2u) << "a refusal changes nothing";
+  // The engine's worker (a registration of the model) and the owner may.
+  EXPECT_EQ(*engine_->FreeLookupLocks(1, TokenKey(tokens, "mine", 0, kCs), 1), 1u);
+  EXPECT_EQ(*engine_->EndSession(2, kModel, "mine"), 1u);
+  EXPECT_EQ(table()->stats().read_leases, 0u);
+}
+
+TEST_F(CacheEngineTest, PrepareStoreNeedsARegistrationOfTheNamespace) {
+  Register(1);
+  auto tokens = Tokens(2 * kCs, 13);
+  EXPECT_EQ(engine_->PrepareStore(5, TokenKey(tokens, "")).status().code(),
+            StatusCode::kPermissionDenied);
+  EXPECT_EQ(table()->stats().writing, 0u);
+  EXPECT_EQ(engine_->stats().transfers, 0u);
+  EXPECT_TRUE(engine_->PrepareStore(1, TokenKey(tokens, "")).ok());
 }
 
 }  // namespace

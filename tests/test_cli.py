@@ -197,3 +197,24 @@ def test_serve_exits_non_zero_when_its_socket_thread_dies(
         endpoint=f"ipc://{tmp_path}/s.sock", l1_size_gb=0.0625, hugepages="off", chunk_size=16
     )
     assert app.run_forever(config, ready_line=False) == app.EXIT_SERVER_FAILED
+
+
+def test_serve_writes_an_admin_token_only_its_user_can_read(tmp_path: Path) -> None:
+    """A forced CLEAR needs the token the server writes beside its ipc:// socket (0600); the file
+    goes when the server stops."""
+    from lmcache_cpp.app import ServerApp, read_admin_token
+    from lmcache_cpp.client import CacheClient
+    from lmcache_cpp.config import ServerConfig
+    from lmcache_cpp.errors import PermissionDeniedError
+
+    socket_path = tmp_path / "s.sock"
+    config = ServerConfig(
+        endpoint=f"ipc://{socket_path}", l1_size_gb=0.0625, hugepages="off", chunk_size=16
+    )
+    token_file = tmp_path / "s.sock.admin"
+    with ServerApp(config), CacheClient(f"ipc://{socket_path}", timeout_s=5.0) as client:
+        assert token_file.stat().st_mode & 0o777 == 0o600
+        with pytest.raises(PermissionDeniedError):
+            client.clear(force=True)
+        assert client.clear(force=True, admin_token=read_admin_token(str(token_file))) == 0
+    assert not token_file.exists()

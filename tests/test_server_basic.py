@@ -207,10 +207,23 @@ def test_metrics_record_every_request(harness: Harness) -> None:
 
 
 def test_clear_runs_on_the_pool_and_returns_a_count(harness: Harness) -> None:
-    server = harness.server()
+    server = harness.server(admin_token="s3cret")
     client = harness.client(server)
     assert client.clear() == 0
-    assert client.clear(force=True) == 0
+    assert client.clear(force=True, admin_token="s3cret") == 0
+
+
+def test_a_forced_clear_needs_the_admin_token(harness: Harness) -> None:
+    """CLEAR with force drops objects other clients hold leases on: only the admin may."""
+    client = harness.client(harness.server(admin_token="s3cret"))
+    with pytest.raises(PermissionDeniedError, match="admin token"):
+        client.clear(force=True)
+    with pytest.raises(PermissionDeniedError):
+        client.clear(force=True, admin_token="guess")
+    without = harness.client(harness.server())  # no token configured: nobody may
+    with pytest.raises(PermissionDeniedError):
+        without.clear(force=True, admin_token="")
+    assert without.clear() == 0
 
 
 # ---------------------------------------------------------------------------------------------

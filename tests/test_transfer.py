@@ -12,7 +12,7 @@ import pytest
 
 import lmcache_cpp as lc
 from lmcache_cpp.client import CacheClient, Key, KvTransferClient
-from lmcache_cpp.errors import InvalidArgumentError, KeyAbsentError
+from lmcache_cpp.errors import InvalidArgumentError, KeyAbsentError, PermissionDeniedError
 from server_helpers import CHUNK, MODEL, NUM_BLOCKS, Harness, blocks_of, key, kv_cache, tokens
 
 BPC = CHUNK // 4  # engine blocks per chunk
@@ -265,3 +265,22 @@ def test_a_512_chunk_key_round_trips_byte_exactly(
         transfer.close()
     finally:
         harness.close()
+
+
+def test_a_stranger_cannot_end_free_or_store_for_another_engine(setup: tuple) -> None:
+    """END_SESSION and FREE_LOOKUP_LOCKS act only for the request's owner or a client with a
+    registration of its model; PREPARE_STORE needs a registration of the namespace."""
+    harness, engine, client, transfer = setup
+    _, src_view = kv_cache(seed=14)
+    toks = tokens(2 * CHUNK, seed=14)
+    assert transfer.store(src_view, np.arange(2 * BPC), key(toks, "w")) == 2
+    assert client.sync_lookup(key(toks, "theirs")).hit_chunks == 2
+    stranger = harness.client(client.endpoint)
+    with pytest.raises(PermissionDeniedError):
+        stranger.end_session(MODEL, "theirs")
+    with pytest.raises(PermissionDeniedError):
+        stranger.free_lookup_locks(key(toks, "theirs", end=2 * CHUNK))
+    with pytest.raises(PermissionDeniedError, match="registration"):
+        stranger.prepare_store(key(tokens(CHUNK, seed=15), ""))
+    assert engine.stats()["l1"]["read_leases"] == 2, "the refusals changed nothing"
+    assert client.end_session(MODEL, "theirs") == 2

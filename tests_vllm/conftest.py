@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from lmcache_cpp.app import read_admin_token
 from lmcache_cpp.client import CacheClient
 
 HERE = Path(__file__).resolve().parent
@@ -118,6 +119,10 @@ class Server:
         client = CacheClient(self.endpoint, timeout_s=15.0)
         self.clients.append(client)
         return client
+
+    def admin_token(self) -> str:
+        """The token a forced CLEAR needs (written beside the ipc:// socket at start)."""
+        return read_admin_token(self.endpoint[len("ipc://") :] + ".admin")
 
     def status(self) -> Status:
         with CacheClient(self.endpoint, timeout_s=15.0) as client:

@@ -110,7 +110,7 @@ def _l2_drained(server: Server) -> None:
 def _corrupt_l2(server: Server) -> int:
     """Clears L1 and flips the last payload byte of every L2 object file; returns the count."""
     _l2_drained(server)
-    server.client().clear(force=True)
+    server.client().clear(force=True, admin_token=server.admin_token())
     assert server.status()["l1"]["objects"] == 0
     assert server.l2_dir is not None
     files = [p for p in Path(server.l2_dir).rglob("*.kv") if p.is_file()]
@@ -184,7 +184,7 @@ def test_kv_of_a_failed_load_is_never_stored_and_the_recompute_is(
     if failure == "corrupt-l2":
         # The corrupt files were dropped and the recomputed chunks written again: L2 serves them.
         _l2_drained(server)
-        server.client().clear(force=True)
+        server.client().clear(force=True, admin_token=server.admin_token())
         flushed = server.status()
         outputs, cached = checker.generate([ac], MAX_TOKENS)
         assert cached == [WHOLE * CHUNK]

@@ -75,6 +75,7 @@ struct CacheEngine::Namespace {
 
 struct CacheEngine::Request {
   RequestId id = 0;
+  ClientId owner = 0;  // the client that looked the request up first
   TimePoint last_used{};
   bool load_failure_logged = false;  // a failed retrieve is logged once per request
 };
@@ -273,8 +274,21 @@ std::shared_ptr<CacheEngine::Namespace> CacheEngine::FindNamespace(std::string_v
   return it == namespaces_.end() ? nullptr : it->second;
 }
 
+Status CacheEngine::CheckActsForLocked(ClientId client, std::string_view model_name,
+                                       ClientId owner) const {
+  if (client == owner) return Status::Ok();
+  for (const auto& [id, reg] : registrations_) {
+    if (reg.client == client && reg.ns->model_name == model_name) return Status::Ok();
+  }
+  return Status::PermissionDenied(
+      "the request's leases belong to another client, and this client holds no registration of "
+      "model '" +
+      std::string(model_name) + "'");
+}
+
 Result<RequestId> CacheEngine::InternRequest(std::string_view model_name,
-                                             std::string_view request_id, bool create) {
+                                             std::string_view request_id, bool create,
+                                             ClientId client) {
   std::string k = RequestKey(model_name, request_id);
   const TimePoint now = clock_->Now();
   std::lock_guard<std::mutex> l(mu_);
@@ -295,6 +309,7 @@ Result<RequestId> CacheEngine::InternRequest(std::string_view model_name,
   }
   auto r = std::make_unique<Request>();
   r->id = next_request_++;
+  r->owner = client;
   r->last_used = now;
   RequestId id = r->id;
   requests_.emplace(std::move(k), std::move(r));
@@ -302,8 +317,8 @@ Result<RequestId> CacheEngine::InternRequest(std::string_view model_name,
 }
 
 Status CacheEngine::Resolve(const EngineKey& key, RangeKind range, bool need_request,
-                            bool create_request, ResolvedKey* out,
-                            std::optional<uint32_t> tp_size) {
+                            bool create_request, ResolvedKey* out, std::optional<uint32_t> tp_size,
+                            ClientId client) {
   if (key.model_name.empty() || key.model_name.size() > kMaxModelNameBytes) {
     return Status::InvalidArgument("key.model_name must have 1 to 1024 bytes");
   }
@@ -384,7 +399,7 @@ Status CacheEngine::Resolve(const EngineKey& key, RangeKind range, bool need_req
 
   if (!key.request_id.empty()) {
     LMCACHE_ASSIGN_OR_RETURN(out->request,
-                             InternRequest(key.model_name, key.request_id, create_request));
+                             InternRequest(key.model_name, key.request_id, create_request, client));
   }
 
   std::vector<ChunkHash> hashes;
@@ -472,7 +487,7 @@ Result<uint32_t> CacheEngine::Readers(const Namespace& ns, uint32_t tp_size) con
 
 Result<JobHandle> CacheEngine::Lookup(ClientId client, const EngineKey& key, uint32_t tp_size) {
   ResolvedKey rk;
-  LMCACHE_RETURN_IF_ERROR(Resolve(key, RangeKind::kLookup, true, true, &rk, tp_size));
+  LMCACHE_RETURN_IF_ERROR(Resolve(key, RangeKind::kLookup, true, true, &rk, tp_size, client));
   const uint32_t readers = rk.readers;
   PrefetchRequest req;
   req.owner = LeaseOwner{client, rk.request};
@@ -570,7 +585,7 @@ Result<std::optional<LookupResult>> CacheEngine::SyncLookupImpl(ClientId client,
                                                                 uint32_t tp_size, Duration timeout,
                                                                 bool l1_only) {
   ResolvedKey rk;
-  LMCACHE_RETURN_IF_ERROR(Resolve(key, RangeKind::kLookup, true, true, &rk, tp_size));
+  LMCACHE_RETURN_IF_ERROR(Resolve(key, RangeKind::kLookup, true, true, &rk, tp_size, client));
   const uint32_t readers = rk.readers;
   PrefetchRequest req;
   req.owner = LeaseOwner{client, rk.request};
@@ -610,10 +625,16 @@ Result<std::optional<LookupResult>> CacheEngine::SyncLookupImpl(ClientId client,
 
 Result<uint64_t> CacheEngine::FreeLookupLocks(ClientId client, const EngineKey& key,
                                               uint32_t tp_size) {
-  (void)client;
   ResolvedKey rk;
   LMCACHE_RETURN_IF_ERROR(Resolve(key, RangeKind::kInner, true, false, &rk, tp_size));
   if (rk.request == 0 || rk.keys.empty()) return uint64_t{0};
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = requests_.find(RequestKey(key.model_name, key.request_id));
+    if (it != requests_.end()) {
+      LMCACHE_RETURN_IF_ERROR(CheckActsForLocked(client, key.model_name, it->second->owner));
+    }
+  }
   // Leases of a pending sync load arrive when it finishes: join it first.
   (void)prefetch_->WaitLoad(rk.request, config_.retrieve_wait_timeout);
   uint64_t released = 0;
@@ -628,9 +649,8 @@ Result<uint64_t> CacheEngine::FreeLookupLocks(ClientId client, const EngineKey& 
   return released;
 }
 
-uint64_t CacheEngine::EndSession(ClientId client, std::string_view model_name,
-                                 std::string_view request_id) {
-  (void)client;
+Result<uint64_t> CacheEngine::EndSession(ClientId client, std::string_view model_name,
+                                         std::string_view request_id) {
   std::unique_ptr<Request> req;
   std::vector<std::shared_ptr<Namespace>> spaces;
   {
@@ -650,7 +670,8 @@ uint64_t CacheEngine::EndSession(ClientId client, std::string_view model_name,
       ended_order_.emplace_back(key, now);
     }
     auto it = requests_.find(key);
-    if (it == requests_.end()) return 0;
+    if (it == requests_.end()) return uint64_t{0};
+    LMCACHE_RETURN_IF_ERROR(CheckActsForLocked(client, model_name, it->second->owner));
     req = std::move(it->second);
     requests_.erase(it);
     ++counters_.ended_sessions;
@@ -711,9 +732,12 @@ void CacheEngine::FenceTicket(const JobHandle& handle, const Ticket& ticket) {
   {
     std::lock_guard<std::mutex> l(mu_);
     auto p = processes_.find(ticket.client);
-    if (p != processes_.end() && p->second.pidfd >= 0) {
-      pollfd pfd{p->second.pidfd, POLLIN, 0};
-      exited = poll(&pfd, 1, 0) > 0;
+    if (p != processes_.end()) {
+      exited = p->second.exited;
+      if (!exited && p->second.pidfd >= 0) {
+        pollfd pfd{p->second.pidfd, POLLIN, 0};
+        exited = poll(&pfd, 1, 0) > 0;
+      }
     }
     if (!exited) {
       tombstones_[handle] = Tombstone{ticket.client, ticket.request};
@@ -730,14 +754,20 @@ void CacheEngine::ReleaseExitedWriters() {
     if (processes_.empty()) return;
     std::vector<ClientId> exited;
     for (auto it = processes_.begin(); it != processes_.end();) {
-      bool gone = false;
-      if (it->second.pidfd >= 0) {
-        pollfd pfd{it->second.pidfd, POLLIN, 0};
-        gone = poll(&pfd, 1, 0) > 0;
+      ClientProcess& p = it->second;
+      if (!p.exited && p.pidfd >= 0) {
+        pollfd pfd{p.pidfd, POLLIN, 0};
+        if (poll(&pfd, 1, 0) > 0) {
+          // Remembered (not forgotten) until EndClient: stores the client still holds are fenced
+          // then, and must find their writer gone.
+          p.exited = true;
+          close(p.pidfd);
+          p.pidfd = -1;
+          exited.push_back(it->first);
+        }
       }
-      if (gone) exited.push_back(it->first);
-      if (gone || (it->second.ended && it->second.pidfd < 0)) {
-        if (it->second.pidfd >= 0) close(it->second.pidfd);
+      if (p.ended && (p.exited || p.pidfd < 0)) {
+        if (p.pidfd >= 0) close(p.pidfd);
         it = processes_.erase(it);
       } else {
         ++it;
@@ -766,6 +796,16 @@ Result<TransferTicket> CacheEngine::PrepareStore(ClientId client, const EngineKe
   RequestId tr = 0;
   {
     std::lock_guard<std::mutex> l(mu_);
+    bool registered = false;
+    for (const auto& [id, reg] : registrations_) {
+      registered = registered || (reg.client == client && reg.ns == rk.ns);
+    }
+    if (!registered) {
+      return Status::PermissionDenied("PREPARE_STORE needs a registration of model '" +
+                                      std::string(key.model_name) + "' (world size " +
+                                      std::to_string(key.world_size) +
+                                      ") by this client (REGISTER_KV_CACHE)");
+    }
     size_t& n = tickets_per_client_[client];
     if (n >= config_.max_transfers_per_client) {
       return Status::ResourceExhausted("client has " + std::to_string(n) +
@@ -996,6 +1036,7 @@ Status CacheEngine::SetClientProcess(ClientId client, int pid) {
   ClientProcess& p = processes_[client];
   if (p.pidfd >= 0) close(p.pidfd);
   p.pidfd = fd;
+  p.exited = false;
   return Status::Ok();
 #else
   (void)client;
@@ -1041,7 +1082,7 @@ uint64_t CacheEngine::EndClient(ClientId client) {
     if (p != processes_.end()) {
       bool named = false;
       for (const auto& [h, ts] : tombstones_) named = named || ts.client == client;
-      if (!named) {
+      if (!named || p->second.exited) {
         if (p->second.pidfd >= 0) close(p->second.pidfd);
         processes_.erase(p);
       }

@@ -430,7 +430,7 @@ int Run(const std::string& dir) {
         std::printf(" (%" PRIu64 " already in L1)", ChunksOf(p) - *written);
       std::printf("\n");
       // The request is done: drop its hashing session (and any leases).
-      cache.engine->EndSession(kScheduler, kModel, p.request_id);
+      (void)cache.engine->EndSession(kScheduler, kModel, p.request_id);
     }
     if (!CloseCache(&cache)) return 1;
   }
@@ -487,7 +487,7 @@ int Run(const std::string& dir) {
     // A real server now prefills the remaining tokens, stores the new chunks and, when the
     // request finishes, ends its session. EndSession also returns leases a lookup took on chunks
     // the server did not retrieve.
-    cache.engine->EndSession(kScheduler, kModel, p.request_id);
+    (void)cache.engine->EndSession(kScheduler, kModel, p.request_id);
   }
 
   uint64_t bytes = 0;

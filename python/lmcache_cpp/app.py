@@ -10,8 +10,12 @@ thread.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import secrets
 import signal
+import tempfile
 import threading
 import time
 from types import FrameType, TracebackType
@@ -22,13 +26,43 @@ from lmcache_cpp.config import ServerConfig, build_storage, server_options
 from lmcache_cpp.metrics import Metrics, MetricsHTTPServer
 from lmcache_cpp.server import CacheServer, ServerOptions
 
-__all__ = ["EXIT_SERVER_FAILED", "ServerApp", "run_forever"]
+__all__ = [
+    "EXIT_SERVER_FAILED",
+    "ServerApp",
+    "read_admin_token",
+    "run_forever",
+    "write_admin_token",
+]
 
 _log = logging.getLogger(__name__)
 
 # The exit status of `lmcache-cpp serve` when the server stopped serving by itself (its socket
 # thread failed): non-zero, so that a supervisor restarts it (EX_SOFTWARE).
 EXIT_SERVER_FAILED = 70
+
+
+def write_admin_token(path: str) -> str:
+    """A fresh admin token, written to ``path`` readable by this user only (0600, replacing any
+    previous file atomically). Whoever can read it may force a CLEAR."""
+    token = secrets.token_hex(32)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".admin-token-", dir=directory)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, (token + "\n").encode())
+        os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return token
+
+
+def read_admin_token(path: str) -> str:
+    """The admin token a server wrote to ``path``."""
+    with open(path, encoding="ascii") as f:
+        return f.read().strip()
 
 
 class ServerApp:
@@ -44,6 +78,7 @@ class ServerApp:
         self._storage: _core.StorageManager | None = None
         self._engine: _core.CacheEngine | None = None
         self._server: CacheServer | None = None
+        self._admin_token_path: str | None = None
         self._http: MetricsHTTPServer | None = None
         self._metrics = Metrics()
         self._started_at = 0.0
@@ -82,7 +117,10 @@ class ServerApp:
             try:
                 storage, engine = build_storage(self._config)
                 self._storage, self._engine = storage, engine
-                options = ServerOptions(**server_options(self._config))
+                token_path = self._config.admin_token_path()
+                admin_token = None if token_path is None else write_admin_token(token_path)
+                self._admin_token_path = token_path
+                options = ServerOptions(**server_options(self._config), admin_token=admin_token)
                 server = CacheServer(engine, storage, options, self._metrics)
                 server.start()
                 self._server = server
@@ -117,6 +155,10 @@ class ServerApp:
         if self._server is not None:
             self._server.stop()
             self._server = None
+        if self._admin_token_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._admin_token_path)
+            self._admin_token_path = None
         if self._http is not None:
             self._http.stop()
             self._http = None

@@ -795,16 +795,21 @@ class CacheClient:
         used."""
         self._call(lambda: self.async_commit_retrieve(handle))
 
-    def async_clear(self, force: bool = False) -> concurrent.futures.Future[int]:
+    def async_clear(
+        self, force: bool = False, admin_token: str | None = None
+    ) -> concurrent.futures.Future[int]:
         return self._submit(
             RequestType.CLEAR,
-            ClearRequest(bool(force)).to_wire(),
+            ClearRequest(bool(force), admin_token).to_wire(),
             lambda p: count_from_wire(p, "removed"),
             None,
         )
 
-    def clear(self, force: bool = False) -> int:
-        return self._call(lambda: self.async_clear(force))
+    def clear(self, force: bool = False, admin_token: str | None = None) -> int:
+        """Drops every unleased L1 object; with ``force`` also the leased ones (detached, freed
+        when released), which needs the server's ``admin_token`` (PermissionDeniedError
+        otherwise). Returns the objects removed."""
+        return self._call(lambda: self.async_clear(force, admin_token))
 
     def async_status(self) -> concurrent.futures.Future[dict[str, Any]]:
         return self._submit(RequestType.STATUS, {}, _identity, None)
@@ -1303,30 +1308,47 @@ class KvTransferClient:
     def store(self, kv: _core.KvCacheView, block_ids: BlockIds, key: Key) -> int:
         """PREPARE_STORE, gather every reserved chunk into the arena, COMMIT_STORE.
 
-        Returns the objects published (chunks already present are skipped). When a copy fails
-        the ticket is committed with success=False and the error raised.
+        Returns the objects published (chunks already present are skipped). The CRC32C of every
+        object is computed while it is copied and sent with COMMIT_STORE (the object carries it
+        from then on: docs/design/integrity.md). When a copy fails the ticket is committed with
+        success=False and the error raised.
         """
         self._check_key(key)
         ids = np.asarray(block_ids)
         ticket = self._client.prepare_store(key)
+        crcs: list[int] | None = [0] * len(ticket.offsets)
         try:
             arena = self._check_ticket(kv, ticket)
             chunk_ids: list[npt.NDArray[Any]] = []
             objects: list[npt.NDArray[np.uint8]] = []
+            written: list[int] = []
             for i, offset in enumerate(ticket.offsets):
                 if offset < 0:
                     continue
                 chunk_ids.append(self._chunk_blocks(kv, ids, ticket.first_chunk + i))
                 objects.append(self._object(arena, offset))
+                written.append(i)
             if objects:
-                kv.gather_batch(self._chunk_size, chunk_ids, objects, num_threads=self._num_threads)
+                got = kv.gather_batch(
+                    self._chunk_size,
+                    chunk_ids,
+                    objects,
+                    num_threads=self._num_threads,
+                    checksums=True,
+                )
+                if got is None:  # a copy that gives none (GPU): the server computes them
+                    crcs = None
+                else:
+                    crcs = [0] * len(ticket.offsets)
+                    for i, crc in zip(written, got, strict=True):
+                        crcs[i] = crc
         except BaseException:
             try:
                 self._client.commit_store(ticket.handle, success=False)
             except LMCacheError as exc:
                 _log.warning("aborting store ticket %s failed: %s", ticket.handle.hex(), exc)
             raise
-        return self._client.commit_store(ticket.handle, success=True)
+        return self._client.commit_store(ticket.handle, success=True, crc32c=crcs)
 
     def retrieve(
         self,

@@ -139,6 +139,13 @@ class ServerConfig:
         "bool",
         "allow a TCP endpoint on a non-loopback address (requires both CURVE key files)",
     )
+    admin_token_file: str | None = _knob(
+        None,
+        "opt_str",
+        "where the server writes its admin token (mode 0600) at start; CLEAR with force needs it "
+        "(default: the ipc:// socket's path + '.admin'; none for tcp:// unless given)",
+        metavar="PATH",
+    )
     curve_secret_key_file: str | None = _knob(
         None,
         "opt_str",
@@ -440,6 +447,16 @@ class ServerConfig:
             return auto_l1_size_bytes()
         wanted = int(self.l1_size_gb * GIB)
         return max(ARENA_GRANULE, wanted // ARENA_GRANULE * ARENA_GRANULE)
+
+    def admin_token_path(self) -> str | None:
+        """The admin token file: ``admin_token_file``, or beside an ipc:// socket."""
+        if self.admin_token_file is not None:
+            return self.admin_token_file
+        if self.endpoint.startswith("ipc://"):
+            path = self.endpoint[len("ipc://") :]
+            if path and not path.startswith("@"):  # not an abstract socket
+                return path + ".admin"
+        return None
 
     def max_chunks_per_key(self) -> int:
         """``max_tokens_per_key`` in chunks (the engine's bound on one key)."""

@@ -279,6 +279,12 @@ class _Fields:
             raise self._bad(name, "must not be empty")
         return value
 
+    def optional_string(self, name: str, max_bytes: int) -> str | None:
+        if self._data.get(name) is None:
+            self._used.add(name)
+            return None
+        return self.string(name, max_bytes)
+
     def binary(self, name: str, default: Any = _MISSING) -> bytes:
         value = self._get(name, default, "bin")
         if type(value) is not bytes:
@@ -641,10 +647,16 @@ class EndSessionRequest:
 
 @dataclass(frozen=True)
 class ClearRequest:
+    """CLEAR. ``force`` also drops leased objects and needs ``admin_token``."""
+
     force: bool = False
+    admin_token: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {"force": self.force}
+        out: dict[str, Any] = {"force": self.force}
+        if self.admin_token is not None:
+            out["admin_token"] = self.admin_token
+        return out
 
 
 RequestBody = (
@@ -736,7 +748,9 @@ def parse_body(
             f.string("model_name", s, nonempty=True), f.string("request_id", s)
         )
     elif rt is RequestType.CLEAR:
-        body = ClearRequest(f.boolean("force", False))
+        body = ClearRequest(
+            f.boolean("force", False), f.optional_string("admin_token", limits.max_string_bytes)
+        )
     else:  # pragma: no cover - every member is handled above
         raise ProtocolError(_NOT_SUPPORTED, f"request type {rt.name} has no schema")
     f.done()

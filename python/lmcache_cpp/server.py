@@ -33,6 +33,7 @@ import collections
 import contextlib
 import dataclasses
 import errno
+import hmac
 import ipaddress
 import itertools
 import logging
@@ -54,7 +55,7 @@ import zmq
 
 from lmcache_cpp import _core
 from lmcache_cpp._zmq_io import pyzmq_backend_file, readable, recv_frames, send_frames
-from lmcache_cpp.errors import LMCacheError
+from lmcache_cpp.errors import LMCacheError, PermissionDeniedError
 from lmcache_cpp.metrics import Metrics
 from lmcache_cpp.protocol import (
     PROTOCOL_VERSION,
@@ -390,6 +391,10 @@ class ServerOptions:
     transport_max_frame_bytes: int | None = None
     stop_timeout_s: float = 5.0
     name: str = "lmcache_cpp"
+    # CLEAR with force (it drops objects other clients hold leases on) needs this token in the
+    # request; None: no client may force a CLEAR. `lmcache-cpp serve` writes a fresh one to a
+    # file only its user can read (docs/operations.md).
+    admin_token: str | None = None
     wire_fast_path: bool = True  # the C++ codec for per-prompt requests (_core.WireFastPath)
     # Read and answer those requests in C++ (_core.RouterLoop) instead of the Python loop. Needs
     # wire_fast_path, and metrics that are None or a lmcache_cpp.metrics.Metrics (another
@@ -469,9 +474,11 @@ class Dispatcher:
         goodbye: Callable[[int], Mapping[str, Any]] | None = None,
         server_status: Callable[[], Mapping[str, Any]] | None = None,
         has_l2: bool = True,
+        admin_token: str | None = None,
     ) -> None:
         self._engine = engine
         self._limits = limits
+        self._admin_token = admin_token
         self._blocking = BLOCKING_REQUESTS if has_l2 else BLOCKING_WITHOUT_L2
         self._hello = hello
         self._goodbye = goodbye
@@ -665,6 +672,14 @@ class Dispatcher:
 
     def _on_clear(self, client: int, body: RequestBody) -> Mapping[str, Any]:
         assert isinstance(body, ClearRequest)
+        if body.force:
+            token = self._admin_token
+            given = body.admin_token or ""
+            if token is None or not hmac.compare_digest(given.encode(), token.encode()):
+                raise PermissionDeniedError(
+                    "CLEAR with force needs the server's admin token (the file the server wrote "
+                    "at start; see docs/operations.md)"
+                )
         return {"removed": int(self._engine.clear(body.force))}
 
     def _on_status(self, client: int, body: RequestBody) -> Mapping[str, Any]:
@@ -775,6 +790,7 @@ class CacheServer:
             goodbye=self._goodbye_reply,
             server_status=self._server_status,
             has_l2=_has_l2(storage),
+            admin_token=self._options.admin_token,
         )
         self._lifecycle = threading.Lock()
         self._state = "new"  # new -> running -> stopped, guarded by _lifecycle

@@ -234,17 +234,20 @@ class CacheEngine {
   // Releases every lease the request holds on the whole chunks of [start, end) (for the key's
   // rank, or every rank), after joining a pending sync load. Returns the leases released; an
   // empty range or an unknown request releases nothing. Errors: InvalidArgument, NotFound
-  // (unregistered model).
+  // (unregistered model), PermissionDenied (the caller neither looked the request up nor holds a
+  // registration of its model: it may not act for the request).
   Result<uint64_t> FreeLookupLocks(ClientId client, const EngineKey& key, uint32_t tp_size);
   // Drops the request's hashing session, jobs, pending loads and leases. Returns the leases
-  // released (0 for an unknown request).
-  uint64_t EndSession(ClientId client, std::string_view model_name, std::string_view request_id);
+  // released (0 for an unknown request). Errors: PermissionDenied (as FreeLookupLocks).
+  Result<uint64_t> EndSession(ClientId client, std::string_view model_name,
+                              std::string_view request_id);
 
   // ---- engine-driven transfers (shared L1) ------------------------------------------------
   // Reserves the objects of the whole chunks of [start, end) (start must be chunk-aligned);
   // objects already present are skipped. The worker writes each reserved object at its offset,
-  // then calls CommitStore. Errors: InvalidArgument, NotFound (model), OutOfMemory (L1 full of
-  // leased objects), ResourceExhausted (client's tickets).
+  // then calls CommitStore. Errors: InvalidArgument, NotFound (model), PermissionDenied (the
+  // client holds no registration of the key's namespace), OutOfMemory (L1 full of leased
+  // objects), ResourceExhausted (client's tickets).
   Result<TransferTicket> PrepareStore(ClientId client, const EngineKey& key);
   // Publishes (success) or aborts the reserved objects. Returns the objects published.
   // `crc32c`, when given, holds one CRC32C per offset of the ticket (entries of skipped offsets
@@ -293,13 +296,17 @@ class CacheEngine {
   std::shared_ptr<Namespace> FindNamespace(std::string_view model_name, uint32_t world_size) const;
   // Interns (create = true) or finds the request id. Returns 0 when not found.
   Result<RequestId> InternRequest(std::string_view model_name, std::string_view request_id,
-                                  bool create);
+                                  bool create, ClientId client);
+  // PermissionDenied unless `client` looked the request up (its owner) or holds a registration
+  // of `model_name`. REQUIRES: mu_ held.
+  Status CheckActsForLocked(ClientId client, std::string_view model_name, ClientId owner) const;
   // Hashes the key and selects the chunk range and the object keys. With a tp_size, also
   // checks it and sets out->readers. Every check runs before the request is interned, so a bad
   // key or tp_size creates nothing.
   enum class RangeKind : uint8_t { kLookup, kInner, kAligned };
   Status Resolve(const EngineKey& key, RangeKind range, bool need_request, bool create_request,
-                 ResolvedKey* out, std::optional<uint32_t> tp_size = std::nullopt);
+                 ResolvedKey* out, std::optional<uint32_t> tp_size = std::nullopt,
+                 ClientId client = 0);
   Result<uint32_t> Readers(const Namespace& ns, uint32_t tp_size) const;
   // After a lookup of `rk`: when its request was ended meanwhile, drops what the lookup left
   // under the request's id (leases, jobs, hashing session) and returns true.
@@ -350,8 +357,9 @@ class CacheEngine {
   };
   std::unordered_map<JobHandle, Tombstone, JobHandleHash> tombstones_;  // GUARDED_BY(mu_)
   struct ClientProcess {
-    int pidfd = -1;
-    bool ended = false;  // EndClient ran; kept while tombstones name the client
+    int pidfd = -1;       // closed once the process has exited
+    bool exited = false;  // the process has exited: its writers are done
+    bool ended = false;   // EndClient ran; kept while tombstones name the client
   };
   std::unordered_map<ClientId, ClientProcess> processes_;  // GUARDED_BY(mu_)
   std::unordered_map<JobHandle, std::unique_ptr<PendingLookup>, JobHandleHash> lookups_;  // mu_
