@@ -471,6 +471,8 @@ void FileSystemL2Adapter::WorkerLoop() {
 
 void FileSystemL2Adapter::RunTask(const Task& task, uint8_t* scratch) {
   Batch& b = *task.batch;
+  // A store or load of no keys is queued as one whole-batch task (Submit): nothing to run.
+  if (b.type != OpType::kLookup && task.index == kWholeBatch) return;
   switch (b.type) {
     case OpType::kLookup: LookupBatch(b); break;
     case OpType::kStore:

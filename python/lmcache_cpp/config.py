@@ -381,11 +381,12 @@ class ServerConfig:
 
     def _validate_ranges(self) -> None:
         _check_range("chunk_size", self.chunk_size, 1, 1 << 20)
+        # The size in bytes must be finite too: 1e300 GiB is a finite number of GiB.
         if self.l1_size_gb is not None and not (
-            math.isfinite(self.l1_size_gb) and self.l1_size_gb * GIB >= MIB
+            math.isfinite(self.l1_size_gb * GIB) and self.l1_size_gb * GIB >= MIB
         ):
             raise ConfigError(
-                f"l1_size_gb: {self.l1_size_gb} is not a size of at least 1 MiB (or 'auto')"
+                f"l1_size_gb: {self.l1_size_gb} is not a finite size of at least 1 MiB (or 'auto')"
             )
         for name in ("high_watermark", "low_watermark"):
             value = getattr(self, name)
@@ -505,7 +506,10 @@ def _coerce(name: str, value: Any, kind: str) -> Any:
     if kind == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond the range of a float
+            raise ConfigError(f"{name}: the integer is too large for a number") from None
     if kind == "str":
         if not isinstance(value, str):
             raise ConfigError(f"{name}: expected a string, got {value!r}")
@@ -548,9 +552,13 @@ def _check_endpoint(config: ServerConfig) -> None:
         path = endpoint[len("ipc://") :]
         if not path:
             raise ConfigError("endpoint: ipc:// needs a path, e.g. ipc:///tmp/lmcache.sock")
-        if len(path.encode()) > _MAX_IPC_PATH:
+        try:
+            size = len(path.encode())
+        except UnicodeEncodeError:  # a non-UTF-8 argv byte, or a lone surrogate in a file
+            raise ConfigError(f"endpoint: the ipc path {path!r} is not valid UTF-8") from None
+        if size > _MAX_IPC_PATH:
             raise ConfigError(
-                f"endpoint: the ipc path is {len(path.encode())} bytes; Unix sockets allow at most "
+                f"endpoint: the ipc path is {size} bytes; Unix sockets allow at most "
                 f"{_MAX_IPC_PATH}"
             )
         return
@@ -707,6 +715,15 @@ def _non_negative(where: str, value: float) -> float:
     return value
 
 
+def _scaled(where: str, value: float, unit: float) -> int:
+    """``value`` (non-negative) times ``unit`` as an int, e.g. GiB in bytes; ConfigError when the
+    product is too large to be one (a finite value can overflow to infinity once scaled)."""
+    scaled = _non_negative(where, value) * unit
+    if not math.isfinite(scaled):
+        raise ConfigError(f"{where}: {value} is too large")
+    return int(scaled)
+
+
 def parse_l2_spec(spec: Mapping[str, Any], index: int = 0) -> L2Spec:
     """Validates one ``l2_adapters`` entry; errors name ``l2_adapters[index].key``."""
     where = f"l2_adapters[{index}]"
@@ -734,9 +751,7 @@ def parse_l2_spec(spec: Mapping[str, Any], index: int = 0) -> L2Spec:
             raise ConfigError(f"{where}.path: empty")
         capacity_gb = _spec_value(where, spec, "capacity_gb", "opt_float", None)
         capacity = (
-            None
-            if capacity_gb is None
-            else int(_non_negative(f"{where}.capacity_gb", capacity_gb) * GIB)
+            None if capacity_gb is None else _scaled(f"{where}.capacity_gb", capacity_gb, GIB)
         )
         io_threads = _spec_value(where, spec, "io_threads", "int", 4)
         _check_range(f"{where}.io_threads", io_threads, 1, 256)
@@ -755,9 +770,9 @@ def parse_l2_spec(spec: Mapping[str, Any], index: int = 0) -> L2Spec:
     workers = _spec_value(where, spec, "worker_threads", "int", 2)
     _check_range(f"{where}.worker_threads", workers, 1, 256)
     return MemoryAdapterSpec(
-        capacity_bytes=int(_non_negative(f"{where}.capacity_gb", capacity_gb) * GIB),
+        capacity_bytes=_scaled(f"{where}.capacity_gb", capacity_gb, GIB),
         latency_s=_non_negative(f"{where}.latency_ms", latency_ms) / 1000.0,
-        bandwidth_bytes_per_sec=int(_non_negative(f"{where}.bandwidth_gbps", bandwidth) * 1e9),
+        bandwidth_bytes_per_sec=_scaled(f"{where}.bandwidth_gbps", bandwidth, 1e9),
         worker_threads=workers,
     )
 
