@@ -45,8 +45,9 @@ with atheris.instrument_imports(include=["lmcache_cpp.config"]):
 FIELDS = config.ServerConfig.field_names()
 FS_KEYS = [k for k in config._FS_KEYS if k != "type"]
 MEMORY_KEYS = [k for k in config._MEMORY_KEYS if k != "type"]
-TMP = tempfile.mkdtemp(prefix="lmcache_config_fuzz.")
-atexit.register(shutil.rmtree, TMP, True)
+# Config files go under $FUZZ_TMPDIR (.ci/fuzz removes it) or the system's temporary directory.
+TMP = tempfile.mkdtemp(prefix="lmcache_config_fuzz.", dir=os.environ.get("FUZZ_TMPDIR") or None)
+atexit.register(shutil.rmtree, TMP, True)  # when the run ends through exit(), not _Exit()
 
 
 class UsageError(Exception):

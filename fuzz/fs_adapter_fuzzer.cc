@@ -442,6 +442,7 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
     std::abort();
   }
   fuzz::base_dir = new std::string(tmpl);
+  // Runs when libFuzzer ends with exit(); .ci/fuzz removes $FUZZ_TMPDIR for the _Exit() cases.
   std::atexit([] { fuzz::RemoveTree(*fuzz::base_dir); });
   return 0;
 }
