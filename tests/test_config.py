@@ -277,6 +277,7 @@ def test_local_endpoints_are_accepted(endpoint: str) -> None:
         ("tcp://127.0.0.1", "HOST:PORT"),
         ("tcp://127.0.0.1:0", "port"),
         ("tcp://127.0.0.1:99999", "port"),
+        ("tcp://127.0.0.1:\u00b2", "port"),  # a digit to str.isdigit(), not to int()
         ("tcp://:5555", "HOST:PORT"),
         ("ipc://", "needs a path"),
         ("ipc:///" + "x" * 200, "at most 107"),
@@ -589,3 +590,15 @@ def test_bad_curve_key_files(tmp_path: Path) -> None:
     # A certificate holding only the public key is not a secret key file.
     with pytest.raises(ConfigError, match="no secret key"):
         cfg.read_curve_key(write(tmp_path / "cert", f'public-key = "{Z85_PUBLIC}"\n'), "secret")
+
+
+@pytest.mark.parametrize("suffix", [".json", ".toml"])
+def test_a_config_file_with_an_integer_too_long_to_convert_is_a_config_error(
+    tmp_path: Path, suffix: str
+) -> None:
+    path = tmp_path / f"settings{suffix}"
+    digits = "9" * 5000  # past Python's limit on converting a decimal string
+    text = f'{{"chunk_size": {digits}}}' if suffix == ".json" else f"chunk_size = {digits}\n"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="parse error"):
+        cfg.load_config_file(path)

@@ -567,7 +567,8 @@ def _check_endpoint(config: ServerConfig) -> None:
     host, sep, port = endpoint[len("tcp://") :].rpartition(":")
     if not sep or not host:
         raise ConfigError(f"endpoint: {endpoint!r} lacks HOST:PORT")
-    if port != "*" and not (port.isdigit() and 1 <= int(port) <= 65535):
+    # isascii: str.isdigit() accepts digits int() refuses, such as "²".
+    if port != "*" and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
         raise ConfigError(f"endpoint: port {port!r} of {endpoint!r} is not in 1..65535 (or '*')")
     if _is_loopback(host):
         return
@@ -890,6 +891,8 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"config file {str(p)!r}: cannot read: {exc}") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {str(p)!r}: parse error: {exc}") from exc
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
         raise ConfigError(f"config file {str(p)!r}: parse error: {exc}") from exc
     except Exception as exc:
         if toml is not None and isinstance(exc, toml.TOMLDecodeError):
