@@ -171,8 +171,10 @@ class FailingAdapter(lc.PythonL2Adapter):
         self._fail_fraction = fail_fraction
         self._lock = threading.Lock()
         self._rng = random.Random(seed)  # GUARDED_BY(_lock)
-        # GUARDED_BY(_lock): oldest first.
-        self._objects: collections.OrderedDict[lc.ObjectKey, bytes] = collections.OrderedDict()
+        # GUARDED_BY(_lock): oldest first; each object with the checksum store() was given.
+        self._objects: collections.OrderedDict[lc.ObjectKey, tuple[bytes, int]] = (
+            collections.OrderedDict()
+        )
         self._bytes = 0  # GUARDED_BY(_lock)
         self._pins: collections.Counter[lc.ObjectKey] = collections.Counter()  # GUARDED_BY(_lock)
 
@@ -185,11 +187,13 @@ class FailingAdapter(lc.PythonL2Adapter):
                 raise InjectedFault(f"injected {op} failure")
             return [self._rng.random() < 0.5 for _ in range(n)]
 
-    def store(self, keys: list[lc.ObjectKey], buffers: list[Any]) -> list[bool]:
+    def store(
+        self, keys: list[lc.ObjectKey], buffers: list[Any], checksums: list[int]
+    ) -> list[bool]:
         faults = self._faults("store", len(keys))
         stored = []
         with self._lock:
-            for key, buf, fault in zip(keys, buffers, faults, strict=True):
+            for key, buf, crc, fault in zip(keys, buffers, checksums, faults, strict=True):
                 if fault:
                     stored.append(False)
                     continue
@@ -200,7 +204,7 @@ class FailingAdapter(lc.PythonL2Adapter):
                 if not self._make_room(len(data)):
                     stored.append(False)
                     continue
-                self._objects[key] = data
+                self._objects[key] = (data, crc)
                 self._bytes += len(data)
                 stored.append(True)
         return stored
@@ -211,7 +215,7 @@ class FailingAdapter(lc.PythonL2Adapter):
             return True
         for key in list(self._objects):
             if self._pins[key] == 0:
-                self._bytes -= len(self._objects.pop(key))
+                self._bytes -= len(self._objects.pop(key)[0])
                 del self._pins[key]
                 if self._bytes + size <= self._capacity:
                     return True
@@ -226,17 +230,17 @@ class FailingAdapter(lc.PythonL2Adapter):
                     self._pins[key] += 1
         return found
 
-    def load(self, keys: list[lc.ObjectKey], buffers: list[Any]) -> list[bool]:
+    def load(self, keys: list[lc.ObjectKey], buffers: list[Any]) -> list[int | None]:
         faults = self._faults("load", len(keys))
-        loaded = []
+        loaded: list[int | None] = []
         with self._lock:
             for key, buf, fault in zip(keys, buffers, faults, strict=True):
-                data = None if fault else self._objects.get(key)
-                if data is None or len(data) != buf.size:
-                    loaded.append(False)
+                entry = None if fault else self._objects.get(key)
+                if entry is None or len(entry[0]) != buf.size:
+                    loaded.append(None)
                     continue
-                buf[:] = np.frombuffer(data, dtype=np.uint8)
-                loaded.append(True)
+                buf[:] = np.frombuffer(entry[0], dtype=np.uint8)
+                loaded.append(entry[1])  # the base checks the bytes against it
         return loaded
 
     def unpin(self, keys: list[lc.ObjectKey]) -> None:

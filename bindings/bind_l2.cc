@@ -25,7 +25,10 @@
 //      not own the memory and are valid only during the call: an adapter that keeps bytes must
 //      copy them (bytes(view), view.copy());
 //   3. call the Python method; convert its answer (a Bitmap or a sequence of truthy values, one
-//      per key) to a Bitmap;
+//      per key) to a Bitmap. Checksums: store() gets each object's CRC32C (the one committed
+//      with it, or computed here) and keeps it with the bytes; load() returns it per key (None
+//      for a miss), and the base checks the loaded bytes against it before setting the bit. A
+//      mismatch is a miss (corrupt_reads); bytes without a checksum never load;
 //   4. release the GIL and return to the base, which runs the completion callback.
 // A Python exception (or an answer of the wrong type or length) fails the call with IoError; the
 // base logs it and the pipelines treat it as a miss. It never propagates into C++ threads.
@@ -40,6 +43,7 @@
 #include <nanobind/stl/vector.h>
 #include <nanobind/trampoline.h>
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
@@ -82,7 +86,7 @@ class PythonL2AdapterBase : public SyncL2Adapter {
   std::string name() const override { return name_; }
 
   // The Python methods (trampoline below). REQUIRE the GIL.
-  virtual nb::object PyStore(nb::list keys, nb::list buffers) = 0;
+  virtual nb::object PyStore(nb::list keys, nb::list buffers, nb::list checksums) = 0;
   virtual nb::object PyLookupAndPin(nb::list keys) = 0;
   virtual nb::object PyLoad(nb::list keys, nb::list buffers) = 0;
   virtual nb::object PyUnpin(nb::list keys) = 0;
@@ -99,8 +103,12 @@ class PythonL2AdapterBase : public SyncL2Adapter {
     Bitmap bits;
     LMCACHE_RETURN_IF_ERROR(WithPython("store", [&] {
       nb::list views;
-      for (const ConstBuffer& b : buffers) views.append(View(b.data, b.size));
-      return ToBitmap(PyStore(KeyList(keys), views), keys.size(), "store", &bits);
+      nb::list checksums;
+      for (const ConstBuffer& b : buffers) {
+        views.append(View(b.data, b.size));
+        checksums.append(b.has_crc32c ? b.crc32c : PayloadCrc32c(b.data, b.size));
+      }
+      return ToBitmap(PyStore(KeyList(keys), views, checksums), keys.size(), "store", &bits);
     }));
     return bits;
   }
@@ -118,9 +126,13 @@ class PythonL2AdapterBase : public SyncL2Adapter {
     LMCACHE_RETURN_IF_ERROR(WithPython("load", [&] {
       nb::list views;
       for (const MutableBuffer& b : buffers) views.append(View(b.data, b.size));
-      return ToBitmap(PyLoad(KeyList(keys), views), keys.size(), "load", &bits);
+      return LoadedAndVerified(PyLoad(KeyList(keys), views), buffers, &bits);
     }));
     return bits;
+  }
+
+  void AddStats(L2AdapterStats* stats) const override {
+    stats->corrupt_reads += corrupt_reads_.load(std::memory_order_relaxed);
   }
 
   void UnpinKeys(const Keys& keys) override {
@@ -183,6 +195,60 @@ class PythonL2AdapterBase : public SyncL2Adapter {
     return Status::Ok();
   }
 
+  // load()'s answer: one item per key, None or False for a miss, else the checksum store() was
+  // given with those bytes. Bit i is set when buffers[i] now matches its checksum; a mismatch
+  // is a miss counted in corrupt_reads. Any other answer (True, a Bitmap: bytes without a
+  // checksum) fails the call: unverified bytes never load. REQUIRES the GIL.
+  Status LoadedAndVerified(nb::handle answer, const std::vector<MutableBuffer>& buffers,
+                           Bitmap* bits) {
+    const size_t n = buffers.size();
+    if (answer.is_none() || nb::isinstance<Bitmap>(answer)) {
+      return Failure("load", std::string("returned ") + (answer.is_none() ? "None" : "a Bitmap") +
+                                 "; expected one item per key: the checksum store() was given "
+                                 "with the bytes, or None for a miss");
+    }
+    Bitmap loaded(n);
+    uint64_t corrupt = 0;
+    size_t i = 0;
+    for (nb::handle item : answer) {
+      if (i >= n) {
+        ++i;
+        continue;
+      }
+      if (item.is_none() || (PyBool_Check(item.ptr()) && item.ptr() == Py_False)) {
+        ++i;
+        continue;  // a miss
+      }
+      if (PyBool_Check(item.ptr()) || !PyLong_Check(item.ptr())) {
+        return Failure("load", "returned " + std::string(Py_TYPE(item.ptr())->tp_name) +
+                                   " for key " + std::to_string(i) +
+                                   "; expected the checksum store() was given with its bytes "
+                                   "(an int) or None for a miss");
+      }
+      uint32_t want = 0;
+      if (!nb::try_cast<uint32_t>(item, want)) {
+        return Failure("load", "returned a checksum out of range for key " + std::to_string(i));
+      }
+      if (PayloadCrc32c(buffers[i].data, buffers[i].size) == want) {
+        loaded.Set(i);
+      } else {
+        ++corrupt;
+      }
+      ++i;
+    }
+    if (i != n) {
+      return Failure(
+          "load", "returned " + std::to_string(i) + " results for " + std::to_string(n) + " keys");
+    }
+    if (corrupt > 0) {
+      corrupt_reads_.fetch_add(corrupt, std::memory_order_relaxed);
+      Log(LogLevel::kWarning, "Python L2 adapter '" + name_ + "': " + std::to_string(corrupt) +
+                                  " loaded object(s) failed their checksum; read as misses");
+    }
+    *bits = std::move(loaded);
+    return Status::Ok();
+  }
+
   Status Failure(const char* method, const std::string& what) const {
     return Status::IoError("Python L2 adapter '" + name_ + "': " + method + "() " + what);
   }
@@ -205,6 +271,7 @@ class PythonL2AdapterBase : public SyncL2Adapter {
 
   const std::string name_;
   bool dying_ = false;  // guarded by the GIL
+  std::atomic<uint64_t> corrupt_reads_{0};
 };
 
 class PythonL2AdapterTrampoline final : public PythonL2AdapterBase {
@@ -215,8 +282,8 @@ class PythonL2AdapterTrampoline final : public PythonL2AdapterBase {
   // half-destroyed object.
   ~PythonL2AdapterTrampoline() override { CloseFromDealloc(); }
 
-  nb::object PyStore(nb::list keys, nb::list buffers) override {
-    NB_OVERRIDE_PURE_NAME("store", PyStore, keys, buffers);
+  nb::object PyStore(nb::list keys, nb::list buffers, nb::list checksums) override {
+    NB_OVERRIDE_PURE_NAME("store", PyStore, keys, buffers, checksums);
   }
   nb::object PyLookupAndPin(nb::list keys) override {
     NB_OVERRIDE_PURE_NAME("lookup_and_pin", PyLookupAndPin, keys);
@@ -378,7 +445,8 @@ void BindEnumsAndStats(nb::module_& m) {
   nb::enum_<Fault::Kind>(m, "FaultKind", "What an injected MemoryL2Adapter fault does.")
       .value("FAIL", Fault::Kind::kFail, "no effect; completes with IoError")
       .value("DELAY", Fault::Kind::kDelay, "adds delay_s to the operation")
-      .value("CORRUPT", Fault::Kind::kCorrupt, "loads: flips a byte, still reported loaded")
+      .value("CORRUPT", Fault::Kind::kCorrupt,
+             "loads: flips a byte of the first object read; its checksum makes it a miss")
       .value("STALL", Fault::Kind::kStall, "waits for the next set_stalled(False)");
 }
 
@@ -496,15 +564,19 @@ void BindPythonAdapter(nb::module_& m) {
       "(worker_threads, FIFO), which take the GIL only for the call. Buffers are zero-copy 1-D "
       "numpy uint8 arrays, read-only for store and writable for load, valid only during the "
       "call. A method that raises fails the operation (LMCacheIOError in C++ terms, logged): "
-      "the pipelines treat it as a miss.")
+      "the pipelines treat it as a miss. store() is given each object's CRC32C and load() "
+      "returns it; the base verifies every loaded object against it.")
       .def(nb::init<size_t, std::string>(), nb::kw_only(), "worker_threads"_a = 1,
            "name"_a = "python")
       .def(
           "store",
-          [](PythonL2AdapterBase&, nb::list, nb::list) -> nb::object { NotOverridden("store"); },
-          "keys"_a, "buffers"_a,
-          "Stores buffers[i] (read-only, valid during the call) under keys[i]. Returns one bool "
-          "per key (or a Bitmap): stored.")
+          [](PythonL2AdapterBase&, nb::list, nb::list, nb::list) -> nb::object {
+            NotOverridden("store");
+          },
+          "keys"_a, "buffers"_a, "checksums"_a,
+          "Stores buffers[i] (read-only, valid during the call) under keys[i], with checksums[i] "
+          "(an int, the CRC32C of the bytes as committed): keep it with the bytes, load() returns "
+          "it. Returns one bool per key (or a Bitmap): stored.")
       .def(
           "lookup_and_pin",
           [](PythonL2AdapterBase&, nb::list) -> nb::object { NotOverridden("lookup_and_pin"); },
@@ -514,7 +586,9 @@ void BindPythonAdapter(nb::module_& m) {
           [](PythonL2AdapterBase&, nb::list, nb::list) -> nb::object { NotOverridden("load"); },
           "keys"_a, "buffers"_a,
           "Writes keys[i]'s bytes into buffers[i] (writable, exactly the object's size, valid "
-          "during the call). Returns one bool per key: loaded.")
+          "during the call). Returns one item per key: the checksum store() was given with "
+          "those bytes, or None for a miss. The base checks the bytes against it; a mismatch is "
+          "a miss counted in corrupt_reads, never data. True, or a Bitmap, fails the call.")
       .def(
           "unpin", [](PythonL2AdapterBase&, nb::list) { NotOverridden("unpin"); }, "keys"_a,
           "Drops one pin per key.")
@@ -527,6 +601,14 @@ void BindPythonAdapter(nb::module_& m) {
 }  // namespace
 
 void BindL2(nb::module_& m) {
+  m.def(
+      "crc32c", [](InBytes data) { return PayloadCrc32c(data.data(), data.size()); }, "data"_a,
+      Release(),
+      "The CRC32C (Castagnoli) of a 1-D uint8 array: the checksum L2 tiers keep with each object "
+      "(PythonL2Adapter.store's checksums).");
+  m.def(
+      "crc32c", [](nb::bytes data) { return PayloadCrc32c(data.c_str(), data.size()); }, "data"_a,
+      "The CRC32C (Castagnoli) of bytes.");
   BindEnumsAndStats(m);
   BindAdapterBase(m);
   BindMemoryAdapter(m);

@@ -1,7 +1,8 @@
 """A dict-backed L2 tier written in Python: the smallest complete ``PythonL2Adapter``.
 
 It keeps each object as ``bytes`` (a copy: the buffers it is given are valid only during the
-call), counts pins per key, and records what the tests want to see: which methods ran, on which
+call) with the checksum ``store`` was given, answers that checksum from ``load``, counts pins per
+key, and records what the tests want to see: which methods ran, on which
 threads, and whether the buffers were writable. ``hooks[method]`` (if set) runs at the start of
 that method, so a test can make it block on an event or raise.
 """
@@ -25,6 +26,7 @@ class DictL2Adapter(lc.PythonL2Adapter):
         super().__init__(worker_threads=worker_threads, name=name)
         self._lock = threading.Lock()  # several workers may call at once
         self.objects: dict[lc.ObjectKey, bytes] = {}
+        self.checksums: dict[lc.ObjectKey, int] = {}
         self.pins: Counter[lc.ObjectKey] = Counter()
         self.calls: Counter[str] = Counter()
         self.threads: set[int] = set()
@@ -39,12 +41,14 @@ class DictL2Adapter(lc.PythonL2Adapter):
         if hook is not None:
             hook()
 
-    def store(self, keys: list[lc.ObjectKey], buffers: Buffers) -> list[bool]:
+    def store(self, keys: list[lc.ObjectKey], buffers: Buffers, checksums: list[int]) -> list[bool]:
         self._enter("store")
         with self._lock:
             self.writable["store"].extend(bool(b.flags.writeable) for b in buffers)
-            for key, buf in zip(keys, buffers, strict=True):
-                self.objects.setdefault(key, buf.tobytes())
+            for key, buf, crc in zip(keys, buffers, checksums, strict=True):
+                if key not in self.objects:
+                    self.objects[key] = buf.tobytes()
+                    self.checksums[key] = crc
         return [True] * len(keys)
 
     def lookup_and_pin(self, keys: list[lc.ObjectKey]) -> list[bool]:
@@ -56,18 +60,18 @@ class DictL2Adapter(lc.PythonL2Adapter):
                     self.pins[key] += 1
         return present
 
-    def load(self, keys: list[lc.ObjectKey], buffers: Buffers) -> list[bool]:
+    def load(self, keys: list[lc.ObjectKey], buffers: Buffers) -> list[int | None]:
         self._enter("load")
-        loaded = []
+        loaded: list[int | None] = []
         with self._lock:
             self.writable["load"].extend(bool(b.flags.writeable) for b in buffers)
             for key, buf in zip(keys, buffers, strict=True):
                 data = self.objects.get(key)
                 if data is None or len(data) != buf.size:
-                    loaded.append(False)
+                    loaded.append(None)
                     continue
                 buf[:] = np.frombuffer(data, dtype=np.uint8)
-                loaded.append(True)
+                loaded.append(self.checksums[key])
         return loaded
 
     def unpin(self, keys: list[lc.ObjectKey]) -> None:

@@ -7,8 +7,9 @@ from __future__ import annotations
 import gc
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -82,9 +83,10 @@ def test_memory_faults_and_stall(make_keys: KeyFactory) -> None:
     assert memory.submit_store(keys, data).all()
     memory.inject_fault(lc.L2Op.LOAD, 1, lc.FaultKind.CORRUPT)
     out = zeros(2)
-    assert memory.submit_load(keys, out).all()  # the tier cannot see the damage it models
-    assert not np.array_equal(out[0], data[0])
+    # The damaged object fails the checksum kept since its store: a miss, never bytes.
+    assert memory.submit_load(keys, out).to_list() == [False, True]
     np.testing.assert_array_equal(out[1], data[1])
+    assert memory.stats().corrupt_reads == 1
 
     memory.set_stalled(True)
     with pytest.raises(lc.DeadlineExceededError):
@@ -235,7 +237,9 @@ def test_python_answers_of_the_wrong_shape_fail(make_keys: KeyFactory) -> None:
     keys = make_keys(3)
 
     class Sloppy(lc.PythonL2Adapter):
-        def store(self, keys: list[lc.ObjectKey], buffers: Arrays) -> list[bool]:
+        def store(
+            self, keys: list[lc.ObjectKey], buffers: Arrays, checksums: list[int]
+        ) -> list[bool]:
             return [True]  # one answer for three keys
 
         def lookup_and_pin(self, keys: list[lc.ObjectKey]) -> lc.Bitmap:
@@ -254,6 +258,57 @@ def test_python_answers_of_the_wrong_shape_fail(make_keys: KeyFactory) -> None:
         assert a.submit_lookup_and_pin(keys).all()
         with pytest.raises(lc.LMCacheIOError, match="returned None"):
             a.submit_load(keys, zeros(3))
+    finally:
+        a.close()
+
+
+def test_python_adapter_gets_checksums_and_every_load_is_verified(
+    dict_adapter: DictL2Adapter, make_keys: KeyFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    keys = make_keys(3)
+    data = patterns(3, seed=5)
+    assert dict_adapter.submit_store(keys, data).all()
+    assert [dict_adapter.checksums[k] for k in keys] == [lc.crc32c(d) for d in data]
+    assert lc.crc32c(b"123456789") == 0xE3069283  # the standard CRC32C check value
+    # The tier damages key 1's bytes (a bad disk, a buggy store): the base catches it.
+    damaged = bytearray(dict_adapter.objects[keys[1]])
+    damaged[7] ^= 0x10
+    dict_adapter.objects[keys[1]] = bytes(damaged)
+    out = zeros(3)
+    assert dict_adapter.submit_load(keys, out).to_list() == [True, False, True]
+    np.testing.assert_array_equal(out[0], data[0])
+    np.testing.assert_array_equal(out[2], data[2])
+    assert dict_adapter.stats().corrupt_reads == 1
+    assert dict_adapter.stats().load_misses == 1
+    assert any("failed their checksum" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("answer", "match"),
+    [
+        (lambda n: [True] * n, "returned bool for key 0"),
+        (lambda n: lc.Bitmap(n, True), "returned a Bitmap"),
+        (lambda n: ["x"] * n, "returned str for key 0"),
+        (lambda n: [2**40] * n, "out of range for key 0"),
+    ],
+)
+def test_python_load_without_its_checksum_fails_the_call(
+    make_keys: KeyFactory, answer: Callable[[int], Any], match: str
+) -> None:
+    # An adapter that reports bytes loaded without the checksum they were stored with: nothing
+    # can vouch for those bytes, so none of them load.
+    class Unverified(DictL2Adapter):
+        def load(self, keys: list[lc.ObjectKey], buffers: Arrays) -> Any:  # type: ignore[override]
+            super().load(keys, buffers)
+            return answer(len(keys))
+
+    keys = make_keys(2)
+    a = Unverified()
+    try:
+        assert a.submit_store(keys, patterns(2)).all()
+        with pytest.raises(lc.LMCacheIOError, match=match):
+            a.submit_load(keys, zeros(2))
+        assert a.sync_stats().failed == 1
     finally:
         a.close()
 

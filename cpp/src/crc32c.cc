@@ -2,6 +2,8 @@
 
 #include "crc32c.h"
 
+#include "lmcache_cpp/l2_adapter.h"
+
 #include <array>
 #include <cstring>
 
@@ -489,4 +491,6 @@ uint32_t Crc32cExtend(uint32_t crc, const void* data, size_t n) {
 }
 
 }  // namespace internal
+uint32_t PayloadCrc32c(const void* data, size_t size) { return internal::Crc32c(data, size); }
+
 }  // namespace lmcache_cpp

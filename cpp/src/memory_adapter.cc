@@ -237,10 +237,12 @@ Bitmap MemoryL2Adapter::ExecuteStore(const Op& op) {
   }
   // Copy outside the lock; only keys that were absent.
   std::vector<std::shared_ptr<const std::vector<uint8_t>>> copies(n);
+  std::vector<uint32_t> crcs(n, 0);
   for (size_t i = 0; i < n; ++i) {
     if (bits.Test(i)) continue;
     const ConstBuffer& b = op.in[i];
     copies[i] = std::make_shared<const std::vector<uint8_t>>(b.data, b.data + b.size);
+    crcs[i] = b.has_crc32c ? b.crc32c : PayloadCrc32c(b.data, b.size);
   }
   std::lock_guard<std::mutex> lk(mu_);
   for (size_t i = 0; i < n; ++i) {
@@ -255,6 +257,7 @@ Bitmap MemoryL2Adapter::ExecuteStore(const Op& op) {
     fifo_.push_back(key);
     Entry& e = objects_[key];
     e.bytes = std::move(copies[i]);
+    e.crc32c = crcs[i];
     e.fifo_pos = std::prev(fifo_.end());
     bytes_ += size;
     stats_.bytes_written += size;
@@ -310,27 +313,39 @@ Bitmap MemoryL2Adapter::ExecuteLoad(const Op& op) {
   const size_t n = op.keys.size();
   Bitmap bits(n);
   std::vector<std::shared_ptr<const std::vector<uint8_t>>> sources(n);
+  std::vector<uint32_t> crcs(n, 0);
   {
     std::lock_guard<std::mutex> lk(mu_);
     for (size_t i = 0; i < n; ++i) {
       auto it = objects_.find(op.keys[i]);
       if (it == objects_.end() || it->second.bytes->size() != op.out[i].size) continue;
       sources[i] = it->second.bytes;
+      crcs[i] = it->second.crc32c;
     }
   }
   uint64_t loaded_bytes = 0;
+  uint64_t corrupt = 0;
+  bool damage_pending = op.corrupt;
   for (size_t i = 0; i < n; ++i) {
     if (!sources[i]) continue;
-    if (!sources[i]->empty()) std::memcpy(op.out[i].data, sources[i]->data(), sources[i]->size());
+    const MutableBuffer& out = op.out[i];
+    if (!sources[i]->empty()) std::memcpy(out.data, sources[i]->data(), sources[i]->size());
+    if (damage_pending && out.size > 0) {
+      out.data[out.size / 2] ^= 0xFF;  // the kCorrupt fault: damage the first object read
+      damage_pending = false;
+    }
+    // Checked after the copy, on the caller's buffer: bytes that differ from what was committed
+    // are a miss, never data.
+    if (PayloadCrc32c(out.data, out.size) != crcs[i]) {
+      ++corrupt;
+      continue;
+    }
     loaded_bytes += sources[i]->size();
     bits.Set(i);
   }
-  if (op.corrupt) {
-    const size_t first = bits.FindNextSet(0);
-    if (first < n && op.out[first].size > 0) op.out[first].data[op.out[first].size / 2] ^= 0xFF;
-  }
   std::lock_guard<std::mutex> lk(mu_);
   stats_.bytes_read += loaded_bytes;
+  stats_.corrupt_reads += corrupt;
   return bits;
 }
 

@@ -49,6 +49,11 @@ struct ConstBuffer {
   uint32_t crc32c = 0;
 };
 
+// The checksum ConstBuffer::crc32c holds: the CRC32C (Castagnoli) of [data, data + size),
+// hardware-accelerated where the CPU allows. An adapter that keeps the checksum it was given
+// checks loaded bytes with it; one given none (has_crc32c false) computes it at store.
+uint32_t PayloadCrc32c(const void* data, size_t size);
+
 struct MutableBuffer {
   uint8_t* data = nullptr;
   uint64_t size = 0;

@@ -27,10 +27,14 @@
 //   kDelay   `delay` is added to the operation's simulated time.
 //   kStall   the operation waits, before executing, until the next SetStalled(false) issued
 //            after it began waiting (or Close(), which cancels it).
-//   kCorrupt loads only (ignored for stores and lookups): after the load, one byte of the buffer
-//            of the first loaded key is flipped and the key is still reported loaded. It models a
-//            tier whose own validation cannot see the damage, so tests can show what the layers
-//            above do with bytes that are wrong but reported good.
+//   kCorrupt loads only (ignored for stores and lookups): one byte of the first object read is
+//            flipped as it is copied out, as a bad disk or link would. The adapter's checksum
+//            catches it: that key reads as a miss and counts in corrupt_reads.
+//
+// Checksums. Each object keeps the CRC32C it was stored with (ConstBuffer::crc32c, or computed at
+// store when none is given). A load checks the bytes it copied into the caller's buffer against
+// it; a mismatch is a miss (corrupt_reads), never data. So bytes a stray writer changed between
+// the checksum and the store never load either.
 //
 // Stats (stats()) count keys, not calls: `stores` = keys submitted for store, `store_failures`
 // = those not stored; `lookups` = keys looked up; `loads` = keys submitted for load,
@@ -124,6 +128,7 @@ class MemoryL2Adapter final : public L2Adapter {
   struct Op;
   struct Entry {
     std::shared_ptr<const std::vector<uint8_t>> bytes;  // immutable once stored
+    uint32_t crc32c = 0;  // of *bytes as committed: given with the store, or computed then
     uint32_t pins = 0;
     std::list<ObjectKey>::iterator fifo_pos;
   };
