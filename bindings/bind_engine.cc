@@ -10,7 +10,13 @@
 #include <nanobind/stl/string_view.h>
 #include <nanobind/stl/vector.h>
 
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
 #include <cmath>
+#include <cstring>
 #include <memory>
 #include <optional>
 #include <stdexcept>
@@ -105,9 +111,23 @@ struct PyEngineKey {
   }
 };
 
+// An eventfd the engine's completion notice writes to. Shared by the notice (which the
+// prefetch controller may still be calling) and the Python object, so the descriptor closes only
+// after both are gone and is never written once its number may name another file.
+struct NoticeFd {
+  int fd = -1;
+  NoticeFd() : fd(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) {}
+  ~NoticeFd() {
+    if (fd >= 0) ::close(fd);
+  }
+  NoticeFd(const NoticeFd&) = delete;
+  NoticeFd& operator=(const NoticeFd&) = delete;
+};
+
 struct PyCacheEngine {
   std::shared_ptr<StorageManager> storage;  // destroyed after the engine
   std::unique_ptr<CacheEngine> engine;
+  std::shared_ptr<NoticeFd> notice;  // made by completion_fd()
 };
 
 std::optional<Duration> OptionalSeconds(std::optional<double> s, const char* what) {
@@ -314,6 +334,12 @@ void BindEngine(nb::module_& m) {
           },
           "storage"_a, "config"_a, nb::kw_only(), "clock"_a = nullptr)
       .def_prop_ro("chunk_size", [](const E& e) { return e.engine->chunk_size(); })
+      .def_prop_ro(
+          "retrieve_wait_timeout_s",
+          [](const E& e) {
+            return std::chrono::duration<double>(e.engine->config().retrieve_wait_timeout).count();
+          },
+          "How long prepare_retrieve / free_lookup_locks wait for a pending L2 load by default.")
       .def(
           "start", [](E& e) { e.engine->Start(); }, Release())
       .def(
@@ -374,12 +400,46 @@ void BindEngine(nb::module_& m) {
           "client"_a, "key"_a, "tp_size"_a = 1)
       .def(
           "free_lookup_locks",
-          [](E& e, ClientId client, const PyEngineKey& key, uint32_t tp_size) {
+          [](E& e, ClientId client, const PyEngineKey& key, uint32_t tp_size,
+             std::optional<double> timeout_s) {
             const EngineKey k = key.View();
+            const auto t = OptionalSeconds(timeout_s, "timeout_s");
             nb::gil_scoped_release release;
-            return ValueOrThrow(e.engine->FreeLookupLocks(client, k, tp_size));
+            return ValueOrThrow(e.engine->FreeLookupLocks(client, k, tp_size, t));
           },
-          "client"_a, "key"_a, "tp_size"_a = 1)
+          "client"_a, "key"_a, "tp_size"_a = 1, "timeout_s"_a = nb::none())
+      .def(
+          "retrieve_would_wait",
+          [](E& e, const std::string& model_name, const std::string& request_id) {
+            return e.engine->RetrieveWouldWait(model_name, request_id);
+          },
+          "model_name"_a, "request_id"_a, Release(),
+          "Whether prepare_retrieve / free_lookup_locks of the request would wait now for its "
+          "pending L2 load (starting a load its lookup did not start). Never blocks.")
+      .def(
+          "completion_fd",
+          [](E& e) {
+            if (!e.notice) {
+              auto holder = std::make_shared<NoticeFd>();
+              if (holder->fd < 0) {
+                throw StatusError(
+                    Status::Internal(std::string("eventfd failed: ") + std::strerror(errno)));
+              }
+              e.notice = holder;
+              e.engine->SetCompletionNotice([holder] {
+                const uint64_t one = 1;
+                (void)!::write(holder->fd, &one, sizeof(one));  // non-blocking; never fails short
+              });
+            }
+            return e.notice->fd;
+          },
+          "A non-blocking eventfd, owned by the engine, that becomes readable when the notice "
+          "armed by arm_completion_notice() fires: a lookup job completing or cancelled, or an "
+          "L2 load finishing. Read 8 bytes to reset it. Lets a server park waits instead of "
+          "blocking threads on them.")
+      .def(
+          "arm_completion_notice", [](E& e) { e.engine->ArmCompletionNotice(); }, Release(),
+          "Arms the one-shot notice of completion_fd(). Arm, then check what finished.")
       .def(
           "end_session",
           [](E& e, ClientId client, const std::string& model_name, const std::string& request_id) {

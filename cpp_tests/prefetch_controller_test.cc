@@ -9,6 +9,7 @@
 #include <gtest/gtest.h>
 #include <sys/resource.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <future>
@@ -499,6 +500,41 @@ TEST_F(PrefetchTest, SyncLookupWithoutStartLoadIsStartedByTheFirstJoiner) {
   ASSERT_TRUE(joined.ok());
   EXPECT_EQ(joined->hits, 2u);
   ExpectClean({3});
+}
+
+TEST_F(PrefetchTest, LoadPendingAndTheOneShotNoticeLetAServerParkWaits) {
+  auto keys = Keys(0, 2);
+  PutL2(adapters_[0].get(), keys);
+  std::atomic<int> notices{0};
+  ctl_->SetCompletionNotice([&] { notices.fetch_add(1); });
+  // A sync lookup without its load started: the first LoadPending starts it, as a joiner would.
+  auto r = ctl_->LookupAndPin(Req(keys, 3), seconds(10), /*start_load=*/false);
+  ASSERT_TRUE(r.ok());
+  adapters_[0]->SetStalled(true);
+  EXPECT_EQ(notices.load(), 0) << "not armed: no notice";
+  ctl_->ArmCompletionNotice();
+  EXPECT_TRUE(ctl_->LoadPending(3));
+  ASSERT_TRUE(adapters_[0]->WaitForBlockedOperations(1, seconds(10)));
+  EXPECT_TRUE(ctl_->LoadPending(3)) << "still running";
+  EXPECT_FALSE(ctl_->LoadPending(4)) << "no sync lookup of that request";
+  EXPECT_EQ(notices.load(), 0);
+  adapters_[0]->SetStalled(false);
+  const auto deadline = std::chrono::steady_clock::now() + seconds(10);
+  while (notices.load() == 0 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(milliseconds(1));
+  }
+  EXPECT_EQ(notices.load(), 1) << "the load finishing calls the armed notice once";
+  EXPECT_FALSE(ctl_->LoadPending(3));
+  auto joined = ctl_->WaitLoad(3, Duration::zero());
+  ASSERT_TRUE(joined.ok()) << joined.status().ToString();
+  EXPECT_EQ(joined->hits, 2u);
+  // One-shot: a later completion without arming again calls nothing.
+  EXPECT_EQ(RunToCompletion(Req({Key(9)}, 5)).hits, 0u);
+  EXPECT_EQ(notices.load(), 1);
+  ctl_->ArmCompletionNotice();
+  EXPECT_EQ(RunToCompletion(Req({Key(8)}, 6)).hits, 0u);
+  EXPECT_EQ(notices.load(), 2);
+  ExpectClean({3, 5, 6});
 }
 
 TEST_F(PrefetchTest, IdleSyncLookupIsCleanedUpByEndRequest) {

@@ -624,7 +624,7 @@ Result<std::optional<LookupResult>> CacheEngine::SyncLookupImpl(ClientId client,
 }
 
 Result<uint64_t> CacheEngine::FreeLookupLocks(ClientId client, const EngineKey& key,
-                                              uint32_t tp_size) {
+                                              uint32_t tp_size, std::optional<Duration> timeout) {
   ResolvedKey rk;
   LMCACHE_RETURN_IF_ERROR(Resolve(key, RangeKind::kInner, true, false, &rk, tp_size));
   if (rk.request == 0 || rk.keys.empty()) return uint64_t{0};
@@ -636,7 +636,7 @@ Result<uint64_t> CacheEngine::FreeLookupLocks(ClientId client, const EngineKey& 
     }
   }
   // Leases of a pending sync load arrive when it finishes: join it first.
-  (void)prefetch_->WaitLoad(rk.request, config_.retrieve_wait_timeout);
+  (void)prefetch_->WaitLoad(rk.request, timeout.value_or(config_.retrieve_wait_timeout));
   uint64_t released = 0;
   // Tail first, so the prefix chain dies from its tail in the eviction order as well.
   for (auto it = rk.keys.rbegin(); it != rk.keys.rend(); ++it) {
@@ -648,6 +648,23 @@ Result<uint64_t> CacheEngine::FreeLookupLocks(ClientId client, const EngineKey& 
   counters_.freed_leases += released;
   return released;
 }
+
+bool CacheEngine::RetrieveWouldWait(std::string_view model_name, std::string_view request_id) {
+  RequestId request = 0;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = requests_.find(RequestKey(model_name, request_id));
+    if (it == requests_.end()) return false;
+    request = it->second->id;
+  }
+  return prefetch_->LoadPending(request);
+}
+
+void CacheEngine::SetCompletionNotice(std::function<void()> notice) {
+  prefetch_->SetCompletionNotice(std::move(notice));
+}
+
+void CacheEngine::ArmCompletionNotice() { prefetch_->ArmCompletionNotice(); }
 
 Result<uint64_t> CacheEngine::EndSession(ClientId client, std::string_view model_name,
                                          std::string_view request_id) {

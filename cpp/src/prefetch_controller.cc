@@ -197,6 +197,7 @@ void PrefetchController::Stop() {
   cv_.notify_all();
   reaper_cv_.notify_all();
   for (auto& [job, action] : actions) RunCancelAction(job, action);
+  Notice();
   std::lock_guard<std::mutex> lock(start_stop_mu_);
   if (reaper_.joinable()) reaper_.join();
 }
@@ -249,16 +250,53 @@ PrefetchController::CancelAction PrefetchController::MarkCancelledLocked(Job* jo
 
 void PrefetchController::RunCancelAction(const std::shared_ptr<Job>& job, CancelAction action) {
   switch (action) {
-    case CancelAction::kNothing: return;
-    case CancelAction::kReleaseLeases: ReleaseJobLeases(*job); return;
+    case CancelAction::kNothing: break;
+    case CancelAction::kReleaseLeases: ReleaseJobLeases(*job); break;
     case CancelAction::kReleasePrefix:
       ReleaseLeases(table_, job->req.owner.request, job->LeasedPrefix(0, job->l1_hits), job->count);
-      return;
+      break;
     case CancelAction::kAbandonIdle:
       UnpinAll(job.get());
       Complete(job, {job->l1_hits, job->l1_hits, 0}, Status::Cancelled("cancelled"));
-      return;
+      break;
   }
+  Notice();  // a parked waiter of the job answers now (NotFound, Cancelled)
+}
+
+void PrefetchController::SetCompletionNotice(std::function<void()> notice) {
+  std::lock_guard<std::mutex> lock(notice_mu_);
+  notice_ = std::make_shared<const std::function<void()>>(std::move(notice));
+}
+
+void PrefetchController::ArmCompletionNotice() { notice_armed_.store(true); }
+
+void PrefetchController::Notice() {
+  if (!notice_armed_.load(std::memory_order_relaxed) || !notice_armed_.exchange(false)) return;
+  std::shared_ptr<const std::function<void()>> notice;
+  {
+    std::lock_guard<std::mutex> lock(notice_mu_);
+    notice = notice_;
+  }
+  if (notice && *notice) (*notice)();
+}
+
+bool PrefetchController::LoadPending(RequestId request) {
+  std::shared_ptr<Job> job;
+  bool start = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto s = sync_by_request_.find(request);
+    if (s == sync_by_request_.end()) return false;
+    job = jobs_.at(s->second);
+    if (job->done || job->cancel != CancelKind::kNone || stopped_) return false;
+    if (!job->load_requested) {
+      // As WaitLoad: the first joiner starts a load the lookup did not start.
+      job->load_requested = true;
+      start = job->lookup_finished && job->planned > 0;
+    }
+  }
+  if (start) StartLoadPhase(job);
+  return true;
 }
 
 void PrefetchController::ReleaseJobLeases(const Job& job) {
@@ -952,6 +990,7 @@ void PrefetchController::Complete(const std::shared_ptr<Job>& job, PrefetchResul
     }
   }
   cv_.notify_all();
+  Notice();
   for (auto& next : start) StartL2Lookup(next);
 }
 

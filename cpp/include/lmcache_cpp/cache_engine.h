@@ -55,6 +55,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -236,7 +237,20 @@ class CacheEngine {
   // empty range or an unknown request releases nothing. Errors: InvalidArgument, NotFound
   // (unregistered model), PermissionDenied (the caller neither looked the request up nor holds a
   // registration of its model: it may not act for the request).
-  Result<uint64_t> FreeLookupLocks(ClientId client, const EngineKey& key, uint32_t tp_size);
+  // `timeout` bounds the join (nullopt = retrieve_wait_timeout); past it, what the request holds
+  // now is released.
+  Result<uint64_t> FreeLookupLocks(ClientId client, const EngineKey& key, uint32_t tp_size,
+                                   std::optional<Duration> timeout = std::nullopt);
+  // Whether PrepareRetrieve / FreeLookupLocks of the request would wait now, for its pending
+  // sync load (starting a load its lookup did not start, as they would). Never blocks: a server
+  // parks the request instead of blocking a thread, and runs it once this returns false (or
+  // with a zero timeout at its deadline). An unknown request, or one with no load pending: false.
+  bool RetrieveWouldWait(std::string_view model_name, std::string_view request_id);
+  // Completion notices, for a server that parks waits (PrefetchController::SetCompletionNotice):
+  // after ArmCompletionNotice(), the next lookup job completion, cancellation or sync load
+  // finishing calls `notice` once, on that thread, outside the engine's locks.
+  void SetCompletionNotice(std::function<void()> notice);
+  void ArmCompletionNotice();
   // Drops the request's hashing session, jobs, pending loads and leases. Returns the leases
   // released (0 for an unknown request). Errors: PermissionDenied (as FreeLookupLocks).
   Result<uint64_t> EndSession(ClientId client, std::string_view model_name,

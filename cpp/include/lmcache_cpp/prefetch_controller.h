@@ -51,6 +51,7 @@
 #define LMCACHE_CPP_PREFETCH_CONTROLLER_H_
 
 #include <array>
+#include <atomic>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
@@ -178,6 +179,19 @@ class PrefetchController {
   // Errors: NotFound (no sync lookup pending for the request), Timeout, Cancelled.
   Result<PrefetchResult> WaitLoad(RequestId request, Duration timeout);
 
+  // Whether a WaitLoad of `request` would wait now: its sync lookup's load (or L2 lookup) is
+  // still running. Starts a load the lookup did not start, as a joiner does. Never blocks.
+  bool LoadPending(RequestId request);
+
+  // ---- completion notices (for servers that park waits instead of blocking a thread) -------
+  // After ArmCompletionNotice(), the next job completion, cancellation or sync load finishing
+  // calls `notice` once, on the thread that completed it, outside every lock of the controller
+  // (one-shot: arm again after each call). `notice` must be short and must not block or call
+  // back into the controller (write a byte to a pipe). Arm first, then check what is done:
+  // a completion between the two still calls `notice`.
+  void SetCompletionNotice(std::function<void()> notice);
+  void ArmCompletionNotice();
+
   // ---- cleanup -----------------------------------------------------------------------------
   // Drops the request's jobs and pending loads (pins and temporary objects are released; the
   // request's leases are left for ObjectTable::ReleaseRequest). Returns how many jobs.
@@ -218,6 +232,8 @@ class PrefetchController {
   void RunCancelAction(const std::shared_ptr<Job>& job, CancelAction action);
   size_t EndMatching(const std::function<bool(const Job&)>& match);
   void ReleaseJobLeases(const Job& job);
+  // Calls the completion notice if it is armed (disarming it). REQUIRES mu_ not held.
+  void Notice();
   Result<std::shared_ptr<Job>> FindLocked(ClientId client, const JobHandle& handle);
   void ReapLoop();
 
@@ -238,6 +254,10 @@ class PrefetchController {
   bool reaper_stop_ = false;  // GUARDED_BY(mu_)
   RequestId next_internal_request_ = kInternalRequestBit;  // GUARDED_BY(mu_)
   PrefetchStats counters_;                                 // GUARDED_BY(mu_)
+
+  std::atomic<bool> notice_armed_{false};
+  std::mutex notice_mu_;  // guards notice_ (the pointer); never held while calling it
+  std::shared_ptr<const std::function<void()>> notice_;
 
   std::condition_variable reaper_cv_;  // wakes the reaper for Stop only
   std::mutex start_stop_mu_;
