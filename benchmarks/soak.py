@@ -655,6 +655,7 @@ def outstanding(status: dict[str, Any]) -> dict[str, int]:
         "request ids (engine.requests)": int(engine["requests"]),
         "registrations (engine.registrations)": int(engine["registrations"]),
         "server pool jobs (server.pool_jobs)": int(server["pool_jobs"]),
+        "parked waits (server.parked_waits)": int(server["parked_waits"]),
         "other clients (server.clients - 1)": int(server["clients"]) - 1,
         "L2 pins (sum of l2[].pins)": sum(int(a.get("pins", 0)) for a in status.get("l2", [])),
     }

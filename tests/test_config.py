@@ -547,6 +547,7 @@ def test_server_options_without_curve() -> None:
     assert opts == {
         "endpoint": "ipc:///tmp/x.sock",
         "worker_threads": 2,
+        "max_queue_wait_s": 10.0,
         "heartbeat_grace_s": 30.0,
         "max_frame_bytes": 64 * 1024 * 1024,
         "max_tokens_per_key": 2 * 1024 * 1024,

@@ -262,7 +262,7 @@ def test_a_silent_client_is_dropped_and_its_state_released(harness: Harness) -> 
 # Threads: the pool, stop, close
 
 
-def test_a_blocked_pool_thread_does_not_block_other_requests(
+def test_a_parked_wait_does_not_block_other_requests(
     harness: Harness, stalled: tuple[CacheServer, lc.MemoryL2Adapter, CacheClient]
 ) -> None:
     server, mem, a = stalled
@@ -273,7 +273,8 @@ def test_a_blocked_pool_thread_does_not_block_other_requests(
     for _ in range(20):
         b.ping()
     assert b.get_chunk_size() == CHUNK
-    assert a.status()["server"]["pool_jobs"] == 1
+    status = a.status()["server"]
+    assert (status["parked_waits"], status["pool_jobs"]) == (1, 0)  # no thread holds the wait
     assert not waiting.done()
     mem.set_stalled(False)
     result = waiting.result(timeout=30)
@@ -286,11 +287,15 @@ def test_stop_answers_running_and_queued_requests_and_is_idempotent(
     server, _, client = stalled
     handle = client.lookup(key(tokens(64, 4)))
     running = client.async_wait_prefetch_status(handle, 0.5)
+    # The only pool thread asks the stalled L2; the CLEAR queues behind it.
+    blocker = client.async_sync_lookup(key(tokens(64, 44), "blocker"), timeout_s=1.0)
     queued = client.async_clear()
-    # Replies on one connection come in order: once STATUS is answered both are in the server.
-    assert client.status()["server"]["pool_jobs"] == 2
+    # Replies on one connection come in order: once STATUS is answered all are in the server.
+    status = client.status()["server"]
+    assert (status["parked_waits"], status["pool_jobs"]) == (1, 2)
     server.stop()
     assert running.result(timeout=30) is None  # not ready when its wait ended
+    assert blocker.result(timeout=30).hit_chunks == 0  # stop let it finish (its L2 deadline)
     with pytest.raises(UnavailableError, match="stopping"):
         queued.result(timeout=30)
     server.stop()
@@ -520,10 +525,10 @@ def test_goodbye_while_a_pool_request_runs_releases_when_it_finishes(
     handle = client.lookup(key(tokens(64, 21), "r"))
     waiting = client.async_wait_prefetch_status(handle, 60.0)
     deadline = time.monotonic() + 10
-    while client.status()["server"]["pool_jobs"] == 0:
+    while client.status()["server"]["parked_waits"] == 0:
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    assert client.goodbye() == 0  # deferred: its WAIT is still on the pool
+    assert client.goodbye() == 0  # deferred: its WAIT is still parked
     assert server.clients_connected == 1
     mem.set_stalled(False)
     assert waiting.result(timeout=30) is not None

@@ -160,7 +160,18 @@ class ServerConfig:
         metavar="PATH",
     )
     worker_threads: int = _knob(
-        4, "int", "threads running the slow (blocking) request handlers", metavar="N"
+        4,
+        "int",
+        "threads running the requests that may block briefly (SYNC_LOOKUP asking L2, CLEAR); "
+        "waits for L2 never hold one",
+        metavar="N",
+    )
+    max_queue_wait_s: float = _knob(
+        10.0,
+        "float",
+        "a request that waited longer than this for a worker thread is answered DeadlineExceeded "
+        "without running",
+        metavar="SECONDS",
     )
     heartbeat_grace_s: float = _knob(
         30.0,
@@ -409,6 +420,7 @@ class ServerConfig:
             "retrieve_wait_timeout_s",
             "reap_interval_s",
             "heartbeat_grace_s",
+            "max_queue_wait_s",
         ):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -1188,6 +1200,7 @@ def server_options(config: ServerConfig) -> dict[str, Any]:
     return {
         "endpoint": config.endpoint,
         "worker_threads": config.worker_threads,
+        "max_queue_wait_s": config.max_queue_wait_s,
         "heartbeat_grace_s": config.heartbeat_grace_s,
         "max_frame_bytes": config.max_frame_bytes,
         "max_tokens_per_key": config.max_tokens_per_key,

@@ -33,13 +33,13 @@ import collections
 import contextlib
 import dataclasses
 import errno
+import heapq
 import hmac
 import ipaddress
 import itertools
 import logging
 import math
 import os
-import queue
 import secrets
 import socket
 import struct
@@ -93,6 +93,7 @@ from lmcache_cpp.protocol import (
 __all__ = [
     "BLOCKING_REQUESTS",
     "BLOCKING_WITHOUT_L2",
+    "PARKED_REQUESTS",
     "CacheServer",
     "Dispatcher",
     "EngineLike",
@@ -107,25 +108,29 @@ _OK: Final = int(_core.StatusCode.OK)
 _INVALID: Final = int(_core.StatusCode.INVALID_ARGUMENT)
 _EXHAUSTED: Final = int(_core.StatusCode.RESOURCE_EXHAUSTED)
 _UNAVAILABLE: Final = int(_core.StatusCode.UNAVAILABLE)
+_TIMEOUT: Final = int(_core.StatusCode.TIMEOUT)
 _INTERNAL: Final = int(_core.StatusCode.INTERNAL)
 
-BLOCKING_REQUESTS: Final = frozenset(
+BLOCKING_REQUESTS: Final = frozenset({RequestType.SYNC_LOOKUP, RequestType.CLEAR})
+"""Requests run on the worker pool; every other request runs on the socket thread. They may
+block briefly: a SYNC_LOOKUP asking L2 (bounded by its own timeout), a CLEAR.
+
+Without L2 adapters nothing can make a SYNC_LOOKUP wait, so a server with no L2 answers it on the
+socket thread (:data:`BLOCKING_WITHOUT_L2` stays on the pool)."""
+
+BLOCKING_WITHOUT_L2: Final = frozenset({RequestType.CLEAR})
+"""The pool's requests when the storage has no L2 adapter."""
+
+PARKED_REQUESTS: Final = frozenset(
     {
         RequestType.WAIT_PREFETCH_STATUS,
-        RequestType.SYNC_LOOKUP,
-        RequestType.FREE_LOOKUP_LOCKS,
         RequestType.PREPARE_RETRIEVE,
-        RequestType.CLEAR,
+        RequestType.FREE_LOOKUP_LOCKS,
     }
 )
-"""Requests run on the worker pool; every other request runs on the socket thread.
-
-Without L2 adapters nothing can make SYNC_LOOKUP, FREE_LOOKUP_LOCKS or PREPARE_RETRIEVE wait (no
-L2 lookup, no pending load to join), so a server with no L2 answers them on the socket thread
-(:data:`BLOCKING_WITHOUT_L2` stays on the pool)."""
-
-BLOCKING_WITHOUT_L2: Final = frozenset({RequestType.WAIT_PREFETCH_STATUS, RequestType.CLEAR})
-"""The pool's requests when the storage has no L2 adapter."""
+"""Requests that may wait long (up to ``max_wait_s``) for an L2 job: never run on a thread that
+blocks. The socket thread answers one at once when it need not wait; otherwise it parks it and
+answers it when the engine's completion notice says a job finished, or at its deadline."""
 
 _REQUEST_NAMES: Final = {int(rt): rt.name for rt in RequestType}
 _MALFORMED: Final = "MALFORMED"  # metrics name of a request whose type could not be read
@@ -212,7 +217,18 @@ class EngineLike(Protocol):
     def sync_lookup_in_l1(
         self, client: int, key: _core.EngineKey, tp_size: int = 1
     ) -> _LookupResultLike | None: ...
-    def free_lookup_locks(self, client: int, key: _core.EngineKey, tp_size: int = 1) -> int: ...
+    def free_lookup_locks(
+        self,
+        client: int,
+        key: _core.EngineKey,
+        tp_size: int = 1,
+        timeout_s: float | None = None,
+    ) -> int: ...
+    @property
+    def retrieve_wait_timeout_s(self) -> float: ...
+    def retrieve_would_wait(self, model_name: str, request_id: str) -> bool: ...
+    def completion_fd(self) -> int: ...
+    def arm_completion_notice(self) -> None: ...
     def end_session(self, client: int, model_name: str, request_id: str) -> int: ...
     def prepare_store(self, client: int, key: _core.EngineKey) -> _TicketLike: ...
     def commit_store(
@@ -388,6 +404,9 @@ class ServerOptions:
     max_clients: int = 4096
     max_queued_jobs: int = 4096
     max_jobs_per_client: int = 256
+    # A pool request that waited longer than this for a worker is answered DeadlineExceeded
+    # without running (its client has likely given up; running it would only add load).
+    max_queue_wait_s: float = 10.0
     transport_max_frame_bytes: int | None = None
     stop_timeout_s: float = 5.0
     name: str = "lmcache_cpp"
@@ -415,7 +434,7 @@ class ServerOptions:
             value = getattr(self, name)
             if type(value) is not int or value < 1:
                 raise ValueError(f"ServerOptions.{name} must be an int >= 1, got {value!r}")
-        for name in ("heartbeat_grace_s", "reap_interval_s", "stop_timeout_s"):
+        for name in ("heartbeat_grace_s", "reap_interval_s", "stop_timeout_s", "max_queue_wait_s"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ValueError(f"ServerOptions.{name} must be a positive number, got {value!r}")
@@ -514,6 +533,46 @@ class Dispatcher:
     def is_blocking(self, request_type: RequestType) -> bool:
         return request_type in self._blocking
 
+    def is_parked(self, request_type: RequestType) -> bool:
+        """Whether the request may wait for an L2 job (:data:`PARKED_REQUESTS`): the server
+        answers it with :meth:`poll`, never by blocking a thread on it."""
+        return request_type in PARKED_REQUESTS
+
+    def wait_s(self, request: Request) -> float:
+        """How long a :data:`PARKED_REQUESTS` request may wait: its own ``timeout_s``, else the
+        engine's retrieve wait (capped by ``max_wait_s``)."""
+        body = request.body
+        if isinstance(body, PrefetchWaitRequest):
+            return body.timeout_s
+        if isinstance(body, PrepareRetrieveRequest) and body.timeout_s is not None:
+            return body.timeout_s
+        return min(float(self._engine.retrieve_wait_timeout_s), self._limits.max_wait_s)
+
+    def poll(self, client: int, request: Request, final: bool) -> tuple[list[bytes], int] | None:
+        """Runs a :data:`PARKED_REQUESTS` request without waiting: its reply and status, or None
+        while it would still wait (never when ``final``: its wait is over, and it is answered as
+        a wait that timed out is). Never raises, as :meth:`execute`."""
+        body = request.body
+
+        def run() -> Mapping[str, Any] | None:
+            if isinstance(body, PrefetchWaitRequest):
+                handle = _handle_from_wire(body.handle)
+                result = self._engine.query_prefetch_status(client, handle)
+                if result is None and not final:
+                    return None
+                return prefetch_status_to_wire(None if result is None else _lookup_result(result))
+            assert isinstance(body, PrepareRetrieveRequest | KeyRequest)
+            wire = body.key
+            if not final and self._engine.retrieve_would_wait(wire.model_name, wire.request_id):
+                return None
+            if isinstance(body, PrepareRetrieveRequest):
+                ticket = self._engine.prepare_retrieve(client, engine_key(wire), 0.0)
+                return _ticket(ticket).to_wire()
+            released = self._engine.free_lookup_locks(client, engine_key(wire), body.tp_size, 0.0)
+            return {"released": int(released)}
+
+        return self._guarded(client, request, run)
+
     def try_without_blocking(self, client: int, request: Request) -> tuple[list[bytes], int] | None:
         """Answers a pool request at once when it turns out not to block: a SYNC_LOOKUP whose
         key is all in L1 (the usual case on a warm server). None: run it on the pool."""
@@ -533,13 +592,28 @@ class Dispatcher:
 
     def execute(self, client: int, request: Request) -> tuple[list[bytes], int]:
         rt = request.request_type
-        try:
+
+        def run() -> Mapping[str, Any]:
             handler = self._handlers.get(rt)
             if handler is None:
                 raise ProtocolError(
                     int(_core.StatusCode.NOT_SUPPORTED), f"{rt.name} has no handler"
                 )
-            result = handler(client, request.body)
+            return handler(client, request.body)
+
+        answered = self._guarded(client, request, run)
+        assert answered is not None
+        return answered
+
+    def _guarded(
+        self, client: int, request: Request, run: Callable[[], Mapping[str, Any] | None]
+    ) -> tuple[list[bytes], int] | None:
+        """The reply of ``run()`` (None when it returns None), errors turned into error replies."""
+        rt = request.request_type
+        try:
+            result = run()
+            if result is None:
+                return None
             return encode_reply(int(rt), request.seq, result), _OK
         except LMCacheError as exc:
             return encode_error_reply(int(rt), request.seq, exc.code, exc.message), exc.code
@@ -716,6 +790,60 @@ class _Job:
     token: int
     client: int
     request: Request
+    queued_at: float  # time.monotonic()
+
+
+class _FairQueue:
+    """The pool's queue: one FIFO per client, served round-robin, so one client's backlog never
+    delays another client's request by more than one job per client ahead of it. ``get`` returns
+    None once per :meth:`put_stop`, after the jobs queued before it."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._by_client: dict[int, collections.deque[_Job]] = {}  # GUARDED_BY(_cv)
+        self._turns: collections.deque[int] = collections.deque()  # GUARDED_BY(_cv)
+        self._stops = 0  # GUARDED_BY(_cv)
+
+    def put(self, job: _Job) -> None:
+        with self._cv:
+            queue_ = self._by_client.get(job.client)
+            if queue_ is None:
+                queue_ = self._by_client[job.client] = collections.deque()
+                self._turns.append(job.client)
+            queue_.append(job)
+            self._cv.notify()
+
+    def put_stop(self) -> None:
+        with self._cv:
+            self._stops += 1
+            self._cv.notify()
+
+    def get(self) -> _Job | None:
+        with self._cv:
+            while not self._turns and self._stops == 0:
+                self._cv.wait()
+            if not self._turns:
+                self._stops -= 1
+                return None
+            client = self._turns.popleft()
+            queue_ = self._by_client[client]
+            job = queue_.popleft()
+            if queue_:
+                self._turns.append(client)  # its next job waits for every other client's turn
+            else:
+                del self._by_client[client]
+            return job
+
+
+@dataclass
+class _Parked:
+    """A :data:`PARKED_REQUESTS` request waiting on the socket thread (no thread blocks)."""
+
+    identity: bytes
+    client: _Client
+    request: Request
+    received: float  # time.perf_counter(), for the latency metric
+    deadline: float  # time.monotonic(): answered as a timed-out wait then
 
 
 @dataclass
@@ -806,7 +934,7 @@ class CacheServer:
         self._authenticator: Any = None
         self._socket_thread: threading.Thread | None = None
         self._workers: list[threading.Thread] = []
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._jobs = _FairQueue()
         self._results_endpoint = f"inproc://lmcache-server-results-{id(self):x}"
         self._wake_r, self._wake_w = -1, -1
         self._bound_endpoint = ""
@@ -815,6 +943,10 @@ class CacheServer:
         self._clients: dict[bytes, _Client] = {}
         self._clients_by_id: dict[int, _Client] = {}
         self._pending: dict[int, _PendingJob] = {}
+        # Parked waits by token (insertion order = arrival order), and their deadlines (a heap;
+        # tokens no longer parked are skipped when they surface).
+        self._parked: dict[int, _Parked] = {}
+        self._parked_deadlines: list[tuple[float, int]] = []
         # Pool results the PUSH socket did not take (collections.deque: thread-safe appends and
         # pops); the socket thread sends them after a wake-up, so no reply is ever lost and no
         # client stays "in flight" forever.
@@ -928,7 +1060,7 @@ class CacheServer:
             if self._socket_thread is not None:
                 self._socket_thread.join()
             for _ in self._workers:
-                self._jobs.put(None)
+                self._jobs.put_stop()
             deadline = time.monotonic() + self._options.stop_timeout_s
             stuck = []
             for worker in self._workers:
@@ -1019,6 +1151,7 @@ class CacheServer:
                 job = self._jobs.get()
                 if job is None:
                     return
+                waited = time.monotonic() - job.queued_at
                 if self._stopping.is_set():
                     frames = encode_error_reply(
                         int(job.request.request_type),
@@ -1027,6 +1160,15 @@ class CacheServer:
                         "the server is stopping",
                     )
                     status = _UNAVAILABLE
+                elif waited > self._options.max_queue_wait_s:
+                    frames = encode_error_reply(
+                        int(job.request.request_type),
+                        job.request.seq,
+                        _TIMEOUT,
+                        f"waited {waited:.1f} s for a worker thread (limit "
+                        f"{self._options.max_queue_wait_s:g} s, --max-queue-wait-s); not run",
+                    )
+                    status = _TIMEOUT
                 else:
                     frames, status = self._dispatcher.execute(job.client, job.request)
                 message = [job.token.to_bytes(8, "little"), status.to_bytes(4, "little"), *frames]
@@ -1131,6 +1273,8 @@ class CacheServer:
         poller.register(router, zmq.POLLIN)
         poller.register(results, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        notice_fd = int(self._engine.completion_fd())
+        poller.register(notice_fd, zmq.POLLIN)
         interval = self._options.reap_interval_s
         next_tick = time.monotonic() + interval
         stop_deadline: float | None = None
@@ -1139,6 +1283,7 @@ class CacheServer:
             if self._stopping.is_set():
                 if stop_deadline is None:
                     stop_deadline = now + self._options.stop_timeout_s
+                    self._poll_parked(router, now, final=True)  # each answered as timed out
                 if not self._pending or now >= stop_deadline:
                     if self._pending:
                         _log.warning(
@@ -1148,6 +1293,8 @@ class CacheServer:
                 wake_at = stop_deadline
             else:
                 wake_at = next_tick
+                if self._parked_deadlines:
+                    wake_at = min(wake_at, self._parked_deadlines[0][0])
             timeout_ms = max(0, math.ceil((wake_at - now) * 1000))
             try:
                 events = dict(poller.poll(timeout_ms))
@@ -1164,7 +1311,15 @@ class CacheServer:
             if router in events:
                 self._drain_requests(router)
             now = time.monotonic()
+            if notice_fd in events:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(notice_fd, 8)
+                self._poll_parked(router, now)
+            elif self._parked_deadlines and self._parked_deadlines[0][0] <= now:
+                self._poll_parked(router, now)
             if now >= next_tick and not self._stopping.is_set():
+                # Also a safety net for a notice another server on the same engine consumed.
+                self._poll_parked(router, now)
                 self._reap(now)
                 next_tick = now + interval
 
@@ -1250,6 +1405,9 @@ class CacheServer:
             self._send(router, identity, reply)
             return
         rt = request.request_type
+        if self._dispatcher.is_parked(rt):
+            self._park_or_answer(router, identity, client, request, received)
+            return
         if not self._dispatcher.is_blocking(rt):
             reply, status = self._dispatcher.execute(client.id, request)
             self._finish(client, request, status, received)
@@ -1260,22 +1418,86 @@ class CacheServer:
             self._finish(client, request, answered[1], received)
             self._send(router, identity, answered[0])
             return
-        if client.in_flight >= self._options.max_jobs_per_client:
-            message = (
-                f"{client.in_flight} blocking requests of this client are in progress "
-                f"(limit {self._options.max_jobs_per_client})"
-            )
-        elif len(self._pending) >= self._options.max_queued_jobs:
-            message = f"the server's request queue is full ({len(self._pending)} requests)"
-        else:
+        message = self._refusal(client, len(self._pending), "request queue")
+        if message is None:
             token = next(self._tokens)
             self._pending[token] = _PendingJob(identity, client, request, received)
             client.in_flight += 1
-            self._jobs.put(_Job(token, client.id, request))
+            self._jobs.put(_Job(token, client.id, request, time.monotonic()))
             return
         reply = encode_error_reply(int(rt), request.seq, _EXHAUSTED, message)
         self._finish(client, request, _EXHAUSTED, received)
         self._send(router, identity, reply)
+
+    def _refusal(self, client: _Client, queued: int, queue_name: str) -> str | None:
+        """Why a blocking request of ``client`` cannot be taken (None: it can)."""
+        if client.in_flight >= self._options.max_jobs_per_client:
+            return (
+                f"{client.in_flight} blocking requests of this client are in progress "
+                f"(limit {self._options.max_jobs_per_client})"
+            )
+        if queued >= self._options.max_queued_jobs:
+            return f"the server's {queue_name} is full ({queued} requests)"
+        return None
+
+    def _park_or_answer(
+        self,
+        router: zmq.Socket[bytes],
+        identity: bytes,
+        client: _Client,
+        request: Request,
+        received: float,
+    ) -> None:
+        """A :data:`PARKED_REQUESTS` request: answered now when it need not wait, else parked
+        until a completion notice or its deadline. No thread blocks on it."""
+        message = self._refusal(client, len(self._parked), "wait queue")
+        if message is None:
+            wait_s = self._dispatcher.wait_s(request)
+            # Arm, then look: a job that finishes after the look still sends a notice.
+            self._engine.arm_completion_notice()
+            answered = self._dispatcher.poll(client.id, request, final=wait_s <= 0)
+            if answered is not None:
+                self._finish(client, request, answered[1], received)
+                self._send(router, identity, answered[0])
+                return
+            token = next(self._tokens)
+            deadline = time.monotonic() + wait_s
+            self._parked[token] = _Parked(identity, client, request, received, deadline)
+            heapq.heappush(self._parked_deadlines, (deadline, token))
+            client.in_flight += 1
+            return
+        reply = encode_error_reply(int(request.request_type), request.seq, _EXHAUSTED, message)
+        self._finish(client, request, _EXHAUSTED, received)
+        self._send(router, identity, reply)
+
+    def _poll_parked(self, router: zmq.Socket[bytes], now: float, final: bool = False) -> None:
+        """Answers every parked wait that no longer waits, or whose deadline passed (all of them
+        when ``final``), in arrival order."""
+        deadlines = self._parked_deadlines
+        while deadlines and deadlines[0][1] not in self._parked:
+            heapq.heappop(deadlines)
+        if not self._parked:
+            deadlines.clear()
+            return
+        self._engine.arm_completion_notice()  # before looking, as in _park_or_answer
+        for token, parked in list(self._parked.items()):
+            if token not in self._parked:  # its client was dropped meanwhile
+                continue
+            answered = self._dispatcher.poll(
+                parked.client.id, parked.request, final or now >= parked.deadline
+            )
+            if answered is None:
+                continue
+            del self._parked[token]
+            client = parked.client
+            client.in_flight -= 1
+            client.last_seen = now
+            self._finish(client, parked.request, answered[1], parked.received)
+            self._send(router, parked.identity, answered[0])
+            if client.leaving and client.in_flight == 0 and client.identity in self._clients:
+                self._drop_client(client, "said goodbye")
+        while deadlines and deadlines[0][1] not in self._parked:
+            heapq.heappop(deadlines)
 
     def _finish_fast(
         self,
@@ -1433,7 +1655,11 @@ class CacheServer:
             _log.exception("engine.reap_expired failed")
 
     def _drop_client(self, client: _Client, why: str) -> int:
-        """Forgets the client and ends it in the engine; returns the leases released."""
+        """Forgets the client (and its parked waits: nobody is left to answer) and ends it in the
+        engine; returns the leases released."""
+        for token in [t for t, p in self._parked.items() if p.client is client]:
+            del self._parked[token]
+            client.in_flight -= 1
         del self._clients[client.identity]
         del self._clients_by_id[client.id]
         if self._loop is not None:
@@ -1508,6 +1734,7 @@ class CacheServer:
             "uptime_s": time.monotonic() - self._started_at,
             "clients": len(self._clients),
             "pool_jobs": len(self._pending),
+            "parked_waits": len(self._parked),
             "worker_threads": self._options.worker_threads,
             "dropped_replies": dropped,
             "requests": self.request_counts(),
