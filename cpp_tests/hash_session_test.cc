@@ -212,6 +212,55 @@ TEST_F(HashSessionTest, MaxSessionsEvictsTheLeastRecentlyUsed) {
   EXPECT_EQ(cache->stats().chunks_hashed, 4u);
 }
 
+TEST_F(HashSessionTest, AnOwnerOverItsQuotaLosesOnlyItsOwnOldestSessions) {
+  HashSessionOptions o;
+  o.max_sessions_per_owner = 2;
+  auto cache = MakeCache(o);
+  const auto tokens = MakeTokens(4 * kChunk, 1);
+  (void)cache->HashTokens(/*owner=*/7, /*request_id=*/1, tokens.data(), tokens.size());
+  (void)cache->HashTokens(8, 2, tokens.data(), tokens.size());  // another owner's
+  clock_->Advance(std::chrono::seconds(1));
+  (void)cache->HashTokens(7, 3, tokens.data(), tokens.size());
+  clock_->Advance(std::chrono::seconds(1));
+  (void)cache->HashTokens(7, 4, tokens.data(), tokens.size());  // owner 7's third: 1 goes
+  auto usage = cache->UsageByOwner();
+  EXPECT_EQ(usage[7].sessions, 2u);
+  EXPECT_EQ(usage[8].sessions, 1u) << "another owner's session is never evicted for 7's quota";
+  EXPECT_EQ(cache->stats().sessions_over_quota, 1u);
+  EXPECT_FALSE(cache->EndSession(1));
+  EXPECT_TRUE(cache->EndSession(2));
+  // The evicted request still gets the right hashes (rehashed).
+  EXPECT_EQ(cache->HashTokens(7, 1, tokens.data(), tokens.size()), Expected(tokens, tokens.size()));
+}
+
+TEST_F(HashSessionTest, BytesAreChargedAndCappedPerOwnerAndInAll) {
+  HashSessionOptions o;
+  const auto big = MakeTokens(64 * kChunk, 2);  // 4 KiB of tokens, 2 KiB of hashes
+  o.max_bytes_per_owner = 14 << 10;  // two sessions of 6336 bytes fit, three do not
+  o.max_bytes = 18 << 10;
+  auto cache = MakeCache(o);
+  (void)cache->HashTokens(1, 10, big.data(), big.size());
+  const uint64_t one = cache->UsageByOwner()[1].bytes;
+  EXPECT_GT(one, big.size() * sizeof(uint32_t) + 64 * sizeof(ChunkHash));
+  EXPECT_EQ(cache->stats().bytes, one);
+  (void)cache->HashTokens(1, 11, big.data(), big.size());
+  (void)cache->HashTokens(2, 12, big.data(), big.size());
+  // Three sessions do not fit 18 KiB in all: the least recently used (owner 1's first) went.
+  EXPECT_LE(cache->stats().bytes, o.max_bytes);
+  EXPECT_FALSE(cache->EndSession(10));
+  EXPECT_EQ(cache->stats().sessions_evicted, 1u);
+  // A session larger than an owner may hold is answered but not kept.
+  const auto huge = MakeTokens(1024 * kChunk, 3);
+  EXPECT_EQ(cache->HashTokens(3, 13, huge.data(), huge.size()), Expected(huge, huge.size()));
+  EXPECT_EQ(cache->UsageByOwner().count(3), 0u);
+  EXPECT_EQ(cache->stats().sessions_over_quota, 1u);
+  // Ending every session returns every byte.
+  EXPECT_TRUE(cache->EndSession(11));
+  EXPECT_TRUE(cache->EndSession(12));
+  EXPECT_EQ(cache->stats().bytes, 0u);
+  EXPECT_TRUE(cache->UsageByOwner().empty());
+}
+
 TEST_F(HashSessionTest, ConcurrentRequestsMatchSingleThreadedHashing) {
   HashSessionOptions options;
   options.max_sessions = 6;  // small enough that evictions happen during the run

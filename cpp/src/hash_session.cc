@@ -14,8 +14,66 @@ HashSessionCache::HashSessionCache(const ChunkHasher* hasher, HashSessionOptions
       options_(options),
       clock_(clock != nullptr ? std::move(clock) : SteadyClock::Default()) {}
 
-std::vector<ChunkHash> HashSessionCache::HashTokens(uint64_t request_id, const uint32_t* tokens,
-                                                    size_t n) {
+namespace {
+
+// What a session costs besides its vectors' elements: the map node, the two list nodes and the
+// vectors' headers, rounded up.
+constexpr uint64_t kSessionOverhead = 192;
+
+}  // namespace
+
+void HashSessionCache::TouchLocked(Session& s, TimePoint now) {
+  s.last_used = now;
+  lru_.splice(lru_.begin(), lru_, s.lru_pos);
+  auto& owner_lru = owners_[s.owner].lru;
+  owner_lru.splice(owner_lru.begin(), owner_lru, s.owner_pos);
+}
+
+void HashSessionCache::RechargeLocked(Session& s) {
+  const uint64_t bytes =
+      kSessionOverhead + s.tokens.size() * sizeof(uint32_t) + s.hashes.size() * sizeof(ChunkHash);
+  HashSessionUsage& usage = owners_[s.owner].usage;
+  usage.bytes = usage.bytes - s.bytes + bytes;
+  bytes_ = bytes_ - s.bytes + bytes;
+  s.bytes = bytes;
+}
+
+void HashSessionCache::EraseLocked(SessionMap::iterator it) {
+  Session& s = it->second;
+  auto owner = owners_.find(s.owner);
+  owner->second.usage.bytes -= s.bytes;
+  --owner->second.usage.sessions;
+  owner->second.lru.erase(s.owner_pos);
+  if (owner->second.usage.sessions == 0) owners_.erase(owner);
+  bytes_ -= s.bytes;
+  lru_.erase(s.lru_pos);
+  sessions_.erase(it);
+}
+
+void HashSessionCache::EvictLocked(uint64_t keep) {
+  auto self = sessions_.find(keep);
+  const uint64_t owner_id = self->second.owner;
+  const uint64_t owner_cap = std::min(options_.max_bytes_per_owner, options_.max_bytes);
+  if (self->second.bytes > owner_cap) {
+    EraseLocked(self);  // larger than its owner may ever hold: not kept
+    ++stats_.sessions_over_quota;
+    return;
+  }
+  const size_t owner_sessions = std::max<size_t>(options_.max_sessions_per_owner, 1);
+  Owner& owner = owners_[owner_id];
+  while (owner.usage.sessions > owner_sessions || owner.usage.bytes > owner_cap) {
+    EraseLocked(sessions_.find(owner.lru.back()));  // never `keep`: it is at the front
+    ++stats_.sessions_over_quota;
+  }
+  const size_t cap = std::max<size_t>(options_.max_sessions, 1);
+  while (sessions_.size() > cap || bytes_ > options_.max_bytes) {
+    EraseLocked(sessions_.find(lru_.back()));  // never `keep`: it is at the front
+    ++stats_.sessions_evicted;
+  }
+}
+
+std::vector<ChunkHash> HashSessionCache::HashTokens(uint64_t owner, uint64_t request_id,
+                                                    const uint32_t* tokens, size_t n) {
   const size_t chunk_size = hasher_->chunk_size();
   const size_t full_chunks = n / chunk_size;
   std::vector<ChunkHash> result;
@@ -36,8 +94,7 @@ std::vector<ChunkHash> HashSessionCache::HashTokens(uint64_t request_id, const u
       } else {
         ++stats_.sessions_rebuilt;  // the session is replaced in phase 3
       }
-      s.last_used = clock_->Now();
-      lru_.splice(lru_.begin(), lru_, s.lru_pos);
+      TouchLocked(s, clock_->Now());
     }
     stats_.chunks_reused += reused;
     if (reused == full_chunks) return result;
@@ -58,17 +115,18 @@ std::vector<ChunkHash> HashSessionCache::HashTokens(uint64_t request_id, const u
   if (it == sessions_.end()) {
     ReapLocked(now);  // amortised: each session is reaped at most once
     lru_.push_front(request_id);
+    Owner& o = owners_[owner];
+    o.lru.push_front(request_id);
+    ++o.usage.sessions;
     Session& s = sessions_[request_id];
+    s.owner = owner;
     s.tokens.assign(tokens, tokens + full_chunks * chunk_size);
     s.hashes = result;
     s.last_used = now;
     s.lru_pos = lru_.begin();
-    const size_t cap = std::max<size_t>(options_.max_sessions, 1);
-    while (sessions_.size() > cap) {
-      sessions_.erase(lru_.back());  // never the new session: it is at the front
-      lru_.pop_back();
-      ++stats_.sessions_evicted;
-    }
+    s.owner_pos = o.lru.begin();
+    RechargeLocked(s);
+    EvictLocked(request_id);
     return result;
   }
   Session& s = it->second;
@@ -84,8 +142,9 @@ std::vector<ChunkHash> HashSessionCache::HashTokens(uint64_t request_id, const u
     s.tokens.assign(tokens, tokens + full_chunks * chunk_size);
     s.hashes = result;
   }
-  s.last_used = now;
-  lru_.splice(lru_.begin(), lru_, s.lru_pos);
+  TouchLocked(s, now);
+  RechargeLocked(s);
+  EvictLocked(request_id);
   return result;
 }
 
@@ -93,8 +152,7 @@ bool HashSessionCache::EndSession(uint64_t request_id) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = sessions_.find(request_id);
   if (it == sessions_.end()) return false;
-  lru_.erase(it->second.lru_pos);
-  sessions_.erase(it);
+  EraseLocked(it);
   return true;
 }
 
@@ -110,8 +168,7 @@ size_t HashSessionCache::ReapLocked(TimePoint now) {
   while (!lru_.empty()) {
     auto it = sessions_.find(lru_.back());
     if (now - it->second.last_used < options_.ttl) break;
-    sessions_.erase(it);
-    lru_.pop_back();
+    EraseLocked(it);
     ++reaped;
   }
   stats_.sessions_expired += reaped;
@@ -127,7 +184,16 @@ HashSessionStats HashSessionCache::stats() const {
   std::lock_guard<std::mutex> lock(mu_);
   HashSessionStats s = stats_;
   s.sessions = sessions_.size();
+  s.bytes = bytes_;
   return s;
+}
+
+std::unordered_map<uint64_t, HashSessionUsage> HashSessionCache::UsageByOwner() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::unordered_map<uint64_t, HashSessionUsage> out;
+  out.reserve(owners_.size());
+  for (const auto& [id, owner] : owners_) out.emplace(id, owner.usage);
+  return out;
 }
 
 }  // namespace lmcache_cpp

@@ -10,9 +10,17 @@
 // returns hashes of tokens it was not given. The check costs one memcmp of the remembered tokens,
 // far below the cost of re-hashing.
 //
-// Sessions expire after `ttl` without use and are capped at `max_sessions` (the least recently
-// used goes first). Expiry is applied by Reap(now) and, amortised, on insert (the LRU list is
-// ordered by last use, so a reap only looks at its expired tail). A max_sessions of 0 acts as 1.
+// Sessions expire after `ttl` without use and are capped at `max_sessions` and `max_bytes` (the
+// least recently used goes first). Expiry is applied by Reap(now) and, amortised, on insert (the
+// LRU list is ordered by last use, so a reap only looks at its expired tail). A max_sessions of 0
+// acts as 1.
+//
+// Owners. Each session is charged to an owner (the engine's client id; 0 when none is given), and
+// each owner is capped at `max_sessions_per_owner` sessions and `max_bytes_per_owner` bytes. An
+// owner over its quota loses its own least recently used sessions, never another owner's: one
+// client cannot evict everyone's memo. A session larger than an owner's whole quota (or than
+// max_bytes) is not kept. Quotas only ever cost re-hashing, never a wrong or failed answer. Bytes
+// count the remembered tokens and hashes plus a fixed per-session overhead.
 //
 // Thread safety: all methods are thread-safe (one internal mutex). Hashing of new chunks happens
 // outside the mutex; two concurrent calls for the same request may both hash: when their tokens
@@ -39,15 +47,26 @@ namespace lmcache_cpp {
 struct HashSessionOptions {
   Duration ttl = std::chrono::minutes(10);
   size_t max_sessions = 65536;
+  uint64_t max_bytes = uint64_t{1} << 30;  // all sessions
+  size_t max_sessions_per_owner = 8192;
+  uint64_t max_bytes_per_owner = uint64_t{256} << 20;
+};
+
+// What one owner's sessions hold.
+struct HashSessionUsage {
+  size_t sessions = 0;
+  uint64_t bytes = 0;
 };
 
 struct HashSessionStats {
   size_t sessions = 0;
+  uint64_t bytes = 0;             // held by all sessions (gauge)
   uint64_t chunks_hashed = 0;     // chunks that went through the hash function
   uint64_t chunks_reused = 0;     // chunks answered from a session
   uint64_t sessions_rebuilt = 0;  // prefix mismatch on an existing session
   uint64_t sessions_expired = 0;
-  uint64_t sessions_evicted = 0;  // dropped for max_sessions
+  uint64_t sessions_evicted = 0;     // dropped for max_sessions or max_bytes
+  uint64_t sessions_over_quota = 0;  // dropped for their owner's quota (or too large to keep)
 };
 
 class HashSessionCache {
@@ -56,8 +75,14 @@ class HashSessionCache {
   HashSessionCache(const ChunkHasher* hasher, HashSessionOptions options,
                    std::shared_ptr<Clock> clock = nullptr);
 
-  // Hashes of the full chunks of tokens[0, n) for `request_id`, reusing and extending its session.
-  std::vector<ChunkHash> HashTokens(uint64_t request_id, const uint32_t* tokens, size_t n);
+  // Hashes of the full chunks of tokens[0, n) for `request_id`, reusing and extending its session,
+  // which is charged to `owner` (a session first made by another owner stays charged to it).
+  std::vector<ChunkHash> HashTokens(uint64_t owner, uint64_t request_id, const uint32_t* tokens,
+                                    size_t n);
+  // As above, owner 0.
+  std::vector<ChunkHash> HashTokens(uint64_t request_id, const uint32_t* tokens, size_t n) {
+    return HashTokens(0, request_id, tokens, n);
+  }
 
   // Drops the session of `request_id`. Returns whether one existed.
   bool EndSession(uint64_t request_id);
@@ -65,24 +90,43 @@ class HashSessionCache {
   size_t Reap();
   size_t size() const;
   HashSessionStats stats() const;
+  // Sessions and bytes per owner (owners with none are absent).
+  std::unordered_map<uint64_t, HashSessionUsage> UsageByOwner() const;
 
  private:
   struct Session {
+    uint64_t owner = 0;
     std::vector<uint32_t> tokens;  // tokens of the hashed full chunks
     std::vector<ChunkHash> hashes;
+    uint64_t bytes = 0;  // charged to the owner
     TimePoint last_used;
     std::list<uint64_t>::iterator lru_pos;
+    std::list<uint64_t>::iterator owner_pos;
   };
+  struct Owner {
+    HashSessionUsage usage;
+    std::list<uint64_t> lru;  // the owner's sessions; front = most recent
+  };
+  using SessionMap = std::unordered_map<uint64_t, Session>;
   size_t ReapLocked(TimePoint now);
+  // Moves the session to the front of both LRU lists. REQUIRES mu_.
+  void TouchLocked(Session& s, TimePoint now);
+  // Recharges the session's bytes to its owner after its vectors changed. REQUIRES mu_.
+  void RechargeLocked(Session& s);
+  void EraseLocked(SessionMap::iterator it);
+  // Enforces the owner's quota, then the global caps, never evicting `keep`. REQUIRES mu_.
+  void EvictLocked(uint64_t keep);
 
   const ChunkHasher* const hasher_;
   const HashSessionOptions options_;
   const std::shared_ptr<Clock> clock_;
 
   mutable std::mutex mu_;
-  std::unordered_map<uint64_t, Session> sessions_;  // GUARDED_BY(mu_)
-  std::list<uint64_t> lru_;                         // GUARDED_BY(mu_); front = most recent
-  HashSessionStats stats_;                          // GUARDED_BY(mu_)
+  SessionMap sessions_;                         // GUARDED_BY(mu_)
+  std::list<uint64_t> lru_;                     // GUARDED_BY(mu_); front = most recent
+  std::unordered_map<uint64_t, Owner> owners_;  // GUARDED_BY(mu_)
+  uint64_t bytes_ = 0;                          // GUARDED_BY(mu_)
+  HashSessionStats stats_;                      // GUARDED_BY(mu_)
 };
 
 }  // namespace lmcache_cpp
