@@ -658,6 +658,11 @@ def outstanding(status: dict[str, Any]) -> dict[str, int]:
         "parked waits (server.parked_waits)": int(server["parked_waits"]),
         "other clients (server.clients - 1)": int(server["clients"]) - 1,
         "L2 pins (sum of l2[].pins)": sum(int(a.get("pins", 0)) for a in status.get("l2", [])),
+        "held per client (requests, sessions, jobs, tickets in STATUS clients)": sum(
+            int(u.get(k, 0))
+            for u in status.get("clients", [])
+            for k in ("requests", "sessions", "jobs", "tickets", "reserved_bytes")
+        ),
     }
 
 

@@ -50,6 +50,11 @@ struct PyEngineConfig {
   size_t max_chunks_per_key = 16384;
   size_t max_requests = size_t{1} << 20;
   size_t max_keys_per_request = size_t{1} << 20;
+  size_t max_requests_per_client = 65536;
+  uint64_t max_reserved_bytes_per_client = 0;
+  uint64_t max_session_bytes = uint64_t{1} << 30;
+  size_t max_sessions_per_client = 8192;
+  uint64_t max_session_bytes_per_client = uint64_t{256} << 20;
 
   EngineConfig ToCore(std::shared_ptr<Clock> clock) const {
     EngineConfig c;
@@ -67,6 +72,11 @@ struct PyEngineConfig {
     c.max_chunks_per_key = max_chunks_per_key;
     c.max_requests = max_requests;
     c.max_keys_per_request = max_keys_per_request;
+    c.max_requests_per_client = max_requests_per_client;
+    c.max_reserved_bytes_per_client = max_reserved_bytes_per_client;
+    c.sessions.max_bytes = max_session_bytes;
+    c.sessions.max_sessions_per_owner = max_sessions_per_client;
+    c.sessions.max_bytes_per_owner = max_session_bytes_per_client;
     c.clock = std::move(clock);
     return c;
   }
@@ -196,7 +206,10 @@ void BindTypes(nb::module_& m) {
              double sync_lookup_timeout_s, double retrieve_wait_timeout_s, double transfer_ttl_s,
              double request_ttl_s, double lookup_ttl_s, double session_ttl_s, size_t max_sessions,
              size_t max_registrations_per_client, size_t max_transfers_per_client,
-             size_t max_chunks_per_key, size_t max_requests, size_t max_keys_per_request) {
+             size_t max_chunks_per_key, size_t max_requests, size_t max_keys_per_request,
+             size_t max_requests_per_client, uint64_t max_reserved_bytes_per_client,
+             uint64_t max_session_bytes, size_t max_sessions_per_client,
+             uint64_t max_session_bytes_per_client) {
             new (self) PyEngineConfig{chunk_size,
                                       hash_algorithm,
                                       sync_lookup_timeout_s,
@@ -210,7 +223,12 @@ void BindTypes(nb::module_& m) {
                                       max_transfers_per_client,
                                       max_chunks_per_key,
                                       max_requests,
-                                      max_keys_per_request};
+                                      max_keys_per_request,
+                                      max_requests_per_client,
+                                      max_reserved_bytes_per_client,
+                                      max_session_bytes,
+                                      max_sessions_per_client,
+                                      max_session_bytes_per_client};
           },
           nb::kw_only(), "chunk_size"_a = d.chunk_size, "hash_algorithm"_a = d.hash_algorithm,
           "sync_lookup_timeout_s"_a = d.sync_lookup_timeout_s,
@@ -221,7 +239,12 @@ void BindTypes(nb::module_& m) {
           "max_registrations_per_client"_a = d.max_registrations_per_client,
           "max_transfers_per_client"_a = d.max_transfers_per_client,
           "max_chunks_per_key"_a = d.max_chunks_per_key, "max_requests"_a = d.max_requests,
-          "max_keys_per_request"_a = d.max_keys_per_request)
+          "max_keys_per_request"_a = d.max_keys_per_request,
+          "max_requests_per_client"_a = d.max_requests_per_client,
+          "max_reserved_bytes_per_client"_a = d.max_reserved_bytes_per_client,
+          "max_session_bytes"_a = d.max_session_bytes,
+          "max_sessions_per_client"_a = d.max_sessions_per_client,
+          "max_session_bytes_per_client"_a = d.max_session_bytes_per_client)
       .def_rw("chunk_size", &PyEngineConfig::chunk_size)
       .def_rw("hash_algorithm", &PyEngineConfig::hash_algorithm)
       .def_rw("sync_lookup_timeout_s", &PyEngineConfig::sync_lookup_timeout_s)
@@ -235,7 +258,12 @@ void BindTypes(nb::module_& m) {
       .def_rw("max_transfers_per_client", &PyEngineConfig::max_transfers_per_client)
       .def_rw("max_chunks_per_key", &PyEngineConfig::max_chunks_per_key)
       .def_rw("max_requests", &PyEngineConfig::max_requests)
-      .def_rw("max_keys_per_request", &PyEngineConfig::max_keys_per_request);
+      .def_rw("max_keys_per_request", &PyEngineConfig::max_keys_per_request)
+      .def_rw("max_requests_per_client", &PyEngineConfig::max_requests_per_client)
+      .def_rw("max_reserved_bytes_per_client", &PyEngineConfig::max_reserved_bytes_per_client)
+      .def_rw("max_session_bytes", &PyEngineConfig::max_session_bytes)
+      .def_rw("max_sessions_per_client", &PyEngineConfig::max_sessions_per_client)
+      .def_rw("max_session_bytes_per_client", &PyEngineConfig::max_session_bytes_per_client);
 
   nb::class_<PyEngineKey>(m, "EngineKey",
                           "A request's key: model, ranks, request id and token range, by token "
@@ -340,6 +368,33 @@ void BindEngine(nb::module_& m) {
             return std::chrono::duration<double>(e.engine->config().retrieve_wait_timeout).count();
           },
           "How long prepare_retrieve / free_lookup_locks wait for a pending L2 load by default.")
+      .def(
+          "client_usage",
+          [](const E& e) {
+            std::vector<ClientUsage> usages;
+            {
+              nb::gil_scoped_release release;
+              usages = e.engine->ClientUsages();
+            }
+            nb::list out;
+            for (const ClientUsage& u : usages) {
+              nb::dict d;
+              d["client"] = u.client;
+              d["registrations"] = u.registrations;
+              d["requests"] = u.requests;
+              d["sessions"] = u.sessions;
+              d["session_bytes"] = u.session_bytes;
+              d["jobs"] = u.jobs;
+              d["tickets"] = u.tickets;
+              d["reserved_bytes"] = u.reserved_bytes;
+              out.append(d);
+            }
+            return out;
+          },
+          "What each client holds now, one dict per client that holds anything, by client id: "
+          "registrations, requests, sessions, session_bytes, jobs, tickets, reserved_bytes.")
+      .def_prop_ro("reserved_bytes_quota",
+                   [](const E& e) { return e.engine->reserved_bytes_quota(); })
       .def(
           "start", [](E& e) { e.engine->Start(); }, Release())
       .def(

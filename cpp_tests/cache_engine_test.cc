@@ -248,6 +248,13 @@ class CacheEngineTest : public ::testing::Test {
   }
 
   // Two-phase lookup, collected with WaitPrefetch.
+  // Opens request "a" (a two-phase lookup) and "b" (a sync lookup) for `client`, then returns
+  // what a lookup of a third request, "c", got.
+  Status OpenTwoRequestsThenAThird(ClientId client, const std::vector<uint32_t>& tokens) {
+    EXPECT_TRUE(engine_->Lookup(client, TokenKey(tokens, "a"), 1).ok());
+    EXPECT_TRUE(engine_->SyncLookup(client, TokenKey(tokens, "b"), 1).ok());
+    return engine_->Lookup(client, TokenKey(tokens, "c"), 1).status();
+  }
   LookupResult LookupAndWait(ClientId client, const EngineKey& key, uint32_t tp_size = 1) {
     auto h = engine_->Lookup(client, key, tp_size);
     EXPECT_TRUE(h.ok()) << h.status().ToString();
@@ -1382,19 +1389,90 @@ TEST_F(CacheEngineTest, TheNumberOfOpenRequestsIsBounded) {
   ASSERT_NO_FATAL_FAILURE(Build(c));
   Register(1);
   auto tokens = Tokens(kCs, 1);
-  EXPECT_TRUE(engine_->Lookup(2, TokenKey(tokens, "a"), 1).ok());
-  EXPECT_TRUE(engine_->SyncLookup(2, TokenKey(tokens, "b"), 1).ok());
-  EXPECT_EQ(engine_->Lookup(2, TokenKey(tokens, "c"), 1).status().code(),
-            StatusCode::kResourceExhausted);
+  EXPECT_EQ(OpenTwoRequestsThenAThird(2, tokens).code(), StatusCode::kResourceExhausted);
   EXPECT_TRUE(engine_->Lookup(2, TokenKey(tokens, "a"), 1).ok()) << "known requests still work";
   (void)engine_->EndSession(2, kModel, "b");
   EXPECT_TRUE(engine_->Lookup(2, TokenKey(tokens, "c"), 1).ok());
   EXPECT_EQ(engine_->stats().requests, 2u);
 }
 
+TEST_F(CacheEngineTest, OneClientCannotTakeEveryOpenRequest) {
+  EngineConfig c;
+  c.max_requests_per_client = 2;
+  ASSERT_NO_FATAL_FAILURE(Build(c));
+  Register(1);
+  auto tokens = Tokens(kCs, 1);
+  const Status refused = OpenTwoRequestsThenAThird(2, tokens);
+  EXPECT_EQ(refused.code(), StatusCode::kResourceExhausted);
+  EXPECT_NE(refused.message().find("--max-requests-per-client"), std::string::npos);
+  EXPECT_TRUE(engine_->Lookup(3, TokenKey(tokens, "c"), 1).ok()) << "another client's are its own";
+  auto usage = engine_->ClientUsages();
+  ASSERT_EQ(usage.size(), 3u);  // client 1 (its registration), 2 and 3
+  EXPECT_EQ(usage[1].client, 2u);
+  EXPECT_EQ(usage[1].requests, 2u);
+  EXPECT_EQ(usage[1].jobs, 2u) << "the uncollected lookup and the sync lookup's job";
+  EXPECT_EQ(usage[1].sessions, 2u);
+  EXPECT_GT(usage[1].session_bytes, 0u);
+  EXPECT_EQ(usage[2].requests, 1u);
+  // Ended requests are given back.
+  ASSERT_TRUE(engine_->EndSession(2, kModel, "a").ok());
+  EXPECT_TRUE(engine_->Lookup(2, TokenKey(tokens, "d"), 1).ok());
+}
+
+TEST_F(CacheEngineTest, OneClientCannotReserveMoreArenaThanItsQuota) {
+  EngineConfig c;
+  c.max_reserved_bytes_per_client = 3 * kObjBytes;
+  ASSERT_NO_FATAL_FAILURE(Build(c));
+  Register(1);
+  Register(5);
+  auto first = engine_->PrepareStore(1, TokenKey(Tokens(2 * kCs, 1), ""));
+  ASSERT_TRUE(first.ok()) << first.status().ToString();
+  // Two more objects would make four: refused before anything is reserved.
+  auto second = engine_->PrepareStore(1, TokenKey(Tokens(2 * kCs, 2), ""));
+  EXPECT_EQ(second.status().code(), StatusCode::kResourceExhausted);
+  EXPECT_EQ(table()->stats().write_leases, 2u);
+  EXPECT_EQ(engine_->ClientUsages()[0].reserved_bytes, 2 * kObjBytes);
+  // Another client has its own quota.
+  EXPECT_TRUE(engine_->PrepareStore(5, TokenKey(Tokens(2 * kCs, 3), "")).ok());
+  // Committing gives the bytes back; a store of objects already present reserves nothing.
+  ASSERT_TRUE(engine_->CommitStore(1, first->handle).ok());
+  auto third = engine_->PrepareStore(1, TokenKey(Tokens(2 * kCs, 2), ""));
+  ASSERT_TRUE(third.ok()) << third.status().ToString();
+  auto again = engine_->PrepareStore(1, TokenKey(Tokens(2 * kCs, 1), ""));
+  ASSERT_TRUE(again.ok()) << "present objects are skipped and not charged";
+  for (const ClientUsage& u : engine_->ClientUsages()) {
+    if (u.client == 1) {
+      EXPECT_EQ(u.reserved_bytes, 2 * kObjBytes);
+    }
+  }
+  ASSERT_TRUE(engine_->CommitStore(1, third->handle, false).ok());
+  ASSERT_TRUE(engine_->CommitStore(1, again->handle).ok());
+  for (const ClientUsage& u : engine_->ClientUsages()) {
+    if (u.client == 1) {
+      EXPECT_EQ(u.reserved_bytes, 0u);
+    }
+  }
+}
+
+TEST_F(CacheEngineTest, ANamespaceGoesWithItsLastRegistration) {
+  const uint64_t reg = Register(1).id;
+  EXPECT_EQ(engine_->stats().namespaces, 1u);
+  auto tokens = Tokens(2 * kCs, 1);
+  ASSERT_EQ(Store(1, TokenKey(tokens, "")), 2u);
+  ASSERT_TRUE(engine_->UnregisterKvCache(1, reg).ok());
+  EXPECT_EQ(engine_->stats().namespaces, 0u);
+  EXPECT_EQ(engine_->Lookup(2, TokenKey(tokens, "r"), 1).status().code(), StatusCode::kNotFound);
+  // Registered again, the same model finds what was stored (objects outlive namespaces).
+  Register(3);
+  EXPECT_EQ(LookupAndWait(2, TokenKey(tokens, "r")).hit_chunks, 2u);
+  engine_->EndClient(3);
+  EXPECT_EQ(engine_->stats().namespaces, 0u);
+}
+
 TEST_F(CacheEngineTest, AStoreIntoAnL1FullOfLeasedObjectsIsOutOfMemoryAndReservesNothing) {
   EngineConfig c;
   c.max_transfers_per_client = 1;
+  c.max_reserved_bytes_per_client = uint64_t{1} << 40;  // the arena is the only bound here
   ObjectTableOptions no_background_eviction;
   no_background_eviction.high_watermark = 1.0;
   no_background_eviction.low_watermark = 1.0;

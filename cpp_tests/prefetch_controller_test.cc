@@ -533,6 +533,11 @@ TEST_F(PrefetchTest, LoadPendingAndTheOneShotNoticeLetAServerParkWaits) {
   EXPECT_EQ(notices.load(), 1);
   ctl_->ArmCompletionNotice();
   EXPECT_EQ(RunToCompletion(Req({Key(8)}, 6)).hits, 0u);
+  // The notice runs on the completing thread just after the result is published.
+  const auto again = std::chrono::steady_clock::now() + seconds(10);
+  while (notices.load() < 2 && std::chrono::steady_clock::now() < again) {
+    std::this_thread::sleep_for(milliseconds(1));
+  }
   EXPECT_EQ(notices.load(), 2);
   ExpectClean({3, 5, 6});
 }

@@ -84,6 +84,18 @@ def test_help_lists_every_command_and_the_required_serve_flags() -> None:
     assert serve.returncode == 0
     for flag in ("--endpoint", "--l1-size-gb", "--chunk-size", "--l2-adapter", "--config"):
         assert flag in serve.stdout
+    # The per-client quotas (docs/operations.md) are all settable.
+    for flag in (
+        "--max-jobs-per-client",
+        "--max-transfers-per-client",
+        "--max-registrations-per-client",
+        "--max-requests-per-client",
+        "--max-reserved-bytes-per-client",
+        "--max-sessions-per-client",
+        "--max-session-bytes-per-client",
+        "--max-queue-wait-s",
+    ):
+        assert flag in serve.stdout
     demo = run_module("l1-demo", "--help")
     assert demo.returncode == 0
     assert "--object-kib" in demo.stdout

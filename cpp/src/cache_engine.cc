@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <map>
 #include <utility>
 
 #include "crc32c.h"
@@ -90,6 +91,7 @@ struct CacheEngine::Ticket {
   std::vector<uint64_t> offsets;
   size_t num_offsets = 0;
   uint64_t object_bytes = 0;
+  uint64_t reserved_bytes = 0;  // store: charged to the client's quota while the ticket lives
   // Retrieve: per key, the generation of the object whose offset was handed out.
   std::vector<uint64_t> generations;
   TimePoint created{};
@@ -255,12 +257,14 @@ Status CacheEngine::UnregisterKvCache(ClientId client, uint64_t registration_id)
   if (it->second.client != client) {
     return Status::PermissionDenied("registration belongs to another client");
   }
-  --it->second.ns->live_registrations;
+  std::shared_ptr<Namespace> ns = it->second.ns;
+  --ns->live_registrations;
   auto pc = registrations_per_client_.find(client);
   if (pc != registrations_per_client_.end() && --pc->second == 0) {
     registrations_per_client_.erase(pc);
   }
   registrations_.erase(it);
+  PruneNamespaceLocked(ns);
   return Status::Ok();
 }
 
@@ -307,6 +311,13 @@ Result<RequestId> CacheEngine::InternRequest(std::string_view model_name,
     return Status::ResourceExhausted("too many open requests (" + std::to_string(requests_.size()) +
                                      "); end sessions with END_SESSION");
   }
+  size_t& mine = requests_per_client_[client];
+  if (mine >= config_.max_requests_per_client) {
+    return Status::ResourceExhausted("this client has " + std::to_string(mine) +
+                                     " open requests (the limit, "
+                                     "--max-requests-per-client); end them with END_SESSION");
+  }
+  ++mine;
   auto r = std::make_unique<Request>();
   r->id = next_request_++;
   r->owner = client;
@@ -419,7 +430,7 @@ Status CacheEngine::Resolve(const EngineKey& key, RangeKind range, bool need_req
               config_.hash_algorithm));
       hashes = salted.HashTokens(tokens, n);
     } else if (out->request != 0) {
-      hashes = out->ns->sessions.HashTokens(out->request, tokens, n);
+      hashes = out->ns->sessions.HashTokens(client, out->request, tokens, n);
     } else {
       hashes = ns.hasher.HashTokens(tokens, n);
     }
@@ -691,6 +702,7 @@ Result<uint64_t> CacheEngine::EndSession(ClientId client, std::string_view model
     LMCACHE_RETURN_IF_ERROR(CheckActsForLocked(client, model_name, it->second->owner));
     req = std::move(it->second);
     requests_.erase(it);
+    UnchargeRequestLocked(req->owner);
     ++counters_.ended_sessions;
     for (const auto& [k, ns] : namespaces_) {
       if (ns->model_name == model_name) spaces.push_back(ns);
@@ -728,9 +740,66 @@ Result<CacheEngine::Ticket> CacheEngine::TakeTicket(ClientId client, const JobHa
   }
   Ticket t = std::move(*it->second);
   tickets_.erase(it);
-  auto pc = tickets_per_client_.find(client);
-  if (pc != tickets_per_client_.end() && --pc->second == 0) tickets_per_client_.erase(pc);
+  UnchargeTicketLocked(t);
   return t;
+}
+
+void CacheEngine::UnchargeTicketLocked(const Ticket& ticket) {
+  auto pc = tickets_per_client_.find(ticket.client);
+  if (pc != tickets_per_client_.end() && --pc->second == 0) tickets_per_client_.erase(pc);
+  if (ticket.reserved_bytes == 0) return;
+  auto rb = reserved_bytes_per_client_.find(ticket.client);
+  if (rb == reserved_bytes_per_client_.end()) return;
+  rb->second -= std::min(rb->second, ticket.reserved_bytes);
+  if (rb->second == 0) reserved_bytes_per_client_.erase(rb);
+}
+
+void CacheEngine::UnchargeRequestLocked(ClientId owner) {
+  auto it = requests_per_client_.find(owner);
+  if (it != requests_per_client_.end() && --it->second == 0) requests_per_client_.erase(it);
+}
+
+void CacheEngine::PruneNamespaceLocked(const std::shared_ptr<Namespace>& ns) {
+  if (ns->live_registrations > 0) return;
+  auto it = namespaces_.find(NamespaceKey(ns->model_name, ns->world_size));
+  if (it != namespaces_.end() && it->second == ns) namespaces_.erase(it);
+}
+
+uint64_t CacheEngine::reserved_bytes_quota() const {
+  if (config_.max_reserved_bytes_per_client != 0) return config_.max_reserved_bytes_per_client;
+  return std::max<uint64_t>(table_->arena()->size() / 2, 1);
+}
+
+std::vector<ClientUsage> CacheEngine::ClientUsages() const {
+  std::map<ClientId, ClientUsage> by_client;
+  auto at = [&](ClientId c) -> ClientUsage& {
+    ClientUsage& u = by_client[c];
+    u.client = c;
+    return u;
+  };
+  std::vector<std::shared_ptr<Namespace>> spaces;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    for (const auto& [c, n] : registrations_per_client_) at(c).registrations = n;
+    for (const auto& [c, n] : requests_per_client_) at(c).requests = n;
+    for (const auto& [c, n] : tickets_per_client_) at(c).tickets = n;
+    for (const auto& [c, n] : reserved_bytes_per_client_) at(c).reserved_bytes = n;
+    spaces.reserve(namespaces_.size());
+    for (const auto& [k, ns] : namespaces_) spaces.push_back(ns);
+  }
+  for (const auto& ns : spaces) {
+    for (const auto& [owner, usage] : ns->sessions.UsageByOwner()) {
+      if (owner == 0) continue;  // sessions of calls without a client (tests, tools)
+      ClientUsage& u = at(owner);
+      u.sessions += usage.sessions;
+      u.session_bytes += usage.bytes;
+    }
+  }
+  for (const auto& [c, n] : prefetch_->JobsByClient()) at(c).jobs = n;
+  std::vector<ClientUsage> out;
+  out.reserve(by_client.size());
+  for (const auto& [c, u] : by_client) out.push_back(u);
+  return out;
 }
 
 void CacheEngine::AbortTicket(const Ticket& ticket) {
@@ -809,7 +878,10 @@ Result<TransferTicket> CacheEngine::PrepareStore(ClientId client, const EngineKe
   ResolvedKey rk;
   // A store never creates the request: one stored after END_SESSION must not bring it back
   // (it would live on until request_ttl). A live request lends its hashing session.
-  LMCACHE_RETURN_IF_ERROR(Resolve(key, RangeKind::kAligned, false, false, &rk));
+  LMCACHE_RETURN_IF_ERROR(
+      Resolve(key, RangeKind::kAligned, false, false, &rk, std::nullopt, client));
+  const uint64_t quota = reserved_bytes_quota();
+  uint64_t held = 0;
   RequestId tr = 0;
   {
     std::lock_guard<std::mutex> l(mu_);
@@ -828,13 +900,16 @@ Result<TransferTicket> CacheEngine::PrepareStore(ClientId client, const EngineKe
       return Status::ResourceExhausted("client has " + std::to_string(n) +
                                        " uncommitted transfers (the limit)");
     }
+    held = reserved_bytes_per_client_.count(client) ? reserved_bytes_per_client_[client] : 0;
+    if (held >= quota) return ReservedQuotaExceeded(held, quota);
     ++n;  // taken back on failure below
     tr = next_transfer_request_++;
   }
   auto untake = [&] {
     std::lock_guard<std::mutex> l(mu_);
-    auto pc = tickets_per_client_.find(client);
-    if (pc != tickets_per_client_.end() && --pc->second == 0) tickets_per_client_.erase(pc);
+    Ticket none;
+    none.client = client;
+    UnchargeTicketLocked(none);
   };
   TransferTicket out;
   out.first_chunk = rk.first_chunk;
@@ -862,15 +937,36 @@ Result<TransferTicket> CacheEngine::PrepareStore(ClientId client, const EngineKe
   }
   t.num_offsets = out.offsets.size();
   t.object_bytes = rk.ns->object_bytes;
+  t.client = client;
+  t.reserved_bytes = t.keys.size() * rk.ns->object_bytes;
   const uint64_t reserved = t.keys.size();
   const uint64_t skipped = rk.keys.size() - reserved;
   {
+    // Charged for what was reserved (skipped objects reserve nothing), under the lock, so that
+    // concurrent stores of one client cannot pass the quota together.
     std::lock_guard<std::mutex> l(mu_);
-    out.handle = InsertTicketLocked(client, std::move(t));
-    ++counters_.stores;
-    counters_.store_skipped += skipped;
+    uint64_t& mine = reserved_bytes_per_client_[client];
+    held = mine;
+    if (t.reserved_bytes <= quota - std::min(quota, mine)) {
+      mine += t.reserved_bytes;
+      if (mine == 0) reserved_bytes_per_client_.erase(client);
+      out.handle = InsertTicketLocked(client, std::move(t));
+      ++counters_.stores;
+      counters_.store_skipped += skipped;
+      return out;
+    }
+    if (mine == 0) reserved_bytes_per_client_.erase(client);
   }
-  return out;
+  AbortTicket(t);  // over the quota: nothing stays reserved
+  untake();
+  return ReservedQuotaExceeded(held, quota, t.reserved_bytes);
+}
+
+Status CacheEngine::ReservedQuotaExceeded(uint64_t held, uint64_t quota, uint64_t more) {
+  return Status::ResourceExhausted(
+      "the client holds " + std::to_string(held) + " arena bytes reserved by uncommitted stores" +
+      (more > 0 ? " and this store needs " + std::to_string(more) + " more" : "") + " (limit " +
+      std::to_string(quota) + ", --max-reserved-bytes-per-client): commit those stores first");
 }
 
 Result<uint64_t> CacheEngine::CommitStore(ClientId client, const JobHandle& handle, bool success,
@@ -1074,10 +1170,13 @@ uint64_t CacheEngine::EndClient(ClientId client) {
       }
     }
     tickets_per_client_.erase(client);
+    reserved_bytes_per_client_.erase(client);
     for (auto it = registrations_.begin(); it != registrations_.end();) {
       if (it->second.client == client) {
-        --it->second.ns->live_registrations;
+        std::shared_ptr<Namespace> ns = it->second.ns;
+        --ns->live_registrations;
         it = registrations_.erase(it);
+        PruneNamespaceLocked(ns);
       } else {
         ++it;
       }
@@ -1121,8 +1220,7 @@ uint64_t CacheEngine::ReapExpired() {
     std::lock_guard<std::mutex> l(mu_);
     for (auto it = tickets_.begin(); it != tickets_.end();) {
       if (now - it->second->created >= config_.transfer_ttl) {
-        auto pc = tickets_per_client_.find(it->second->client);
-        if (pc != tickets_per_client_.end() && --pc->second == 0) tickets_per_client_.erase(pc);
+        UnchargeTicketLocked(*it->second);
         tickets.emplace_back(it->first, std::move(*it->second));
         it = tickets_.erase(it);
       } else {
@@ -1140,6 +1238,7 @@ uint64_t CacheEngine::ReapExpired() {
     for (auto it = requests_.begin(); it != requests_.end();) {
       if (now - it->second->last_used >= config_.request_ttl) {
         requests.push_back(it->second->id);
+        UnchargeRequestLocked(it->second->owner);
         it = requests_.erase(it);
       } else {
         ++it;

@@ -663,6 +663,11 @@ void PrefetchController::ReapLoop() {
   }
 }
 
+std::unordered_map<ClientId, size_t> PrefetchController::JobsByClient() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return jobs_per_client_;
+}
+
 PrefetchStats PrefetchController::stats() const {
   std::lock_guard<std::mutex> lock(mu_);
   PrefetchStats s = counters_;

@@ -154,6 +154,8 @@ class HashSessionStats:
     @property
     def sessions(self) -> int: ...
     @property
+    def bytes(self) -> int: ...
+    @property
     def chunks_hashed(self) -> int: ...
     @property
     def chunks_reused(self) -> int: ...
@@ -163,6 +165,8 @@ class HashSessionStats:
     def sessions_expired(self) -> int: ...
     @property
     def sessions_evicted(self) -> int: ...
+    @property
+    def sessions_over_quota(self) -> int: ...
     def to_dict(self) -> dict[str, int]: ...
 
 class HashSessionCache:
@@ -998,6 +1002,11 @@ class EngineConfig:
     max_chunks_per_key: int
     max_requests: int
     max_keys_per_request: int
+    max_requests_per_client: int
+    max_reserved_bytes_per_client: int
+    max_session_bytes: int
+    max_sessions_per_client: int
+    max_session_bytes_per_client: int
     def __init__(
         self,
         *,
@@ -1015,6 +1024,11 @@ class EngineConfig:
         max_chunks_per_key: int = 16384,
         max_requests: int = 1048576,
         max_keys_per_request: int = 1048576,
+        max_requests_per_client: int = 65536,
+        max_reserved_bytes_per_client: int = 0,
+        max_session_bytes: int = 1073741824,
+        max_sessions_per_client: int = 8192,
+        max_session_bytes_per_client: int = 268435456,
     ) -> None: ...
 
 class EngineKey:
@@ -1143,6 +1157,9 @@ class CacheEngine:
     def chunk_size(self) -> int: ...
     @property
     def retrieve_wait_timeout_s(self) -> float: ...
+    @property
+    def reserved_bytes_quota(self) -> int: ...
+    def client_usage(self) -> list[dict[str, int]]: ...
     def start(self) -> None: ...
     def stop(self) -> None: ...
     def register_kv_cache(

@@ -171,7 +171,14 @@ class ServerApp:
 
     def _stats(self) -> dict[str, Any]:
         engine = self._engine
-        return dict(engine.stats()) if engine is not None else {}
+        if engine is None:
+            return {}
+        stats = dict(engine.stats())
+        server = self._server
+        stats["clients"] = (
+            server.client_usage() if server is not None else list(engine.client_usage())
+        )
+        return stats
 
     def _healthy(self) -> bool:
         server = self._server

@@ -322,6 +322,38 @@ class ServerConfig:
     max_transfers_per_client: int = _knob(
         4096, "int", "uncommitted transfer tickets one client may hold", metavar="N"
     )
+    max_requests_per_client: int = _knob(
+        65536,
+        "int",
+        "request ids one client may have open at once (its lookups open them, END_SESSION ends "
+        "them): one client cannot take all of --max-requests",
+        metavar="N",
+    )
+    max_reserved_bytes_per_client: int = _knob(
+        0,
+        "int",
+        "arena bytes one client may hold reserved by uncommitted stores; 0 = half the L1 arena",
+        metavar="BYTES",
+    )
+    max_session_bytes: int = _knob(
+        1 << 30,
+        "int",
+        "memory of all hashing sessions (the per-request memo of chunk hashes); the least "
+        "recently used go first",
+        metavar="BYTES",
+    )
+    max_sessions_per_client: int = _knob(
+        8192,
+        "int",
+        "hashing sessions charged to one client; over it, that client's own oldest go",
+        metavar="N",
+    )
+    max_session_bytes_per_client: int = _knob(
+        256 << 20,
+        "int",
+        "hashing-session memory charged to one client; over it, that client's own oldest go",
+        metavar="BYTES",
+    )
     # -- L2 -----------------------------------------------------------------------------------
     l2_adapters: list[dict[str, Any]] = field(
         default_factory=list,
@@ -441,12 +473,18 @@ class ServerConfig:
             "max_requests",
             "max_keys_per_request",
             "max_registrations_per_client",
+            "max_requests_per_client",
+            "max_sessions_per_client",
             "max_transfers_per_client",
             "store_max_batch",
             "store_max_in_flight_batches",
             "store_max_queued_keys",
         ):
             _check_range(name, getattr(self, name), 1, 1 << 31)
+        reserved = self.max_reserved_bytes_per_client
+        _check_range("max_reserved_bytes_per_client", reserved, 0, 1 << 60)
+        for name in ("max_session_bytes", "max_session_bytes_per_client"):
+            _check_range(name, getattr(self, name), 4096, 1 << 60)
         if self.metrics_port is not None:
             _check_range("metrics_port", self.metrics_port, 0, 65535)
         if not self.metrics_host:
@@ -1174,6 +1212,11 @@ def build_storage(config: ServerConfig) -> tuple[_core.StorageManager, CacheEngi
         max_registrations_per_client=config.max_registrations_per_client,
         max_transfers_per_client=config.max_transfers_per_client,
         max_chunks_per_key=config.max_chunks_per_key(),
+        max_requests_per_client=config.max_requests_per_client,
+        max_reserved_bytes_per_client=config.max_reserved_bytes_per_client,
+        max_session_bytes=config.max_session_bytes,
+        max_sessions_per_client=config.max_sessions_per_client,
+        max_session_bytes_per_client=config.max_session_bytes_per_client,
     )
     storage = build_storage_manager(config)
     engine: CacheEngine = None

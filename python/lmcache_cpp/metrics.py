@@ -300,6 +300,22 @@ _ENGINE_STATS: Final = (
     _c("reaped_requests", "engine_reaped_requests_total", "Idle request ids reaped by TTL."),
 )
 
+# What each client holds (CacheEngine.client_usage(): the "clients" list), labelled by client id.
+_CLIENT_STATS: Final = (
+    _g("registrations", "client_registrations", "KV-cache registrations the client holds."),
+    _g("requests", "client_requests", "Request ids the client has open (its lookups' requests)."),
+    _g("sessions", "client_hash_sessions", "Hashing sessions charged to the client."),
+    _g("session_bytes", "client_hash_session_bytes", "Memory of the client's hashing sessions."),
+    _g("jobs", "client_lookup_jobs", "Prefetch jobs the client holds."),
+    _g("tickets", "client_transfer_tickets", "Uncommitted transfer tickets of the client."),
+    _g(
+        "reserved_bytes",
+        "client_reserved_bytes",
+        "Arena bytes reserved by the client's uncommitted stores.",
+    ),
+    _g("blocking", "client_blocking_requests", "The client's pool requests and parked waits."),
+)
+
 _SECTIONS: Final[dict[str, tuple[_Stat, ...]]] = {
     "engine": _ENGINE_STATS,
     "l1": _L1_STATS,
@@ -485,9 +501,12 @@ def _render_stats(out: _Writer, stats: Mapping[str, Any]) -> None:
     adapters = stats.get("l2")
     if isinstance(adapters, Sequence) and not isinstance(adapters, (str, bytes)):
         _render_l2(out, [a for a in adapters if isinstance(a, Mapping)])
+    clients = stats.get("clients")
+    if isinstance(clients, Sequence) and not isinstance(clients, (str, bytes)):
+        _render_clients(out, [c for c in clients if isinstance(c, Mapping)])
     # Everything else: the engine's own counters and any section this module does not know.
     for section, values in stats.items():
-        if section in _SECTIONS or section == "l2":
+        if section in _SECTIONS or section in ("l2", "clients"):
             continue
         _render_untyped(out, _sanitize(str(section)), values, set())
 
@@ -519,6 +538,16 @@ def _render_untyped(out: _Writer, section: str, values: object, skip: set[str]) 
             f"Engine statistic {name} (exported as reported).",
             [("", (), number)],
         )
+
+
+def _render_clients(out: _Writer, clients: Sequence[Mapping[str, Any]]) -> None:
+    for stat in _CLIENT_STATS:
+        samples: list[tuple[str, Sequence[tuple[str, str]], float]] = []
+        for client in clients:
+            number = _number(client.get(stat.key))
+            if number is not None:
+                samples.append(("", [("client", str(client.get("client", "")))], number))
+        out.family(PREFIX + stat.name, stat.kind, stat.help, samples)
 
 
 def _render_l2(out: _Writer, adapters: Sequence[Mapping[str, Any]]) -> None:

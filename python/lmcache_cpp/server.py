@@ -229,6 +229,7 @@ class EngineLike(Protocol):
     def retrieve_would_wait(self, model_name: str, request_id: str) -> bool: ...
     def completion_fd(self) -> int: ...
     def arm_completion_notice(self) -> None: ...
+    def client_usage(self) -> list[dict[str, int]]: ...
     def end_session(self, client: int, model_name: str, request_id: str) -> int: ...
     def prepare_store(self, client: int, key: _core.EngineKey) -> _TicketLike: ...
     def commit_store(
@@ -492,10 +493,12 @@ class Dispatcher:
         hello: Callable[[int, HelloRequest], Mapping[str, Any]] | None = None,
         goodbye: Callable[[int], Mapping[str, Any]] | None = None,
         server_status: Callable[[], Mapping[str, Any]] | None = None,
+        client_usage: Callable[[], list[dict[str, Any]]] | None = None,
         has_l2: bool = True,
         admin_token: str | None = None,
     ) -> None:
         self._engine = engine
+        self._client_usage = client_usage
         self._limits = limits
         self._admin_token = admin_token
         self._blocking = BLOCKING_REQUESTS if has_l2 else BLOCKING_WITHOUT_L2
@@ -759,6 +762,10 @@ class Dispatcher:
     def _on_status(self, client: int, body: RequestBody) -> Mapping[str, Any]:
         assert isinstance(body, EmptyRequest)
         reply: dict[str, Any] = dict(self._engine.stats())
+        if self._client_usage is not None:
+            reply["clients"] = self._client_usage()
+        else:
+            reply["clients"] = list(self._engine.client_usage())
         if self._server_status is not None:
             reply["server"] = dict(self._server_status())
         return reply
@@ -854,6 +861,18 @@ class _PendingJob:
     received: float
 
 
+# The fields of CacheEngine.client_usage() entries (a connected client holding nothing has them
+# all 0).
+_USAGE_FIELDS: Final = (
+    "registrations",
+    "requests",
+    "sessions",
+    "session_bytes",
+    "jobs",
+    "tickets",
+    "reserved_bytes",
+)
+
 _STOP_TOKEN: Final = 0  # never a job token (tokens start at 1)
 
 
@@ -917,6 +936,7 @@ class CacheServer:
             hello=self._hello_reply,
             goodbye=self._goodbye_reply,
             server_status=self._server_status,
+            client_usage=self.client_usage,
             has_l2=_has_l2(storage),
             admin_token=self._options.admin_token,
         )
@@ -981,6 +1001,20 @@ class CacheServer:
     def clients_connected(self) -> int:
         with self._stats_lock:
             return self._num_clients
+
+    def client_usage(self) -> list[dict[str, Any]]:
+        """What each client holds (``CacheEngine.client_usage()``), with the server's own view of
+        connected ones: ``name`` and ``blocking`` (its pool requests and parked waits). Any
+        thread; the per-client quotas are in docs/operations.md."""
+        clients = list(dict(self._clients_by_id).values())  # one atomic copy (GIL)
+        usage: dict[int, dict[str, Any]] = {
+            int(u["client"]): dict(u) for u in self._engine.client_usage()
+        }
+        for c in clients:
+            entry = usage.setdefault(c.id, dict.fromkeys(_USAGE_FIELDS, 0) | {"client": c.id})
+            entry["name"] = c.name
+            entry["blocking"] = c.in_flight
+        return [usage[k] for k in sorted(usage)]
 
     def request_counts(self) -> dict[str, dict[str, int]]:
         """Requests answered so far: {request name: {outcome: count}}."""

@@ -108,8 +108,27 @@ struct EngineConfig {
   // memory and time of one request are bounded by this, not by its chunks alone.
   size_t max_keys_per_request = size_t{1} << 20;
   size_t max_requests = 1 << 20;  // interned request ids; ResourceExhausted beyond
+  // Request ids one client may have interned at once (its lookups create them; END_SESSION or
+  // request_ttl ends them): one client cannot take the whole max_requests. ResourceExhausted
+  // beyond.
+  size_t max_requests_per_client = 65536;
+  // Arena bytes one client may hold reserved for writing (uncommitted PREPARE_STOREs): one worker
+  // cannot reserve the whole L1. 0 = half the arena. ResourceExhausted beyond, before reserving.
+  uint64_t max_reserved_bytes_per_client = 0;
   Duration reap_interval = std::chrono::seconds(1);
   std::shared_ptr<Clock> clock;  // null = SteadyClock; used for TTLs only
+};
+
+// What one client holds in the engine now (CacheEngine::ClientUsages), against its quotas.
+struct ClientUsage {
+  ClientId client = 0;
+  uint64_t registrations = 0;
+  uint64_t requests = 0;        // request ids it interned (its lookups' requests)
+  uint64_t sessions = 0;        // hashing sessions charged to it
+  uint64_t session_bytes = 0;   // their memory
+  uint64_t jobs = 0;            // prefetch jobs (lookups not yet collected, sync lookups)
+  uint64_t tickets = 0;         // uncommitted transfer tickets
+  uint64_t reserved_bytes = 0;  // arena bytes reserved by its uncommitted stores
 };
 
 enum class KeyMode : uint8_t { kTokens = 0, kBlockHashes = 1 };
@@ -297,6 +316,10 @@ class CacheEngine {
   // Returns how many entries were dropped.
   uint64_t ReapExpired();
   EngineStats stats() const;
+  // One entry per client that holds anything, ordered by client id.
+  std::vector<ClientUsage> ClientUsages() const;
+  // The effective max_reserved_bytes_per_client (0 in the config = half the arena).
+  uint64_t reserved_bytes_quota() const;
 
  private:
   struct Namespace;
@@ -335,6 +358,14 @@ class CacheEngine {
   // the caller's).
   JobHandle InsertTicketLocked(ClientId client, Ticket ticket);
   Result<Ticket> TakeTicket(ClientId client, const JobHandle& handle, bool store);
+  // A ticket left tickets_: its client's ticket count and reserved bytes go down. REQUIRES mu_.
+  void UnchargeTicketLocked(const Ticket& ticket);
+  // A request id left requests_: its owner's count goes down. REQUIRES mu_.
+  void UnchargeRequestLocked(ClientId owner);
+  // Drops the namespace if nothing registers it any more (its sessions go with it; a call that
+  // already resolved it keeps it alive). REQUIRES mu_.
+  void PruneNamespaceLocked(const std::shared_ptr<Namespace>& ns);
+  static Status ReservedQuotaExceeded(uint64_t held, uint64_t quota, uint64_t more = 0);
   // The writer aborted: frees its reservations.
   void AbortTicket(const Ticket& ticket);
   // Dropped without its writer (TTL, client ended): quarantines its reservations and leaves a
@@ -364,7 +395,9 @@ class CacheEngine {
   std::unordered_map<std::string, TimePoint> ended_;
   std::deque<std::pair<std::string, TimePoint>> ended_order_;
   std::unordered_map<JobHandle, std::unique_ptr<Ticket>, JobHandleHash> tickets_;  // mu_
-  std::unordered_map<ClientId, size_t> tickets_per_client_;  // GUARDED_BY(mu_)
+  std::unordered_map<ClientId, size_t> tickets_per_client_;           // GUARDED_BY(mu_)
+  std::unordered_map<ClientId, size_t> requests_per_client_;          // GUARDED_BY(mu_)
+  std::unordered_map<ClientId, uint64_t> reserved_bytes_per_client_;  // GUARDED_BY(mu_)
   struct Tombstone {
     ClientId client = 0;
     RequestId request = 0;  // the ticket's internal request (its quarantine)

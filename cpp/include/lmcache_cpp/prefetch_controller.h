@@ -202,6 +202,8 @@ class PrefetchController {
   size_t ReapExpired();
 
   PrefetchStats stats() const;
+  // Jobs held per client (clients with none are absent).
+  std::unordered_map<ClientId, size_t> JobsByClient() const;
   size_t num_adapters() const { return adapters_.size(); }
 
  private:
