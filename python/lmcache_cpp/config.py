@@ -41,7 +41,6 @@ import argparse
 import dataclasses
 import difflib
 import importlib
-import ipaddress
 import json
 import logging
 import math
@@ -54,6 +53,7 @@ from pathlib import Path
 from typing import Any, Final, TypeAlias
 
 from lmcache_cpp import _core
+from lmcache_cpp import endpoint as endpoint_policy
 
 __all__ = [
     "AUTO_L1_FRACTION",
@@ -97,9 +97,6 @@ MEMORY_ADAPTER_DEFAULT_CAPACITY_GB: Final = 1.0
 # The binding's CacheEngine, once the native module has it (lmcache_cpp._core.CacheEngine).
 CacheEngine: TypeAlias = Any
 
-_LOOPBACK_NAMES: Final = frozenset({"localhost", "ip6-localhost", "ip6-loopback"})
-# sun_path holds 108 bytes including the terminating NUL.
-_MAX_IPC_PATH: Final = 107
 _Z85_KEY: Final = re.compile(r"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
 _LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -584,54 +581,21 @@ def _coerce(name: str, value: Any, kind: str) -> Any:
 # Endpoint and remote access
 
 
-def _is_loopback(host: str) -> bool:
-    host = host.strip("[]")
-    if host.lower() in _LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a hostname, an interface name or '*'
-
-
 def _check_endpoint(config: ServerConfig) -> None:
-    endpoint = config.endpoint
     if (config.curve_secret_key_file is None) != (config.curve_public_key_file is None):
         raise ConfigError("curve_secret_key_file and curve_public_key_file: give both or neither")
-    if endpoint.startswith("ipc://"):
-        path = endpoint[len("ipc://") :]
-        if not path:
-            raise ConfigError("endpoint: ipc:// needs a path, e.g. ipc:///tmp/lmcache.sock")
-        try:
-            size = len(path.encode())
-        except UnicodeEncodeError:  # a non-UTF-8 argv byte, or a lone surrogate in a file
-            raise ConfigError(f"endpoint: the ipc path {path!r} is not valid UTF-8") from None
-        if size > _MAX_IPC_PATH:
-            raise ConfigError(
-                f"endpoint: the ipc path is {size} bytes; Unix sockets allow at most "
-                f"{_MAX_IPC_PATH}"
-            )
-        return
-    if not endpoint.startswith("tcp://"):
-        raise ConfigError(f"endpoint: {endpoint!r} is neither tcp://HOST:PORT nor ipc://PATH")
-    host, sep, port = endpoint[len("tcp://") :].rpartition(":")
-    if not sep or not host:
-        raise ConfigError(f"endpoint: {endpoint!r} lacks HOST:PORT")
-    # isascii: str.isdigit() accepts digits int() refuses, such as "²".
-    if port != "*" and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
-        raise ConfigError(f"endpoint: port {port!r} of {endpoint!r} is not in 1..65535 (or '*')")
-    if _is_loopback(host):
-        return
-    if not config.allow_remote:
-        raise ConfigError(
-            f"endpoint: {endpoint!r} is not a loopback address; remote access is opt-in "
-            "(allow_remote / --allow-remote, with CURVE keys)"
+    try:
+        endpoint_policy.check_endpoint(
+            config.endpoint,
+            allow_remote=config.allow_remote,
+            curve_enabled=config.curve_secret_key_file is not None,
+            transports=("tcp", "ipc"),  # inproc:// reaches no other process
+            allow_port_zero=False,  # no client could find the port
+            remote_hint="allow_remote / --allow-remote, with CURVE keys",
+            curve_hint="curve_secret_key_file and curve_public_key_file",
         )
-    if config.curve_secret_key_file is None:
-        raise ConfigError(
-            f"endpoint: remote endpoint {endpoint!r} needs CURVE keys "
-            "(curve_secret_key_file and curve_public_key_file)"
-        )
+    except endpoint_policy.EndpointError as exc:
+        raise ConfigError(f"endpoint: {exc}") from None
 
 
 def read_curve_key(path: str | os.PathLike[str], kind: str) -> str:

@@ -35,7 +35,6 @@ import dataclasses
 import errno
 import heapq
 import hmac
-import ipaddress
 import itertools
 import logging
 import math
@@ -54,6 +53,7 @@ from typing import Any, Final, Protocol
 import zmq
 
 from lmcache_cpp import _core
+from lmcache_cpp import endpoint as endpoint_policy
 from lmcache_cpp._zmq_io import pyzmq_backend_file, readable, recv_frames, send_frames
 from lmcache_cpp.errors import LMCacheError, PermissionDeniedError
 from lmcache_cpp.metrics import Metrics
@@ -328,46 +328,16 @@ def _request_id(body: RequestBody) -> str:
 # Options and endpoint policy
 
 
-def _is_loopback_host(host: str) -> bool:
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a wildcard, an interface name or a DNS name: treated as remote
-
-
 def check_endpoint(endpoint: str, allow_remote: bool, curve_enabled: bool) -> None:
-    """Raises ValueError unless the server may bind ``endpoint``.
-
-    ``ipc://PATH`` and ``inproc://NAME`` are always allowed; ``tcp://HOST:PORT`` when HOST is a
-    loopback address (127.0.0.0/8, ::1, localhost); any other TCP host (including ``*`` and
-    ``0.0.0.0``) needs ``allow_remote`` and CURVE keys. Other transports are refused.
-    """
-    scheme, sep, rest = endpoint.partition("://")
-    if not sep or not rest:
-        raise ValueError(f"endpoint {endpoint!r} is not TRANSPORT://ADDRESS")
-    if scheme in ("ipc", "inproc"):
-        return
-    if scheme != "tcp":
-        raise ValueError(f"endpoint {endpoint!r}: only tcp://, ipc:// and inproc:// are supported")
-    host, colon, _port = rest.rpartition(":")
-    if not colon or not host:
-        raise ValueError(f"endpoint {endpoint!r} lacks HOST:PORT")
-    if _is_loopback_host(host):
-        return
-    if not allow_remote:
-        raise ValueError(
-            f"refusing to bind {endpoint!r}: not a loopback address; remote access is opt-in "
-            "(ServerOptions.allow_remote=True with CURVE keys)"
-        )
-    if not curve_enabled:
-        raise ValueError(
-            f"refusing to bind {endpoint!r}: remote access needs CURVE keys "
-            "(ServerOptions.curve_secret_key and curve_public_key)"
-        )
+    """Raises ValueError (:class:`~lmcache_cpp.endpoint.EndpointError`) unless the server may
+    bind ``endpoint``: the policy of :mod:`lmcache_cpp.endpoint`."""
+    endpoint_policy.check_endpoint(
+        endpoint,
+        allow_remote=allow_remote,
+        curve_enabled=curve_enabled,
+        remote_hint="ServerOptions.allow_remote=True with CURVE keys",
+        curve_hint="ServerOptions.curve_secret_key and curve_public_key",
+    )
 
 
 def _check_z85_key(name: str, key: str | None) -> None:
