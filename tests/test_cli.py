@@ -82,6 +82,7 @@ def test_help_lists_every_command_and_the_required_serve_flags() -> None:
         assert command in top.stdout
     serve = run_module("serve", "--help")
     assert serve.returncode == 0
+    assert "%%" not in serve.stdout  # argparse formats help strings, not descriptions
     for flag in ("--endpoint", "--l1-size-gb", "--chunk-size", "--l2-adapter", "--config"):
         assert flag in serve.stdout
     # The per-client quotas (docs/operations.md) are all settable.

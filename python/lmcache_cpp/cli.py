@@ -548,7 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the cache server",
         description="Runs the cache server until SIGINT or SIGTERM. Settings come from the "
         "built-in defaults, then --config FILE (TOML or JSON), then the flags below. With no "
-        "flags: tcp://127.0.0.1:5555, an L1 of 25%% of available memory (at most 64 GiB), no L2.",
+        "flags: tcp://127.0.0.1:5555, an L1 of 25% of available memory (at most 64 GiB), no L2.",
     )
     add_serve_arguments(serve)
     serve.add_argument(
