@@ -661,11 +661,11 @@ void BindRouterLoop(nb::module_& m) {
           "identity"_a, "time.monotonic() when the loop last received from the client, or None.")
       .def(
           "drain",
-          [](PyRouterLoop& l, size_t max_messages) {
+          [](PyRouterLoop& l, size_t max_messages, bool trace) {
             std::optional<wire::RouterLoop::Drained> d;
             {
               nb::gil_scoped_release release;
-              d.emplace(l.loop->Drain(max_messages));
+              d.emplace(l.loop->Drain(max_messages, trace));
             }
             nb::object message = nb::none();
             if (d->unhandled.size() > 0) {
@@ -679,13 +679,18 @@ void BindRouterLoop(nb::module_& m) {
             for (const auto& f : d->failures) {
               failures.append(nb::make_tuple(f.client, f.request_type, f.message));
             }
-            return nb::make_tuple(d->answered, message, d->tried, failures, d->error);
+            nb::list traces;
+            for (const auto& t : d->traces) {
+              traces.append(nb::make_tuple(t.client, t.request_type, t.seq, t.status, t.seconds));
+            }
+            return nb::make_tuple(d->answered, message, d->tried, failures, d->error, traces);
           },
-          "max_messages"_a,
-          "(answered, message or None, tried, failures, errno): `message` is the first message "
-          "left to Python (identity frame first), `tried` whether WireFastPath declined it, "
-          "`failures` (client, request type, message) of requests answered with Internal, "
-          "`errno` a libzmq error that stopped the loop (0: none).")
+          "max_messages"_a, "trace"_a = false,
+          "(answered, message or None, tried, failures, errno, traces): `message` is the first "
+          "message left to Python (identity frame first), `tried` whether WireFastPath declined "
+          "it, `failures` (client, request type, message) of requests answered with Internal, "
+          "`errno` a libzmq error that stopped the loop (0: none), `traces` (client, request "
+          "type, seq, status, seconds) of each request answered, when `trace` (else empty).")
       .def(
           "stats",
           [](const PyRouterLoop& l) {

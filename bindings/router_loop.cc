@@ -37,7 +37,7 @@ std::optional<double> RouterLoop::LastSeen(const std::string& identity) const {
   return it->second.last_seen;
 }
 
-RouterLoop::Drained RouterLoop::Drain(size_t max_messages) {
+RouterLoop::Drained RouterLoop::Drain(size_t max_messages, bool trace) {
   Drained out(&zmq_);
   Message message(&zmq_);
   while (out.answered < max_messages) {
@@ -68,8 +68,13 @@ RouterLoop::Drained RouterLoop::Drain(size_t max_messages) {
       out.tried = true;
       return out;
     }
-    Record(reply->request_type, reply->status,
-           std::chrono::duration<double>(std::chrono::steady_clock::now() - received).count());
+    const double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - received).count();
+    Record(reply->request_type, reply->status, seconds);
+    if (trace) {
+      out.traces.push_back(
+          {client->second.id, reply->request_type, reply->seq, reply->status, seconds});
+    }
     if (reply->status == kInternal) {
       // The error reply's payload is {"message": str}.
       Reader r(reply->payload);

@@ -54,6 +54,16 @@ class RouterLoop {
       std::string message;
     };
     std::vector<Failure> failures;
+    // With Drain(..., trace = true): one entry per answered request, for the server's DEBUG
+    // log (the same requests, on the same path, as without it).
+    struct Trace {
+      ClientId client;
+      uint32_t request_type;
+      uint64_t seq;
+      uint32_t status;
+      double seconds;
+    };
+    std::vector<Trace> traces;
     // A libzmq error that stopped the loop (0: none), as zmq_errno().
     int error = 0;
   };
@@ -78,8 +88,9 @@ class RouterLoop {
   std::optional<double> LastSeen(const std::string& identity) const;
 
   // Receives and answers queued messages until none is queued, `max_messages` have been
-  // answered, or a message needs the Python loop. Never blocks. Call without the GIL.
-  Drained Drain(size_t max_messages);
+  // answered, or a message needs the Python loop. Never blocks. Call without the GIL. `trace`
+  // records each answered request in Drained::traces.
+  Drained Drain(size_t max_messages, bool trace = false);
 
   Stats Snapshot() const;
 

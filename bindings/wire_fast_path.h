@@ -283,6 +283,7 @@ struct Reply {
   std::string payload;
   uint32_t request_type = 0;
   uint32_t status = 0;  // StatusCode; 0 = ok
+  uint64_t seq = 0;     // the request's, echoed in the header
 };
 
 class FastPath {
@@ -583,7 +584,7 @@ class FastPath {
     return w.Take();
   }
   static Reply Ok(uint32_t type, uint64_t seq, std::string payload) {
-    return Reply{Header(type, seq, 0), std::move(payload), type, 0};
+    return Reply{Header(type, seq, 0), std::move(payload), type, 0, seq};
   }
   // The error reply: {"message": ...}, cut to kMaxErrorMessageChars characters as in Python.
   static Reply Error(uint32_t type, uint64_t seq, const Status& status) {
@@ -601,7 +602,7 @@ class FastPath {
     w.Str("message");
     w.Str(message);
     const auto code = static_cast<uint32_t>(status.code());
-    return Reply{Header(type, seq, code), w.Take(), type, code};
+    return Reply{Header(type, seq, code), w.Take(), type, code, seq};
   }
 
   CacheEngine* engine_;

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import errno
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,7 +78,7 @@ def rig(harness: Harness, tmp_path: Path) -> Iterator[Rig]:
 def test_an_unknown_identity_goes_to_python_untried(rig: Rig) -> None:
     rig.send(PING, 1)
     rig.wait_queued()
-    answered, message, tried, failures, error = rig.loop.drain(10)
+    answered, message, tried, failures, error = rig.loop.drain(10)[:5]
     assert (answered, tried, failures, error) == (0, False, [], 0)
     assert message is not None and message[0] == b"dealer-1" and len(message) == 3
     assert msgpack.unpackb(message[1]) == [1, PING, 1]
@@ -91,7 +92,7 @@ def test_an_admitted_client_is_answered_in_cpp_and_counted(rig: Rig) -> None:
     for seq in range(3):
         rig.send(PING, seq)
     rig.wait_queued(3)
-    answered, message, _, failures, error = rig.loop.drain(10)
+    answered, message, _, failures, error = rig.loop.drain(10)[:5]
     assert (answered, message, failures, error) == (3, None, [], 0)
     for seq in range(3):
         reply = decode_reply(rig.dealer.recv_multipart())
@@ -109,7 +110,7 @@ def test_a_request_the_fast_path_declines_goes_to_python_tried(rig: Rig) -> None
     rig.send(GET_CHUNK_SIZE, 7)
     rig.send(PING, 8)
     rig.wait_queued(2)
-    answered, message, tried, _, _ = rig.loop.drain(10)
+    answered, message, tried, _, _ = rig.loop.drain(10)[:5]
     assert answered == 0 and tried and message is not None
     assert msgpack.unpackb(message[1]) == [1, GET_CHUNK_SIZE, 7]
     # The next call goes on with the PING queued behind it.
@@ -122,7 +123,7 @@ def test_a_message_of_another_shape_goes_to_python(rig: Rig) -> None:
     rig.loop.add_client(b"dealer-1", 5)
     rig.dealer.send_multipart([b"a", b"b", b"c"])
     rig.wait_queued()
-    answered, message, tried, _, _ = rig.loop.drain(10)
+    answered, message, tried, _, _ = rig.loop.drain(10)[:5]
     assert answered == 0 and not tried and message == [b"dealer-1", b"a", b"b", b"c"]
 
 
@@ -137,7 +138,7 @@ def test_drain_stops_at_its_budget_and_a_removed_client_is_unknown_again(rig: Ri
     assert rig.loop.last_seen(b"dealer-1") is None
     rig.send(PING, 9)
     rig.wait_queued()
-    answered, message, tried, _, _ = rig.loop.drain(10)
+    answered, message, tried, _, _ = rig.loop.drain(10)[:5]
     assert answered == 0 and message is not None and not tried
 
 
@@ -166,7 +167,7 @@ def test_a_reply_to_a_vanished_peer_is_counted_as_dropped(rig: Rig) -> None:
         rig.wait_queued()
         rig.dealer.close(linger=0)
         assert monitor.poll(10_000, zmq.POLLIN), "the ROUTER never saw the disconnect"
-        answered, message, _, _, error = rig.loop.drain(10)
+        answered, message, _, _, error = rig.loop.drain(10)[:5]
     finally:
         rig.router.disable_monitor()
         monitor.close(linger=0)
@@ -219,6 +220,35 @@ def test_the_server_answers_per_prompt_requests_in_the_loop_and_counts_them(
     assert 'lmcache_cpp_request_duration_seconds_count{request="SYNC_LOOKUP"} 3' in text
     assert 'lmcache_cpp_requests_total{request="HELLO",outcome="ok"} 1' in text
     assert client.status()["server"]["requests"]["SYNC_LOOKUP"] == {"ok": 3}
+
+
+def test_debug_logging_keeps_the_native_path_and_logs_each_request(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Turning on DEBUG to look at a problem must not swap the path that serves requests."""
+    server = harness.server()
+    assert server._loop is not None
+    client = harness.client(server)
+    caplog.set_level(logging.DEBUG, logger="lmcache_cpp.server")
+    for _ in range(4):
+        client.ping()
+    assert server._loop.stats()[0][(PING, 0)] == 4  # answered by the loop, at DEBUG
+    lines = [r.getMessage() for r in caplog.records if "PING -> ok" in r.getMessage()]
+    assert len(lines) == 4 and all("native loop" in line for line in lines)
+
+
+def test_a_traced_drain_records_each_answered_request(rig: Rig) -> None:
+    rig.loop.add_client(b"dealer-1", 5)
+    for seq in (7, 8):
+        rig.send(PING, seq)
+    rig.wait_queued(2)
+    answered, _, _, _, _, traces = rig.loop.drain(10, True)
+    assert answered == 2
+    assert [t[:4] for t in traces] == [(5, PING, 7, 0), (5, PING, 8, 0)]
+    assert all(t[4] >= 0 for t in traces)
+    rig.send(PING, 9)
+    rig.wait_queued()
+    assert rig.loop.drain(10)[5] == []  # untraced: nothing recorded
 
 
 def test_a_client_heard_only_by_the_loop_is_not_dropped_as_silent(harness: Harness) -> None:

@@ -1143,8 +1143,15 @@ class RouterLoop:
     def remove_client(self, identity: bytes) -> None: ...
     def last_seen(self, identity: bytes) -> float | None: ...
     def drain(
-        self, max_messages: int
-    ) -> tuple[int, list[bytes] | None, bool, list[tuple[int, int, str]], int]: ...
+        self, max_messages: int, trace: bool = False
+    ) -> tuple[
+        int,
+        list[bytes] | None,
+        bool,
+        list[tuple[int, int, str]],
+        int,
+        list[tuple[int, int, int, int, float]],
+    ]: ...
     def stats(
         self,
     ) -> tuple[dict[tuple[int, int], int], dict[int, tuple[list[int], float]], int]: ...

@@ -1331,11 +1331,7 @@ class CacheServer:
         # Bounded so that pool results and the reaper are never starved by a flood. ZMQ_EVENTS
         # says whether another message is queued (cheaper than a read that raises zmq.Again).
         loop = self._loop
-        if (
-            loop is not None
-            and not self._stopping.is_set()
-            and not _log.isEnabledFor(logging.DEBUG)
-        ):
+        if loop is not None and not self._stopping.is_set():
             self._drain_natively(router, loop)
             return
         for _ in range(1024):
@@ -1353,10 +1349,20 @@ class CacheServer:
     def _drain_natively(self, router: zmq.Socket[bytes], loop: _core.RouterLoop) -> None:
         budget = 1024
         while budget > 0:
-            answered, message, tried, failures, error = loop.drain(budget)
+            trace = _log.isEnabledFor(logging.DEBUG)
+            answered, message, tried, failures, error, traces = loop.drain(budget, trace)
             budget -= answered
             for client_id, type_id, text in failures:
                 _log.warning("client %d: %s failed: %s", client_id, _request_name(type_id), text)
+            for client_id, type_id, seq, status, seconds in traces:
+                _log.debug(
+                    "client %d seq %d %s -> %s (%.3f ms, native loop)",
+                    client_id,
+                    seq,
+                    _request_name(type_id),
+                    _outcome(status),
+                    seconds * 1000,
+                )
             if error:
                 _log.warning("receive failed: %s", zmq.ZMQError(error))
                 return
@@ -1382,14 +1388,9 @@ class CacheServer:
                 router, identity, body, _UNAVAILABLE, "the server is stopping", received
             )
             return
-        # The per-prompt requests in their usual shape are decoded, run and encoded in C++; at
-        # DEBUG the Python path runs instead, for its per-request log line.
-        if (
-            self._fast is not None
-            and not fast_tried
-            and len(body) == 2
-            and not _log.isEnabledFor(logging.DEBUG)
-        ):
+        # The per-prompt requests in their usual shape are decoded, run and encoded in C++, at
+        # every log level (each is logged at DEBUG as any other).
+        if self._fast is not None and not fast_tried and len(body) == 2:
             fast = self._fast.handle(client.id, body[0], body[1])
             if fast is not None:
                 self._finish_fast(router, client, identity, fast, received)
@@ -1513,10 +1514,19 @@ class CacheServer:
     ) -> None:
         header, payload, type_id, status = answered
         name = _REQUEST_NAMES[type_id]
-        self._record(name, status, received)
+        seconds = self._record(name, status, received)
         if status == _INTERNAL:
             message = decode_reply([header, payload]).message
             _log.warning("client %d: %s failed: %s", client.id, name, message)
+        elif _log.isEnabledFor(logging.DEBUG):
+            _log.debug(
+                "client %d seq %d %s -> %s (%.3f ms, fast path)",
+                client.id,
+                decode_reply([header, payload]).seq,
+                name,
+                _outcome(status),
+                seconds * 1000,
+            )
         self._send(router, identity, [header, payload])
 
     def _drain_results(self, router: zmq.Socket[bytes], results: zmq.Socket[bytes]) -> None:
