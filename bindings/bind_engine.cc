@@ -592,6 +592,21 @@ void BindWireFastPath(nb::module_& m) {
           },
           "engine"_a, nb::kw_only(), "max_frame_bytes"_a, "max_header_bytes"_a, "max_tokens"_a,
           "max_string_bytes"_a, "max_wait_s"_a, "has_l2"_a, nb::keep_alive<1, 2>())
+      .def_prop_ro_static(
+          "CONSTANTS",
+          [](nb::handle) {
+            nb::dict types;
+            for (const auto& t : wire::kRequestTypes) types[t.name] = t.id;
+            nb::dict d;
+            d["request_types"] = types;
+            d["protocol_version"] = wire::kProtocolVersion;
+            d["handle_size"] = wire::kHandleSize;
+            d["max_error_message_chars"] = wire::kMaxErrorMessageChars;
+            return d;
+          },
+          "The protocol constants the C++ codec was compiled with: request_types (name -> id, "
+          "the requests it serves), protocol_version, handle_size, max_error_message_chars. "
+          "Checked against lmcache_cpp.protocol by the tests.")
       .def(
           "handle",
           [](const PyWireFastPath& f, ClientId client, const nb::bytes& header,

@@ -28,13 +28,26 @@
 
 namespace lmcache_cpp::bindings::wire {
 
-// Values of lmcache_cpp.protocol.RequestType that the fast path serves.
+// Values of lmcache_cpp.protocol.RequestType that the fast path serves. The Python request table
+// is the source of truth; tests/test_protocol.py fails when these (kRequestTypes, bound as
+// WireFastPath.REQUEST_TYPES) or the constants below drift from it.
 enum : uint32_t {
   kPing = 2,
   kLookup = 6,
   kQueryPrefetchStatus = 7,
   kSyncLookup = 9,
   kEndSession = 11,
+};
+struct NamedRequestType {
+  const char* name;
+  uint32_t id;
+};
+inline constexpr NamedRequestType kRequestTypes[] = {
+    {"PING", kPing},
+    {"LOOKUP", kLookup},
+    {"QUERY_PREFETCH_STATUS", kQueryPrefetchStatus},
+    {"SYNC_LOOKUP", kSyncLookup},
+    {"END_SESSION", kEndSession},
 };
 constexpr uint64_t kProtocolVersion = 1;
 constexpr size_t kHandleSize = 16;

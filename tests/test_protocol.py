@@ -18,9 +18,12 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import lmcache_cpp as lc
+from lmcache_cpp import protocol as protocol_module
 from lmcache_cpp.client import Key, wire_layout
 from lmcache_cpp.protocol import (
+    HANDLE_SIZE,
     PROTOCOL_VERSION,
+    REQUESTS,
     ClearRequest,
     CommitStoreRequest,
     EmptyRequest,
@@ -44,8 +47,6 @@ from lmcache_cpp.protocol import (
     UnregisterRequest,
     WireKey,
     WireLayout,
-    _decode_fast,
-    _decode_general,
     decode_reply,
     decode_request,
     encode_error_reply,
@@ -154,6 +155,35 @@ def test_request_ids_are_the_documented_append_only_values() -> None:
         "GOODBYE": 20,
     }
     assert PROTOCOL_VERSION == 1
+
+
+def test_the_request_table_has_a_row_per_request_and_agrees_with_the_docs_and_cpp() -> None:
+    assert set(REQUESTS) == set(RequestType)
+    for rt, spec in REQUESTS.items():
+        assert spec.request_type is rt
+        assert (spec.body is None) == (rt in (RequestType.STORE, RequestType.RETRIEVE))
+    # The docs' request table: its "Thread" column is the table's.
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text()
+    documented = {}
+    for line in docs.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 6 and cells[0].isdigit() and cells[1].startswith("`"):
+            documented[RequestType(int(cells[0]))] = (cells[1].strip("`"), cells[4])
+    assert set(documented) == set(RequestType)
+    for rt, (name, thread) in documented.items():
+        assert name == rt.name
+        expected = "—" if REQUESTS[rt].body is None else REQUESTS[rt].runs.value
+        assert thread.replace("\\", "") == expected, rt.name
+    # The C++ codec's constants (bindings/wire_fast_path.h) are the table's.
+    constants = lc._core.WireFastPath.CONSTANTS
+    assert constants["request_types"], "the C++ codec serves some requests"
+    for name, type_id in constants["request_types"].items():
+        assert RequestType[name] == type_id
+    assert constants["protocol_version"] == PROTOCOL_VERSION
+    assert constants["handle_size"] == HANDLE_SIZE
+    assert constants["max_error_message_chars"] == protocol_module._MAX_ERROR_MESSAGE_CHARS
+    # Every row that is served has its handler (the Dispatcher resolves them when built).
+    Dispatcher(_NoEngine(), LIMITS)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -709,8 +739,8 @@ _BOUNDARY_VALUES: list[object] = [
 
 @st.composite
 def boundary_requests(draw: st.DrawFn) -> list[bytes]:
-    """Hot requests with one to three fields (of the payload or its key) set to values at or
-    just past a bound: the fast decoder must agree with the general one on every side."""
+    """Requests with one to three fields (of the payload or its key) set to values at or just
+    past a bound: the decoder must accept or refuse each, cleanly, on every side."""
     rt, body = draw(st.sampled_from(SAMPLES))
     payload = body.to_wire()
     for _ in range(draw(st.integers(1, 3))):
@@ -730,48 +760,28 @@ def boundary_requests(draw: st.DrawFn) -> list[bytes]:
 
 @settings(max_examples=2500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(frames=ANY_FRAMES | boundary_requests())
-def test_the_fast_decoder_agrees_with_the_general_one(frames: list[bytes]) -> None:
-    fast = _decode_fast(frames, LIMITS)
+def test_the_decoder_accepts_or_refuses_every_input_and_round_trips_what_it_accepts(
+    frames: list[bytes],
+) -> None:
+    # One Python decoder (the request table's): any input is a Request or a ProtocolError, and
+    # what it accepts encodes back to the same request.
     try:
-        general = _decode_general(frames, LIMITS)
+        request = decode_request(frames, LIMITS)
     except ProtocolError:
-        assert fast is None, "the fast path accepted a request the general path refuses"
         event("refused")
         return
-    if fast is None:
-        event("general path only")
-    else:
-        assert fast == general
-        event("fast path")
-
-
-HOT_TYPES = {
-    RequestType.PING,
-    RequestType.GET_CHUNK_SIZE,
-    RequestType.STATUS,
-    RequestType.GOODBYE,
-    RequestType.LOOKUP,
-    RequestType.QUERY_PREFETCH_STATUS,
-    RequestType.WAIT_PREFETCH_STATUS,
-    RequestType.SYNC_LOOKUP,
-    RequestType.FREE_LOOKUP_LOCKS,
-    RequestType.END_SESSION,
-    RequestType.PREPARE_STORE,
-    RequestType.COMMIT_STORE,
-    RequestType.PREPARE_RETRIEVE,
-    RequestType.COMMIT_RETRIEVE,
-}
+    event("accepted")
+    again = decode_request(
+        encode_request(request.request_type, request.seq, request.body.to_wire()), LIMITS
+    )
+    assert again == request
 
 
 @pytest.mark.parametrize(("rt", "body"), SAMPLES, ids=lambda v: getattr(v, "name", ""))
-def test_hot_requests_take_the_fast_path(rt: RequestType, body: RequestBody) -> None:
+def test_every_sample_decodes_to_its_body(rt: RequestType, body: RequestBody) -> None:
     frames = encode_request(rt, 9, body.to_wire())
-    fast = _decode_fast(frames, LIMITS)
-    if rt in HOT_TYPES:
-        assert fast == _decode_general(frames, LIMITS)
-        assert fast is not None and fast.body == body
-    else:
-        assert fast is None
+    request = decode_request(frames, LIMITS)
+    assert (request.request_type, request.seq, request.body) == (rt, 9, body)
 
 
 def test_valid_samples_reach_the_engine_and_get_engine_replies(tmp_path: Path) -> None:

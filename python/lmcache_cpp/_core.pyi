@@ -1106,6 +1106,7 @@ class TransferTicket:
     def object_bytes(self) -> int: ...
 
 class WireFastPath:
+    CONSTANTS: ClassVar[dict[str, Any]]
     def __init__(
         self,
         engine: CacheEngine,

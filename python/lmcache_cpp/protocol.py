@@ -38,6 +38,7 @@ __all__ = [
     "HANDLE_SIZE",
     "LAYOUT_NAMES",
     "PROTOCOL_VERSION",
+    "REQUESTS",
     "ClearRequest",
     "CommitStoreRequest",
     "EmptyRequest",
@@ -57,7 +58,9 @@ __all__ = [
     "Reply",
     "Request",
     "RequestBody",
+    "RequestSpec",
     "RequestType",
+    "Runs",
     "SyncLookupRequest",
     "TransferTicket",
     "UnregisterRequest",
@@ -493,6 +496,10 @@ class WireLayout:
 class EmptyRequest:
     """PING, GET_CHUNK_SIZE, STATUS, GOODBYE: an empty map."""
 
+    @classmethod
+    def parse(cls, f: _Fields, limits: ProtocolLimits) -> EmptyRequest:
+        return cls()
+
     def to_wire(self) -> dict[str, Any]:
         return {}
 
@@ -519,6 +526,14 @@ class HelloRequest:
     pid: int | None = None
     pid_ns: int | None = None
 
+    @classmethod
+    def parse(cls, f: _Fields, limits: ProtocolLimits) -> HelloRequest:
+        return cls(
+            f.string("client_name", limits.max_string_bytes, ""),
+            f.optional_integer("pid", 1, _I32_MAX),
+            f.optional_integer("pid_ns", 0, _U64_MAX),
+        )
+
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"client_name": self.client_name}
         if self.pid is not None:
@@ -534,6 +549,13 @@ class RegisterRequest:
     worker_id: int
     layout: WireLayout
 
+    @classmethod
+    def parse(cls, f: _Fields, limits: ProtocolLimits) -> RegisterRequest:
+        model_name = f.string("model_name", limits.max_string_bytes, nonempty=True)
+        world_size = f.integer("world_size", 1, _U32_MAX)
+        worker_id = f.integer("worker_id", 0, world_size - 1)
+        return cls(model_name, world_size, worker_id, WireLayout.parse(f.mapping("layout")))
+
     def to_wire(self) -> dict[str, Any]:
         return {
             "model_name": self.model_name,
@@ -547,6 +569,10 @@ class RegisterRequest:
 class UnregisterRequest:
     registration_id: int
 
+    @classmethod
+    def parse(cls, f: _Fields, limits: ProtocolLimits) -> UnregisterRequest:
+        return cls(f.integer("registration_id", 0, _U64_MAX))
+
     def to_wire(self) -> dict[str, Any]:
         return {"registration_id": self.registration_id}
 
@@ -557,6 +583,11 @@ class KeyRequest:
 
     key: WireKey
     tp_size: int = 1
+
+    @classmethod
+    def parse(cls, f: _Fields, limits: ProtocolLimits) -> KeyRequest:
+        key = WireKey.parse(f.mapping("key"), limits)
+        return cls(key, f.integer("tp_size", 1, _U32_MAX, 1))
 
     def to_wire(self) -> dict[str, Any]:
         return {"key": self.key.to_wire(), "tp_size": self.tp_size}
@@ -570,6 +601,12 @@ class SyncLookupRequest:
     tp_size: int = 1
     timeout_s: float | None = None
 
+    @classmethod
+    def parse(cls, f: _Fields, limits: ProtocolLimits) -> SyncLookupRequest:
+        key = WireKey.parse(f.mapping("key"), limits)
+        tp_size = f.integer("tp_size", 1, _U32_MAX, 1)
+        return cls(key, tp_size, f.optional_number("timeout_s", 0.0, limits.max_wait_s))
+
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"key": self.key.to_wire(), "tp_size": self.tp_size}
         if self.timeout_s is not None:
@@ -580,6 +617,10 @@ class SyncLookupRequest:
 @dataclass(frozen=True)
 class PrepareStoreRequest:
     key: WireKey
+
+    @classmethod
+    def parse(cls, f: _Fields, limits: ProtocolLimits) -> PrepareStoreRequest:
+        return cls(WireKey.parse(f.mapping("key"), limits))
 
     def to_wire(self) -> dict[str, Any]:
         return {"key": self.key.to_wire()}
@@ -592,6 +633,11 @@ class PrepareRetrieveRequest:
 
     key: WireKey
     timeout_s: float | None = None
+
+    @classmethod
+    def parse(cls, f: _Fields, limits: ProtocolLimits) -> PrepareRetrieveRequest:
+        key = WireKey.parse(f.mapping("key"), limits)
+        return cls(key, f.optional_number("timeout_s", 0.0, limits.max_wait_s))
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"key": self.key.to_wire()}
@@ -606,6 +652,10 @@ class HandleRequest:
 
     handle: bytes
 
+    @classmethod
+    def parse(cls, f: _Fields, limits: ProtocolLimits) -> HandleRequest:
+        return cls(f.handle("handle"))
+
     def to_wire(self) -> dict[str, Any]:
         return {"handle": self.handle}
 
@@ -614,6 +664,10 @@ class HandleRequest:
 class PrefetchWaitRequest:
     handle: bytes
     timeout_s: float
+
+    @classmethod
+    def parse(cls, f: _Fields, limits: ProtocolLimits) -> PrefetchWaitRequest:
+        return cls(f.handle("handle"), f.number("timeout_s", 0.0, limits.max_wait_s))
 
     def to_wire(self) -> dict[str, Any]:
         return {"handle": self.handle, "timeout_s": self.timeout_s}
@@ -629,6 +683,15 @@ class CommitStoreRequest:
     success: bool = True
     crc32c: bytes | None = None
 
+    @classmethod
+    def parse(cls, f: _Fields, limits: ProtocolLimits) -> CommitStoreRequest:
+        crc32c = f.optional_binary("crc32c")
+        if crc32c is not None and len(crc32c) % 4 != 0:
+            raise ProtocolError(
+                _INVALID, "COMMIT_STORE: field 'crc32c' must hold whole uint32 values"
+            )
+        return cls(f.handle("handle"), f.boolean("success", True), crc32c)
+
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"handle": self.handle, "success": self.success}
         if self.crc32c is not None:
@@ -641,6 +704,11 @@ class EndSessionRequest:
     model_name: str
     request_id: str
 
+    @classmethod
+    def parse(cls, f: _Fields, limits: ProtocolLimits) -> EndSessionRequest:
+        s = limits.max_string_bytes
+        return cls(f.string("model_name", s, nonempty=True), f.string("request_id", s))
+
     def to_wire(self) -> dict[str, Any]:
         return {"model_name": self.model_name, "request_id": self.request_id}
 
@@ -651,6 +719,12 @@ class ClearRequest:
 
     force: bool = False
     admin_token: str | None = None
+
+    @classmethod
+    def parse(cls, f: _Fields, limits: ProtocolLimits) -> ClearRequest:
+        return cls(
+            f.boolean("force", False), f.optional_string("admin_token", limits.max_string_bytes)
+        )
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"force": self.force}
@@ -676,6 +750,91 @@ RequestBody = (
 )
 
 
+class Runs(enum.Enum):
+    """Where a server runs a request (the "Thread" column of docs/protocol.md)."""
+
+    SOCKET = "socket"  # on the socket thread: never waits
+    POOL = "pool"  # on a worker thread: may block briefly, up to its own deadline
+    POOL_WITH_L2 = "pool*"  # on the pool when the server has an L2 adapter, else the socket
+    PARKED = "parked"  # may wait long for an L2 job: parked, answered from its completion
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """One row of the request table: what a request is and how a server serves it."""
+
+    request_type: RequestType
+    body: type[RequestBody] | None  # None: reserved, answered NotSupported
+    reply: str  # the reply payload, in words (docs/protocol.md has the fields)
+    runs: Runs
+    handler: str  # the server Dispatcher's method that runs it
+
+
+def _spec(
+    rt: RequestType, body: type[RequestBody] | None, reply: str, runs: Runs, handler: str
+) -> tuple[RequestType, RequestSpec]:
+    return rt, RequestSpec(rt, body, reply, runs, handler)
+
+
+RT = RequestType
+REQUESTS: Final[Mapping[RequestType, RequestSpec]] = dict(
+    [
+        _spec(RT.HELLO, HelloRequest, "HelloInfo", Runs.SOCKET, "_on_hello"),
+        _spec(RT.PING, EmptyRequest, "{}", Runs.SOCKET, "_on_ping"),
+        _spec(RT.GET_CHUNK_SIZE, EmptyRequest, "chunk_size", Runs.SOCKET, "_on_get_chunk_size"),
+        _spec(
+            RT.REGISTER_KV_CACHE, RegisterRequest, "RegistrationInfo", Runs.SOCKET, "_on_register"
+        ),
+        _spec(RT.UNREGISTER_KV_CACHE, UnregisterRequest, "{}", Runs.SOCKET, "_on_unregister"),
+        _spec(RT.LOOKUP, KeyRequest, "handle", Runs.SOCKET, "_on_lookup"),
+        _spec(
+            RT.QUERY_PREFETCH_STATUS,
+            HandleRequest,
+            "prefetch status",
+            Runs.SOCKET,
+            "_on_query_prefetch",
+        ),
+        _spec(
+            RT.WAIT_PREFETCH_STATUS,
+            PrefetchWaitRequest,
+            "prefetch status",
+            Runs.PARKED,
+            "_on_wait_prefetch",
+        ),
+        _spec(
+            RT.SYNC_LOOKUP, SyncLookupRequest, "LookupResult", Runs.POOL_WITH_L2, "_on_sync_lookup"
+        ),
+        _spec(RT.FREE_LOOKUP_LOCKS, KeyRequest, "released", Runs.PARKED, "_on_free_lookup_locks"),
+        _spec(RT.END_SESSION, EndSessionRequest, "released", Runs.SOCKET, "_on_end_session"),
+        _spec(
+            RT.PREPARE_STORE,
+            PrepareStoreRequest,
+            "TransferTicket",
+            Runs.SOCKET,
+            "_on_prepare_store",
+        ),
+        _spec(RT.COMMIT_STORE, CommitStoreRequest, "published", Runs.SOCKET, "_on_commit_store"),
+        _spec(
+            RT.PREPARE_RETRIEVE,
+            PrepareRetrieveRequest,
+            "TransferTicket",
+            Runs.PARKED,
+            "_on_prepare_retrieve",
+        ),
+        _spec(RT.COMMIT_RETRIEVE, HandleRequest, "{}", Runs.SOCKET, "_on_commit_retrieve"),
+        _spec(RT.STORE, None, "NotSupported", Runs.SOCKET, ""),
+        _spec(RT.RETRIEVE, None, "NotSupported", Runs.SOCKET, ""),
+        _spec(RT.CLEAR, ClearRequest, "removed", Runs.POOL, "_on_clear"),
+        _spec(RT.STATUS, EmptyRequest, "stats maps", Runs.SOCKET, "_on_status"),
+        _spec(RT.GOODBYE, EmptyRequest, "released", Runs.SOCKET, "_on_goodbye"),
+    ]
+)
+"""The request table: one row per request type. A new request is a row here, its body class
+(with ``parse`` and ``to_wire``), its Dispatcher handler and its client method; the server's
+thread sets, the decoder and the dispatcher are derived from the rows."""
+del RT
+
+
 def parse_body(
     request_type: RequestType, payload: Mapping[str, Any], limits: ProtocolLimits
 ) -> RequestBody:
@@ -685,74 +844,14 @@ def parse_body(
     """
     rt = request_type
     f = _Fields(payload, rt.name)
-    body: RequestBody
-    if rt in _RESERVED_TYPES:
+    spec = REQUESTS[rt]
+    if spec.body is None:
         raise ProtocolError(
             _NOT_SUPPORTED,
             f"{rt.name} belongs to the server-driven (CUDA IPC) transfer mode, which this server "
             "does not provide; use PREPARE_STORE/COMMIT_STORE and PREPARE_RETRIEVE/COMMIT_RETRIEVE",
         )
-    if rt in (
-        RequestType.PING,
-        RequestType.GET_CHUNK_SIZE,
-        RequestType.STATUS,
-        RequestType.GOODBYE,
-    ):
-        body = EmptyRequest()
-    elif rt is RequestType.HELLO:
-        body = HelloRequest(
-            f.string("client_name", limits.max_string_bytes, ""),
-            f.optional_integer("pid", 1, _I32_MAX),
-            f.optional_integer("pid_ns", 0, _U64_MAX),
-        )
-    elif rt is RequestType.REGISTER_KV_CACHE:
-        model_name = f.string("model_name", limits.max_string_bytes, nonempty=True)
-        world_size = f.integer("world_size", 1, _U32_MAX)
-        worker_id = f.integer("worker_id", 0, world_size - 1)
-        body = RegisterRequest(
-            model_name, world_size, worker_id, WireLayout.parse(f.mapping("layout"))
-        )
-    elif rt is RequestType.UNREGISTER_KV_CACHE:
-        body = UnregisterRequest(f.integer("registration_id", 0, _U64_MAX))
-    elif rt in (RequestType.LOOKUP, RequestType.FREE_LOOKUP_LOCKS):
-        key = WireKey.parse(f.mapping("key"), limits)
-        body = KeyRequest(key, f.integer("tp_size", 1, _U32_MAX, 1))
-    elif rt is RequestType.SYNC_LOOKUP:
-        key = WireKey.parse(f.mapping("key"), limits)
-        tp_size = f.integer("tp_size", 1, _U32_MAX, 1)
-        body = SyncLookupRequest(
-            key, tp_size, f.optional_number("timeout_s", 0.0, limits.max_wait_s)
-        )
-    elif rt is RequestType.PREPARE_STORE:
-        body = PrepareStoreRequest(WireKey.parse(f.mapping("key"), limits))
-    elif rt is RequestType.PREPARE_RETRIEVE:
-        key = WireKey.parse(f.mapping("key"), limits)
-        timeout_s = f.optional_number("timeout_s", 0.0, limits.max_wait_s)
-        body = PrepareRetrieveRequest(key, timeout_s)
-    elif rt in (RequestType.QUERY_PREFETCH_STATUS, RequestType.COMMIT_RETRIEVE):
-        body = HandleRequest(f.handle("handle"))
-    elif rt is RequestType.WAIT_PREFETCH_STATUS:
-        body = PrefetchWaitRequest(
-            f.handle("handle"), f.number("timeout_s", 0.0, limits.max_wait_s)
-        )
-    elif rt is RequestType.COMMIT_STORE:
-        crc32c = f.optional_binary("crc32c")
-        if crc32c is not None and len(crc32c) % 4 != 0:
-            raise ProtocolError(
-                _INVALID, "COMMIT_STORE: field 'crc32c' must hold whole uint32 values"
-            )
-        body = CommitStoreRequest(f.handle("handle"), f.boolean("success", True), crc32c)
-    elif rt is RequestType.END_SESSION:
-        s = limits.max_string_bytes
-        body = EndSessionRequest(
-            f.string("model_name", s, nonempty=True), f.string("request_id", s)
-        )
-    elif rt is RequestType.CLEAR:
-        body = ClearRequest(
-            f.boolean("force", False), f.optional_string("admin_token", limits.max_string_bytes)
-        )
-    else:  # pragma: no cover - every member is handled above
-        raise ProtocolError(_NOT_SUPPORTED, f"request type {rt.name} has no schema")
+    body = spec.body.parse(f, limits)
     f.done()
     return body
 
@@ -883,203 +982,6 @@ def _unpack_payload(frame: bytes, limits: ProtocolLimits) -> object:
 # request, or an invalid one) returns None and goes through the general path, which also words
 # the error. tests/test_protocol.py checks the two paths against each other.
 
-_KEY_FIELDS: Final = frozenset(
-    {
-        "model_name",
-        "world_size",
-        "worker_id",
-        "request_id",
-        "cache_salt",
-        "tokens",
-        "block_hashes",
-        "block_hash_size",
-        "start",
-        "end",
-    }
-)
-
-
-def _fast_int(value: object, default: int, lo: int, hi: int) -> int | None:
-    if value is None:
-        return default
-    if type(value) is int and lo <= value <= hi:
-        return value
-    return None
-
-
-def _fast_str(value: object, default: str, max_chars: int) -> str | None:
-    # max_chars is a quarter of the byte limit: no string that short can exceed it in UTF-8.
-    if value is None:
-        return default
-    if type(value) is str and len(value) <= max_chars:
-        return value
-    return None
-
-
-def _fast_timeout(value: object, limits: ProtocolLimits) -> float | None:
-    """A valid timeout_s as a float, or None (absent, or to be judged by the general path)."""
-    if type(value) is not float and type(value) is not int:
-        return None
-    seconds = float(value)
-    if math.isfinite(seconds) and 0.0 <= seconds <= limits.max_wait_s:
-        return seconds
-    return None
-
-
-def _fast_key(data: object, limits: ProtocolLimits) -> WireKey | None:
-    if type(data) is not dict or not data.keys() <= _KEY_FIELDS:
-        return None
-    chars = limits.max_string_bytes // 4
-    model_name = data.get("model_name")
-    if type(model_name) is not str or not model_name or len(model_name) > chars:
-        return None
-    world_size = _fast_int(data.get("world_size"), 1, 1, _U32_MAX)
-    if world_size is None:
-        return None
-    worker_id = _fast_int(data.get("worker_id"), -1, -1, min(world_size - 1, _I32_MAX))
-    request_id = _fast_str(data.get("request_id"), "", chars)
-    cache_salt = _fast_str(data.get("cache_salt"), "", chars)
-    block_hash_size = _fast_int(data.get("block_hash_size"), 32, 1, MAX_BLOCK_HASH_SIZE)
-    start = _fast_int(data.get("start"), 0, 0, _I64_MAX)
-    end = _fast_int(data.get("end"), -1, -1, _I64_MAX)
-    if (
-        worker_id is None
-        or request_id is None
-        or cache_salt is None
-        or block_hash_size is None
-        or start is None
-        or end is None
-        or (end != -1 and end < start)
-    ):
-        return None
-    tokens = data.get("tokens")
-    block_hashes = data.get("block_hashes")
-    if tokens is not None:
-        if block_hashes is not None or type(tokens) is not bytes or len(tokens) % 4:
-            return None
-        count = len(tokens) // 4
-    else:
-        if type(block_hashes) is not bytes or len(block_hashes) % block_hash_size:
-            return None
-        count = len(block_hashes) // block_hash_size
-    if count > limits.max_tokens:
-        return None
-    fields = (model_name, world_size, worker_id, request_id, cache_salt, tokens, block_hashes)
-    return WireKey(*fields, block_hash_size, start, end)
-
-
-def _fast_handle(payload: dict[str, Any], extra: frozenset[str]) -> bytes | None:
-    handle = payload.get("handle")
-    if type(handle) is bytes and len(handle) == HANDLE_SIZE and payload.keys() <= extra:
-        return handle
-    return None
-
-
-_KEY_TP: Final = frozenset({"key", "tp_size"})
-_KEY_TP_TIMEOUT: Final = frozenset({"key", "tp_size", "timeout_s"})
-_KEY_ONLY: Final = frozenset({"key"})
-_KEY_TIMEOUT: Final = frozenset({"key", "timeout_s"})
-_HANDLE_ONLY: Final = frozenset({"handle"})
-_HANDLE_SUCCESS: Final = frozenset({"handle", "success"})
-_HANDLE_TIMEOUT: Final = frozenset({"handle", "timeout_s"})
-_SESSION_FIELDS: Final = frozenset({"model_name", "request_id"})
-
-
-def _fast_body(
-    rt: RequestType, payload: dict[str, Any], limits: ProtocolLimits
-) -> RequestBody | None:
-    """The body of a common request, or None (the general path decides)."""
-    if (
-        rt is RequestType.PING
-        or rt is RequestType.GET_CHUNK_SIZE
-        or rt is RequestType.STATUS
-        or rt is RequestType.GOODBYE
-    ):
-        return None if payload else EmptyRequest()
-    if rt is RequestType.QUERY_PREFETCH_STATUS or rt is RequestType.COMMIT_RETRIEVE:
-        handle = _fast_handle(payload, _HANDLE_ONLY)
-        return None if handle is None else HandleRequest(handle)
-    if rt is RequestType.COMMIT_STORE:
-        handle = _fast_handle(payload, _HANDLE_SUCCESS)
-        success = payload.get("success", True)
-        if handle is None or type(success) is not bool:
-            return None
-        return CommitStoreRequest(handle, success)
-    if rt is RequestType.WAIT_PREFETCH_STATUS:
-        handle = _fast_handle(payload, _HANDLE_TIMEOUT)
-        timeout_s = _fast_timeout(payload.get("timeout_s"), limits)
-        if handle is None or timeout_s is None:
-            return None
-        return PrefetchWaitRequest(handle, timeout_s)
-    if rt is RequestType.END_SESSION:
-        chars = limits.max_string_bytes // 4
-        model_name = payload.get("model_name")
-        request_id = payload.get("request_id")  # required, may be empty
-        if (
-            type(request_id) is not str
-            or len(request_id) > chars
-            or type(model_name) is not str
-            or not model_name
-            or len(model_name) > chars
-            or not payload.keys() <= _SESSION_FIELDS
-        ):
-            return None
-        return EndSessionRequest(model_name, request_id)
-    if rt is RequestType.LOOKUP or rt is RequestType.FREE_LOOKUP_LOCKS:
-        allowed = _KEY_TP
-    elif rt is RequestType.SYNC_LOOKUP:
-        allowed = _KEY_TP_TIMEOUT
-    elif rt is RequestType.PREPARE_STORE:
-        allowed = _KEY_ONLY
-    elif rt is RequestType.PREPARE_RETRIEVE:
-        allowed = _KEY_TIMEOUT
-    else:
-        return None
-    if not payload.keys() <= allowed:
-        return None
-    key = _fast_key(payload.get("key"), limits)
-    tp_size = _fast_int(payload.get("tp_size"), 1, 1, _U32_MAX)
-    raw_timeout = payload.get("timeout_s")
-    timeout_s = None if raw_timeout is None else _fast_timeout(raw_timeout, limits)
-    if key is None or tp_size is None or (raw_timeout is not None and timeout_s is None):
-        return None
-    if rt is RequestType.SYNC_LOOKUP:
-        return SyncLookupRequest(key, tp_size, timeout_s)
-    if rt is RequestType.PREPARE_STORE:
-        return PrepareStoreRequest(key)
-    if rt is RequestType.PREPARE_RETRIEVE:
-        return PrepareRetrieveRequest(key, timeout_s)
-    return KeyRequest(key, tp_size)
-
-
-def _decode_fast(frames: Sequence[bytes], limits: ProtocolLimits) -> Request | None:
-    """decode_request for a well-formed common request; None for anything else."""
-    if len(frames) != 2:
-        return None
-    head, data = frames
-    if len(head) > limits.max_header_bytes or len(data) > limits.max_frame_bytes:
-        return None
-    try:
-        header = _unpack_header(head)
-        payload = _unpack_payload(data, limits)
-    except Exception:
-        return None
-    if type(header) is not list or len(header) != 3 or type(payload) is not dict:
-        return None
-    version, type_id, seq = header
-    if version != PROTOCOL_VERSION or type(version) is not int or type(seq) is not int or seq < 0:
-        return None
-    rt = _FAST_TYPES.get(type_id) if type(type_id) is int else None
-    if rt is None:
-        return None
-    body = _fast_body(rt, payload, limits)
-    if body is None:
-        return None
-    return Request(rt, seq, body)
-
-
-_FAST_TYPES: Final = {int(rt): rt for rt in RequestType if rt not in _RESERVED_TYPES}
-
 
 def decode_request(frames: Sequence[bytes], limits: ProtocolLimits) -> Request:
     """Decodes and validates the frames of one request (without the ROUTER identity frame).
@@ -1089,11 +991,6 @@ def decode_request(frames: Sequence[bytes], limits: ProtocolLimits) -> Request:
     type (unknown or reserved: NotSupported), payload frame size (ResourceExhausted), payload
     msgpack and schema (InvalidArgument; oversized token lists ResourceExhausted).
     """
-    fast = _decode_fast(frames, limits)
-    return fast if fast is not None else _decode_general(frames, limits)
-
-
-def _decode_general(frames: Sequence[bytes], limits: ProtocolLimits) -> Request:
     header: object = None
     header_error = ""
     if frames and len(frames[0]) <= limits.max_header_bytes:

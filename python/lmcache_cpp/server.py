@@ -59,6 +59,7 @@ from lmcache_cpp.errors import LMCacheError, PermissionDeniedError
 from lmcache_cpp.metrics import Metrics
 from lmcache_cpp.protocol import (
     PROTOCOL_VERSION,
+    REQUESTS,
     ClearRequest,
     CommitStoreRequest,
     EmptyRequest,
@@ -77,6 +78,7 @@ from lmcache_cpp.protocol import (
     Request,
     RequestBody,
     RequestType,
+    Runs,
     SyncLookupRequest,
     TransferTicket,
     UnregisterRequest,
@@ -111,23 +113,22 @@ _UNAVAILABLE: Final = int(_core.StatusCode.UNAVAILABLE)
 _TIMEOUT: Final = int(_core.StatusCode.TIMEOUT)
 _INTERNAL: Final = int(_core.StatusCode.INTERNAL)
 
-BLOCKING_REQUESTS: Final = frozenset({RequestType.SYNC_LOOKUP, RequestType.CLEAR})
+BLOCKING_REQUESTS: Final = frozenset(
+    rt for rt, spec in REQUESTS.items() if spec.runs in (Runs.POOL, Runs.POOL_WITH_L2)
+)
 """Requests run on the worker pool; every other request runs on the socket thread. They may
 block briefly: a SYNC_LOOKUP asking L2 (bounded by its own timeout), a CLEAR.
 
 Without L2 adapters nothing can make a SYNC_LOOKUP wait, so a server with no L2 answers it on the
-socket thread (:data:`BLOCKING_WITHOUT_L2` stays on the pool)."""
+socket thread (:data:`BLOCKING_WITHOUT_L2` stays on the pool). Derived from the request table
+(``protocol.REQUESTS``), as the other sets."""
 
-BLOCKING_WITHOUT_L2: Final = frozenset({RequestType.CLEAR})
+BLOCKING_WITHOUT_L2: Final = frozenset(
+    rt for rt, spec in REQUESTS.items() if spec.runs is Runs.POOL
+)
 """The pool's requests when the storage has no L2 adapter."""
 
-PARKED_REQUESTS: Final = frozenset(
-    {
-        RequestType.WAIT_PREFETCH_STATUS,
-        RequestType.PREPARE_RETRIEVE,
-        RequestType.FREE_LOOKUP_LOCKS,
-    }
-)
+PARKED_REQUESTS: Final = frozenset(rt for rt, spec in REQUESTS.items() if spec.runs is Runs.PARKED)
 """Requests that may wait long (up to ``max_wait_s``) for an L2 job: never run on a thread that
 blocks. The socket thread answers one at once when it need not wait; otherwise it parks it and
 answers it when the engine's completion notice says a job finished, or at its deadline."""
@@ -475,25 +476,9 @@ class Dispatcher:
         self._hello = hello
         self._goodbye = goodbye
         self._server_status = server_status
+        # From the request table: each row names its handler (reserved rows have none).
         self._handlers: dict[RequestType, Handler] = {
-            RequestType.HELLO: self._on_hello,
-            RequestType.PING: self._on_ping,
-            RequestType.GET_CHUNK_SIZE: self._on_get_chunk_size,
-            RequestType.REGISTER_KV_CACHE: self._on_register,
-            RequestType.UNREGISTER_KV_CACHE: self._on_unregister,
-            RequestType.LOOKUP: self._on_lookup,
-            RequestType.QUERY_PREFETCH_STATUS: self._on_query_prefetch,
-            RequestType.WAIT_PREFETCH_STATUS: self._on_wait_prefetch,
-            RequestType.SYNC_LOOKUP: self._on_sync_lookup,
-            RequestType.FREE_LOOKUP_LOCKS: self._on_free_lookup_locks,
-            RequestType.END_SESSION: self._on_end_session,
-            RequestType.PREPARE_STORE: self._on_prepare_store,
-            RequestType.COMMIT_STORE: self._on_commit_store,
-            RequestType.PREPARE_RETRIEVE: self._on_prepare_retrieve,
-            RequestType.COMMIT_RETRIEVE: self._on_commit_retrieve,
-            RequestType.CLEAR: self._on_clear,
-            RequestType.STATUS: self._on_status,
-            RequestType.GOODBYE: self._on_goodbye,
+            rt: getattr(self, spec.handler) for rt, spec in REQUESTS.items() if spec.handler
         }
 
     @property
