@@ -327,16 +327,15 @@ Result<RequestId> CacheEngine::InternRequest(std::string_view model_name,
   return id;
 }
 
-Status CacheEngine::Resolve(const EngineKey& key, RangeKind range, bool need_request,
-                            bool create_request, ResolvedKey* out, std::optional<uint32_t> tp_size,
-                            ClientId client) {
+Status CacheEngine::Resolve(const EngineKey& key, RangeKind range, RequestIdUse request_id,
+                            ResolvedKey* out, std::optional<uint32_t> tp_size, ClientId client) {
   if (key.model_name.empty() || key.model_name.size() > kMaxModelNameBytes) {
     return Status::InvalidArgument("key.model_name must have 1 to 1024 bytes");
   }
   if (key.request_id.size() > kMaxRequestIdBytes || key.cache_salt.size() > kMaxSaltBytes) {
     return Status::InvalidArgument("key.request_id and key.cache_salt are limited to 1024 bytes");
   }
-  if (need_request && key.request_id.empty()) {
+  if (request_id != RequestIdUse::kOptional && key.request_id.empty()) {
     return Status::InvalidArgument("key.request_id is required");
   }
   if (key.world_size == 0) return Status::InvalidArgument("key.world_size must be >= 1");
@@ -409,8 +408,9 @@ Status CacheEngine::Resolve(const EngineKey& key, RangeKind range, bool need_req
   }
 
   if (!key.request_id.empty()) {
-    LMCACHE_ASSIGN_OR_RETURN(out->request,
-                             InternRequest(key.model_name, key.request_id, create_request, client));
+    LMCACHE_ASSIGN_OR_RETURN(
+        out->request,
+        InternRequest(key.model_name, key.request_id, request_id == RequestIdUse::kCreate, client));
   }
 
   std::vector<ChunkHash> hashes;
@@ -498,7 +498,8 @@ Result<uint32_t> CacheEngine::Readers(const Namespace& ns, uint32_t tp_size) con
 
 Result<JobHandle> CacheEngine::Lookup(ClientId client, const EngineKey& key, uint32_t tp_size) {
   ResolvedKey rk;
-  LMCACHE_RETURN_IF_ERROR(Resolve(key, RangeKind::kLookup, true, true, &rk, tp_size, client));
+  LMCACHE_RETURN_IF_ERROR(
+      Resolve(key, RangeKind::kLookup, RequestIdUse::kCreate, &rk, tp_size, client));
   const uint32_t readers = rk.readers;
   PrefetchRequest req;
   req.owner = LeaseOwner{client, rk.request};
@@ -596,7 +597,8 @@ Result<std::optional<LookupResult>> CacheEngine::SyncLookupImpl(ClientId client,
                                                                 uint32_t tp_size, Duration timeout,
                                                                 bool l1_only) {
   ResolvedKey rk;
-  LMCACHE_RETURN_IF_ERROR(Resolve(key, RangeKind::kLookup, true, true, &rk, tp_size, client));
+  LMCACHE_RETURN_IF_ERROR(
+      Resolve(key, RangeKind::kLookup, RequestIdUse::kCreate, &rk, tp_size, client));
   const uint32_t readers = rk.readers;
   PrefetchRequest req;
   req.owner = LeaseOwner{client, rk.request};
@@ -637,7 +639,7 @@ Result<std::optional<LookupResult>> CacheEngine::SyncLookupImpl(ClientId client,
 Result<uint64_t> CacheEngine::FreeLookupLocks(ClientId client, const EngineKey& key,
                                               uint32_t tp_size, std::optional<Duration> timeout) {
   ResolvedKey rk;
-  LMCACHE_RETURN_IF_ERROR(Resolve(key, RangeKind::kInner, true, false, &rk, tp_size));
+  LMCACHE_RETURN_IF_ERROR(Resolve(key, RangeKind::kInner, RequestIdUse::kRequired, &rk, tp_size));
   if (rk.request == 0 || rk.keys.empty()) return uint64_t{0};
   {
     std::lock_guard<std::mutex> l(mu_);
@@ -879,7 +881,7 @@ Result<TransferTicket> CacheEngine::PrepareStore(ClientId client, const EngineKe
   // A store never creates the request: one stored after END_SESSION must not bring it back
   // (it would live on until request_ttl). A live request lends its hashing session.
   LMCACHE_RETURN_IF_ERROR(
-      Resolve(key, RangeKind::kAligned, false, false, &rk, std::nullopt, client));
+      Resolve(key, RangeKind::kAligned, RequestIdUse::kOptional, &rk, std::nullopt, client));
   const uint64_t quota = reserved_bytes_quota();
   uint64_t held = 0;
   RequestId tr = 0;
@@ -1039,7 +1041,7 @@ Result<TransferTicket> CacheEngine::PrepareRetrieve(ClientId client, const Engin
                                                     std::optional<Duration> timeout) {
   if (client == 0) return Status::InvalidArgument("client id 0 is invalid");
   ResolvedKey rk;
-  LMCACHE_RETURN_IF_ERROR(Resolve(key, RangeKind::kAligned, true, false, &rk));
+  LMCACHE_RETURN_IF_ERROR(Resolve(key, RangeKind::kAligned, RequestIdUse::kRequired, &rk));
   auto fail = [&](Status st) {
     bool log = false;
     {

@@ -188,12 +188,6 @@ Status SyncDirectory(const std::string& dir) {
   return Status::Ok();
 }
 
-// Result codes of one read attempt.
-constexpr int kReadOk = 1;
-constexpr int kReadInvalid = 0;
-constexpr int kReadTransient = -1;
-constexpr int kReadRetryBuffered = 2;
-
 }  // namespace
 
 struct FileSystemL2Adapter::Batch {
@@ -651,52 +645,55 @@ bool FileSystemL2Adapter::LoadOne(const ObjectKey& key, const MutableBuffer& buf
     generation = it->second.generation;
   }
   const std::string path = PathFor(key);
-  int r = kReadTransient;
+  ReadOutcome r = ReadOutcome::kTransient;
   bool direct = WantDirect(buf.data, buf.size);
   for (int attempt = 0; attempt < 2; ++attempt) {
     r = ReadObjectFile(path, key, buf, scratch, direct);
-    if (r != kReadRetryBuffered) break;
+    if (r != ReadOutcome::kRetryBuffered) break;
     DisableDirect(EINVAL);
     direct = false;
   }
-  if (r == kReadOk) {
+  if (r == ReadOutcome::kOk) {
     std::lock_guard<std::mutex> lk(mu_);
     stats_.bytes_read += buf.size;
     return true;
   }
-  if (r == kReadInvalid) DropCorrupt(key, generation);
+  if (r == ReadOutcome::kInvalid) DropCorrupt(key, generation);
   return false;
 }
 
-int FileSystemL2Adapter::ReadObjectFile(const std::string& path, const ObjectKey& key,
-                                        const MutableBuffer& buf, uint8_t* scratch, bool direct) {
+FileSystemL2Adapter::ReadOutcome FileSystemL2Adapter::ReadObjectFile(const std::string& path,
+                                                                     const ObjectKey& key,
+                                                                     const MutableBuffer& buf,
+                                                                     uint8_t* scratch,
+                                                                     bool direct) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | (direct ? O_DIRECT : 0));
   if (fd < 0) {
-    if (direct && errno == EINVAL) return kReadRetryBuffered;
-    return errno == ENOENT ? kReadInvalid : kReadTransient;
+    if (direct && errno == EINVAL) return ReadOutcome::kRetryBuffered;
+    return errno == ENOENT ? ReadOutcome::kInvalid : ReadOutcome::kTransient;
   }
   Fd guard(fd);
   struct stat st;
-  if (::fstat(fd, &st) != 0) return kReadTransient;
+  if (::fstat(fd, &st) != 0) return ReadOutcome::kTransient;
   if (!S_ISREG(st.st_mode) || static_cast<uint64_t>(st.st_size) != kFsObjectHeaderSize + buf.size) {
-    return kReadInvalid;
+    return ReadOutcome::kInvalid;
   }
   if (!direct) ::posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
   int64_t got = PreadFull(fd, scratch, kFsObjectHeaderSize, 0);
   if (got < 0) {
-    if (direct && got == -EINVAL) return kReadRetryBuffered;
-    return kReadTransient;
+    if (direct && got == -EINVAL) return ReadOutcome::kRetryBuffered;
+    return ReadOutcome::kTransient;
   }
   Header h;
   if (got != static_cast<int64_t>(kFsObjectHeaderSize) || !DecodeHeader(scratch, &h) ||
       h.key != key || h.payload_size != buf.size) {
-    return kReadInvalid;
+    return ReadOutcome::kInvalid;
   }
   uint32_t crc = 0;
   if (direct) {
     got = PreadFull(fd, buf.data, buf.size, kFsObjectHeaderSize);
-    if (got < 0) return got == -EINVAL ? kReadRetryBuffered : kReadTransient;
-    if (static_cast<uint64_t>(got) != buf.size) return kReadInvalid;
+    if (got < 0) return got == -EINVAL ? ReadOutcome::kRetryBuffered : ReadOutcome::kTransient;
+    if (static_cast<uint64_t>(got) != buf.size) return ReadOutcome::kInvalid;
     crc = internal::Crc32c(buf.data, buf.size);
     direct_io_files_.fetch_add(1, std::memory_order_relaxed);
   } else {
@@ -705,12 +702,12 @@ int FileSystemL2Adapter::ReadObjectFile(const std::string& path, const ObjectKey
     for (uint64_t off = 0; off < buf.size; off += kReadPiece) {
       const uint64_t n = std::min(kReadPiece, buf.size - off);
       got = PreadFull(fd, buf.data + off, n, kFsObjectHeaderSize + off);
-      if (got < 0) return kReadTransient;
-      if (static_cast<uint64_t>(got) != n) return kReadInvalid;
+      if (got < 0) return ReadOutcome::kTransient;
+      if (static_cast<uint64_t>(got) != n) return ReadOutcome::kInvalid;
       crc = internal::Crc32cExtend(crc, buf.data + off, n);
     }
   }
-  return crc == h.payload_crc ? kReadOk : kReadInvalid;
+  return crc == h.payload_crc ? ReadOutcome::kOk : ReadOutcome::kInvalid;
 }
 
 // ---------------------------------------------------------------------------------------------

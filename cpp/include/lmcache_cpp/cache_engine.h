@@ -341,9 +341,11 @@ class CacheEngine {
   // checks it and sets out->readers. Every check runs before the request is interned, so a bad
   // key or tp_size creates nothing.
   enum class RangeKind : uint8_t { kLookup, kInner, kAligned };
-  Status Resolve(const EngineKey& key, RangeKind range, bool need_request, bool create_request,
-                 ResolvedKey* out, std::optional<uint32_t> tp_size = std::nullopt,
-                 ClientId client = 0);
+  // What Resolve does with the key's request id: kOptional (may be empty; a known one is found),
+  // kRequired (must be given; found, never created), kCreate (must be given; interned).
+  enum class RequestIdUse : uint8_t { kOptional, kRequired, kCreate };
+  Status Resolve(const EngineKey& key, RangeKind range, RequestIdUse request_id, ResolvedKey* out,
+                 std::optional<uint32_t> tp_size = std::nullopt, ClientId client = 0);
   Result<uint32_t> Readers(const Namespace& ns, uint32_t tp_size) const;
   // After a lookup of `rk`: when its request was ended meanwhile, drops what the lookup left
   // under the request's id (leases, jobs, hashing session) and returns true.

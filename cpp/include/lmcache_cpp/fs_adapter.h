@@ -182,11 +182,16 @@ class FileSystemL2Adapter final : public L2Adapter {
   Status WriteObjectFile(const std::string& tmp, const ObjectKey& key, const ConstBuffer& buf,
                          uint8_t* scratch);
   bool LoadOne(const ObjectKey& key, const MutableBuffer& buf, uint8_t* scratch);
-  // Validates and reads the file into `buf`, with O_DIRECT when `direct`. Returns 1 on success,
-  // 0 when the file is invalid (corrupt, torn, foreign, missing), -1 on a transient error, 2 when
-  // O_DIRECT was refused (retry buffered).
-  int ReadObjectFile(const std::string& path, const ObjectKey& key, const MutableBuffer& buf,
-                     uint8_t* scratch, bool direct);
+  // What reading one object file came to.
+  enum class ReadOutcome : uint8_t {
+    kOk,             // `buf` holds the payload, checked against its CRC32C
+    kInvalid,        // corrupt, torn, foreign or missing: a miss, and the file is dropped
+    kTransient,      // an I/O error that may pass: a miss, the file is kept
+    kRetryBuffered,  // O_DIRECT was refused: read it again buffered
+  };
+  // Validates and reads the file into `buf`, with O_DIRECT when `direct`.
+  ReadOutcome ReadObjectFile(const std::string& path, const ObjectKey& key,
+                             const MutableBuffer& buf, uint8_t* scratch, bool direct);
   void LookupBatch(Batch& batch);
 
   // mu_ held. Evicts so `file_size` more bytes fit; false (evicting nothing) if they cannot.
