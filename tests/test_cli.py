@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import lmcache_cpp as lc
-from lmcache_cpp import cli
+from lmcache_cpp import cli, l1_demo
 
 SMALL_DEMO = ["l1-demo", "--objects", "48", "--object-kib", "16", "--arena-mib", "2"]
 
@@ -187,7 +187,7 @@ def test_l1_demo_fails_when_a_verification_fails(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Fault injection into the demo's own byte check (the core is real): the exit code must say so.
-    monkeypatch.setattr(cli, "_holds", lambda view, key: False)
+    monkeypatch.setattr(l1_demo, "_holds", lambda view, key: False)
     assert cli.main(SMALL_DEMO) == 1
     captured = capsys.readouterr()
     assert "FAILED" in captured.out

@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -41,6 +41,7 @@ import numpy.typing as npt
 
 from lmcache_cpp import _core
 from lmcache_cpp.client import CacheClient, Key, KvTransferClient
+from lmcache_cpp.console import Progress, Report
 
 __all__ = ["DemoOptions", "add_demo_arguments", "run_demo"]
 
@@ -64,46 +65,8 @@ class DemoOptions:
     workdir: str | None = None
 
 
-@dataclass
-class _Report:
-    failures: list[str] = field(default_factory=list)
-    lines: list[tuple[str, str]] = field(default_factory=list)
-
-    def check(self, ok: bool, what: str) -> None:
-        if not ok:
-            self.failures.append(what)
-
-    def add(self, name: str, value: str) -> None:
-        self.lines.append((name, value))
-
-
-class _Progress:
-    """One progress line on stderr (silent when disabled)."""
-
-    def __init__(self, label: str, total: int, enabled: bool) -> None:
-        self._label, self._total, self._enabled = label, max(total, 1), enabled
-        self._done = 0
-        self._draw()
-
-    def step(self, n: int = 1) -> None:
-        self._done += n
-        self._draw()
-
-    def close(self) -> None:
-        if self._enabled:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-    def _draw(self) -> None:
-        if not self._enabled:
-            return
-        width = 30
-        filled = width * min(self._done, self._total) // self._total
-        sys.stderr.write(
-            f"\r{self._label:<28} [{'#' * filled}{'.' * (width - filled)}] "
-            f"{self._done}/{self._total}"
-        )
-        sys.stderr.flush()
+def _label(text: str) -> str:
+    return f"{text:<28}"  # the demo's bars line up
 
 
 class _ServerProcess:
@@ -214,7 +177,7 @@ def run_demo(options: DemoOptions, out: IO[str] = sys.stdout) -> int:
     )
     total_chunks = options.prompts * options.chunks
     l1_bytes = max(total_chunks * bytes_per_chunk * 2, 64 << 20)
-    report = _Report()
+    report = Report()
 
     with _workdir(options) as work:
         l2_dir = work / "l2"
@@ -247,7 +210,7 @@ def run_demo(options: DemoOptions, out: IO[str] = sys.stdout) -> int:
 
     print("", file=out)
     print("summary", file=out)
-    for name, value in report.lines:
+    for name, value in report.rows:
         print(f"  {name:<34} {value}", file=out)
     for failure in report.failures:
         print(f"demo: check failed: {failure}", file=sys.stderr)
@@ -256,7 +219,7 @@ def run_demo(options: DemoOptions, out: IO[str] = sys.stdout) -> int:
 
 
 def _play(
-    options: DemoOptions, endpoint: str, num_blocks: int, report: _Report, out: IO[str]
+    options: DemoOptions, endpoint: str, num_blocks: int, report: Report, out: IO[str]
 ) -> int:
     import lmcache_cpp.cli as cli  # the STATUS formatter
 
@@ -290,12 +253,12 @@ def _play(
         KvTransferClient.register(worker_client, _MODEL, 1, 0, kv) as worker,
     ):
         # 1. Store.
-        bar = _Progress("storing prompts", len(prompts), options.progress)
+        bar = Progress(_label("storing prompts"), len(prompts), options.progress)
         t0 = time.perf_counter()
         published = 0
         for i, ids in enumerate(src):
             published += worker.store(kv, ids, Key(_MODEL, worker_id=0, tokens=prompts[i]))
-            bar.step()
+            bar.advance()
         store_s = time.perf_counter() - t0
         bar.close()
         distinct = options.shared_chunks + len(prompts) * (options.chunks - options.shared_chunks)
@@ -311,7 +274,7 @@ def _play(
             for ids in dst:
                 for layer in layers:
                     layer[:, ids] = 0
-            bar = _Progress(f"lookup + retrieve ({tag})", len(prompts), options.progress)
+            bar = Progress(_label(f"lookup + retrieve ({tag})"), len(prompts), options.progress)
             hits = l1 = l2 = 0
             seconds = 0.0
             for i in range(len(prompts)):
@@ -332,7 +295,7 @@ def _play(
                 scheduler.end_session(_MODEL, request)
                 seconds += time.perf_counter() - t0
                 report.check(same(src[i], dst[i]), f"{tag}: prompt {i} came back different")
-                bar.step()
+                bar.advance()
             bar.close()
             return hits, l1, l2, seconds
 
@@ -346,9 +309,9 @@ def _play(
         )
 
         # 3. Let the server finish writing L2, then flush L1.
-        bar = _Progress("waiting for L2 writes", 1, options.progress)
+        bar = Progress(_label("waiting for L2 writes"), 1, options.progress)
         _wait_for_l2(scheduler, published, 120.0)
-        bar.step()
+        bar.advance()
         bar.close()
         removed = scheduler.clear()
         status = scheduler.status()
