@@ -389,8 +389,9 @@ void BindCuda(nb::module_& m);
 NB_MODULE(_core, m) {
   namespace b = lmcache_cpp::bindings;
   m.doc() =
-      "lmcache_cpp native core: hashing, shared-memory arena, extent allocator and the L1 object "
-      "table. Thin glue; see lmcache_cpp/_core.pyi for the typed interface.";
+      "lmcache_cpp native core: the storage engine (hashing, the shared-memory arena and L1 object "
+      "table, L2 adapters, the prefetch and store controllers, the cache engine) and the "
+      "server's C++ receive path. Its type stub, _core.pyi, is generated from this module.";
   b::RegisterStatusTranslator();
   b::BindStatusAndLogging(m);
   b::BindKeysAndHashing(m);
