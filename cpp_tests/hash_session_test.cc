@@ -236,7 +236,7 @@ TEST_F(HashSessionTest, AnOwnerOverItsQuotaLosesOnlyItsOwnOldestSessions) {
 TEST_F(HashSessionTest, BytesAreChargedAndCappedPerOwnerAndInAll) {
   HashSessionOptions o;
   const auto big = MakeTokens(64 * kChunk, 2);  // 4 KiB of tokens, 2 KiB of hashes
-  o.max_bytes_per_owner = 14 << 10;  // two sessions of 6336 bytes fit, three do not
+  o.max_bytes_per_owner = 14 << 10;             // two sessions of 6336 bytes fit, three do not
   o.max_bytes = 18 << 10;
   auto cache = MakeCache(o);
   (void)cache->HashTokens(1, 10, big.data(), big.size());
