@@ -25,8 +25,8 @@
 
 #include "bind_common.h"
 #include "lmcache_cpp/cache_engine.h"
-#include "router_loop.h"
-#include "wire_fast_path.h"
+#include "net/router_loop.h"
+#include "wire/fast_path.h"
 
 namespace lmcache_cpp::bindings {
 
@@ -567,7 +567,7 @@ void BindEngine(nb::module_& m) {
       });
 }
 
-// The server's socket-thread codec for the per-prompt requests (wire_fast_path.h).
+// The server's socket-thread codec for the per-prompt requests (cpp/src/wire/fast_path.h).
 struct PyWireFastPath {
   wire::FastPath path;
 };
@@ -626,7 +626,7 @@ void BindWireFastPath(nb::module_& m) {
 }
 
 struct PyRouterLoop {
-  std::unique_ptr<wire::RouterLoop> loop;
+  std::unique_ptr<net::RouterLoop> loop;
 };
 
 void BindRouterLoop(nb::module_& m) {
@@ -648,9 +648,9 @@ void BindRouterLoop(nb::module_& m) {
               }
             }
             std::string why;
-            std::optional<wire::Libzmq> zmq = wire::Libzmq::Resolve(libzmq_from, &why);
+            std::optional<net::Libzmq> zmq = net::Libzmq::Resolve(libzmq_from, &why);
             if (!zmq.has_value()) throw std::runtime_error(why);
-            new (self) PyRouterLoop{std::make_unique<wire::RouterLoop>(
+            new (self) PyRouterLoop{std::make_unique<net::RouterLoop>(
                 &fast.path, *zmq, reinterpret_cast<void*>(socket), std::move(buckets))};
           },
           "fast"_a, "socket"_a, nb::kw_only(), "libzmq_from"_a, "buckets"_a, nb::keep_alive<1, 2>(),
@@ -677,7 +677,7 @@ void BindRouterLoop(nb::module_& m) {
       .def(
           "drain",
           [](PyRouterLoop& l, size_t max_messages, bool trace) {
-            std::optional<wire::RouterLoop::Drained> d;
+            std::optional<net::RouterLoop::Drained> d;
             {
               nb::gil_scoped_release release;
               d.emplace(l.loop->Drain(max_messages, trace));
@@ -709,7 +709,7 @@ void BindRouterLoop(nb::module_& m) {
       .def(
           "stats",
           [](const PyRouterLoop& l) {
-            wire::RouterLoop::Stats s;
+            net::RouterLoop::Stats s;
             {
               nb::gil_scoped_release release;
               s = l.loop->Snapshot();

@@ -1,6 +1,6 @@
 // Copyright (c) lmcache_cpp authors. Licensed under the Apache License 2.0.
 //
-// libFuzzer target: the server's C++ wire decoder (bindings/wire_fast_path.h), FastPath::Handle
+// libFuzzer target: the server's C++ wire decoder (cpp/src/wire/fast_path.h), FastPath::Handle
 // and its msgpack Reader, run against a real CacheEngine over a small L1-only StorageManager.
 //
 // The engine (built in LLVMFuzzerInitialize, and again every kInputsPerWorld inputs so that its
@@ -43,12 +43,10 @@
 #include "lmcache_cpp/logging.h"
 #include "lmcache_cpp/object_table.h"
 #include "lmcache_cpp/storage_manager.h"
-#include "wire_fast_path.h"
+#include "wire/fast_path.h"
 
 namespace lmcache_cpp::fuzz {
 namespace {
-
-namespace wire = bindings::wire;
 
 constexpr char kModel[] = "fuzz-model";
 constexpr uint32_t kChunk = 16;        // tokens per chunk
@@ -264,7 +262,7 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   using namespace lmcache_cpp::fuzz;
   if (size == 0) return 0;
-  const wire::FastPath& path = (data[0] & 1) ? *world->with_l2 : *world->l1_only;
+  const lmcache_cpp::wire::FastPath& path = (data[0] & 1) ? *world->with_l2 : *world->l1_only;
   size_t pos = 1;
   auto take = [&](size_t n) {
     n = std::min(n, size - pos);
@@ -281,7 +279,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (pos < size) payload_len |= static_cast<size_t>(data[pos++]) << 8;
     std::string payload = take(payload_len);
     if (last_handle.has_value()) SubstituteHandle(&payload, *last_handle);
-    std::optional<wire::Reply> reply = path.Handle(kFuzzClient, header, payload);
+    std::optional<lmcache_cpp::wire::Reply> reply = path.Handle(kFuzzClient, header, payload);
     if (!reply.has_value()) continue;
     const std::optional<HeaderFields> h = ParseHeader(header);
     FUZZ_CHECK(h.has_value());  // a reply implies a well-formed header

@@ -174,7 +174,7 @@ def test_the_request_table_has_a_row_per_request_and_agrees_with_the_docs_and_cp
         assert name == rt.name
         expected = "—" if REQUESTS[rt].body is None else REQUESTS[rt].runs.value
         assert thread.replace("\\", "") == expected, rt.name
-    # The C++ codec's constants (bindings/wire_fast_path.h) are the table's.
+    # The C++ codec's constants (cpp/src/wire/fast_path.h) are the table's.
     constants = lc._core.WireFastPath.CONSTANTS
     assert constants["request_types"], "the C++ codec serves some requests"
     for name, type_id in constants["request_types"].items():

@@ -26,7 +26,7 @@ namespace {
 using namespace nb::literals;
 
 struct PySocketIo {
-  wire::Libzmq zmq;
+  net::Libzmq zmq;
   void* socket;
 };
 
@@ -49,7 +49,7 @@ void BindZmq(nb::module_& m) {
           [](PySocketIo* self, uintptr_t socket, const std::string& libzmq_from) {
             if (socket == 0) throw nb::value_error("socket is a null address");
             std::string why;
-            std::optional<wire::Libzmq> zmq = wire::Libzmq::Resolve(libzmq_from, &why);
+            std::optional<net::Libzmq> zmq = net::Libzmq::Resolve(libzmq_from, &why);
             if (!zmq.has_value()) throw std::runtime_error(why);
             new (self) PySocketIo{*zmq, reinterpret_cast<void*>(socket)};
           },
@@ -63,7 +63,7 @@ void BindZmq(nb::module_& m) {
             views.reserve(frames.size());
             for (nb::handle f : frames) views.push_back(View(f));
             if (views.empty()) throw nb::value_error("a message has at least one frame");
-            return wire::SendMessage(io.zmq, io.socket, views.data(), views.size());
+            return net::SendMessage(io.zmq, io.socket, views.data(), views.size());
           },
           "frames"_a,
           "Sends the tuple of bytes as one message (copied). Returns 0, or the errno of a send "
@@ -73,9 +73,9 @@ void BindZmq(nb::module_& m) {
           [](const PySocketIo& io, size_t max_messages) {
             nb::list messages;
             int error = 0;
-            wire::Message message(&io.zmq);
+            net::Message message(&io.zmq);
             while (messages.size() < max_messages) {
-              if (!wire::ReceiveMessage(io.zmq, io.socket, &message, &error)) break;
+              if (!net::ReceiveMessage(io.zmq, io.socket, &message, &error)) break;
               nb::list frames;
               for (size_t i = 0; i < message.size(); ++i) {
                 const std::string_view f = message.frame(i);

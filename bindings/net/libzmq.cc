@@ -6,7 +6,7 @@
 
 #include <cerrno>
 
-namespace lmcache_cpp::bindings::wire {
+namespace lmcache_cpp::bindings::net {
 
 namespace {
 
@@ -75,4 +75,4 @@ int SendMessage(const Libzmq& zmq, void* socket, const std::string_view* frames,
   return 0;
 }
 
-}  // namespace lmcache_cpp::bindings::wire
+}  // namespace lmcache_cpp::bindings::net

@@ -8,8 +8,8 @@
 //
 // A socket is not thread-safe: call these only on the thread that owns it, as pyzmq requires.
 
-#ifndef LMCACHE_CPP_BINDINGS_LIBZMQ_H_
-#define LMCACHE_CPP_BINDINGS_LIBZMQ_H_
+#ifndef LMCACHE_CPP_BINDINGS_NET_LIBZMQ_H_
+#define LMCACHE_CPP_BINDINGS_NET_LIBZMQ_H_
 
 #include <cstddef>
 #include <deque>
@@ -18,7 +18,7 @@
 #include <string_view>
 #include <utility>
 
-namespace lmcache_cpp::bindings::wire {
+namespace lmcache_cpp::bindings::net {
 
 // libzmq's message type (zmq.h: 64 bytes, pointer-aligned); only libzmq reads its contents.
 struct alignas(sizeof(void*)) ZmqMsg {
@@ -96,6 +96,6 @@ bool ReceiveMessage(const Libzmq& zmq, void* socket, Message* out, int* error);
 // with ROUTER_MANDATORY, EHOSTUNREACH: the peer is gone). The bytes are copied.
 int SendMessage(const Libzmq& zmq, void* socket, const std::string_view* frames, size_t n);
 
-}  // namespace lmcache_cpp::bindings::wire
+}  // namespace lmcache_cpp::bindings::net
 
-#endif  // LMCACHE_CPP_BINDINGS_LIBZMQ_H_
+#endif  // LMCACHE_CPP_BINDINGS_NET_LIBZMQ_H_

@@ -8,7 +8,7 @@
 #include <cerrno>
 #include <chrono>
 
-namespace lmcache_cpp::bindings::wire {
+namespace lmcache_cpp::bindings::net {
 
 namespace {
 
@@ -118,4 +118,4 @@ RouterLoop::Stats RouterLoop::Snapshot() const {
   return stats_;
 }
 
-}  // namespace lmcache_cpp::bindings::wire
+}  // namespace lmcache_cpp::bindings::net

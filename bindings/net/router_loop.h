@@ -7,7 +7,10 @@
 // bookkeeping, which cost several times the request itself.
 //
 // The socket is pyzmq's (zmq.Socket.underlying), driven through the libzmq pyzmq loaded
-// (libzmq.h); a pyzmq whose libzmq cannot be found leaves the server on its Python loop.
+// (libzmq.h); a pyzmq whose libzmq cannot be found leaves the server on its Python loop. That
+// coupling to pyzmq's extension module is why this loop lives in bindings/net/ and not in cpp/:
+// it drives a socket the Python server owns, through a library only the Python process loaded.
+// The codec it runs (cpp/src/wire/fast_path.h) is plain C++ and tested on its own.
 //
 // The loop knows the clients the Python server has admitted (AddClient/RemoveClient: identity ->
 // ClientId) and stamps when each was last heard from; a message from an identity it does not
@@ -17,8 +20,8 @@
 // Threading: Drain, AddClient, RemoveClient and LastSeen run on the server's socket thread only
 // (the thread that owns the socket); Stats may be called from any thread.
 
-#ifndef LMCACHE_CPP_BINDINGS_ROUTER_LOOP_H_
-#define LMCACHE_CPP_BINDINGS_ROUTER_LOOP_H_
+#ifndef LMCACHE_CPP_BINDINGS_NET_ROUTER_LOOP_H_
+#define LMCACHE_CPP_BINDINGS_NET_ROUTER_LOOP_H_
 
 #include <cstddef>
 #include <cstdint>
@@ -33,9 +36,13 @@
 
 #include "libzmq.h"
 #include "lmcache_cpp/cache_engine.h"
-#include "wire_fast_path.h"
+#include "wire/fast_path.h"
 
-namespace lmcache_cpp::bindings::wire {
+namespace lmcache_cpp::bindings::net {
+
+using wire::FastPath;
+using wire::Reader;
+using wire::Reply;
 
 class RouterLoop {
  public:
@@ -111,6 +118,6 @@ class RouterLoop {
   Stats stats_;  // GUARDED_BY(stats_mu_)
 };
 
-}  // namespace lmcache_cpp::bindings::wire
+}  // namespace lmcache_cpp::bindings::net
 
-#endif  // LMCACHE_CPP_BINDINGS_ROUTER_LOOP_H_
+#endif  // LMCACHE_CPP_BINDINGS_NET_ROUTER_LOOP_H_

@@ -10,10 +10,12 @@
 // Anything else (an unusual but valid request, an invalid one, another request type, a
 // SYNC_LOOKUP that needs L2) is declined with nullopt and takes the Python path, which also
 // words the errors of malformed requests. tests/test_wire_fast_path.py checks both paths
-// against each other. Only the server's socket thread calls it; the engine is thread-safe.
+// against each other, and cpp_tests/wire_fast_path_test.cc tests it on a real engine. Only the
+// server's socket thread calls it; the engine is thread-safe. Internal to the build (not
+// installed): the module and the fuzzer use it.
 
-#ifndef LMCACHE_CPP_BINDINGS_WIRE_FAST_PATH_H_
-#define LMCACHE_CPP_BINDINGS_WIRE_FAST_PATH_H_
+#ifndef LMCACHE_CPP_SRC_WIRE_FAST_PATH_H_
+#define LMCACHE_CPP_SRC_WIRE_FAST_PATH_H_
 
 #include <cmath>
 #include <cstdint>
@@ -26,7 +28,7 @@
 
 #include "lmcache_cpp/cache_engine.h"
 
-namespace lmcache_cpp::bindings::wire {
+namespace lmcache_cpp::wire {
 
 // Values of lmcache_cpp.protocol.RequestType that the fast path serves. The Python request table
 // is the source of truth; tests/test_protocol.py fails when these (kRequestTypes, bound as
@@ -623,6 +625,6 @@ class FastPath {
   bool has_l2_;
 };
 
-}  // namespace lmcache_cpp::bindings::wire
+}  // namespace lmcache_cpp::wire
 
-#endif  // LMCACHE_CPP_BINDINGS_WIRE_FAST_PATH_H_
+#endif  // LMCACHE_CPP_SRC_WIRE_FAST_PATH_H_
