@@ -284,11 +284,12 @@ def test_a_parked_wait_does_not_block_other_requests(
 def test_stop_answers_running_and_queued_requests_and_is_idempotent(
     stalled: tuple[CacheServer, lc.MemoryL2Adapter, CacheClient],
 ) -> None:
-    server, _, client = stalled
+    server, mem, client = stalled
     handle = client.lookup(key(tokens(64, 4)))
     running = client.async_wait_prefetch_status(handle, 0.5)
     # The only pool thread asks the stalled L2; the CLEAR queues behind it.
     blocker = client.async_sync_lookup(key(tokens(64, 44), "blocker"), timeout_s=1.0)
+    assert mem.wait_for_blocked_operations(2, 10.0)  # both lookups' L2 parts: the blocker runs
     queued = client.async_clear()
     # Replies on one connection come in order: once STATUS is answered all are in the server.
     status = client.status()["server"]
