@@ -1,0 +1,559 @@
+"""Decode + execute, independent of sockets: the request table's handlers run against a
+``_core.CacheEngine`` (:class:`Dispatcher`), and what the server needs of the engine
+(:class:`EngineLike`)."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import struct
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final, Protocol
+
+from lmcache_cpp import _core
+from lmcache_cpp.errors import LMCacheError, PermissionDeniedError
+from lmcache_cpp.protocol import (
+    PROTOCOL_VERSION,
+    REQUESTS,
+    ClearRequest,
+    CommitStoreRequest,
+    EmptyRequest,
+    EndSessionRequest,
+    HandleRequest,
+    HelloInfo,
+    HelloRequest,
+    KeyRequest,
+    LookupResult,
+    PrefetchWaitRequest,
+    PrepareRetrieveRequest,
+    PrepareStoreRequest,
+    ProtocolError,
+    ProtocolLimits,
+    RegisterRequest,
+    Request,
+    RequestBody,
+    RequestType,
+    Runs,
+    SyncLookupRequest,
+    TransferTicket,
+    UnregisterRequest,
+    WireKey,
+    WireLayout,
+    decode_request,
+    encode_error_reply,
+    encode_reply,
+    prefetch_status_to_wire,
+)
+
+_log = logging.getLogger("lmcache_cpp.server")  # one logger name for the whole server
+
+_OK: Final = int(_core.StatusCode.OK)
+_INVALID: Final = int(_core.StatusCode.INVALID_ARGUMENT)
+_EXHAUSTED: Final = int(_core.StatusCode.RESOURCE_EXHAUSTED)
+_UNAVAILABLE: Final = int(_core.StatusCode.UNAVAILABLE)
+_TIMEOUT: Final = int(_core.StatusCode.TIMEOUT)
+_INTERNAL: Final = int(_core.StatusCode.INTERNAL)
+
+BLOCKING_REQUESTS: Final = frozenset(
+    rt for rt, spec in REQUESTS.items() if spec.runs in (Runs.POOL, Runs.POOL_WITH_L2)
+)
+"""Requests run on the worker pool; every other request runs on the socket thread. They may
+block briefly: a SYNC_LOOKUP asking L2 (bounded by its own timeout), a CLEAR.
+
+Without L2 adapters nothing can make a SYNC_LOOKUP wait, so a server with no L2 answers it on the
+socket thread (:data:`BLOCKING_WITHOUT_L2` stays on the pool). Derived from the request table
+(``protocol.REQUESTS``), as the other sets."""
+
+BLOCKING_WITHOUT_L2: Final = frozenset(
+    rt for rt, spec in REQUESTS.items() if spec.runs is Runs.POOL
+)
+"""The pool's requests when the storage has no L2 adapter."""
+
+PARKED_REQUESTS: Final = frozenset(rt for rt, spec in REQUESTS.items() if spec.runs is Runs.PARKED)
+"""Requests that may wait long (up to ``max_wait_s``) for an L2 job: never run on a thread that
+blocks. The socket thread answers one at once when it need not wait; otherwise it parks it and
+answers it when the engine's completion notice says a job finished, or at its deadline."""
+
+_REQUEST_NAMES: Final = {int(rt): rt.name for rt in RequestType}
+_MALFORMED: Final = "MALFORMED"  # metrics name of a request whose type could not be read
+_CLIENT_ID_BITS: Final = 63  # fits both a signed and an unsigned 64-bit ClientId
+
+
+# ---------------------------------------------------------------------------------------------
+# What the server needs from its collaborators
+
+
+class RequestMetrics(Protocol):
+    """Receives one call per answered request, on the socket thread.
+
+    ``request_name`` is the :class:`RequestType` name (``"MALFORMED"`` when the type could not be
+    read), ``outcome`` is ``"ok"`` or the status code name (``"InvalidArgument"``...), ``seconds``
+    the time from receipt to reply. Must not block; an exception is logged and ignored.
+    """
+
+    def record(self, request_name: str, outcome: str, seconds: float) -> None: ...
+
+
+class _RegistrationLike(Protocol):
+    @property
+    def id(self) -> int: ...
+    @property
+    def chunk_size(self) -> int: ...
+    @property
+    def object_bytes(self) -> int: ...
+    @property
+    def fingerprint(self) -> str: ...
+    @property
+    def arena_path(self) -> str: ...
+    @property
+    def arena_size(self) -> int: ...
+
+
+class _LookupResultLike(Protocol):
+    @property
+    def hit_chunks(self) -> int: ...
+    @property
+    def hit_tokens(self) -> int: ...
+    @property
+    def l1_chunks(self) -> int: ...
+    @property
+    def l2_chunks(self) -> int: ...
+
+
+class _TicketLike(Protocol):
+    @property
+    def handle(self) -> _core.JobHandle: ...
+    @property
+    def first_chunk(self) -> int: ...
+    @property
+    def offsets(self) -> list[int]: ...
+    @property
+    def object_bytes(self) -> int: ...
+
+
+class EngineLike(Protocol):
+    """The part of ``_core.CacheEngine`` the server calls (``client`` is the server's client id;
+    ``key`` a ``_core.EngineKey``). Every method may raise :class:`LMCacheError` subclasses."""
+
+    @property
+    def chunk_size(self) -> int: ...
+    def register_kv_cache(
+        self,
+        client: int,
+        model_name: str,
+        world_size: int,
+        worker_id: int,
+        layout: _core.KvCacheLayout,
+    ) -> _RegistrationLike: ...
+    def unregister_kv_cache(self, client: int, registration_id: int) -> None: ...
+    def lookup(self, client: int, key: _core.EngineKey, tp_size: int = 1) -> _core.JobHandle: ...
+    def query_prefetch_status(
+        self, client: int, handle: _core.JobHandle
+    ) -> _LookupResultLike | None: ...
+    def wait_prefetch_status(
+        self, client: int, handle: _core.JobHandle, timeout_s: float
+    ) -> _LookupResultLike | None: ...
+    def sync_lookup(
+        self, client: int, key: _core.EngineKey, tp_size: int = 1, timeout_s: float | None = None
+    ) -> _LookupResultLike: ...
+    def sync_lookup_in_l1(
+        self, client: int, key: _core.EngineKey, tp_size: int = 1
+    ) -> _LookupResultLike | None: ...
+    def free_lookup_locks(
+        self,
+        client: int,
+        key: _core.EngineKey,
+        tp_size: int = 1,
+        timeout_s: float | None = None,
+    ) -> int: ...
+    @property
+    def retrieve_wait_timeout_s(self) -> float: ...
+    def retrieve_would_wait(self, model_name: str, request_id: str) -> bool: ...
+    def completion_fd(self) -> int: ...
+    def arm_completion_notice(self) -> None: ...
+    def client_usage(self) -> list[dict[str, int]]: ...
+    def end_session(self, client: int, model_name: str, request_id: str) -> int: ...
+    def prepare_store(self, client: int, key: _core.EngineKey) -> _TicketLike: ...
+    def commit_store(
+        self,
+        client: int,
+        handle: _core.JobHandle,
+        success: bool = True,
+        crc32c: Sequence[int] | None = None,
+    ) -> int: ...
+    def prepare_retrieve(
+        self, client: int, key: _core.EngineKey, timeout_s: float | None = None
+    ) -> _TicketLike: ...
+    def commit_retrieve(self, client: int, handle: _core.JobHandle) -> None: ...
+    def set_client_process(self, client: int, pid: int) -> None: ...
+    def end_client(self, client: int) -> int: ...
+    def clear(self, force: bool = False) -> int: ...
+    def reap_expired(self) -> int: ...
+    def stats(self) -> Mapping[str, Any]: ...
+
+
+def engine_key(key: WireKey) -> _core.EngineKey:
+    """The ``_core.EngineKey`` of a validated wire key."""
+    return _core.EngineKey(
+        model_name=key.model_name,
+        world_size=key.world_size,
+        worker_id=key.worker_id,
+        request_id=key.request_id,
+        cache_salt=key.cache_salt,
+        tokens=key.tokens,
+        block_hashes=key.block_hashes,
+        block_hash_size=key.block_hash_size,
+        start=key.start,
+        end=key.end,
+    )
+
+
+_KV_LAYOUTS: Final = {
+    "nhd": _core.KvLayout.NHD,
+    "hnd": _core.KvLayout.HND,
+    "flashinfer": _core.KvLayout.FLASHINFER,
+    "mla": _core.KvLayout.MLA,
+}
+
+
+def kv_cache_layout(layout: WireLayout) -> _core.KvCacheLayout:
+    """The ``_core.KvCacheLayout`` of a validated wire layout."""
+    return _core.KvCacheLayout(
+        _KV_LAYOUTS[layout.layout],
+        layout.num_layers,
+        layout.block_size,
+        layout.num_heads,
+        layout.head_size,
+        layout.element_size,
+        layout.num_blocks,
+        layout.block_stride,
+        layout.plane_stride,
+    )
+
+
+def _handle_from_wire(data: bytes) -> _core.JobHandle:
+    return _core.JobHandle.from_hex(data.hex())
+
+
+def _handle_to_wire(handle: _core.JobHandle) -> bytes:
+    return bytes.fromhex(handle.hex())
+
+
+def _lookup_result(r: _LookupResultLike) -> LookupResult:
+    return LookupResult(int(r.hit_chunks), int(r.hit_tokens), int(r.l1_chunks), int(r.l2_chunks))
+
+
+def _ticket(t: _TicketLike) -> TransferTicket:
+    return TransferTicket(
+        handle=_handle_to_wire(t.handle),
+        first_chunk=int(t.first_chunk),
+        offsets=[int(o) for o in t.offsets],
+        object_bytes=int(t.object_bytes),
+    )
+
+
+def _outcome(status: int) -> str:
+    return "ok" if status == _OK else _core.status_code_name(status)
+
+
+def _request_id(body: RequestBody) -> str:
+    if isinstance(
+        body, KeyRequest | SyncLookupRequest | PrepareStoreRequest | PrepareRetrieveRequest
+    ):
+        return body.key.request_id
+    if isinstance(body, EndSessionRequest):
+        return body.request_id
+    return ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode + execute, independent of sockets
+
+
+Handler = Callable[[int, RequestBody], Mapping[str, Any]]
+
+
+class Dispatcher:
+    """Validates requests and runs them against the engine; no sockets, no threads.
+
+    :meth:`decode` raises :class:`ProtocolError` for a request that must get an error reply;
+    :meth:`execute` never raises: it returns the reply frames and status of any request (engine
+    errors become error replies, unexpected exceptions Internal error replies, logged).
+    Thread-safe as far as the engine and the callbacks are.
+    """
+
+    def __init__(
+        self,
+        engine: EngineLike,
+        limits: ProtocolLimits,
+        *,
+        hello: Callable[[int, HelloRequest], Mapping[str, Any]] | None = None,
+        goodbye: Callable[[int], Mapping[str, Any]] | None = None,
+        server_status: Callable[[], Mapping[str, Any]] | None = None,
+        client_usage: Callable[[], list[dict[str, Any]]] | None = None,
+        has_l2: bool = True,
+        admin_token: str | None = None,
+    ) -> None:
+        self._engine = engine
+        self._client_usage = client_usage
+        self._limits = limits
+        self._admin_token = admin_token
+        self._blocking = BLOCKING_REQUESTS if has_l2 else BLOCKING_WITHOUT_L2
+        self._hello = hello
+        self._goodbye = goodbye
+        self._server_status = server_status
+        # From the request table: each row names its handler (reserved rows have none).
+        self._handlers: dict[RequestType, Handler] = {
+            rt: getattr(self, spec.handler) for rt, spec in REQUESTS.items() if spec.handler
+        }
+
+    @property
+    def limits(self) -> ProtocolLimits:
+        return self._limits
+
+    def decode(self, frames: list[bytes]) -> Request:
+        return decode_request(frames, self._limits)
+
+    def is_blocking(self, request_type: RequestType) -> bool:
+        return request_type in self._blocking
+
+    def is_parked(self, request_type: RequestType) -> bool:
+        """Whether the request may wait for an L2 job (:data:`PARKED_REQUESTS`): the server
+        answers it with :meth:`poll`, never by blocking a thread on it."""
+        return request_type in PARKED_REQUESTS
+
+    def wait_s(self, request: Request) -> float:
+        """How long a :data:`PARKED_REQUESTS` request may wait: its own ``timeout_s``, else the
+        engine's retrieve wait (capped by ``max_wait_s``)."""
+        body = request.body
+        if isinstance(body, PrefetchWaitRequest):
+            return body.timeout_s
+        if isinstance(body, PrepareRetrieveRequest) and body.timeout_s is not None:
+            return body.timeout_s
+        return min(float(self._engine.retrieve_wait_timeout_s), self._limits.max_wait_s)
+
+    def poll(self, client: int, request: Request, final: bool) -> tuple[list[bytes], int] | None:
+        """Runs a :data:`PARKED_REQUESTS` request without waiting: its reply and status, or None
+        while it would still wait (never when ``final``: its wait is over, and it is answered as
+        a wait that timed out is). Never raises, as :meth:`execute`."""
+        body = request.body
+
+        def run() -> Mapping[str, Any] | None:
+            if isinstance(body, PrefetchWaitRequest):
+                handle = _handle_from_wire(body.handle)
+                result = self._engine.query_prefetch_status(client, handle)
+                if result is None and not final:
+                    return None
+                return prefetch_status_to_wire(None if result is None else _lookup_result(result))
+            assert isinstance(body, PrepareRetrieveRequest | KeyRequest)
+            wire = body.key
+            if not final and self._engine.retrieve_would_wait(wire.model_name, wire.request_id):
+                return None
+            if isinstance(body, PrepareRetrieveRequest):
+                ticket = self._engine.prepare_retrieve(client, engine_key(wire), 0.0)
+                return _ticket(ticket).to_wire()
+            released = self._engine.free_lookup_locks(client, engine_key(wire), body.tp_size, 0.0)
+            return {"released": int(released)}
+
+        return self._guarded(client, request, run)
+
+    def try_without_blocking(self, client: int, request: Request) -> tuple[list[bytes], int] | None:
+        """Answers a pool request at once when it turns out not to block: a SYNC_LOOKUP whose
+        key is all in L1 (the usual case on a warm server). None: run it on the pool."""
+        if request.request_type is not RequestType.SYNC_LOOKUP:
+            return None
+        body = request.body
+        assert isinstance(body, SyncLookupRequest)
+        try:
+            result = self._engine.sync_lookup_in_l1(client, engine_key(body.key), body.tp_size)
+        except Exception:
+            return None  # the pool runs it again and words the error reply
+        if result is None:
+            return None
+        return encode_reply(
+            int(request.request_type), request.seq, _lookup_result(result).to_wire()
+        ), _OK
+
+    def execute(self, client: int, request: Request) -> tuple[list[bytes], int]:
+        rt = request.request_type
+
+        def run() -> Mapping[str, Any]:
+            handler = self._handlers.get(rt)
+            if handler is None:
+                raise ProtocolError(
+                    int(_core.StatusCode.NOT_SUPPORTED), f"{rt.name} has no handler"
+                )
+            return handler(client, request.body)
+
+        answered = self._guarded(client, request, run)
+        assert answered is not None
+        return answered
+
+    def _guarded(
+        self, client: int, request: Request, run: Callable[[], Mapping[str, Any] | None]
+    ) -> tuple[list[bytes], int] | None:
+        """The reply of ``run()`` (None when it returns None), errors turned into error replies."""
+        rt = request.request_type
+        try:
+            result = run()
+            if result is None:
+                return None
+            return encode_reply(int(rt), request.seq, result), _OK
+        except LMCacheError as exc:
+            return encode_error_reply(int(rt), request.seq, exc.code, exc.message), exc.code
+        except ProtocolError as exc:
+            return encode_error_reply(int(rt), request.seq, exc.code, exc.message), exc.code
+        except Exception as exc:
+            _log.exception("client %d seq %d %s: unexpected error", client, request.seq, rt.name)
+            message = f"{type(exc).__name__}: {exc}"
+            return encode_error_reply(int(rt), request.seq, _INTERNAL, message), _INTERNAL
+
+    def handle(self, client: int, frames: list[bytes]) -> tuple[list[bytes], str, int]:
+        """Decode + execute in the caller's thread: (reply frames, request name, status)."""
+        try:
+            request = self.decode(frames)
+        except ProtocolError as exc:
+            name = _request_name(exc.request_type)
+            return (
+                encode_error_reply(exc.request_type, exc.seq, exc.code, exc.message),
+                name,
+                exc.code,
+            )
+        reply, status = self.execute(client, request)
+        return reply, request.request_type.name, status
+
+    # ---- handlers (body types are guaranteed by protocol.parse_body) --------------------------
+
+    def _on_hello(self, client: int, body: RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, HelloRequest)
+        if self._hello is not None:
+            return self._hello(client, body)
+        return HelloInfo(
+            protocol_version=PROTOCOL_VERSION,
+            server_version=_core.version(),
+            client_id=client,
+            chunk_size=int(self._engine.chunk_size),
+            heartbeat_grace_s=0.0,
+            max_frame_bytes=self._limits.max_frame_bytes,
+            max_tokens=self._limits.max_tokens,
+        ).to_wire()
+
+    def _on_goodbye(self, client: int, body: RequestBody) -> Mapping[str, Any]:
+        if self._goodbye is not None:
+            return self._goodbye(client)
+        return {"released": int(self._engine.end_client(client))}
+
+    def _on_ping(self, client: int, body: RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, EmptyRequest)
+        return {}
+
+    def _on_get_chunk_size(self, client: int, body: RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, EmptyRequest)
+        return {"chunk_size": int(self._engine.chunk_size)}
+
+    def _on_register(self, client: int, body: RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, RegisterRequest)
+        reg = self._engine.register_kv_cache(
+            client, body.model_name, body.world_size, body.worker_id, kv_cache_layout(body.layout)
+        )
+        return {
+            "registration_id": int(reg.id),
+            "chunk_size": int(reg.chunk_size),
+            "object_bytes": int(reg.object_bytes),
+            "fingerprint": str(reg.fingerprint),
+            "arena_path": str(reg.arena_path),
+            "arena_size": int(reg.arena_size),
+        }
+
+    def _on_unregister(self, client: int, body: RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, UnregisterRequest)
+        self._engine.unregister_kv_cache(client, body.registration_id)
+        return {}
+
+    def _on_lookup(self, client: int, body: RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, KeyRequest)
+        handle = self._engine.lookup(client, engine_key(body.key), body.tp_size)
+        return {"handle": _handle_to_wire(handle)}
+
+    def _on_query_prefetch(self, client: int, body: RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, HandleRequest)
+        result = self._engine.query_prefetch_status(client, _handle_from_wire(body.handle))
+        return prefetch_status_to_wire(None if result is None else _lookup_result(result))
+
+    def _on_wait_prefetch(self, client: int, body: RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, PrefetchWaitRequest)
+        handle = _handle_from_wire(body.handle)
+        result = self._engine.wait_prefetch_status(client, handle, body.timeout_s)
+        return prefetch_status_to_wire(None if result is None else _lookup_result(result))
+
+    def _on_sync_lookup(self, client: int, body: RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, SyncLookupRequest)
+        result = self._engine.sync_lookup(
+            client, engine_key(body.key), body.tp_size, body.timeout_s
+        )
+        return _lookup_result(result).to_wire()
+
+    def _on_free_lookup_locks(self, client: int, body: RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, KeyRequest)
+        released = self._engine.free_lookup_locks(client, engine_key(body.key), body.tp_size)
+        return {"released": int(released)}
+
+    def _on_end_session(self, client: int, body: RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, EndSessionRequest)
+        return {"released": int(self._engine.end_session(client, body.model_name, body.request_id))}
+
+    def _on_prepare_store(self, client: int, body: RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, PrepareStoreRequest)
+        return _ticket(self._engine.prepare_store(client, engine_key(body.key))).to_wire()
+
+    def _on_commit_store(self, client: int, body: RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, CommitStoreRequest)
+        crcs = (
+            None
+            if body.crc32c is None
+            else list(struct.unpack(f"<{len(body.crc32c) // 4}I", body.crc32c))
+        )
+        published = self._engine.commit_store(
+            client, _handle_from_wire(body.handle), body.success, crcs
+        )
+        return {"published": int(published)}
+
+    def _on_prepare_retrieve(self, client: int, body: RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, PrepareRetrieveRequest)
+        ticket = self._engine.prepare_retrieve(client, engine_key(body.key), body.timeout_s)
+        return _ticket(ticket).to_wire()
+
+    def _on_commit_retrieve(self, client: int, body: RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, HandleRequest)
+        self._engine.commit_retrieve(client, _handle_from_wire(body.handle))
+        return {}
+
+    def _on_clear(self, client: int, body: RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, ClearRequest)
+        if body.force:
+            token = self._admin_token
+            given = body.admin_token or ""
+            if token is None or not hmac.compare_digest(given.encode(), token.encode()):
+                raise PermissionDeniedError(
+                    "CLEAR with force needs the server's admin token (the file the server wrote "
+                    "at start; see docs/operations.md)"
+                )
+        return {"removed": int(self._engine.clear(body.force))}
+
+    def _on_status(self, client: int, body: RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, EmptyRequest)
+        reply: dict[str, Any] = dict(self._engine.stats())
+        if self._client_usage is not None:
+            reply["clients"] = self._client_usage()
+        else:
+            reply["clients"] = list(self._engine.client_usage())
+        if self._server_status is not None:
+            reply["server"] = dict(self._server_status())
+        return reply
+
+
+def _request_name(request_type: int) -> str:
+    try:
+        return RequestType(request_type).name
+    except ValueError:
+        return _MALFORMED
