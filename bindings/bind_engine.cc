@@ -18,10 +18,12 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <stdexcept>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "bind_common.h"
 #include "lmcache_cpp/cache_engine.h"
@@ -121,23 +123,45 @@ struct PyEngineKey {
   }
 };
 
-// An eventfd the engine's completion notice writes to. Shared by the notice (which the
-// prefetch controller may still be calling) and the Python object, so the descriptor closes only
-// after both are gone and is never written once its number may name another file.
-struct NoticeFd {
+// The engine's completion notices, queued for the server (CacheEngine::SetCompletionNotice), and
+// an eventfd that becomes readable when the queue stops being empty. Shared by the notice (which
+// the prefetch controller may still be calling) and the Python object, so the descriptor closes
+// only after both are gone and is never written once its number may name another file.
+struct CompletionQueue {
+  static constexpr size_t kMaxQueued = 65536;  // beyond: `overflowed`, the server polls all
   int fd = -1;
-  NoticeFd() : fd(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) {}
-  ~NoticeFd() {
+  std::mutex mu;
+  std::vector<std::pair<JobHandle, RequestId>> queued;  // GUARDED_BY(mu)
+  bool overflowed = false;                              // GUARDED_BY(mu)
+  CompletionQueue() : fd(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) {}
+  ~CompletionQueue() {
     if (fd >= 0) ::close(fd);
   }
-  NoticeFd(const NoticeFd&) = delete;
-  NoticeFd& operator=(const NoticeFd&) = delete;
+  CompletionQueue(const CompletionQueue&) = delete;
+  CompletionQueue& operator=(const CompletionQueue&) = delete;
+
+  void Push(const JobHandle& handle, RequestId request) {
+    bool was_empty = false;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      was_empty = queued.empty() && !overflowed;
+      if (queued.size() < kMaxQueued) {
+        queued.emplace_back(handle, request);
+      } else {
+        overflowed = true;
+      }
+    }
+    if (was_empty) {
+      const uint64_t one = 1;
+      (void)!::write(fd, &one, sizeof(one));  // non-blocking; never fails short
+    }
+  }
 };
 
 struct PyCacheEngine {
   std::shared_ptr<StorageManager> storage;  // destroyed after the engine
   std::unique_ptr<CacheEngine> engine;
-  std::shared_ptr<NoticeFd> notice;  // made by completion_fd()
+  std::shared_ptr<CompletionQueue> completions;  // made by completion_fd()
 };
 
 std::optional<Duration> OptionalSeconds(std::optional<double> s, const char* what) {
@@ -464,37 +488,56 @@ void BindEngine(nb::module_& m) {
           },
           "client"_a, "key"_a, "tp_size"_a = 1, "timeout_s"_a = nb::none())
       .def(
-          "retrieve_would_wait",
+          "pending_load",
           [](E& e, const std::string& model_name, const std::string& request_id) {
-            return e.engine->RetrieveWouldWait(model_name, request_id);
+            return e.engine->PendingLoad(model_name, request_id);
           },
           "model_name"_a, "request_id"_a, Release(),
-          "Whether prepare_retrieve / free_lookup_locks of the request would wait now for its "
-          "pending L2 load (starting a load its lookup did not start). Never blocks.")
+          "The engine's id of the request when prepare_retrieve / free_lookup_locks of it would "
+          "wait now for its pending L2 load (starting a load its lookup did not start), else 0. "
+          "Never blocks.")
       .def(
           "completion_fd",
           [](E& e) {
-            if (!e.notice) {
-              auto holder = std::make_shared<NoticeFd>();
-              if (holder->fd < 0) {
+            if (!e.completions) {
+              auto queue = std::make_shared<CompletionQueue>();
+              if (queue->fd < 0) {
                 throw StatusError(
                     Status::Internal(std::string("eventfd failed: ") + std::strerror(errno)));
               }
-              e.notice = holder;
-              e.engine->SetCompletionNotice([holder] {
-                const uint64_t one = 1;
-                (void)!::write(holder->fd, &one, sizeof(one));  // non-blocking; never fails short
-              });
+              e.completions = queue;
+              e.engine->SetCompletionNotice(
+                  [queue](const JobHandle& h, RequestId r) { queue->Push(h, r); });
             }
-            return e.notice->fd;
+            return e.completions->fd;
           },
-          "A non-blocking eventfd, owned by the engine, that becomes readable when the notice "
-          "armed by arm_completion_notice() fires: a lookup job completing or cancelled, or an "
-          "L2 load finishing. Read 8 bytes to reset it. Lets a server park waits instead of "
-          "blocking threads on them.")
+          "A non-blocking eventfd, owned by the engine, that becomes readable when lookup jobs "
+          "complete or are cancelled, or L2 loads finish; take_completions() says which. Lets a "
+          "server park waits instead of blocking threads on them.")
       .def(
-          "arm_completion_notice", [](E& e) { e.engine->ArmCompletionNotice(); }, Release(),
-          "Arms the one-shot notice of completion_fd(). Arm, then check what finished.")
+          "take_completions",
+          [](E& e) {
+            std::vector<std::pair<JobHandle, RequestId>> taken;
+            bool overflowed = false;
+            if (e.completions) {
+              nb::gil_scoped_release release;
+              uint64_t drained = 0;
+              (void)!::read(e.completions->fd, &drained, sizeof(drained));  // reset the eventfd
+              std::lock_guard<std::mutex> lock(e.completions->mu);
+              taken.swap(e.completions->queued);
+              overflowed = e.completions->overflowed;
+              e.completions->overflowed = false;
+            }
+            nb::list out;
+            for (const auto& [h, r] : taken) {
+              out.append(nb::make_tuple(
+                  nb::bytes(reinterpret_cast<const char*>(h.bytes.data()), h.bytes.size()), r));
+            }
+            return nb::make_tuple(out, overflowed);
+          },
+          "(completions, overflowed): the (handle bytes, request id) of each job completed or "
+          "cancelled since the last call (a zero handle and request 0: the engine stopped), and "
+          "whether some were not queued (then anything may have changed).")
       .def(
           "end_session",
           [](E& e, ClientId client, const std::string& model_name, const std::string& request_id) {

@@ -14,7 +14,9 @@
 #include <cstring>
 #include <future>
 #include <memory>
+#include <mutex>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "lmcache_cpp/memory_adapter.h"
@@ -502,44 +504,67 @@ TEST_F(PrefetchTest, SyncLookupWithoutStartLoadIsStartedByTheFirstJoiner) {
   ExpectClean({3});
 }
 
-TEST_F(PrefetchTest, LoadPendingAndTheOneShotNoticeLetAServerParkWaits) {
+TEST_F(PrefetchTest, LoadPendingAndCompletionNoticesLetAServerParkWaits) {
   auto keys = Keys(0, 2);
   PutL2(adapters_[0].get(), keys);
-  std::atomic<int> notices{0};
-  ctl_->SetCompletionNotice([&] { notices.fetch_add(1); });
+  std::mutex mu;
+  std::vector<std::pair<JobHandle, RequestId>> notices;  // GUARDED_BY(mu)
+  ctl_->SetCompletionNotice([&](const JobHandle& h, RequestId r) {
+    std::lock_guard<std::mutex> lock(mu);
+    notices.emplace_back(h, r);
+  });
+  auto count = [&] {
+    std::lock_guard<std::mutex> lock(mu);
+    return notices.size();
+  };
+  auto wait_for = [&](size_t n) {
+    const auto deadline = std::chrono::steady_clock::now() + seconds(10);
+    while (count() < n && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(milliseconds(1));
+    }
+    return count();
+  };
   // A sync lookup without its load started: the first LoadPending starts it, as a joiner would.
   auto r = ctl_->LookupAndPin(Req(keys, 3), seconds(10), /*start_load=*/false);
   ASSERT_TRUE(r.ok());
   adapters_[0]->SetStalled(true);
-  EXPECT_EQ(notices.load(), 0) << "not armed: no notice";
-  ctl_->ArmCompletionNotice();
   EXPECT_TRUE(ctl_->LoadPending(3));
   ASSERT_TRUE(adapters_[0]->WaitForBlockedOperations(1, seconds(10)));
   EXPECT_TRUE(ctl_->LoadPending(3)) << "still running";
   EXPECT_FALSE(ctl_->LoadPending(4)) << "no sync lookup of that request";
-  EXPECT_EQ(notices.load(), 0);
+  EXPECT_EQ(count(), 0u);
   adapters_[0]->SetStalled(false);
-  const auto deadline = std::chrono::steady_clock::now() + seconds(10);
-  while (notices.load() == 0 && std::chrono::steady_clock::now() < deadline) {
-    std::this_thread::sleep_for(milliseconds(1));
+  // The load finishing completes the sync job: one notice naming its request.
+  ASSERT_EQ(wait_for(1), 1u);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    EXPECT_EQ(notices[0].second, 3u);
   }
-  EXPECT_EQ(notices.load(), 1) << "the load finishing calls the armed notice once";
-  EXPECT_FALSE(ctl_->LoadPending(3));
+  EXPECT_FALSE(ctl_->LoadPending(3)) << "the result is visible when the notice comes";
   auto joined = ctl_->WaitLoad(3, Duration::zero());
   ASSERT_TRUE(joined.ok()) << joined.status().ToString();
   EXPECT_EQ(joined->hits, 2u);
-  // One-shot: a later completion without arming again calls nothing.
-  EXPECT_EQ(RunToCompletion(Req({Key(9)}, 5)).hits, 0u);
-  EXPECT_EQ(notices.load(), 1);
-  ctl_->ArmCompletionNotice();
-  EXPECT_EQ(RunToCompletion(Req({Key(8)}, 6)).hits, 0u);
-  // The notice runs on the completing thread just after the result is published.
-  const auto again = std::chrono::steady_clock::now() + seconds(10);
-  while (notices.load() < 2 && std::chrono::steady_clock::now() < again) {
-    std::this_thread::sleep_for(milliseconds(1));
+  // A two-phase job's completion names its handle.
+  auto handle = ctl_->Submit(Req({Key(9)}, 5));
+  ASSERT_TRUE(handle.ok());
+  ASSERT_EQ(wait_for(2), 2u);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    EXPECT_EQ(notices[1].first, *handle);
+    EXPECT_EQ(notices[1].second, 5u);
   }
-  EXPECT_EQ(notices.load(), 2);
-  ExpectClean({3, 5, 6});
+  auto done = ctl_->Query(7, *handle);
+  ASSERT_TRUE(done.ok() && done->has_value());
+  // Stopping says "everything": a zero handle and request.
+  ctl_->Stop();
+  ASSERT_GE(wait_for(3), 3u);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    EXPECT_EQ(notices.back().first, JobHandle{});
+    EXPECT_EQ(notices.back().second, 0u);
+  }
+  ctl_->SetCompletionNotice(nullptr);  // TearDown stops again; the locals above are gone then
+  ExpectClean({3, 5});
 }
 
 TEST_F(PrefetchTest, IdleSyncLookupIsCleanedUpByEndRequest) {

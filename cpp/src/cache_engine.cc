@@ -662,22 +662,20 @@ Result<uint64_t> CacheEngine::FreeLookupLocks(ClientId client, const EngineKey& 
   return released;
 }
 
-bool CacheEngine::RetrieveWouldWait(std::string_view model_name, std::string_view request_id) {
+RequestId CacheEngine::PendingLoad(std::string_view model_name, std::string_view request_id) {
   RequestId request = 0;
   {
     std::lock_guard<std::mutex> l(mu_);
     auto it = requests_.find(RequestKey(model_name, request_id));
-    if (it == requests_.end()) return false;
+    if (it == requests_.end()) return 0;
     request = it->second->id;
   }
-  return prefetch_->LoadPending(request);
+  return prefetch_->LoadPending(request) ? request : 0;
 }
 
-void CacheEngine::SetCompletionNotice(std::function<void()> notice) {
+void CacheEngine::SetCompletionNotice(PrefetchController::CompletionNotice notice) {
   prefetch_->SetCompletionNotice(std::move(notice));
 }
-
-void CacheEngine::ArmCompletionNotice() { prefetch_->ArmCompletionNotice(); }
 
 Result<uint64_t> CacheEngine::EndSession(ClientId client, std::string_view model_name,
                                          std::string_view request_id) {

@@ -197,7 +197,7 @@ void PrefetchController::Stop() {
   cv_.notify_all();
   reaper_cv_.notify_all();
   for (auto& [job, action] : actions) RunCancelAction(job, action);
-  Notice();
+  Notice(JobHandle{}, 0);  // stopped: everything changed
   std::lock_guard<std::mutex> lock(start_stop_mu_);
   if (reaper_.joinable()) reaper_.join();
 }
@@ -260,24 +260,21 @@ void PrefetchController::RunCancelAction(const std::shared_ptr<Job>& job, Cancel
       Complete(job, {job->l1_hits, job->l1_hits, 0}, Status::Cancelled("cancelled"));
       break;
   }
-  Notice();  // a parked waiter of the job answers now (NotFound, Cancelled)
+  Notice(job->handle, job->req.owner.request);  // a parked waiter answers (NotFound, Cancelled)
 }
 
-void PrefetchController::SetCompletionNotice(std::function<void()> notice) {
+void PrefetchController::SetCompletionNotice(CompletionNotice notice) {
   std::lock_guard<std::mutex> lock(notice_mu_);
-  notice_ = std::make_shared<const std::function<void()>>(std::move(notice));
+  notice_ = notice ? std::make_shared<const CompletionNotice>(std::move(notice)) : nullptr;
 }
 
-void PrefetchController::ArmCompletionNotice() { notice_armed_.store(true); }
-
-void PrefetchController::Notice() {
-  if (!notice_armed_.load(std::memory_order_relaxed) || !notice_armed_.exchange(false)) return;
-  std::shared_ptr<const std::function<void()>> notice;
+void PrefetchController::Notice(const JobHandle& handle, RequestId request) {
+  std::shared_ptr<const CompletionNotice> notice;
   {
     std::lock_guard<std::mutex> lock(notice_mu_);
     notice = notice_;
   }
-  if (notice && *notice) (*notice)();
+  if (notice) (*notice)(handle, request);
 }
 
 bool PrefetchController::LoadPending(RequestId request) {
@@ -995,7 +992,7 @@ void PrefetchController::Complete(const std::shared_ptr<Job>& job, PrefetchResul
     }
   }
   cv_.notify_all();
-  Notice();
+  Notice(job->handle, job->req.owner.request);
   for (auto& next : start) StartL2Lookup(next);
 }
 

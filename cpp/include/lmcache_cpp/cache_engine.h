@@ -260,16 +260,16 @@ class CacheEngine {
   // now is released.
   Result<uint64_t> FreeLookupLocks(ClientId client, const EngineKey& key, uint32_t tp_size,
                                    std::optional<Duration> timeout = std::nullopt);
-  // Whether PrepareRetrieve / FreeLookupLocks of the request would wait now, for its pending
-  // sync load (starting a load its lookup did not start, as they would). Never blocks: a server
-  // parks the request instead of blocking a thread, and runs it once this returns false (or
-  // with a zero timeout at its deadline). An unknown request, or one with no load pending: false.
-  bool RetrieveWouldWait(std::string_view model_name, std::string_view request_id);
-  // Completion notices, for a server that parks waits (PrefetchController::SetCompletionNotice):
-  // after ArmCompletionNotice(), the next lookup job completion, cancellation or sync load
-  // finishing calls `notice` once, on that thread, outside the engine's locks.
-  void SetCompletionNotice(std::function<void()> notice);
-  void ArmCompletionNotice();
+  // The engine's id of the request when PrepareRetrieve / FreeLookupLocks of it would wait now,
+  // for its pending sync load (starting a load its lookup did not start, as they would); 0 when
+  // they would not (an unknown request, or no load pending). Never blocks: a server parks the
+  // request under that id instead of blocking a thread, and runs it once the id's completion
+  // notice arrives (or with a zero timeout at its deadline).
+  RequestId PendingLoad(std::string_view model_name, std::string_view request_id);
+  // Completion notices, for a server that parks waits: see
+  // PrefetchController::SetCompletionNotice (the job's handle, and the engine's request id that
+  // PendingLoad returned for the request).
+  void SetCompletionNotice(PrefetchController::CompletionNotice notice);
   // Drops the request's hashing session, jobs, pending loads and leases. Returns the leases
   // released (0 for an unknown request). Errors: PermissionDenied (as FreeLookupLocks).
   Result<uint64_t> EndSession(ClientId client, std::string_view model_name,

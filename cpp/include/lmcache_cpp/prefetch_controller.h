@@ -184,13 +184,14 @@ class PrefetchController {
   bool LoadPending(RequestId request);
 
   // ---- completion notices (for servers that park waits instead of blocking a thread) -------
-  // After ArmCompletionNotice(), the next job completion, cancellation or sync load finishing
-  // calls `notice` once, on the thread that completed it, outside every lock of the controller
-  // (one-shot: arm again after each call). `notice` must be short and must not block or call
-  // back into the controller (write a byte to a pipe). Arm first, then check what is done:
-  // a completion between the two still calls `notice`.
-  void SetCompletionNotice(std::function<void()> notice);
-  void ArmCompletionNotice();
+  // `notice(handle, request)` is called each time a job completes or is cancelled (a sync
+  // lookup's load finishing completes its job), with the job's handle and request, and once with
+  // a zero handle and request 0 when the controller stops (anything may have changed). It runs on
+  // the thread that completed the job, outside every lock of the controller, after the result is
+  // visible to Query / WaitLoad / LoadPending; it must be short, must not block and must not call
+  // back into the controller (append to a queue, write to an eventfd).
+  using CompletionNotice = std::function<void(const JobHandle& handle, RequestId request)>;
+  void SetCompletionNotice(CompletionNotice notice);
 
   // ---- cleanup -----------------------------------------------------------------------------
   // Drops the request's jobs and pending loads (pins and temporary objects are released; the
@@ -234,8 +235,8 @@ class PrefetchController {
   void RunCancelAction(const std::shared_ptr<Job>& job, CancelAction action);
   size_t EndMatching(const std::function<bool(const Job&)>& match);
   void ReleaseJobLeases(const Job& job);
-  // Calls the completion notice if it is armed (disarming it). REQUIRES mu_ not held.
-  void Notice();
+  // Calls the completion notice, if one is set. REQUIRES mu_ not held.
+  void Notice(const JobHandle& handle, RequestId request);
   Result<std::shared_ptr<Job>> FindLocked(ClientId client, const JobHandle& handle);
   void ReapLoop();
 
@@ -257,9 +258,8 @@ class PrefetchController {
   RequestId next_internal_request_ = kInternalRequestBit;  // GUARDED_BY(mu_)
   PrefetchStats counters_;                                 // GUARDED_BY(mu_)
 
-  std::atomic<bool> notice_armed_{false};
   std::mutex notice_mu_;  // guards notice_ (the pointer); never held while calling it
-  std::shared_ptr<const std::function<void()>> notice_;
+  std::shared_ptr<const CompletionNotice> notice_;
 
   std::condition_variable reaper_cv_;  // wakes the reaper for Stop only
   std::mutex start_stop_mu_;

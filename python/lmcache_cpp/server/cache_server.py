@@ -47,6 +47,8 @@ from lmcache_cpp.server.dispatcher import (
     Dispatcher,
     EngineLike,
     RequestMetrics,
+    Waiting,
+    WaitKey,
     _outcome,
     _request_id,
     _request_name,
@@ -128,6 +130,7 @@ class _Parked:
     request: Request
     received: float  # time.perf_counter(), for the latency metric
     deadline: float  # time.monotonic(): answered as a timed-out wait then
+    key: WaitKey  # what it waits for (indexed in CacheServer._parked_by_key)
 
 
 @dataclass
@@ -244,6 +247,7 @@ class CacheServer:
         # tokens no longer parked are skipped when they surface).
         self._parked: dict[int, _Parked] = {}
         self._parked_deadlines: list[tuple[float, int]] = []
+        self._parked_by_key: dict[WaitKey, set[int]] = {}  # tokens by what they wait for
         # Pool results the PUSH socket did not take (collections.deque: thread-safe appends and
         # pops); the socket thread sends them after a wake-up, so no reply is ever lost and no
         # client stays "in flight" forever.
@@ -594,7 +598,7 @@ class CacheServer:
             if self._stopping.is_set():
                 if stop_deadline is None:
                     stop_deadline = now + self._options.stop_timeout_s
-                    self._poll_parked(router, now, final=True)  # each answered as timed out
+                    self._poll_parked(router, now, list(self._parked), final=True)
                 if not self._pending or now >= stop_deadline:
                     if self._pending:
                         _log.warning(
@@ -623,14 +627,12 @@ class CacheServer:
                 self._drain_requests(router)
             now = time.monotonic()
             if notice_fd in events:
-                with contextlib.suppress(BlockingIOError):
-                    os.read(notice_fd, 8)
-                self._poll_parked(router, now)
-            elif self._parked_deadlines and self._parked_deadlines[0][0] <= now:
-                self._poll_parked(router, now)
+                self._on_completions(router, now)
+            if self._parked_deadlines and self._parked_deadlines[0][0] <= now:
+                self._poll_parked(router, now, self._expired_tokens(now))
             if now >= next_tick and not self._stopping.is_set():
-                # Also a safety net for a notice another server on the same engine consumed.
-                self._poll_parked(router, now)
+                # A safety net for completions another server on the same engine took.
+                self._poll_parked(router, now, list(self._parked))
                 self._reap(now)
                 next_tick = now + interval
 
@@ -765,16 +767,18 @@ class CacheServer:
         message = self._refusal(client, len(self._parked), "wait queue")
         if message is None:
             wait_s = self._dispatcher.wait_s(request)
-            # Arm, then look: a job that finishes after the look still sends a notice.
-            self._engine.arm_completion_notice()
+            # A job that completes after this look queues its completion, which the socket
+            # thread reads after parking this request: no wake-up is lost.
             answered = self._dispatcher.poll(client.id, request, final=wait_s <= 0)
-            if answered is not None:
+            if not isinstance(answered, Waiting):
                 self._finish(client, request, answered[1], received)
                 self._send(router, identity, answered[0])
                 return
             token = next(self._tokens)
             deadline = time.monotonic() + wait_s
-            self._parked[token] = _Parked(identity, client, request, received, deadline)
+            key = answered.key
+            self._parked[token] = _Parked(identity, client, request, received, deadline, key)
+            self._parked_by_key.setdefault(key, set()).add(token)
             heapq.heappush(self._parked_deadlines, (deadline, token))
             client.in_flight += 1
             return
@@ -782,25 +786,62 @@ class CacheServer:
         self._finish(client, request, _EXHAUSTED, received)
         self._send(router, identity, reply)
 
-    def _poll_parked(self, router: zmq.Socket[bytes], now: float, final: bool = False) -> None:
-        """Answers every parked wait that no longer waits, or whose deadline passed (all of them
-        when ``final``), in arrival order."""
-        deadlines = self._parked_deadlines
-        while deadlines and deadlines[0][1] not in self._parked:
-            heapq.heappop(deadlines)
+    def _on_completions(self, router: zmq.Socket[bytes], now: float) -> None:
+        """The engine says which jobs completed: polls the parked requests waiting for them (all
+        of them after an overflow, or when the engine stopped)."""
+        completed, overflowed = self._engine.take_completions()
         if not self._parked:
-            deadlines.clear()
             return
-        self._engine.arm_completion_notice()  # before looking, as in _park_or_answer
-        for token, parked in list(self._parked.items()):
-            if token not in self._parked:  # its client was dropped meanwhile
+        everything = overflowed or any(r == 0 and not any(h) for h, r in completed)
+        if everything:
+            self._poll_parked(router, now, list(self._parked))
+            return
+        tokens: set[int] = set()
+        for handle, request in completed:
+            tokens.update(self._parked_by_key.get(("job", handle), ()))
+            tokens.update(self._parked_by_key.get(("request", request), ()))
+        if tokens:
+            self._poll_parked(router, now, sorted(tokens))  # tokens grow: arrival order
+
+    def _expired_tokens(self, now: float) -> list[int]:
+        deadlines = self._parked_deadlines
+        expired = []
+        while deadlines and deadlines[0][0] <= now:
+            _, token = heapq.heappop(deadlines)
+            if token in self._parked:
+                expired.append(token)
+        return expired
+
+    def _unpark(self, token: int) -> _Parked:
+        parked = self._parked.pop(token)
+        waiting = self._parked_by_key.get(parked.key)
+        if waiting is not None:
+            waiting.discard(token)
+            if not waiting:
+                del self._parked_by_key[parked.key]
+        return parked
+
+    def _poll_parked(
+        self, router: zmq.Socket[bytes], now: float, tokens: list[int], final: bool = False
+    ) -> None:
+        """Polls the given parked requests, in that order: answers each that no longer waits or
+        whose deadline passed (each of them when ``final``); the others stay parked, under what
+        they wait for now."""
+        for token in tokens:
+            parked = self._parked.get(token)
+            if parked is None:  # answered already, or its client was dropped meanwhile
                 continue
             answered = self._dispatcher.poll(
                 parked.client.id, parked.request, final or now >= parked.deadline
             )
-            if answered is None:
+            if isinstance(answered, Waiting):
+                if answered.key != parked.key:  # e.g. the request's load was replaced
+                    self._unpark(token)
+                    parked.key = answered.key
+                    self._parked[token] = parked
+                    self._parked_by_key.setdefault(parked.key, set()).add(token)
                 continue
-            del self._parked[token]
+            self._unpark(token)
             client = parked.client
             client.in_flight -= 1
             client.last_seen = now
@@ -808,8 +849,8 @@ class CacheServer:
             self._send(router, parked.identity, answered[0])
             if client.leaving and client.in_flight == 0 and client.identity in self._clients:
                 self._drop_client(client, "said goodbye")
-        while deadlines and deadlines[0][1] not in self._parked:
-            heapq.heappop(deadlines)
+        if not self._parked:
+            self._parked_deadlines.clear()
 
     def _finish_fast(
         self,
@@ -979,7 +1020,7 @@ class CacheServer:
         """Forgets the client (and its parked waits: nobody is left to answer) and ends it in the
         engine; returns the leases released."""
         for token in [t for t, p in self._parked.items() if p.client is client]:
-            del self._parked[token]
+            self._unpark(token)
             client.in_flight -= 1
         del self._clients[client.identity]
         del self._clients_by_id[client.id]

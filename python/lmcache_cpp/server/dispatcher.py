@@ -8,6 +8,7 @@ import hmac
 import logging
 import struct
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from lmcache_cpp import _core
@@ -168,9 +169,9 @@ class EngineLike(Protocol):
     ) -> int: ...
     @property
     def retrieve_wait_timeout_s(self) -> float: ...
-    def retrieve_would_wait(self, model_name: str, request_id: str) -> bool: ...
+    def pending_load(self, model_name: str, request_id: str) -> int: ...
     def completion_fd(self) -> int: ...
-    def arm_completion_notice(self) -> None: ...
+    def take_completions(self) -> tuple[list[tuple[bytes, int]], bool]: ...
     def client_usage(self) -> list[dict[str, int]]: ...
     def end_session(self, client: int, model_name: str, request_id: str) -> int: ...
     def prepare_store(self, client: int, key: _core.EngineKey) -> _TicketLike: ...
@@ -272,6 +273,17 @@ def _request_id(body: RequestBody) -> str:
 
 Handler = Callable[[int, RequestBody], Mapping[str, Any]]
 
+WaitKey = tuple[str, bytes | int]
+"""What a parked request waits for: ("job", handle bytes) of a two-phase lookup, or ("request",
+engine request id) of a sync lookup's pending load; the engine's completion notices name both."""
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """:meth:`Dispatcher.poll`'s answer for a request that still waits, and for what."""
+
+    key: WaitKey
+
 
 class Dispatcher:
     """Validates requests and runs them against the engine; no sockets, no threads.
@@ -332,30 +344,36 @@ class Dispatcher:
             return body.timeout_s
         return min(float(self._engine.retrieve_wait_timeout_s), self._limits.max_wait_s)
 
-    def poll(self, client: int, request: Request, final: bool) -> tuple[list[bytes], int] | None:
-        """Runs a :data:`PARKED_REQUESTS` request without waiting: its reply and status, or None
-        while it would still wait (never when ``final``: its wait is over, and it is answered as
-        a wait that timed out is). Never raises, as :meth:`execute`."""
+    def poll(self, client: int, request: Request, final: bool) -> tuple[list[bytes], int] | Waiting:
+        """Runs a :data:`PARKED_REQUESTS` request without waiting: its reply and status, or
+        :class:`Waiting` for what it still waits for (never when ``final``: its wait is over,
+        and it is answered as a wait that timed out is). Never raises, as :meth:`execute`."""
         body = request.body
+        waiting: list[WaitKey] = []
 
         def run() -> Mapping[str, Any] | None:
             if isinstance(body, PrefetchWaitRequest):
                 handle = _handle_from_wire(body.handle)
                 result = self._engine.query_prefetch_status(client, handle)
                 if result is None and not final:
+                    waiting.append(("job", body.handle))
                     return None
                 return prefetch_status_to_wire(None if result is None else _lookup_result(result))
             assert isinstance(body, PrepareRetrieveRequest | KeyRequest)
             wire = body.key
-            if not final and self._engine.retrieve_would_wait(wire.model_name, wire.request_id):
-                return None
+            if not final:
+                pending = int(self._engine.pending_load(wire.model_name, wire.request_id))
+                if pending:
+                    waiting.append(("request", pending))
+                    return None
             if isinstance(body, PrepareRetrieveRequest):
                 ticket = self._engine.prepare_retrieve(client, engine_key(wire), 0.0)
                 return _ticket(ticket).to_wire()
             released = self._engine.free_lookup_locks(client, engine_key(wire), body.tp_size, 0.0)
             return {"released": int(released)}
 
-        return self._guarded(client, request, run)
+        answered = self._guarded(client, request, run)
+        return Waiting(waiting[0]) if answered is None else answered
 
     def try_without_blocking(self, client: int, request: Request) -> tuple[list[bytes], int] | None:
         """Answers a pool request at once when it turns out not to block: a SYNC_LOOKUP whose
