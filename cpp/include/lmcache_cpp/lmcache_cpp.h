@@ -12,12 +12,12 @@
 //   l2_adapter.h       the L2 adapter interface (implement it to plug in another store)
 //   sync_adapter.h     SyncL2Adapter: a base for a blocking L2 tier of the host's own
 //   fs_adapter.h       the file-system L2 adapter
-//   memory_adapter.h   the in-memory L2 adapter (tests, benchmarks)
 //   logging.h          SetLogSink: route the core's few log lines into the host's logger
 //
 // The other headers in lmcache_cpp/ are reachable through these and are building blocks of the
 // engine (object table, controllers, hashing, allocator); their Stability lines say what may
-// change.
+// change. memory_adapter.h (an in-memory L2 tier with fault injection, a tool for tests and
+// benchmarks) is not included: include it by name where a test wants it.
 //
 // Stability: stable (the list may grow).
 #ifndef LMCACHE_CPP_LMCACHE_CPP_H_
@@ -28,7 +28,6 @@
 #include "lmcache_cpp/kv_copy.h"
 #include "lmcache_cpp/l2_adapter.h"
 #include "lmcache_cpp/logging.h"
-#include "lmcache_cpp/memory_adapter.h"
 #include "lmcache_cpp/status.h"
 #include "lmcache_cpp/storage_manager.h"
 #include "lmcache_cpp/sync_adapter.h"
