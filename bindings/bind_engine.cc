@@ -382,7 +382,7 @@ void BindEngine(nb::module_& m) {
             if (clock != nullptr) c = clock->clock;
             auto engine =
                 ValueOrThrow(CacheEngine::Create(storage.manager.get(), config.ToCore(c)));
-            new (self) E{storage.manager, std::move(engine)};
+            new (self) E{storage.manager, std::move(engine), nullptr};
           },
           "storage"_a, "config"_a, nb::kw_only(), "clock"_a = nullptr)
       .def_prop_ro("chunk_size", [](const E& e) { return e.engine->chunk_size(); })
