@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 import lmcache_cpp as lc
-from lmcache_cpp import cli, l1_demo
+from lmcache_cpp import cli
+from lmcache_cpp.cli import l1_demo
 
 SMALL_DEMO = ["l1-demo", "--objects", "48", "--object-kib", "16", "--arena-mib", "2"]
 

@@ -1,6 +1,6 @@
 """``lmcache-cpp l1-demo``: an in-process walk through the L1 core alone (hashing, the
 shared-memory arena, the object table, leases, eviction), without a server or an engine. See
-``lmcache-cpp demo`` (``lmcache_cpp.demo``) for the server."""
+``lmcache-cpp demo`` (``lmcache_cpp.cli.demo``) for the server."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 import lmcache_cpp
-from lmcache_cpp.console import Progress, Report
+from lmcache_cpp.cli.console import Progress, Report
 
 __all__ = ["add_l1_demo_arguments", "run_l1_demo"]
 

@@ -40,8 +40,9 @@ import numpy as np
 import numpy.typing as npt
 
 from lmcache_cpp import _core
+from lmcache_cpp.cli.console import Progress, Report
+from lmcache_cpp.cli.status import format_status
 from lmcache_cpp.client import CacheClient, Key, KvTransferClient
-from lmcache_cpp.console import Progress, Report
 
 __all__ = ["DemoOptions", "add_demo_arguments", "run_demo"]
 
@@ -221,8 +222,6 @@ def run_demo(options: DemoOptions, out: IO[str] = sys.stdout) -> int:
 def _play(
     options: DemoOptions, endpoint: str, num_blocks: int, report: Report, out: IO[str]
 ) -> int:
-    import lmcache_cpp.cli as cli  # the STATUS formatter
-
     rng = np.random.default_rng(options.seed + 1)
     shape = (2, num_blocks, _BLOCK, options.heads, options.head_size)
     layers = [rng.integers(0, 1 << 16, shape, dtype=np.uint16) for _ in range(options.layers)]
@@ -344,7 +343,7 @@ def _play(
         report.check(leases == 0, f"{leases} leases outstanding after every session ended")
         print("", file=out)
         print("server STATUS", file=out)
-        print(cli.format_status(status), file=out)
+        print(format_status(status), file=out)
     return 0
 
 

@@ -1,15 +1,15 @@
-"""The ``lmcache-cpp`` command line.
+"""The ``lmcache-cpp`` command line: the parser and one handler per subcommand.
 
 Subcommands:
 
 * ``serve``: the cache server (``lmcache_cpp.app``), configured by flags and a config file
   (``lmcache_cpp.config``).
 * ``demo``: starts a server in a child process and plays an engine workload against it
-  (``lmcache_cpp.demo``).
+  (``lmcache_cpp.cli.demo``).
 * ``status``: asks a running server what it holds and does.
 * ``info``: version and how the native core was built.
 * ``l1-demo``: an in-process walk through the L1 core alone (hashing, shared-memory arena,
-  object table, leases, eviction), without a server (``lmcache_cpp.l1_demo``).
+  object table, leases, eviction), without a server (``lmcache_cpp.cli.l1_demo``).
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ import logging
 import platform
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
 import lmcache_cpp
 from lmcache_cpp import _core
+from lmcache_cpp.cli.status import format_status
 
 _log = logging.getLogger(__name__)
 
@@ -76,67 +76,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 1
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def format_status(status: dict[str, Any]) -> str:
-    """A human-readable summary of a STATUS reply."""
-    lines: list[str] = []
-    server = status.get("server", {})
-    engine = status.get("engine", {})
-    l1 = status.get("l1", {})
-    prefetch = status.get("prefetch", {})
-    store = status.get("store", {})
-    if server:
-        lines.append(
-            f"server      {server.get('endpoint', '?')}  version {server.get('version', '?')}  "
-            f"up {float(server.get('uptime_s', 0.0)):.0f} s  "
-            f"clients {server.get('clients', server.get('clients_connected', '?'))}"
-        )
-    if l1:
-        cap = int(l1.get("capacity_bytes", 0))
-        used = int(l1.get("used_bytes", 0))
-        pct = 100.0 * used / cap if cap else 0.0
-        lines.append(
-            f"L1          {_fmt_bytes(used)} of {_fmt_bytes(cap)} ({pct:.1f}%)  "
-            f"objects {l1.get('objects', 0)}  leased {l1.get('leased_objects', 0)}  "
-            f"read leases {l1.get('read_leases', 0)}  write leases {l1.get('write_leases', 0)}  "
-            f"evictions {l1.get('evictions', 0)}"
-        )
-    for i, a in enumerate(status.get("l2", [])):
-        lines.append(
-            f"L2[{i}]       objects {a.get('objects', 0)}  {_fmt_bytes(int(a.get('bytes', 0)))}  "
-            f"stores {a.get('stores', 0)}  loads {a.get('loads', 0)}  "
-            f"pins {a.get('pins', 0)}  corrupt reads {a.get('corrupt_reads', 0)}"
-        )
-    if engine:
-        lookups = int(engine.get("lookups", 0)) + int(engine.get("sync_lookups", 0))
-        chunks = int(engine.get("lookup_chunks", 0))
-        hits = int(engine.get("hit_chunks", 0))
-        rate = 100.0 * hits / chunks if chunks else 0.0
-        lines.append(
-            f"lookups     {lookups}  chunks {chunks}  hits {hits} ({rate:.1f}%)  "
-            f"from L1 {engine.get('l1_hit_chunks', 0)}  from L2 {engine.get('l2_hit_chunks', 0)}"
-        )
-        lines.append(
-            f"transfers   stored {engine.get('store_chunks', 0)} chunks "
-            f"(skipped {engine.get('store_skipped', 0)})  retrieved "
-            f"{engine.get('retrieve_chunks', 0)} chunks  failed retrieves "
-            f"{engine.get('retrieve_failures', 0)}"
-        )
-        lines.append(
-            f"outstanding registrations {engine.get('registrations', 0)}  requests "
-            f"{engine.get('requests', 0)}  tickets {engine.get('transfers', 0)}  lookup jobs "
-            f"{prefetch.get('jobs', 0)}  L2 store queue {store.get('queued', 0)}"
-        )
-    return "\n".join(lines)
-
-
 def _cmd_status(args: argparse.Namespace) -> int:
     from lmcache_cpp.client import CacheClient
 
@@ -154,7 +93,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from lmcache_cpp.demo import options_from_args, run_demo
+    from lmcache_cpp.cli.demo import options_from_args, run_demo
 
     try:
         return run_demo(options_from_args(args))
@@ -164,15 +103,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_l1_demo(args: argparse.Namespace) -> int:
-    from lmcache_cpp.l1_demo import run_l1_demo
+    from lmcache_cpp.cli.l1_demo import run_l1_demo
 
     return run_l1_demo(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lmcache_cpp.cli.demo import add_demo_arguments
+    from lmcache_cpp.cli.l1_demo import add_l1_demo_arguments
     from lmcache_cpp.config import add_serve_arguments
-    from lmcache_cpp.demo import add_demo_arguments
-    from lmcache_cpp.l1_demo import add_l1_demo_arguments
 
     parser = argparse.ArgumentParser(
         prog="lmcache-cpp",
@@ -258,7 +197,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = args.handler
     rc: int = handler(args)
     return rc
-
-
-if __name__ == "__main__":
-    sys.exit(main())
