@@ -18,7 +18,6 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import lmcache_cpp as lc
-from lmcache_cpp import protocol as protocol_module
 from lmcache_cpp.client import Key, wire_layout
 from lmcache_cpp.protocol import (
     HANDLE_SIZE,
@@ -56,6 +55,7 @@ from lmcache_cpp.protocol import (
     prefetch_status_to_wire,
     registration_from_wire,
 )
+from lmcache_cpp.protocol import fields as protocol_fields
 from lmcache_cpp.server import Dispatcher, kv_cache_layout
 from server_helpers import Harness, recv_reply
 
@@ -181,7 +181,7 @@ def test_the_request_table_has_a_row_per_request_and_agrees_with_the_docs_and_cp
         assert RequestType[name] == type_id
     assert constants["protocol_version"] == PROTOCOL_VERSION
     assert constants["handle_size"] == HANDLE_SIZE
-    assert constants["max_error_message_chars"] == protocol_module._MAX_ERROR_MESSAGE_CHARS
+    assert constants["max_error_message_chars"] == protocol_fields._MAX_ERROR_MESSAGE_CHARS
     # Every row that is served has its handler (the Dispatcher resolves them when built).
     Dispatcher(_NoEngine(), LIMITS)  # type: ignore[arg-type]
 
