@@ -15,7 +15,7 @@ import msgpack
 import pytest
 import zmq
 
-import lmcache_cpp.client as client_module
+import lmcache_cpp.client.transport as client_transport
 from lmcache_cpp import _core
 from lmcache_cpp._zmq_io import ZERO_COPY_BYTES, native_io, pyzmq_backend_file
 from lmcache_cpp.client import Key
@@ -353,7 +353,7 @@ def test_the_client_works_on_both_socket_paths(
     harness: Harness, monkeypatch: pytest.MonkeyPatch, native: bool
 ) -> None:
     if not native:
-        monkeypatch.setattr(client_module, "native_io", lambda sock: None)
+        monkeypatch.setattr(client_transport, "native_io", lambda sock: None)
     server = harness.server(max_tokens_per_key=1 << 16)
     client = harness.client(server)
     assert (client._io is not None) == native

@@ -1,36 +1,7 @@
-"""Client of the cache server: :class:`CacheClient` (requests) and :class:`KvTransferClient`
-(engine-driven transfers through the shared L1 arena).
-
-:class:`CacheClient` owns one ZeroMQ DEALER socket. Public methods are thread-safe:
-``async_<request>()`` returns a :class:`concurrent.futures.Future` at once, and ``<request>()``
-waits for it. Every request has a reply deadline; a request not answered in time fails with
-:class:`~lmcache_cpp.errors.DeadlineExceededError`. Error replies raise the
-:mod:`lmcache_cpp.errors` class of their status code.
-
-One thread at a time works the socket. A blocking call made while no other thread does sends its
-request and reads its reply on the calling thread (no hand-off between threads, which costs more
-than the round trip itself); otherwise the client's I/O thread does. An ``async_`` call sends
-from the calling thread only when nothing is outstanding; a burst of them goes out from the I/O
-thread in one batch, so that the two threads do not trade the GIL. Futures therefore complete
-on the I/O thread or on a thread inside a blocking call of this client: done-callbacks must not
-block, and a blocking call from a done-callback raises :class:`RuntimeError` (use the async form).
-The socket is worked through ``_core.SocketIo`` (whole messages, in C++, keeping the GIL: pyzmq
-releases and re-takes it at every frame, which makes a thread working the socket wait for the
-GIL while another submits), or through pyzmq where that is not available.
-
-The client sends HELLO when it is created (version handshake; :class:`NotSupportedError` on a
-mismatch) and a PING whenever it has sent nothing for ``heartbeat_interval_s``, so the server
-keeps its leases while the engine is idle. Its routing identity is random and fixed for its
-lifetime, so a reconnect after a transient network error keeps the same server-side client id.
-
-The connection is watched (a ZeroMQ socket monitor, on the ``lmcache-client-link`` thread), so
-that a server that goes away costs no deadline. Until the first connection is made, requests
-wait for it up to their deadline. Once it is lost (the server exited, was killed or closed the
-connection) or a handshake is refused (CURVE keys), requests in flight and requests waiting to be
-sent fail at once with :class:`UnavailableError`, and so does every new request until ZeroMQ,
-which keeps reconnecting by itself, completes a handshake again. A server that stops answering
-without closing the connection (a hung process, a lost host) is still caught by the deadlines.
-"""
+"""The client's transport: one DEALER socket, who works it, deadlines, heartbeats and the
+link watch (see :mod:`lmcache_cpp.client` for the behaviour). It knows requests only as
+ids, payload maps and reply converters; the typed API is
+:class:`~lmcache_cpp.client.CacheClient`."""
 
 from __future__ import annotations
 
@@ -46,16 +17,12 @@ import secrets
 import struct
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Any, Final, TypeAlias, TypeVar
+from typing import Any, Final, TypeVar
 
-import numpy as np
-import numpy.typing as npt
 import zmq
 
-from lmcache_cpp import _core
 from lmcache_cpp._zmq_io import (
     ZERO_COPY_BYTES,
     native_io,
@@ -66,80 +33,32 @@ from lmcache_cpp._zmq_io import (
 from lmcache_cpp.errors import (
     DeadlineExceededError,
     InternalError,
-    InvalidArgumentError,
-    KeyAbsentError,
     LMCacheError,
-    NotSupportedError,
     UnavailableError,
     from_code,
 )
 from lmcache_cpp.protocol import (
-    LAYOUT_NAMES,
-    PROTOCOL_VERSION,
-    ClearRequest,
-    CommitStoreRequest,
-    EmptyRequest,
-    EndSessionRequest,
-    HandleRequest,
-    HelloInfo,
-    HelloRequest,
-    KeyRequest,
-    LookupResult,
-    PrefetchWaitRequest,
-    PrepareRetrieveRequest,
-    PrepareStoreRequest,
     ProtocolError,
-    RegisterRequest,
-    RegistrationInfo,
     RequestType,
-    TransferTicket,
-    UnregisterRequest,
-    WireKey,
-    WireLayout,
     count_from_wire,
     decode_reply,
     encode_payload,
     encode_request,
     encode_request_header,
-    key_map,
-    pid_namespace,
-    prefetch_status_from_wire,
-    registration_from_wire,
 )
-
-__all__ = [
-    "CacheClient",
-    "HelloInfo",
-    "Key",
-    "KvTransferClient",
-    "LookupResult",
-    "RegistrationInfo",
-    "TokensLike",
-    "TransferTicket",
-    "tokens_to_bytes",
-    "wire_layout",
-]
 
 _log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+_ClientT = TypeVar("_ClientT", bound="ClientTransport")
 
-TokensLike: TypeAlias = bytes | npt.NDArray[np.integer[Any]] | Sequence[int]
-"""Token ids: packed little-endian uint32 bytes, a 1-D integer array, or a sequence of ints."""
-
-_U32_MAX: Final = (1 << 32) - 1
 _DEFAULT_RETRIEVE_WAIT_S: Final = 30.0
-_PID_NAMESPACE: Final = pid_namespace()
 _EMPTY_PAYLOAD: Final = encode_request(RequestType.PING, 0, {})[1]
-_SENT, _LATER, _FAILED = 0, 1, 2  # outcomes of CacheClient._send
+_SENT, _LATER, _FAILED = 0, 1, 2  # outcomes of ClientTransport._send
 _POLLIN: Final = int(zmq.POLLIN)
 _POLLOUT: Final = int(zmq.POLLOUT)
 _MAX_REPLIES_PER_POLL: Final = 64  # then the leader sends what was queued meanwhile
-_LOOKUP: Final = int(RequestType.LOOKUP)
-_SYNC_LOOKUP: Final = int(RequestType.SYNC_LOOKUP)
-_QUERY_PREFETCH_STATUS: Final = int(RequestType.QUERY_PREFETCH_STATUS)
-_END_SESSION: Final = int(RequestType.END_SESSION)
-# What the connection's monitor reports (see CacheClient._watch_link).
+# What the connection's monitor reports (see ClientTransport._watch_link).
 _HANDSHAKE_FAILED: Final = {
     int(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL): "no detail",
     int(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL): "protocol error",
@@ -153,119 +72,6 @@ _LINK_EVENTS: Final = (
     | zmq.EVENT_HANDSHAKE_FAILED_AUTH
     | zmq.EVENT_MONITOR_STOPPED
 )
-
-
-def tokens_to_bytes(tokens: TokensLike) -> bytes:
-    """Packs token ids as little-endian uint32 (ValueError for ids outside [0, 2**32))."""
-    if isinstance(tokens, bytes | bytearray | memoryview):
-        data = bytes(tokens)
-        if len(data) % 4:
-            raise ValueError(f"token bytes must be a multiple of 4 bytes, got {len(data)}")
-        return data
-    arr = np.asarray(tokens)
-    if arr.ndim != 1:
-        raise ValueError(f"tokens must be 1-D, got shape {arr.shape}")
-    if arr.size == 0:
-        return b""
-    if arr.dtype.kind not in "iu":
-        raise ValueError(f"tokens must be integers, got dtype {arr.dtype}")
-    if int(arr.min()) < 0 or int(arr.max()) > _U32_MAX:
-        raise ValueError("token ids must be in [0, 2**32)")
-    return arr.astype("<u4", copy=False).tobytes()
-
-
-@dataclass(frozen=True)
-class Key:
-    """A request's key (see ``docs/protocol.md``, "Key map").
-
-    ``tokens`` may be bytes (packed little-endian uint32), a 1-D integer array (numpy, or a torch
-    CPU tensor) or a sequence of ints; it is stored as bytes. Give exactly one of ``tokens`` and
-    ``block_hashes``. ``worker_id`` -1 means every rank; ``end`` -1 the end of the key.
-    """
-
-    model_name: str
-    world_size: int = 1
-    worker_id: int = -1
-    request_id: str = ""
-    tokens: TokensLike | None = None
-    block_hashes: bytes | None = None
-    block_hash_size: int = 32
-    cache_salt: str = ""
-    start: int = 0
-    end: int = -1
-
-    def __post_init__(self) -> None:
-        if self.tokens is not None and not isinstance(self.tokens, bytes):
-            object.__setattr__(self, "tokens", tokens_to_bytes(self.tokens))
-        if (self.tokens is None) == (self.block_hashes is None):
-            raise ValueError("Key: give exactly one of tokens and block_hashes")
-
-    @property
-    def token_bytes(self) -> bytes | None:
-        assert self.tokens is None or isinstance(self.tokens, bytes)
-        return self.tokens
-
-    def with_range(self, start: int, end: int) -> Key:
-        """The same key over tokens [start, end)."""
-        return Key(
-            self.model_name,
-            self.world_size,
-            self.worker_id,
-            self.request_id,
-            self.tokens,
-            self.block_hashes,
-            self.block_hash_size,
-            self.cache_salt,
-            start,
-            end,
-        )
-
-    def to_wire_key(self) -> WireKey:
-        return WireKey(
-            model_name=self.model_name,
-            world_size=self.world_size,
-            worker_id=self.worker_id,
-            request_id=self.request_id,
-            cache_salt=self.cache_salt,
-            tokens=self.token_bytes,
-            block_hashes=self.block_hashes,
-            block_hash_size=self.block_hash_size,
-            start=self.start,
-            end=self.end,
-        )
-
-    def to_wire(self) -> dict[str, Any]:
-        """The key map of the wire format (``to_wire_key().to_wire()``, built directly)."""
-        return key_map(**self.__dict__)  # the fields are key_map's parameters
-
-
-def wire_layout(layout: _core.KvCacheLayout) -> WireLayout:
-    """The REGISTER_KV_CACHE layout map of a ``_core.KvCacheLayout``."""
-    return WireLayout(
-        layout=LAYOUT_NAMES[int(layout.layout)],
-        num_layers=int(layout.num_layers),
-        block_size=int(layout.block_size),
-        num_heads=int(layout.num_heads),
-        head_size=int(layout.head_size),
-        element_size=int(layout.element_size),
-        num_blocks=int(layout.num_blocks),
-        block_stride=int(layout.block_stride),
-        plane_stride=int(layout.plane_stride),
-    )
-
-
-def _key(key: Key | WireKey) -> WireKey:
-    return key.to_wire_key() if isinstance(key, Key) else key
-
-
-def _check_handle(handle: bytes) -> bytes:
-    if not isinstance(handle, bytes) or len(handle) != 16:
-        raise InvalidArgumentError("a handle is 16 bytes")
-    return handle
-
-
-# ---------------------------------------------------------------------------------------------
-# The I/O thread's bookkeeping
 
 
 Converter = Callable[[Mapping[str, Any]], Any]
@@ -299,17 +105,9 @@ def _nothing(payload: Mapping[str, Any]) -> None:
     return None
 
 
-class CacheClient:
-    """A connection to a cache server (see the module docstring).
-
-    ``timeout_s``: default reply deadline (requests that ask the server to wait get their wait
-    added). ``heartbeat_interval_s``: PING after this much idleness (None: never; keep it well
-    under the server's ``heartbeat_grace_s``). ``curve_server_key``: the server's z85 CURVE public
-    key, which turns CURVE on; the client's own key pair is ``curve_public_key`` /
-    ``curve_secret_key`` or a fresh one. ``hello``: send HELLO now and raise
-    :class:`NotSupportedError` / :class:`DeadlineExceededError` / :class:`UnavailableError` if it
-    fails (the client is then closed).
-    """
+class ClientTransport:
+    """A DEALER socket to a cache server and the threads that work it; the base of
+    :class:`~lmcache_cpp.client.CacheClient`, which documents the arguments."""
 
     def __init__(
         self,
@@ -320,8 +118,6 @@ class CacheClient:
         curve_server_key: str | None = None,
         curve_public_key: str | None = None,
         curve_secret_key: str | None = None,
-        name: str = "",
-        hello: bool = True,
         max_reply_bytes: int = 1 << 31,
     ) -> None:
         if not (timeout_s > 0 and math.isfinite(timeout_s)):
@@ -351,7 +147,6 @@ class CacheClient:
         self._release_on_io_thread = False  # GUARDED_BY(_lock): close() came from a leader
         self._wake_pending = False  # GUARDED_BY(_lock): the pipe was written since the last batch
         self._local = threading.local()  # .defer: _call() sends the request itself
-        self._hello_info: HelloInfo | None = None
         # Why the server cannot be reached now (None: connected, or not connected yet), set by
         # the link thread; a request submitted meanwhile fails at once with it.
         self._link_down: str | None = None  # GUARDED_BY(_lock) for writes
@@ -390,20 +185,6 @@ class CacheClient:
             target=self._watch_link, name="lmcache-client-link", daemon=True
         )
         self._link_thread.start()
-        if hello:
-            try:
-                self._hello_info = self.hello(name)
-            except BaseException:
-                self.close()
-                raise
-            grace = self._hello_info.heartbeat_grace_s
-            if heartbeat_interval_s is not None and 0 < grace <= 2 * heartbeat_interval_s:
-                _log.warning(
-                    "heartbeat_interval_s %.1f is too long for the server's grace of %.1f s: an "
-                    "idle client may be dropped",
-                    heartbeat_interval_s,
-                    grace,
-                )
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -415,11 +196,6 @@ class CacheClient:
     def closed(self) -> bool:
         with self._lock:
             return self._closed
-
-    @property
-    def hello_info(self) -> HelloInfo | None:
-        """The server's HELLO reply (None if the client was created with ``hello=False``)."""
-        return self._hello_info
 
     def close(self, goodbye_timeout_s: float = 0.5) -> None:
         """Says GOODBYE (so the server releases this client's leases, handles and registrations
@@ -449,7 +225,7 @@ class CacheClient:
             self._thread.join()
             self._release()
 
-    def __enter__(self) -> CacheClient:
+    def __enter__(self: _ClientT) -> _ClientT:
         return self
 
     def __exit__(
@@ -576,15 +352,7 @@ class CacheClient:
         except concurrent.futures.TimeoutError:
             raise DeadlineExceededError("no reply (the client's I/O thread is gone)") from None
 
-    # ---- requests ----------------------------------------------------------------------------
-
-    def async_hello(self, name: str = "") -> concurrent.futures.Future[HelloInfo]:
-        body = HelloRequest(name, os.getpid(), _PID_NAMESPACE)
-        return self._submit(RequestType.HELLO, body.to_wire(), _hello_from_wire, None)
-
-    def hello(self, name: str = "") -> HelloInfo:
-        """Version handshake; NotSupportedError when the server speaks another version."""
-        return self._call(lambda: self.async_hello(name))
+    # ---- session requests the transport itself sends (heartbeat, close) ------------------
 
     def async_ping(self, *, deadline_s: float | None = None) -> concurrent.futures.Future[None]:
         return self._submit(RequestType.PING, {}, _nothing, deadline_s)
@@ -606,216 +374,6 @@ class CacheClient:
         released (0 when blocking requests of this client were still running: they go when
         those finish). :meth:`close` sends it."""
         return self._call(lambda: self.async_goodbye(deadline_s=deadline_s))
-
-    def async_get_chunk_size(self) -> concurrent.futures.Future[int]:
-        return self._submit(
-            RequestType.GET_CHUNK_SIZE,
-            EmptyRequest().to_wire(),
-            lambda p: count_from_wire(p, "chunk_size"),
-            None,
-        )
-
-    def get_chunk_size(self) -> int:
-        return self._call(lambda: self.async_get_chunk_size())
-
-    def async_register_kv_cache(
-        self, model_name: str, world_size: int, worker_id: int, layout: _core.KvCacheLayout
-    ) -> concurrent.futures.Future[RegistrationInfo]:
-        body = RegisterRequest(model_name, world_size, worker_id, wire_layout(layout))
-        return self._submit(
-            RequestType.REGISTER_KV_CACHE, body.to_wire(), registration_from_wire, None
-        )
-
-    def register_kv_cache(
-        self, model_name: str, world_size: int, worker_id: int, layout: _core.KvCacheLayout
-    ) -> RegistrationInfo:
-        """Registers one worker's KV layout; the reply names the L1 arena to map."""
-        return self._call(
-            lambda: self.async_register_kv_cache(model_name, world_size, worker_id, layout)
-        )
-
-    def async_unregister_kv_cache(self, registration_id: int) -> concurrent.futures.Future[None]:
-        body = UnregisterRequest(registration_id)
-        return self._submit(RequestType.UNREGISTER_KV_CACHE, body.to_wire(), _nothing, None)
-
-    def unregister_kv_cache(self, registration_id: int) -> None:
-        self._call(lambda: self.async_unregister_kv_cache(registration_id))
-
-    def async_lookup(
-        self, key: Key | WireKey, tp_size: int = 1
-    ) -> concurrent.futures.Future[bytes]:
-        # KeyRequest(key, tp_size).to_wire(), built directly (the per-prompt path)
-        body = {"key": key.to_wire(), "tp_size": tp_size}
-        return self._submit(_LOOKUP, body, _handle_from_reply, None)
-
-    def lookup(self, key: Key | WireKey, tp_size: int = 1) -> bytes:
-        """Two-phase lookup: returns the 16-byte job handle for query/wait_prefetch_status."""
-        return self._call(lambda: self.async_lookup(key, tp_size))
-
-    def async_query_prefetch_status(
-        self, handle: bytes
-    ) -> concurrent.futures.Future[LookupResult | None]:
-        body = {"handle": _check_handle(handle)}  # HandleRequest(handle).to_wire()
-        return self._submit(_QUERY_PREFETCH_STATUS, body, prefetch_status_from_wire, None)
-
-    def query_prefetch_status(self, handle: bytes) -> LookupResult | None:
-        """The lookup's hits once it is done (exactly once), None while it runs."""
-        return self._call(lambda: self.async_query_prefetch_status(handle))
-
-    def async_wait_prefetch_status(
-        self, handle: bytes, timeout_s: float, *, deadline_s: float | None = None
-    ) -> concurrent.futures.Future[LookupResult | None]:
-        body = PrefetchWaitRequest(_check_handle(handle), float(timeout_s))
-        return self._submit(
-            RequestType.WAIT_PREFETCH_STATUS,
-            body.to_wire(),
-            prefetch_status_from_wire,
-            deadline_s,
-            float(timeout_s),
-        )
-
-    def wait_prefetch_status(
-        self, handle: bytes, timeout_s: float, *, deadline_s: float | None = None
-    ) -> LookupResult | None:
-        return self._call(
-            lambda: self.async_wait_prefetch_status(handle, timeout_s, deadline_s=deadline_s)
-        )
-
-    def async_sync_lookup(
-        self,
-        key: Key | WireKey,
-        tp_size: int = 1,
-        timeout_s: float | None = None,
-        *,
-        deadline_s: float | None = None,
-    ) -> concurrent.futures.Future[LookupResult]:
-        # SyncLookupRequest(key, tp_size, timeout_s).to_wire(), built directly
-        body: dict[str, Any] = {"key": key.to_wire(), "tp_size": tp_size}
-        if timeout_s is not None:
-            body["timeout_s"] = timeout_s
-        return self._submit(
-            _SYNC_LOOKUP, body, LookupResult.from_wire, deadline_s, timeout_s or 0.0
-        )
-
-    def sync_lookup(
-        self,
-        key: Key | WireKey,
-        tp_size: int = 1,
-        timeout_s: float | None = None,
-        *,
-        deadline_s: float | None = None,
-    ) -> LookupResult:
-        """L1 prefix + L2 existence in one round trip (the L2 load is joined by the retrieve)."""
-        return self._call(
-            lambda: self.async_sync_lookup(key, tp_size, timeout_s, deadline_s=deadline_s)
-        )
-
-    def async_free_lookup_locks(
-        self, key: Key | WireKey, tp_size: int = 1
-    ) -> concurrent.futures.Future[int]:
-        body = KeyRequest(_key(key), tp_size)
-        return self._submit(
-            RequestType.FREE_LOOKUP_LOCKS,
-            body.to_wire(),
-            lambda p: count_from_wire(p, "released"),
-            None,
-            _DEFAULT_RETRIEVE_WAIT_S,
-        )
-
-    def free_lookup_locks(self, key: Key | WireKey, tp_size: int = 1) -> int:
-        """Releases the request's leases on the whole chunks of the key's range; returns how
-        many were released."""
-        return self._call(lambda: self.async_free_lookup_locks(key, tp_size))
-
-    def async_end_session(self, model_name: str, request_id: str) -> concurrent.futures.Future[int]:
-        body = EndSessionRequest(model_name, request_id)
-        return self._submit(
-            RequestType.END_SESSION, body.to_wire(), lambda p: count_from_wire(p, "released"), None
-        )
-
-    def end_session(self, model_name: str, request_id: str) -> int:
-        return self._call(lambda: self.async_end_session(model_name, request_id))
-
-    def async_prepare_store(self, key: Key | WireKey) -> concurrent.futures.Future[TransferTicket]:
-        body = PrepareStoreRequest(_key(key))
-        return self._submit(
-            RequestType.PREPARE_STORE, body.to_wire(), TransferTicket.from_wire, None
-        )
-
-    def prepare_store(self, key: Key | WireKey) -> TransferTicket:
-        return self._call(lambda: self.async_prepare_store(key))
-
-    def async_commit_store(
-        self, handle: bytes, success: bool = True, crc32c: Sequence[int] | None = None
-    ) -> concurrent.futures.Future[int]:
-        crcs = None
-        if crc32c is not None:
-            crcs = struct.pack(f"<{len(crc32c)}I", *crc32c)
-        body = CommitStoreRequest(_check_handle(handle), bool(success), crcs)
-        return self._submit(
-            RequestType.COMMIT_STORE,
-            body.to_wire(),
-            lambda p: count_from_wire(p, "published"),
-            None,
-        )
-
-    def commit_store(
-        self, handle: bytes, success: bool = True, crc32c: Sequence[int] | None = None
-    ) -> int:
-        """Publishes (or, success=False, aborts) a store ticket; returns the objects published.
-
-        ``crc32c``: one CRC32C per offset of the ticket (skipped offsets' entries are ignored), of
-        the bytes written; without it the server computes them. A reservation that expired before
-        the commit raises :class:`LeaseNotHeldError`: nothing was published."""
-        return self._call(lambda: self.async_commit_store(handle, success, crc32c))
-
-    def async_prepare_retrieve(
-        self, key: Key | WireKey, timeout_s: float | None = None, *, deadline_s: float | None = None
-    ) -> concurrent.futures.Future[TransferTicket]:
-        timeout = None if timeout_s is None else float(timeout_s)
-        body = PrepareRetrieveRequest(_key(key), timeout)
-        wait = _DEFAULT_RETRIEVE_WAIT_S if timeout is None else timeout
-        return self._submit(
-            RequestType.PREPARE_RETRIEVE, body.to_wire(), TransferTicket.from_wire, deadline_s, wait
-        )
-
-    def prepare_retrieve(
-        self, key: Key | WireKey, timeout_s: float | None = None, *, deadline_s: float | None = None
-    ) -> TransferTicket:
-        return self._call(
-            lambda: self.async_prepare_retrieve(key, timeout_s, deadline_s=deadline_s)
-        )
-
-    def async_commit_retrieve(self, handle: bytes) -> concurrent.futures.Future[None]:
-        body = HandleRequest(_check_handle(handle))
-        return self._submit(RequestType.COMMIT_RETRIEVE, body.to_wire(), _nothing, None)
-
-    def commit_retrieve(self, handle: bytes) -> None:
-        """Returns the ticket's leases; LeaseNotHeldError means the copied bytes must not be
-        used."""
-        self._call(lambda: self.async_commit_retrieve(handle))
-
-    def async_clear(
-        self, force: bool = False, admin_token: str | None = None
-    ) -> concurrent.futures.Future[int]:
-        return self._submit(
-            RequestType.CLEAR,
-            ClearRequest(bool(force), admin_token).to_wire(),
-            lambda p: count_from_wire(p, "removed"),
-            None,
-        )
-
-    def clear(self, force: bool = False, admin_token: str | None = None) -> int:
-        """Drops every unleased L1 object; with ``force`` also the leased ones (detached, freed
-        when released), which needs the server's ``admin_token`` (PermissionDeniedError
-        otherwise). Returns the objects removed."""
-        return self._call(lambda: self.async_clear(force, admin_token))
-
-    def async_status(self) -> concurrent.futures.Future[dict[str, Any]]:
-        return self._submit(RequestType.STATUS, {}, _identity, None)
-
-    def status(self) -> dict[str, Any]:
-        return self._call(lambda: self.async_status())
 
     # ---- the I/O thread ----------------------------------------------------------------------
 
@@ -1206,235 +764,3 @@ def _type_name(request_type: int) -> str:
         return RequestType(request_type).name
     except ValueError:
         return f"request type {request_type}"
-
-
-def _hello_from_wire(payload: Mapping[str, Any]) -> HelloInfo:
-    info = HelloInfo.from_wire(payload)
-    if info.protocol_version != PROTOCOL_VERSION:
-        raise NotSupportedError(
-            f"the server speaks protocol version {info.protocol_version}, this client "
-            f"{PROTOCOL_VERSION}"
-        )
-    return info
-
-
-def _handle_from_reply(payload: Mapping[str, Any]) -> bytes:
-    handle = payload.get("handle")
-    if not isinstance(handle, bytes) or len(handle) != 16:
-        raise InternalError("malformed reply: 'handle' must be 16 bytes")
-    return handle
-
-
-# ---------------------------------------------------------------------------------------------
-# Engine-driven transfers
-
-
-BlockIds: TypeAlias = npt.NDArray[np.integer[Any]] | Sequence[int]
-
-
-class KvTransferClient:
-    """Moves one worker's KV blocks to and from the server's L1 arena (engine-driven mode).
-
-    Built from a REGISTER_KV_CACHE reply (:meth:`register` does both); maps the arena with
-    ``_core.AttachedArena``, so the server must be on the same host. ``block_ids`` is the
-    request's block table: engine block ``block_ids[j]`` holds tokens ``[j*BS, (j+1)*BS)`` of the
-    request, so chunk ``c`` is the blocks ``[c*CS/BS, (c+1)*CS/BS)``. Keys name one rank
-    (``worker_id`` >= 0) or a world of one. Every failure raises; nothing reports partial success.
-    """
-
-    def __init__(
-        self,
-        client: CacheClient,
-        registration: RegistrationInfo,
-        *,
-        num_threads: int = 0,
-        owns_registration: bool = False,
-    ) -> None:
-        self._client = client
-        self._registration = registration
-        self._chunk_size = int(registration["chunk_size"])
-        self._object_bytes = int(registration["object_bytes"])
-        self._num_threads = num_threads
-        self._owns_registration = owns_registration
-        descriptor = _core.ArenaDescriptor(registration["arena_path"], registration["arena_size"])
-        self._arena: _core.AttachedArena | None = _core.AttachedArena(descriptor)
-
-    @classmethod
-    def register(
-        cls,
-        client: CacheClient,
-        model_name: str,
-        world_size: int,
-        worker_id: int,
-        kv: _core.KvCacheView,
-        *,
-        num_threads: int = 0,
-    ) -> KvTransferClient:
-        """Registers ``kv``'s layout and maps the arena; :meth:`close` unregisters."""
-        reg = client.register_kv_cache(model_name, world_size, worker_id, kv.layout)
-        try:
-            return cls(client, reg, num_threads=num_threads, owns_registration=True)
-        except BaseException:
-            client.unregister_kv_cache(reg["registration_id"])
-            raise
-
-    @property
-    def registration(self) -> RegistrationInfo:
-        return self._registration
-
-    @property
-    def chunk_size(self) -> int:
-        return self._chunk_size
-
-    def close(self) -> None:
-        """Unmaps the arena (and unregisters, when :meth:`register` made the registration)."""
-        if self._arena is None:
-            return
-        self._arena = None
-        if self._owns_registration:
-            self._client.unregister_kv_cache(self._registration["registration_id"])
-
-    def __enter__(self) -> KvTransferClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def store(self, kv: _core.KvCacheView, block_ids: BlockIds, key: Key) -> int:
-        """PREPARE_STORE, gather every reserved chunk into the arena, COMMIT_STORE.
-
-        Returns the objects published (chunks already present are skipped). The CRC32C of every
-        object is computed while it is copied and sent with COMMIT_STORE (the object carries it
-        from then on: docs/design/integrity.md). When a copy fails the ticket is committed with
-        success=False and the error raised.
-        """
-        self._check_key(key)
-        ids = np.asarray(block_ids)
-        ticket = self._client.prepare_store(key)
-        crcs: list[int] | None = [0] * len(ticket.offsets)
-        try:
-            arena = self._check_ticket(kv, ticket)
-            chunk_ids: list[npt.NDArray[Any]] = []
-            objects: list[npt.NDArray[np.uint8]] = []
-            written: list[int] = []
-            for i, offset in enumerate(ticket.offsets):
-                if offset < 0:
-                    continue
-                chunk_ids.append(self._chunk_blocks(kv, ids, ticket.first_chunk + i))
-                objects.append(self._object(arena, offset))
-                written.append(i)
-            if objects:
-                got = kv.gather_batch(
-                    self._chunk_size,
-                    chunk_ids,
-                    objects,
-                    num_threads=self._num_threads,
-                    checksums=True,
-                )
-                if got is None:  # a copy that gives none (GPU): the server computes them
-                    crcs = None
-                else:
-                    crcs = [0] * len(ticket.offsets)
-                    for i, crc in zip(written, got, strict=True):
-                        crcs[i] = crc
-        except BaseException:
-            try:
-                self._client.commit_store(ticket.handle, success=False)
-            except LMCacheError as exc:
-                _log.warning("aborting store ticket %s failed: %s", ticket.handle.hex(), exc)
-            raise
-        return self._client.commit_store(ticket.handle, success=True, crc32c=crcs)
-
-    def retrieve(
-        self,
-        kv: _core.KvCacheView,
-        block_ids: BlockIds,
-        key: Key,
-        skip_tokens: int = 0,
-        *,
-        timeout_s: float | None = None,
-    ) -> int:
-        """PREPARE_RETRIEVE, scatter every chunk into the engine's blocks, COMMIT_RETRIEVE.
-
-        ``skip_tokens``: leading tokens of the request already in the engine's blocks (not
-        written). Returns the tokens of the key's range now in the engine (skipped ones
-        included). Raises if any chunk is absent (KeyAbsentError), a copy fails, or a lease was
-        lost while copying (LeaseNotHeldError: the copied bytes must not be used).
-        """
-        if skip_tokens < 0:
-            raise InvalidArgumentError(f"skip_tokens must be >= 0, got {skip_tokens}")
-        self._check_key(key)
-        ids = np.asarray(block_ids)
-        ticket = self._client.prepare_retrieve(key, timeout_s)
-        try:
-            arena = self._check_ticket(kv, ticket)
-            chunk_ids: list[npt.NDArray[Any]] = []
-            objects: list[npt.NDArray[np.uint8]] = []
-            skips: list[int] = []
-            cs = self._chunk_size
-            for i, offset in enumerate(ticket.offsets):
-                chunk = ticket.first_chunk + i
-                if offset < 0:
-                    raise KeyAbsentError(f"chunk {chunk} of the range is not available")
-                skip = min(max(skip_tokens - chunk * cs, 0), cs)
-                if skip == cs:
-                    continue
-                chunk_ids.append(self._chunk_blocks(kv, ids, chunk))
-                objects.append(self._object(arena, offset))
-                skips.append(skip)
-            if objects:
-                kv.scatter_batch(
-                    cs, objects, chunk_ids, skip_tokens=skips, num_threads=self._num_threads
-                )
-        except BaseException:
-            try:
-                self._client.commit_retrieve(ticket.handle)
-            except LMCacheError as exc:
-                _log.debug("releasing retrieve ticket %s: %s", ticket.handle.hex(), exc)
-            raise
-        self._client.commit_retrieve(ticket.handle)
-        return len(ticket.offsets) * self._chunk_size
-
-    # ---- helpers -----------------------------------------------------------------------------
-
-    def _check_key(self, key: Key) -> None:
-        if key.worker_id < 0 and key.world_size != 1:
-            raise InvalidArgumentError(
-                "a transfer names one rank: set worker_id (or use a world_size of 1)"
-            )
-
-    def _check_ticket(self, kv: _core.KvCacheView, ticket: TransferTicket) -> _core.AttachedArena:
-        arena = self._arena
-        if arena is None:
-            raise UnavailableError("the transfer client is closed")
-        expected = kv.object_bytes(self._chunk_size)
-        if ticket.object_bytes != expected:
-            raise InvalidArgumentError(
-                f"the server's objects are {ticket.object_bytes} bytes, this KV cache's chunks "
-                f"{expected}: the layout differs from the registered one"
-            )
-        return arena
-
-    def _chunk_blocks(
-        self, kv: _core.KvCacheView, ids: npt.NDArray[Any], chunk: int
-    ) -> npt.NDArray[Any]:
-        per_chunk = self._chunk_size // int(kv.layout.block_size)
-        lo, hi = chunk * per_chunk, (chunk + 1) * per_chunk
-        if ids.ndim != 1 or hi > ids.shape[0]:
-            raise InvalidArgumentError(
-                f"block_ids has {ids.shape[0] if ids.ndim == 1 else ids.shape} entries; chunk "
-                f"{chunk} needs blocks [{lo}, {hi})"
-            )
-        return ids[lo:hi]
-
-    def _object(self, arena: _core.AttachedArena, offset: int) -> npt.NDArray[np.uint8]:
-        if offset + self._object_bytes > arena.size:
-            raise InternalError(
-                f"object at offset {offset} ({self._object_bytes} bytes) is outside the arena"
-            )
-        return arena.view(offset, self._object_bytes)
