@@ -43,8 +43,8 @@ with atheris.instrument_imports(include=["lmcache_cpp.config"]):
     from lmcache_cpp import config
 
 FIELDS = config.ServerConfig.field_names()
-FS_KEYS = [k for k in config._FS_KEYS if k != "type"]
-MEMORY_KEYS = [k for k in config._MEMORY_KEYS if k != "type"]
+FS_KEYS = [k for k in config.l2._FS_KEYS if k != "type"]
+MEMORY_KEYS = [k for k in config.l2._MEMORY_KEYS if k != "type"]
 # Config files go under $FUZZ_TMPDIR (.ci/fuzz removes it) or the system's temporary directory.
 TMP = tempfile.mkdtemp(prefix="lmcache_config_fuzz.", dir=os.environ.get("FUZZ_TMPDIR") or None)
 atexit.register(shutil.rmtree, TMP, True)  # when the run ends through exit(), not _Exit()
@@ -91,7 +91,7 @@ def from_file(text: bytes, suffix: str) -> config.ServerConfig | None:
 def adapter_spec(text: str) -> None:
     """The --l2-adapter value as its type function and then parse_l2_spec see it."""
     try:
-        value = config._parse_adapter_json(text)
+        value = config.args._parse_adapter_json(text)
     except (argparse.ArgumentTypeError, ValueError, TypeError):
         return  # argparse's usage error
     with contextlib.suppress(config.ConfigError):

@@ -305,7 +305,8 @@ def config_seeds() -> dict[str, bytes]:
 
 def adapter_value(kind: str, key: str, value: str) -> bytes:
     """fuzz/config_fuzzer.py mode 5: ``key`` of a ``kind`` adapter spec set to a JSON value."""
-    keys = [k for k in (config._FS_KEYS if kind == "fs" else config._MEMORY_KEYS) if k != "type"]
+    known = config.l2._FS_KEYS if kind == "fs" else config.l2._MEMORY_KEYS
+    keys = [k for k in known if k != "type"]
     selector = keys.index(key) | (0x80 if kind == "fs" else 0)
     while (selector % len(keys)) != keys.index(key):  # the fuzzer reads selector % len(keys)
         selector += 1
@@ -315,7 +316,7 @@ def adapter_value(kind: str, key: str, value: str) -> bytes:
 def config_dictionary() -> str:
     """fuzz/config.dict: the words of config files and flags, for libFuzzer's -dict."""
     fields = config.ServerConfig.field_names()
-    adapter_keys = sorted({*config._FS_KEYS, *config._MEMORY_KEYS, "fs", "memory"})
+    adapter_keys = sorted({*config.l2._FS_KEYS, *config.l2._MEMORY_KEYS, "fs", "memory"})
     syntax = ["{", "}", "[", "]", ":", ",", "=", '"', "[[l2_adapters]]", "true", "false", "null"]
     values = ["auto", "off", "none", "tcp://", "ipc://", "127.0.0.1", "[::1]", "localhost", "*"]
     numbers = ["1e308", "-1", "0.0", "4294967296", "18446744073709551616", "NaN", "Infinity"]

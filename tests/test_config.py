@@ -521,7 +521,7 @@ def test_hugepages_on_fails_clearly_without_huge_pages(storage_config: ServerCon
 def test_build_storage_reports_a_missing_engine_binding(
     monkeypatch: pytest.MonkeyPatch, storage_config: ServerConfig
 ) -> None:
-    monkeypatch.setattr(cfg, "engine_available", lambda: False)
+    monkeypatch.setattr(cfg.storage, "engine_available", lambda: False)
     with pytest.raises(RuntimeError, match="CacheEngine"):
         cfg.build_storage(storage_config)
 

@@ -1,0 +1,217 @@
+"""L2 adapter specs (``--l2-adapter``, ``[[l2_adapters]]``) and the adapters they build."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
+
+from lmcache_cpp import _core
+from lmcache_cpp.config.common import (
+    FS_AUTO_CAPACITY_FRACTION,
+    GIB,
+    MEMORY_ADAPTER_DEFAULT_CAPACITY_GB,
+    ConfigError,
+    _check_range,
+    _coerce,
+)
+
+if TYPE_CHECKING:
+    from lmcache_cpp.config.schema import ServerConfig
+
+_log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------------
+# L2 adapter specs
+
+
+@dataclass(frozen=True)
+class FsAdapterSpec:
+    """A file-system L2 tier. ``capacity_bytes`` None = automatic (fs_auto_capacity_bytes)."""
+
+    path: str
+    capacity_bytes: int | None = None
+    io_threads: int = 4
+    fsync: bool = False
+    o_direct: bool = False
+
+
+@dataclass(frozen=True)
+class MemoryAdapterSpec:
+    """An in-process L2 tier (tests, benchmarks). 0 = unbounded capacity / unlimited bandwidth."""
+
+    capacity_bytes: int = int(MEMORY_ADAPTER_DEFAULT_CAPACITY_GB * GIB)
+    latency_s: float = 0.0
+    bandwidth_bytes_per_sec: int = 0
+    worker_threads: int = 2
+
+
+L2Spec: TypeAlias = FsAdapterSpec | MemoryAdapterSpec
+
+_FS_KEYS: Final = ("type", "path", "capacity_gb", "io_threads", "fsync", "o_direct")
+_MEMORY_KEYS: Final = (
+    "type",
+    "capacity_gb",
+    "latency_ms",
+    "bandwidth_gbps",
+    "worker_threads",
+)
+
+
+def _spec_value(where: str, spec: Mapping[str, Any], key: str, kind: str, default: Any) -> Any:
+    if key not in spec:
+        return default
+    return _coerce(f"{where}.{key}", spec[key], kind)
+
+
+def _non_negative(where: str, value: float) -> float:
+    if not (math.isfinite(value) and value >= 0):
+        raise ConfigError(f"{where}: {value} is not a non-negative number")
+    return value
+
+
+def _scaled(where: str, value: float, unit: float) -> int:
+    """``value`` (non-negative) times ``unit`` as an int, e.g. GiB in bytes; ConfigError when the
+    product is too large to be one (a finite value can overflow to infinity once scaled)."""
+    scaled = _non_negative(where, value) * unit
+    if not math.isfinite(scaled):
+        raise ConfigError(f"{where}: {value} is too large")
+    return int(scaled)
+
+
+def parse_l2_spec(spec: Mapping[str, Any], index: int = 0) -> L2Spec:
+    """Validates one ``l2_adapters`` entry; errors name ``l2_adapters[index].key``."""
+    where = f"l2_adapters[{index}]"
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"{where}: expected a table/object, got {spec!r}")
+    kind = spec.get("type")
+    if kind == "fs":
+        known: Sequence[str] = _FS_KEYS
+    elif kind == "memory":
+        known = _MEMORY_KEYS
+    elif kind is None:
+        raise ConfigError(f"{where}: missing 'type' (one of: fs, memory)")
+    else:
+        raise ConfigError(f"{where}: unknown adapter type {kind!r} (known: fs, memory)")
+    for key in spec:
+        if key not in known:
+            raise ConfigError(
+                f"{where}: unknown key {key!r} for type {kind!r} (known: {', '.join(known)})"
+            )
+    if kind == "fs":
+        if "path" not in spec:
+            raise ConfigError(f"{where}.path: required for an fs adapter")
+        path = _coerce(f"{where}.path", spec["path"], "str")
+        if not path:
+            raise ConfigError(f"{where}.path: empty")
+        capacity_gb = _spec_value(where, spec, "capacity_gb", "opt_float", None)
+        capacity = (
+            None if capacity_gb is None else _scaled(f"{where}.capacity_gb", capacity_gb, GIB)
+        )
+        io_threads = _spec_value(where, spec, "io_threads", "int", 4)
+        _check_range(f"{where}.io_threads", io_threads, 1, 256)
+        return FsAdapterSpec(
+            path=os.path.abspath(os.path.expanduser(path)),
+            capacity_bytes=capacity,
+            io_threads=io_threads,
+            fsync=_spec_value(where, spec, "fsync", "bool", False),
+            o_direct=_spec_value(where, spec, "o_direct", "bool", False),
+        )
+    capacity_gb = _spec_value(
+        where, spec, "capacity_gb", "float", MEMORY_ADAPTER_DEFAULT_CAPACITY_GB
+    )
+    latency_ms = _spec_value(where, spec, "latency_ms", "float", 0.0)
+    bandwidth = _spec_value(where, spec, "bandwidth_gbps", "float", 0.0)
+    workers = _spec_value(where, spec, "worker_threads", "int", 2)
+    _check_range(f"{where}.worker_threads", workers, 1, 256)
+    return MemoryAdapterSpec(
+        capacity_bytes=_scaled(f"{where}.capacity_gb", capacity_gb, GIB),
+        latency_s=_non_negative(f"{where}.latency_ms", latency_ms) / 1000.0,
+        bandwidth_bytes_per_sec=_scaled(f"{where}.bandwidth_gbps", bandwidth, 1e9),
+        worker_threads=workers,
+    )
+
+
+def _existing_ancestor(path: str) -> str:
+    current = os.path.abspath(path)
+    while not os.path.exists(current):
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    return current
+
+
+def _directory_bytes(path: str) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                continue  # removed meanwhile
+    return total
+
+
+def fs_auto_capacity_bytes(path: str) -> int:
+    """Capacity of an fs adapter without ``capacity_gb``: half of (free space + bytes in ``path``).
+
+    Counting what the directory already holds keeps the capacity stable across restarts (the
+    cache's own files are not "free" but are its to reuse).
+    """
+    st = os.statvfs(_existing_ancestor(path))
+    free = st.f_bavail * st.f_frsize
+    used = _directory_bytes(path) if os.path.isdir(path) else 0
+    capacity = int((free + used) * FS_AUTO_CAPACITY_FRACTION)
+    return max(capacity, 1)  # 0 would mean unbounded
+
+
+def build_l2_adapter(spec: L2Spec) -> _core.L2Adapter:
+    """Constructs the native adapter for a parsed spec (an fs adapter recovers its index)."""
+    if isinstance(spec, MemoryAdapterSpec):
+        return _core.MemoryL2Adapter(
+            capacity_bytes=spec.capacity_bytes,
+            bandwidth_bytes_per_sec=spec.bandwidth_bytes_per_sec,
+            latency_s=spec.latency_s,
+            worker_threads=spec.worker_threads,
+        )
+    capacity = spec.capacity_bytes
+    if capacity is None:
+        capacity = fs_auto_capacity_bytes(spec.path)
+        _log.info(
+            "fs L2 adapter at %s: capacity %.1f GiB (automatic; set capacity_gb to choose)",
+            spec.path,
+            capacity / GIB,
+        )
+    adapter = _core.FileSystemL2Adapter(
+        spec.path,
+        capacity_bytes=capacity,
+        fsync=spec.fsync,
+        o_direct=spec.o_direct,
+        io_threads=spec.io_threads,
+    )
+    report = adapter.recovery
+    _log.info(
+        "fs L2 adapter at %s: recovered %d objects, dropped %d, removed %d temp files",
+        spec.path,
+        report.indexed,
+        report.dropped,
+        report.temp_files_removed,
+    )
+    return adapter
+
+
+def build_l2_adapters(config: ServerConfig) -> list[_core.L2Adapter]:
+    """One native adapter per ``config.l2_adapters`` entry, in order (closed again on failure)."""
+    adapters: list[_core.L2Adapter] = []
+    try:
+        for i, raw in enumerate(config.l2_adapters):
+            adapters.append(build_l2_adapter(parse_l2_spec(raw, i)))
+    except BaseException:
+        for adapter in adapters:
+            adapter.close()
+        raise
+    return adapters
