@@ -14,10 +14,10 @@ directory, with a 64 MiB L1 arena and three L2 tiers in this lookup order:
 * a file-system tier (``{"type": "fs"}``, 512 MiB) in the temporary directory.
 
 ``serve`` cannot configure the first two (its ``--l2-adapter`` specs have no fault injection), so
-the server process wraps ``lmcache_cpp.config.build_l2_adapters`` to put them in front of the
-configured fs tier; everything else is the production code path. The server runs with a heartbeat
-grace of 5 s, request and hashing-session TTLs of 10 s and a reaper period of 0.5 s, so that what
-killed clients leave behind is reclaimed quickly.
+the server process hands them to ``run_forever(config, extra_l2_adapters=...)``, which puts them
+in front of the configured fs tier; everything else is the production code path. The server runs
+with a heartbeat grace of 5 s, request and hashing-session TTLs of 10 s and a reaper period of
+0.5 s, so that what killed clients leave behind is reclaimed quickly.
 
 Traffic: 8 client processes at a time (``--clients``; this file with ``--_client``), each with
 its own ``CacheClient`` (heartbeat every second) and ``KvTransferClient`` (a registered KV layout
@@ -296,16 +296,10 @@ def server_main(spec_json: str) -> int:
     lc.set_core_log_level(level)
     stalled = lc.MemoryL2Adapter(capacity_bytes=int(spec["stalled_bytes"]), worker_threads=2)
     failing = FailingAdapter(int(spec["failing_bytes"]), float(spec["fail_fraction"]), spec["seed"])
-    configured = config_module.build_l2_adapters
-
-    def with_faulty_tiers(config: config_module.ServerConfig) -> list[lc.L2Adapter]:
-        return [stalled, failing, *configured(config)]
-
-    config_module.build_l2_adapters = with_faulty_tiers  # what build_storage calls
     staller = Staller(stalled, spec["stall_period_s"], spec["stall_hold_s"], spec["faults_until"])
     staller.start()
     try:
-        return app_module.run_forever(config)
+        return app_module.run_forever(config, extra_l2_adapters=[stalled, failing])
     finally:
         staller.stop()
 

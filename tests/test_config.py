@@ -542,6 +542,31 @@ def test_build_storage_returns_a_working_engine(storage_config: ServerConfig) ->
             adapter.close()
 
 
+def test_extra_l2_adapters_go_in_front_of_the_configured_tiers(
+    storage_config: ServerConfig,
+) -> None:
+    extra = lc.MemoryL2Adapter(capacity_bytes=1 << 20, worker_threads=1)
+    storage, engine = cfg.build_storage(storage_config, extra_l2_adapters=[extra])
+    try:
+        names = [adapter.name for adapter in storage.adapters()]
+        assert len(names) == 3 and names[0] == extra.name
+        assert len(engine.stats()["l2"]) == 3
+    finally:
+        engine.stop()
+        storage.stop()
+        for adapter in storage.adapters():
+            adapter.close()
+
+
+def test_a_server_app_serves_with_extra_l2_adapters(tmp_path: Path) -> None:
+    from lmcache_cpp.app import ServerApp
+
+    extra = lc.MemoryL2Adapter(capacity_bytes=1 << 20, worker_threads=1)
+    config = ServerConfig(endpoint=f"ipc://{tmp_path}/s.sock", l1_size_gb=0.0078125)
+    with ServerApp(config, extra_l2_adapters=[extra]) as app:
+        assert len(app.engine.stats()["l2"]) == 1  # the configuration has no L2 of its own
+
+
 def test_server_options_without_curve() -> None:
     opts = cfg.server_options(ServerConfig(endpoint="ipc:///tmp/x.sock", worker_threads=2))
     assert opts == {

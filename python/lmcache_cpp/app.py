@@ -18,6 +18,7 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from types import FrameType, TracebackType
 from typing import Any
 
@@ -69,11 +70,15 @@ class ServerApp:
     """A running cache server built from a :class:`ServerConfig`.
 
     ``start()`` raises on any setup error and leaves nothing running. ``stop()`` is idempotent.
-    The object is also a context manager.
+    The object is also a context manager. ``extra_l2_adapters`` go in front of the configured L2
+    tiers and are closed with them (:func:`~lmcache_cpp.config.build_storage`).
     """
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(
+        self, config: ServerConfig, extra_l2_adapters: Sequence[_core.L2Adapter] = ()
+    ) -> None:
         self._config = config
+        self._extra_l2_adapters = tuple(extra_l2_adapters)
         self._lock = threading.Lock()
         self._storage: _core.StorageManager | None = None
         self._engine: _core.CacheEngine | None = None
@@ -115,7 +120,7 @@ class ServerApp:
             if self._server is not None:
                 return
             try:
-                storage, engine = build_storage(self._config)
+                storage, engine = build_storage(self._config, self._extra_l2_adapters)
                 self._storage, self._engine = storage, engine
                 token_path = self._config.admin_token_path()
                 admin_token = None if token_path is None else write_admin_token(token_path)
@@ -197,8 +202,13 @@ class ServerApp:
         self.stop()
 
 
-def run_forever(config: ServerConfig, ready_line: bool = True) -> int:
-    """Serves until SIGINT or SIGTERM; returns the exit status.
+def run_forever(
+    config: ServerConfig,
+    ready_line: bool = True,
+    extra_l2_adapters: Sequence[_core.L2Adapter] = (),
+) -> int:
+    """Serves until SIGINT or SIGTERM; returns the exit status. ``extra_l2_adapters``: as
+    :class:`ServerApp`.
 
     When ``ready_line`` is set, prints ``READY <endpoint>`` on stdout once the socket is bound, so a
     parent process can wait for it.
@@ -218,7 +228,7 @@ def run_forever(config: ServerConfig, ready_line: bool = True) -> int:
 
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with ServerApp(config) as app:
+        with ServerApp(config, extra_l2_adapters) as app:
             app.server.on_fatal(_on_fatal)
             if ready_line:
                 print(f"READY {app.endpoint}", flush=True)

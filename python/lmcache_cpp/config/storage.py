@@ -83,15 +83,20 @@ def _storage_manager_config(
     return smc
 
 
-def build_storage_manager(config: ServerConfig) -> _core.StorageManager:
+def build_storage_manager(
+    config: ServerConfig, extra_l2_adapters: Sequence[_core.L2Adapter] = ()
+) -> _core.StorageManager:
     """Builds the L2 adapters and a started :class:`StorageManager` for ``config``.
+
+    ``extra_l2_adapters``, adapters the caller built (its own tier, or a fault-injecting one in a
+    soak), go in front of the configured ones, and the manager owns them like the rest.
 
     The caller owns the manager and calls ``stop()`` on it. Raises :class:`ConfigError` for
     settings this build cannot honour and the core's errors (LMCacheError) for the rest.
     """
     if config.hash_algorithm == "xxh3" and not _core.build_info().get("xxhash", False):
         raise ConfigError("hash_algorithm: 'xxh3' but this build has no xxHash; use 'sha256'")
-    adapters = build_l2_adapters(config)
+    adapters = [*extra_l2_adapters, *build_l2_adapters(config)]
     storage: _core.StorageManager | None = None
     try:
         smc = _storage_manager_config(config, adapters)
@@ -120,8 +125,11 @@ def build_storage_manager(config: ServerConfig) -> _core.StorageManager:
     return storage
 
 
-def build_storage(config: ServerConfig) -> tuple[_core.StorageManager, CacheEngine]:
-    """The started storage manager and the started ``_core.CacheEngine`` on top of it.
+def build_storage(
+    config: ServerConfig, extra_l2_adapters: Sequence[_core.L2Adapter] = ()
+) -> tuple[_core.StorageManager, CacheEngine]:
+    """The started storage manager (with ``extra_l2_adapters`` in front of the configured tiers,
+    as :func:`build_storage_manager`) and the started ``_core.CacheEngine`` on top of it.
 
     The engine's reaper thread runs (``engine.start()``). The caller owns both and shuts down in
     this order: ``engine.stop()``, then ``storage.stop()`` (the storage must outlive the engine).
@@ -162,7 +170,7 @@ def build_storage(config: ServerConfig) -> tuple[_core.StorageManager, CacheEngi
         max_sessions_per_client=config.max_sessions_per_client,
         max_session_bytes_per_client=config.max_session_bytes_per_client,
     )
-    storage = build_storage_manager(config)
+    storage = build_storage_manager(config, extra_l2_adapters)
     engine: CacheEngine = None
     try:
         engine = engine_cls(storage, engine_config)
