@@ -25,23 +25,10 @@ from typing import Any
 import lmcache_cpp as lc
 from lmcache_cpp import config
 from lmcache_cpp.protocol import (
-    ClearRequest,
-    CommitStoreRequest,
-    EmptyRequest,
-    EndSessionRequest,
-    HandleRequest,
-    HelloRequest,
-    KeyRequest,
-    PrefetchWaitRequest,
-    PrepareRetrieveRequest,
-    PrepareStoreRequest,
-    RegisterRequest,
-    RequestBody,
     RequestType,
-    SyncLookupRequest,
-    UnregisterRequest,
     WireKey,
     WireLayout,
+    bodies,
     encode_request,
 )
 
@@ -72,7 +59,7 @@ def write_corpus(target: str, seeds: dict[str, bytes]) -> None:
 # ---- requests ---------------------------------------------------------------------------------
 
 
-def requests() -> dict[str, tuple[RequestType, RequestBody]]:
+def requests() -> dict[str, tuple[RequestType, bodies.RequestBody]]:
     """One valid request of every type, keys naming what the wire fuzzer stored."""
     tokens = WireKey(MODEL, 1, 0, "req-1", tokens=TOKENS)
     all_ranks = WireKey(MODEL, 2, -1, "req-2", tokens=TOKENS, start=CHUNK, end=3 * CHUNK)
@@ -80,29 +67,32 @@ def requests() -> dict[str, tuple[RequestType, RequestBody]]:
     layout = WireLayout("nhd", 2, CHUNK, 1, 8, 2, 64)
     rt = RequestType
     return {
-        "hello": (rt.HELLO, HelloRequest("fuzz", 1234, 4026531836)),
-        "ping": (rt.PING, EmptyRequest()),
-        "get_chunk_size": (rt.GET_CHUNK_SIZE, EmptyRequest()),
-        "register_kv_cache": (rt.REGISTER_KV_CACHE, RegisterRequest(MODEL, 1, 0, layout)),
-        "unregister_kv_cache": (rt.UNREGISTER_KV_CACHE, UnregisterRequest(12345)),
-        "lookup_tokens": (rt.LOOKUP, KeyRequest(tokens)),
-        "lookup_all_ranks": (rt.LOOKUP, KeyRequest(all_ranks, tp_size=2)),
-        "lookup_block_hashes": (rt.LOOKUP, KeyRequest(hashes)),
-        "query_prefetch_status": (rt.QUERY_PREFETCH_STATUS, HandleRequest(ZERO_HANDLE)),
-        "wait_prefetch_status": (rt.WAIT_PREFETCH_STATUS, PrefetchWaitRequest(ZERO_HANDLE, 1.0)),
-        "sync_lookup": (rt.SYNC_LOOKUP, SyncLookupRequest(tokens, 1, 0.5)),
-        "sync_lookup_block_hashes": (rt.SYNC_LOOKUP, SyncLookupRequest(hashes)),
-        "free_lookup_locks": (rt.FREE_LOOKUP_LOCKS, KeyRequest(tokens)),
-        "end_session": (rt.END_SESSION, EndSessionRequest(MODEL, "req-1")),
-        "prepare_store": (rt.PREPARE_STORE, PrepareStoreRequest(tokens)),
-        "commit_store": (rt.COMMIT_STORE, CommitStoreRequest(ZERO_HANDLE, True, bytes(16))),
-        "prepare_retrieve": (rt.PREPARE_RETRIEVE, PrepareRetrieveRequest(tokens, 2.0)),
-        "commit_retrieve": (rt.COMMIT_RETRIEVE, HandleRequest(ZERO_HANDLE)),
-        "store_reserved": (rt.STORE, EmptyRequest()),
-        "retrieve_reserved": (rt.RETRIEVE, EmptyRequest()),
-        "clear": (rt.CLEAR, ClearRequest(force=True)),
-        "status": (rt.STATUS, EmptyRequest()),
-        "goodbye": (rt.GOODBYE, EmptyRequest()),
+        "hello": (rt.HELLO, bodies.HelloRequest("fuzz", 1234, 4026531836)),
+        "ping": (rt.PING, bodies.EmptyRequest()),
+        "get_chunk_size": (rt.GET_CHUNK_SIZE, bodies.EmptyRequest()),
+        "register_kv_cache": (rt.REGISTER_KV_CACHE, bodies.RegisterRequest(MODEL, 1, 0, layout)),
+        "unregister_kv_cache": (rt.UNREGISTER_KV_CACHE, bodies.UnregisterRequest(12345)),
+        "lookup_tokens": (rt.LOOKUP, bodies.KeyRequest(tokens)),
+        "lookup_all_ranks": (rt.LOOKUP, bodies.KeyRequest(all_ranks, tp_size=2)),
+        "lookup_block_hashes": (rt.LOOKUP, bodies.KeyRequest(hashes)),
+        "query_prefetch_status": (rt.QUERY_PREFETCH_STATUS, bodies.HandleRequest(ZERO_HANDLE)),
+        "wait_prefetch_status": (
+            rt.WAIT_PREFETCH_STATUS,
+            bodies.PrefetchWaitRequest(ZERO_HANDLE, 1.0),
+        ),
+        "sync_lookup": (rt.SYNC_LOOKUP, bodies.SyncLookupRequest(tokens, 1, 0.5)),
+        "sync_lookup_block_hashes": (rt.SYNC_LOOKUP, bodies.SyncLookupRequest(hashes)),
+        "free_lookup_locks": (rt.FREE_LOOKUP_LOCKS, bodies.KeyRequest(tokens)),
+        "end_session": (rt.END_SESSION, bodies.EndSessionRequest(MODEL, "req-1")),
+        "prepare_store": (rt.PREPARE_STORE, bodies.PrepareStoreRequest(tokens)),
+        "commit_store": (rt.COMMIT_STORE, bodies.CommitStoreRequest(ZERO_HANDLE, True, bytes(16))),
+        "prepare_retrieve": (rt.PREPARE_RETRIEVE, bodies.PrepareRetrieveRequest(tokens, 2.0)),
+        "commit_retrieve": (rt.COMMIT_RETRIEVE, bodies.HandleRequest(ZERO_HANDLE)),
+        "store_reserved": (rt.STORE, bodies.EmptyRequest()),
+        "retrieve_reserved": (rt.RETRIEVE, bodies.EmptyRequest()),
+        "clear": (rt.CLEAR, bodies.ClearRequest(force=True)),
+        "status": (rt.STATUS, bodies.EmptyRequest()),
+        "goodbye": (rt.GOODBYE, bodies.EmptyRequest()),
     }
 
 
@@ -130,7 +120,9 @@ def wire_fast_path_seeds() -> dict[str, bytes]:
         [
             frames("lookup_all_ranks", 1),
             frames("query_prefetch_status", 2),
-            encode_request(RequestType.END_SESSION, 3, EndSessionRequest(MODEL, "req-2").to_wire()),
+            encode_request(
+                RequestType.END_SESSION, 3, bodies.EndSessionRequest(MODEL, "req-2").to_wire()
+            ),
         ],
     )
     seeds["sync_lookup_with_l2"] = wire_input(1, [frames("sync_lookup", 9)])

@@ -23,29 +23,16 @@ from lmcache_cpp.protocol import (
     HANDLE_SIZE,
     PROTOCOL_VERSION,
     REQUESTS,
-    ClearRequest,
-    CommitStoreRequest,
-    EmptyRequest,
-    EndSessionRequest,
-    HandleRequest,
     HelloInfo,
-    HelloRequest,
-    KeyRequest,
     LookupResult,
-    PrefetchWaitRequest,
-    PrepareRetrieveRequest,
-    PrepareStoreRequest,
     ProtocolError,
     ProtocolLimits,
-    RegisterRequest,
     Reply,
-    RequestBody,
     RequestType,
-    SyncLookupRequest,
     TransferTicket,
-    UnregisterRequest,
     WireKey,
     WireLayout,
+    bodies,
     decode_reply,
     decode_request,
     encode_error_reply,
@@ -80,26 +67,26 @@ HASH_KEY = WireKey(model_name="m", block_hashes=bytes(range(64)), block_hash_siz
 LAYOUT = WireLayout("hnd", 2, 4, 2, 8, 2, 128, 4096, 1 << 20)
 HANDLE = bytes(range(16))
 
-SAMPLES: list[tuple[RequestType, RequestBody]] = [
-    (RequestType.HELLO, HelloRequest("vllm worker 0")),
-    (RequestType.PING, EmptyRequest()),
-    (RequestType.GET_CHUNK_SIZE, EmptyRequest()),
-    (RequestType.REGISTER_KV_CACHE, RegisterRequest("m", 2, 1, LAYOUT)),
-    (RequestType.UNREGISTER_KV_CACHE, UnregisterRequest((1 << 64) - 1)),
-    (RequestType.LOOKUP, KeyRequest(KEY, 4)),
-    (RequestType.QUERY_PREFETCH_STATUS, HandleRequest(HANDLE)),
-    (RequestType.WAIT_PREFETCH_STATUS, PrefetchWaitRequest(HANDLE, 0.0)),
-    (RequestType.SYNC_LOOKUP, SyncLookupRequest(HASH_KEY, 2, 0.05)),
-    (RequestType.SYNC_LOOKUP, SyncLookupRequest(KEY)),
-    (RequestType.FREE_LOOKUP_LOCKS, KeyRequest(KEY, 2)),
-    (RequestType.END_SESSION, EndSessionRequest("m", "req-1")),
-    (RequestType.PREPARE_STORE, PrepareStoreRequest(KEY)),
-    (RequestType.COMMIT_STORE, CommitStoreRequest(HANDLE, False)),
-    (RequestType.PREPARE_RETRIEVE, PrepareRetrieveRequest(HASH_KEY, 0.0)),
-    (RequestType.COMMIT_RETRIEVE, HandleRequest(HANDLE)),
-    (RequestType.CLEAR, ClearRequest(False)),
-    (RequestType.STATUS, EmptyRequest()),
-    (RequestType.GOODBYE, EmptyRequest()),
+SAMPLES: list[tuple[RequestType, bodies.RequestBody]] = [
+    (RequestType.HELLO, bodies.HelloRequest("vllm worker 0")),
+    (RequestType.PING, bodies.EmptyRequest()),
+    (RequestType.GET_CHUNK_SIZE, bodies.EmptyRequest()),
+    (RequestType.REGISTER_KV_CACHE, bodies.RegisterRequest("m", 2, 1, LAYOUT)),
+    (RequestType.UNREGISTER_KV_CACHE, bodies.UnregisterRequest((1 << 64) - 1)),
+    (RequestType.LOOKUP, bodies.KeyRequest(KEY, 4)),
+    (RequestType.QUERY_PREFETCH_STATUS, bodies.HandleRequest(HANDLE)),
+    (RequestType.WAIT_PREFETCH_STATUS, bodies.PrefetchWaitRequest(HANDLE, 0.0)),
+    (RequestType.SYNC_LOOKUP, bodies.SyncLookupRequest(HASH_KEY, 2, 0.05)),
+    (RequestType.SYNC_LOOKUP, bodies.SyncLookupRequest(KEY)),
+    (RequestType.FREE_LOOKUP_LOCKS, bodies.KeyRequest(KEY, 2)),
+    (RequestType.END_SESSION, bodies.EndSessionRequest("m", "req-1")),
+    (RequestType.PREPARE_STORE, bodies.PrepareStoreRequest(KEY)),
+    (RequestType.COMMIT_STORE, bodies.CommitStoreRequest(HANDLE, False)),
+    (RequestType.PREPARE_RETRIEVE, bodies.PrepareRetrieveRequest(HASH_KEY, 0.0)),
+    (RequestType.COMMIT_RETRIEVE, bodies.HandleRequest(HANDLE)),
+    (RequestType.CLEAR, bodies.ClearRequest(False)),
+    (RequestType.STATUS, bodies.EmptyRequest()),
+    (RequestType.GOODBYE, bodies.EmptyRequest()),
 ]
 VALID_FRAMES = [encode_request(rt, 7, body.to_wire()) for rt, body in SAMPLES]
 
@@ -189,7 +176,7 @@ def test_the_request_table_has_a_row_per_request_and_agrees_with_the_docs_and_cp
 @pytest.mark.parametrize(
     ("rt", "body"), SAMPLES, ids=[f"{rt.name}-{i}" for i, (rt, _) in enumerate(SAMPLES)]
 )
-def test_every_request_round_trips(rt: RequestType, body: RequestBody) -> None:
+def test_every_request_round_trips(rt: RequestType, body: bodies.RequestBody) -> None:
     frames = encode_request(rt, (1 << 64) - 1, body.to_wire())
     assert len(frames) == 2
     assert msgpack.unpackb(frames[0]) == [PROTOCOL_VERSION, int(rt), (1 << 64) - 1]
@@ -202,15 +189,15 @@ def test_every_request_round_trips(rt: RequestType, body: RequestBody) -> None:
 def test_optional_fields_take_their_defaults_when_absent_or_nil() -> None:
     minimal = {"key": {"model_name": "m", "tokens": TOKENS, "cache_salt": None}}
     body = decode_request(request_frames(RequestType.LOOKUP, minimal), LIMITS).body
-    assert body == KeyRequest(WireKey(model_name="m", tokens=TOKENS), 1)
+    assert body == bodies.KeyRequest(WireKey(model_name="m", tokens=TOKENS), 1)
     body = decode_request(request_frames(RequestType.COMMIT_STORE, {"handle": HANDLE}), LIMITS).body
-    assert body == CommitStoreRequest(HANDLE, True)
+    assert body == bodies.CommitStoreRequest(HANDLE, True)
     body = decode_request(request_frames(RequestType.SYNC_LOOKUP, minimal), LIMITS).body
-    assert isinstance(body, SyncLookupRequest) and body.timeout_s is None
+    assert isinstance(body, bodies.SyncLookupRequest) and body.timeout_s is None
     body = decode_request(
         request_frames(RequestType.WAIT_PREFETCH_STATUS, {"handle": HANDLE, "timeout_s": 2}), LIMITS
     ).body
-    assert body == PrefetchWaitRequest(HANDLE, 2.0)
+    assert body == bodies.PrefetchWaitRequest(HANDLE, 2.0)
 
 
 def test_replies_round_trip() -> None:
@@ -461,7 +448,7 @@ MALFORMED: list[tuple[str, list[bytes], int, int, int, str]] = [
         request_frames(
             4,
             {
-                **RegisterRequest("m", 1, 0, LAYOUT).to_wire(),
+                **bodies.RegisterRequest("m", 1, 0, LAYOUT).to_wire(),
                 "layout": {**LAYOUT.to_wire(), "layout": "xyz"},
             },
         ),
@@ -475,7 +462,7 @@ MALFORMED: list[tuple[str, list[bytes], int, int, int, str]] = [
         request_frames(
             4,
             {
-                **RegisterRequest("m", 1, 0, LAYOUT).to_wire(),
+                **bodies.RegisterRequest("m", 1, 0, LAYOUT).to_wire(),
                 "layout": {**LAYOUT.to_wire(), "num_layers": 0},
             },
         ),
@@ -486,7 +473,7 @@ MALFORMED: list[tuple[str, list[bytes], int, int, int, str]] = [
     ),
     (
         "register worker out of range",
-        request_frames(4, RegisterRequest("m", 2, 0, LAYOUT).to_wire() | {"worker_id": 2}),
+        request_frames(4, bodies.RegisterRequest("m", 2, 0, LAYOUT).to_wire() | {"worker_id": 2}),
         INVALID,
         4,
         5,
@@ -778,7 +765,7 @@ def test_the_decoder_accepts_or_refuses_every_input_and_round_trips_what_it_acce
 
 
 @pytest.mark.parametrize(("rt", "body"), SAMPLES, ids=lambda v: getattr(v, "name", ""))
-def test_every_sample_decodes_to_its_body(rt: RequestType, body: RequestBody) -> None:
+def test_every_sample_decodes_to_its_body(rt: RequestType, body: bodies.RequestBody) -> None:
     frames = encode_request(rt, 9, body.to_wire())
     request = decode_request(frames, LIMITS)
     assert (request.request_type, request.seq, request.body) == (rt, 9, body)
@@ -883,7 +870,7 @@ def test_client_keys_pack_tokens_as_little_endian_uint32() -> None:
         Key("m")
     key = Key("m", world_size=2, worker_id=1, tokens=[1, 2], cache_salt="s", start=0, end=2)
     wire = decode_request(encode_request(RequestType.LOOKUP, 1, {"key": key.to_wire()}), LIMITS)
-    assert isinstance(wire.body, KeyRequest) and wire.body.key == key.to_wire_key()
+    assert isinstance(wire.body, bodies.KeyRequest) and wire.body.key == key.to_wire_key()
     assert key.with_range(16, 32).to_wire_key().start == 16
 
 
@@ -900,7 +887,7 @@ def test_client_layouts_mirror_the_core_layout() -> None:
             100,
         )
         body = decode_request(
-            encode_request(4, 1, RegisterRequest("m", 1, 0, wire).to_wire()), LIMITS
+            encode_request(4, 1, bodies.RegisterRequest("m", 1, 0, wire).to_wire()), LIMITS
         ).body
-        assert isinstance(body, RegisterRequest) and body.layout == wire
+        assert isinstance(body, bodies.RegisterRequest) and body.layout == wire
         assert kv_cache_layout(wire).fingerprint() == core.fingerprint()

@@ -23,24 +23,13 @@ from lmcache_cpp.errors import (
 )
 from lmcache_cpp.protocol import (
     PROTOCOL_VERSION,
-    ClearRequest,
-    CommitStoreRequest,
-    EmptyRequest,
-    EndSessionRequest,
-    HandleRequest,
     HelloInfo,
-    HelloRequest,
-    KeyRequest,
     LookupResult,
-    PrefetchWaitRequest,
-    PrepareRetrieveRequest,
-    PrepareStoreRequest,
-    RegisterRequest,
     RegistrationInfo,
     RequestType,
     TransferTicket,
-    UnregisterRequest,
     WireKey,
+    bodies,
     count_from_wire,
     pid_namespace,
     prefetch_status_from_wire,
@@ -113,7 +102,7 @@ class CacheClient(ClientTransport):
     # ---- requests ----------------------------------------------------------------------------
 
     def async_hello(self, name: str = "") -> concurrent.futures.Future[HelloInfo]:
-        body = HelloRequest(name, os.getpid(), _PID_NAMESPACE)
+        body = bodies.HelloRequest(name, os.getpid(), _PID_NAMESPACE)
         return self._submit(RequestType.HELLO, body.to_wire(), _hello_from_wire, None)
 
     def hello(self, name: str = "") -> HelloInfo:
@@ -123,7 +112,7 @@ class CacheClient(ClientTransport):
     def async_get_chunk_size(self) -> concurrent.futures.Future[int]:
         return self._submit(
             RequestType.GET_CHUNK_SIZE,
-            EmptyRequest().to_wire(),
+            bodies.EmptyRequest().to_wire(),
             lambda p: count_from_wire(p, "chunk_size"),
             None,
         )
@@ -134,7 +123,7 @@ class CacheClient(ClientTransport):
     def async_register_kv_cache(
         self, model_name: str, world_size: int, worker_id: int, layout: _core.KvCacheLayout
     ) -> concurrent.futures.Future[RegistrationInfo]:
-        body = RegisterRequest(model_name, world_size, worker_id, wire_layout(layout))
+        body = bodies.RegisterRequest(model_name, world_size, worker_id, wire_layout(layout))
         return self._submit(
             RequestType.REGISTER_KV_CACHE, body.to_wire(), registration_from_wire, None
         )
@@ -148,7 +137,7 @@ class CacheClient(ClientTransport):
         )
 
     def async_unregister_kv_cache(self, registration_id: int) -> concurrent.futures.Future[None]:
-        body = UnregisterRequest(registration_id)
+        body = bodies.UnregisterRequest(registration_id)
         return self._submit(RequestType.UNREGISTER_KV_CACHE, body.to_wire(), _nothing, None)
 
     def unregister_kv_cache(self, registration_id: int) -> None:
@@ -157,7 +146,7 @@ class CacheClient(ClientTransport):
     def async_lookup(
         self, key: Key | WireKey, tp_size: int = 1
     ) -> concurrent.futures.Future[bytes]:
-        # KeyRequest(key, tp_size).to_wire(), built directly (the per-prompt path)
+        # bodies.KeyRequest(key, tp_size).to_wire(), built directly (the per-prompt path)
         body = {"key": key.to_wire(), "tp_size": tp_size}
         return self._submit(_LOOKUP, body, _handle_from_reply, None)
 
@@ -168,7 +157,7 @@ class CacheClient(ClientTransport):
     def async_query_prefetch_status(
         self, handle: bytes
     ) -> concurrent.futures.Future[LookupResult | None]:
-        body = {"handle": _check_handle(handle)}  # HandleRequest(handle).to_wire()
+        body = {"handle": _check_handle(handle)}  # bodies.HandleRequest(handle).to_wire()
         return self._submit(_QUERY_PREFETCH_STATUS, body, prefetch_status_from_wire, None)
 
     def query_prefetch_status(self, handle: bytes) -> LookupResult | None:
@@ -178,7 +167,7 @@ class CacheClient(ClientTransport):
     def async_wait_prefetch_status(
         self, handle: bytes, timeout_s: float, *, deadline_s: float | None = None
     ) -> concurrent.futures.Future[LookupResult | None]:
-        body = PrefetchWaitRequest(_check_handle(handle), float(timeout_s))
+        body = bodies.PrefetchWaitRequest(_check_handle(handle), float(timeout_s))
         return self._submit(
             RequestType.WAIT_PREFETCH_STATUS,
             body.to_wire(),
@@ -226,7 +215,7 @@ class CacheClient(ClientTransport):
     def async_free_lookup_locks(
         self, key: Key | WireKey, tp_size: int = 1
     ) -> concurrent.futures.Future[int]:
-        body = KeyRequest(_key(key), tp_size)
+        body = bodies.KeyRequest(_key(key), tp_size)
         return self._submit(
             RequestType.FREE_LOOKUP_LOCKS,
             body.to_wire(),
@@ -241,7 +230,7 @@ class CacheClient(ClientTransport):
         return self._call(lambda: self.async_free_lookup_locks(key, tp_size))
 
     def async_end_session(self, model_name: str, request_id: str) -> concurrent.futures.Future[int]:
-        body = EndSessionRequest(model_name, request_id)
+        body = bodies.EndSessionRequest(model_name, request_id)
         return self._submit(
             RequestType.END_SESSION, body.to_wire(), lambda p: count_from_wire(p, "released"), None
         )
@@ -250,7 +239,7 @@ class CacheClient(ClientTransport):
         return self._call(lambda: self.async_end_session(model_name, request_id))
 
     def async_prepare_store(self, key: Key | WireKey) -> concurrent.futures.Future[TransferTicket]:
-        body = PrepareStoreRequest(_key(key))
+        body = bodies.PrepareStoreRequest(_key(key))
         return self._submit(
             RequestType.PREPARE_STORE, body.to_wire(), TransferTicket.from_wire, None
         )
@@ -264,7 +253,7 @@ class CacheClient(ClientTransport):
         crcs = None
         if crc32c is not None:
             crcs = struct.pack(f"<{len(crc32c)}I", *crc32c)
-        body = CommitStoreRequest(_check_handle(handle), bool(success), crcs)
+        body = bodies.CommitStoreRequest(_check_handle(handle), bool(success), crcs)
         return self._submit(
             RequestType.COMMIT_STORE,
             body.to_wire(),
@@ -286,7 +275,7 @@ class CacheClient(ClientTransport):
         self, key: Key | WireKey, timeout_s: float | None = None, *, deadline_s: float | None = None
     ) -> concurrent.futures.Future[TransferTicket]:
         timeout = None if timeout_s is None else float(timeout_s)
-        body = PrepareRetrieveRequest(_key(key), timeout)
+        body = bodies.PrepareRetrieveRequest(_key(key), timeout)
         wait = _DEFAULT_RETRIEVE_WAIT_S if timeout is None else timeout
         return self._submit(
             RequestType.PREPARE_RETRIEVE, body.to_wire(), TransferTicket.from_wire, deadline_s, wait
@@ -300,7 +289,7 @@ class CacheClient(ClientTransport):
         )
 
     def async_commit_retrieve(self, handle: bytes) -> concurrent.futures.Future[None]:
-        body = HandleRequest(_check_handle(handle))
+        body = bodies.HandleRequest(_check_handle(handle))
         return self._submit(RequestType.COMMIT_RETRIEVE, body.to_wire(), _nothing, None)
 
     def commit_retrieve(self, handle: bytes) -> None:
@@ -313,7 +302,7 @@ class CacheClient(ClientTransport):
     ) -> concurrent.futures.Future[int]:
         return self._submit(
             RequestType.CLEAR,
-            ClearRequest(bool(force), admin_token).to_wire(),
+            bodies.ClearRequest(bool(force), admin_token).to_wire(),
             lambda p: count_from_wire(p, "removed"),
             None,
         )

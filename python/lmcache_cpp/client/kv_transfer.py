@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from types import TracebackType
 from typing import Any, TypeAlias
 
 import numpy as np
@@ -96,12 +95,7 @@ class KvTransferClient:
     def __enter__(self) -> KvTransferClient:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def store(self, kv: _core.KvCacheView, block_ids: BlockIds, key: Key) -> int:

@@ -18,7 +18,6 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Mapping
-from types import TracebackType
 from typing import Any, Final, TypeVar
 
 import zmq
@@ -228,12 +227,7 @@ class ClientTransport:
     def __enter__(self: _ClientT) -> _ClientT:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def _release(self) -> None:

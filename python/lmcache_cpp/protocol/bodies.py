@@ -19,6 +19,28 @@ from lmcache_cpp.protocol.fields import (
     _Fields,
 )
 
+__all__ = [
+    "LAYOUT_NAMES",
+    "ClearRequest",
+    "CommitStoreRequest",
+    "EmptyRequest",
+    "EndSessionRequest",
+    "HandleRequest",
+    "HelloRequest",
+    "KeyRequest",
+    "PrefetchWaitRequest",
+    "PrepareRetrieveRequest",
+    "PrepareStoreRequest",
+    "RegisterRequest",
+    "RequestBody",
+    "SyncLookupRequest",
+    "UnregisterRequest",
+    "WireKey",
+    "WireLayout",
+    "key_map",
+    "pid_namespace",
+]
+
 # ---------------------------------------------------------------------------------------------
 # Request bodies
 

@@ -10,6 +10,14 @@ from typing import Any, Final
 
 from lmcache_cpp._core import StatusCode
 
+__all__ = [
+    "HANDLE_SIZE",
+    "PROTOCOL_VERSION",
+    "ProtocolError",
+    "ProtocolLimits",
+    "RequestType",
+]
+
 PROTOCOL_VERSION: Final = 1
 """Version of this protocol. Both header layouts carry it; a mismatch is answered NotSupported."""
 

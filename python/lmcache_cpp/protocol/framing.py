@@ -30,6 +30,18 @@ from lmcache_cpp.protocol.requests import (
     parse_body,
 )
 
+__all__ = [
+    "Reply",
+    "Request",
+    "decode_reply",
+    "decode_request",
+    "encode_error_reply",
+    "encode_payload",
+    "encode_reply",
+    "encode_request",
+    "encode_request_header",
+]
+
 # ---------------------------------------------------------------------------------------------
 # Framing
 

@@ -15,6 +15,19 @@ from lmcache_cpp.protocol.fields import (
     _Fields,
 )
 
+__all__ = [
+    "HelloInfo",
+    "LookupResult",
+    "RegistrationInfo",
+    "TransferTicket",
+    "count_from_wire",
+    "pack_offsets",
+    "prefetch_status_from_wire",
+    "prefetch_status_to_wire",
+    "registration_from_wire",
+    "unpack_offsets",
+]
+
 # ---------------------------------------------------------------------------------------------
 # Reply bodies (built by the server, read by the client; unknown reply fields are ignored)
 

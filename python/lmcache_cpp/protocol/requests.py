@@ -31,6 +31,13 @@ from lmcache_cpp.protocol.fields import (
     _Fields,
 )
 
+__all__ = [
+    "REQUESTS",
+    "RequestSpec",
+    "Runs",
+    "parse_body",
+]
+
 
 class Runs(enum.Enum):
     """Where a server runs a request (the "Thread" column of docs/protocol.md)."""

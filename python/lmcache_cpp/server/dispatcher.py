@@ -16,30 +16,17 @@ from lmcache_cpp.errors import LMCacheError, PermissionDeniedError
 from lmcache_cpp.protocol import (
     PROTOCOL_VERSION,
     REQUESTS,
-    ClearRequest,
-    CommitStoreRequest,
-    EmptyRequest,
-    EndSessionRequest,
-    HandleRequest,
     HelloInfo,
-    HelloRequest,
-    KeyRequest,
     LookupResult,
-    PrefetchWaitRequest,
-    PrepareRetrieveRequest,
-    PrepareStoreRequest,
     ProtocolError,
     ProtocolLimits,
-    RegisterRequest,
     Request,
-    RequestBody,
     RequestType,
     Runs,
-    SyncLookupRequest,
     TransferTicket,
-    UnregisterRequest,
     WireKey,
     WireLayout,
+    bodies,
     decode_request,
     encode_error_reply,
     encode_reply,
@@ -164,12 +151,16 @@ def _outcome(status: int) -> str:
     return "ok" if status == _OK else _core.status_code_name(status)
 
 
-def _request_id(body: RequestBody) -> str:
+def _request_id(body: bodies.RequestBody) -> str:
     if isinstance(
-        body, KeyRequest | SyncLookupRequest | PrepareStoreRequest | PrepareRetrieveRequest
+        body,
+        bodies.KeyRequest
+        | bodies.SyncLookupRequest
+        | bodies.PrepareStoreRequest
+        | bodies.PrepareRetrieveRequest,
     ):
         return body.key.request_id
-    if isinstance(body, EndSessionRequest):
+    if isinstance(body, bodies.EndSessionRequest):
         return body.request_id
     return ""
 
@@ -178,7 +169,7 @@ def _request_id(body: RequestBody) -> str:
 # Decode + execute, independent of sockets
 
 
-Handler = Callable[[int, RequestBody], Mapping[str, Any]]
+Handler = Callable[[int, bodies.RequestBody], Mapping[str, Any]]
 
 WaitKey = tuple[str, bytes | int]
 """What a parked request waits for: ("job", handle bytes) of a two-phase lookup, or ("request",
@@ -206,7 +197,7 @@ class Dispatcher:
         engine: EngineLike,
         limits: ProtocolLimits,
         *,
-        hello: Callable[[int, HelloRequest], Mapping[str, Any]] | None = None,
+        hello: Callable[[int, bodies.HelloRequest], Mapping[str, Any]] | None = None,
         goodbye: Callable[[int], Mapping[str, Any]] | None = None,
         server_status: Callable[[], Mapping[str, Any]] | None = None,
         client_usage: Callable[[], list[dict[str, Any]]] | None = None,
@@ -245,9 +236,9 @@ class Dispatcher:
         """How long a :data:`PARKED_REQUESTS` request may wait: its own ``timeout_s``, else the
         engine's retrieve wait (capped by ``max_wait_s``)."""
         body = request.body
-        if isinstance(body, PrefetchWaitRequest):
+        if isinstance(body, bodies.PrefetchWaitRequest):
             return body.timeout_s
-        if isinstance(body, PrepareRetrieveRequest) and body.timeout_s is not None:
+        if isinstance(body, bodies.PrepareRetrieveRequest) and body.timeout_s is not None:
             return body.timeout_s
         return min(float(self._engine.retrieve_wait_timeout_s), self._limits.max_wait_s)
 
@@ -259,21 +250,21 @@ class Dispatcher:
         waiting: list[WaitKey] = []
 
         def run() -> Mapping[str, Any] | None:
-            if isinstance(body, PrefetchWaitRequest):
+            if isinstance(body, bodies.PrefetchWaitRequest):
                 handle = _handle_from_wire(body.handle)
                 result = self._engine.query_prefetch_status(client, handle)
                 if result is None and not final:
                     waiting.append(("job", body.handle))
                     return None
                 return prefetch_status_to_wire(None if result is None else _lookup_result(result))
-            assert isinstance(body, PrepareRetrieveRequest | KeyRequest)
+            assert isinstance(body, bodies.PrepareRetrieveRequest | bodies.KeyRequest)
             wire = body.key
             if not final:
                 pending = int(self._engine.pending_load(wire.model_name, wire.request_id))
                 if pending:
                     waiting.append(("request", pending))
                     return None
-            if isinstance(body, PrepareRetrieveRequest):
+            if isinstance(body, bodies.PrepareRetrieveRequest):
                 ticket = self._engine.prepare_retrieve(client, engine_key(wire), 0.0)
                 return _ticket(ticket).to_wire()
             released = self._engine.free_lookup_locks(client, engine_key(wire), body.tp_size, 0.0)
@@ -288,7 +279,7 @@ class Dispatcher:
         if request.request_type is not RequestType.SYNC_LOOKUP:
             return None
         body = request.body
-        assert isinstance(body, SyncLookupRequest)
+        assert isinstance(body, bodies.SyncLookupRequest)
         try:
             result = self._engine.sync_lookup_in_l1(client, engine_key(body.key), body.tp_size)
         except Exception:
@@ -349,8 +340,8 @@ class Dispatcher:
 
     # ---- handlers (body types are guaranteed by protocol.parse_body) --------------------------
 
-    def _on_hello(self, client: int, body: RequestBody) -> Mapping[str, Any]:
-        assert isinstance(body, HelloRequest)
+    def _on_hello(self, client: int, body: bodies.RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, bodies.HelloRequest)
         if self._hello is not None:
             return self._hello(client, body)
         return HelloInfo(
@@ -363,21 +354,21 @@ class Dispatcher:
             max_tokens=self._limits.max_tokens,
         ).to_wire()
 
-    def _on_goodbye(self, client: int, body: RequestBody) -> Mapping[str, Any]:
+    def _on_goodbye(self, client: int, body: bodies.RequestBody) -> Mapping[str, Any]:
         if self._goodbye is not None:
             return self._goodbye(client)
         return {"released": int(self._engine.end_client(client))}
 
-    def _on_ping(self, client: int, body: RequestBody) -> Mapping[str, Any]:
-        assert isinstance(body, EmptyRequest)
+    def _on_ping(self, client: int, body: bodies.RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, bodies.EmptyRequest)
         return {}
 
-    def _on_get_chunk_size(self, client: int, body: RequestBody) -> Mapping[str, Any]:
-        assert isinstance(body, EmptyRequest)
+    def _on_get_chunk_size(self, client: int, body: bodies.RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, bodies.EmptyRequest)
         return {"chunk_size": int(self._engine.chunk_size)}
 
-    def _on_register(self, client: int, body: RequestBody) -> Mapping[str, Any]:
-        assert isinstance(body, RegisterRequest)
+    def _on_register(self, client: int, body: bodies.RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, bodies.RegisterRequest)
         reg = self._engine.register_kv_cache(
             client, body.model_name, body.world_size, body.worker_id, kv_cache_layout(body.layout)
         )
@@ -390,49 +381,49 @@ class Dispatcher:
             "arena_size": int(reg.arena_size),
         }
 
-    def _on_unregister(self, client: int, body: RequestBody) -> Mapping[str, Any]:
-        assert isinstance(body, UnregisterRequest)
+    def _on_unregister(self, client: int, body: bodies.RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, bodies.UnregisterRequest)
         self._engine.unregister_kv_cache(client, body.registration_id)
         return {}
 
-    def _on_lookup(self, client: int, body: RequestBody) -> Mapping[str, Any]:
-        assert isinstance(body, KeyRequest)
+    def _on_lookup(self, client: int, body: bodies.RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, bodies.KeyRequest)
         handle = self._engine.lookup(client, engine_key(body.key), body.tp_size)
         return {"handle": _handle_to_wire(handle)}
 
-    def _on_query_prefetch(self, client: int, body: RequestBody) -> Mapping[str, Any]:
-        assert isinstance(body, HandleRequest)
+    def _on_query_prefetch(self, client: int, body: bodies.RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, bodies.HandleRequest)
         result = self._engine.query_prefetch_status(client, _handle_from_wire(body.handle))
         return prefetch_status_to_wire(None if result is None else _lookup_result(result))
 
-    def _on_wait_prefetch(self, client: int, body: RequestBody) -> Mapping[str, Any]:
-        assert isinstance(body, PrefetchWaitRequest)
+    def _on_wait_prefetch(self, client: int, body: bodies.RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, bodies.PrefetchWaitRequest)
         handle = _handle_from_wire(body.handle)
         result = self._engine.wait_prefetch_status(client, handle, body.timeout_s)
         return prefetch_status_to_wire(None if result is None else _lookup_result(result))
 
-    def _on_sync_lookup(self, client: int, body: RequestBody) -> Mapping[str, Any]:
-        assert isinstance(body, SyncLookupRequest)
+    def _on_sync_lookup(self, client: int, body: bodies.RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, bodies.SyncLookupRequest)
         result = self._engine.sync_lookup(
             client, engine_key(body.key), body.tp_size, body.timeout_s
         )
         return _lookup_result(result).to_wire()
 
-    def _on_free_lookup_locks(self, client: int, body: RequestBody) -> Mapping[str, Any]:
-        assert isinstance(body, KeyRequest)
+    def _on_free_lookup_locks(self, client: int, body: bodies.RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, bodies.KeyRequest)
         released = self._engine.free_lookup_locks(client, engine_key(body.key), body.tp_size)
         return {"released": int(released)}
 
-    def _on_end_session(self, client: int, body: RequestBody) -> Mapping[str, Any]:
-        assert isinstance(body, EndSessionRequest)
+    def _on_end_session(self, client: int, body: bodies.RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, bodies.EndSessionRequest)
         return {"released": int(self._engine.end_session(client, body.model_name, body.request_id))}
 
-    def _on_prepare_store(self, client: int, body: RequestBody) -> Mapping[str, Any]:
-        assert isinstance(body, PrepareStoreRequest)
+    def _on_prepare_store(self, client: int, body: bodies.RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, bodies.PrepareStoreRequest)
         return _ticket(self._engine.prepare_store(client, engine_key(body.key))).to_wire()
 
-    def _on_commit_store(self, client: int, body: RequestBody) -> Mapping[str, Any]:
-        assert isinstance(body, CommitStoreRequest)
+    def _on_commit_store(self, client: int, body: bodies.RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, bodies.CommitStoreRequest)
         crcs = (
             None
             if body.crc32c is None
@@ -443,18 +434,18 @@ class Dispatcher:
         )
         return {"published": int(published)}
 
-    def _on_prepare_retrieve(self, client: int, body: RequestBody) -> Mapping[str, Any]:
-        assert isinstance(body, PrepareRetrieveRequest)
+    def _on_prepare_retrieve(self, client: int, body: bodies.RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, bodies.PrepareRetrieveRequest)
         ticket = self._engine.prepare_retrieve(client, engine_key(body.key), body.timeout_s)
         return _ticket(ticket).to_wire()
 
-    def _on_commit_retrieve(self, client: int, body: RequestBody) -> Mapping[str, Any]:
-        assert isinstance(body, HandleRequest)
+    def _on_commit_retrieve(self, client: int, body: bodies.RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, bodies.HandleRequest)
         self._engine.commit_retrieve(client, _handle_from_wire(body.handle))
         return {}
 
-    def _on_clear(self, client: int, body: RequestBody) -> Mapping[str, Any]:
-        assert isinstance(body, ClearRequest)
+    def _on_clear(self, client: int, body: bodies.RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, bodies.ClearRequest)
         if body.force:
             token = self._admin_token
             given = body.admin_token or ""
@@ -465,8 +456,8 @@ class Dispatcher:
                 )
         return {"removed": int(self._engine.clear(body.force))}
 
-    def _on_status(self, client: int, body: RequestBody) -> Mapping[str, Any]:
-        assert isinstance(body, EmptyRequest)
+    def _on_status(self, client: int, body: bodies.RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, bodies.EmptyRequest)
         reply: dict[str, Any] = dict(self._engine.stats())
         if self._client_usage is not None:
             reply["clients"] = self._client_usage()
