@@ -62,18 +62,15 @@ import math
 import os
 import platform
 import queue
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
-from typing import IO, Any, Final
+from typing import Any, Final
 
 import msgpack  # type: ignore[import-untyped]
 import numpy as np
@@ -81,6 +78,7 @@ import numpy.typing as npt
 import zmq
 
 import lmcache_cpp as lc
+from harness import ChildProcesses, run_benchmark
 from lmcache_cpp.client import CacheClient, Key, KvTransferClient, LookupResult
 from lmcache_cpp.protocol import (
     EndSessionRequest,
@@ -114,36 +112,18 @@ class BenchError(RuntimeError):
 # Child processes
 
 
-class Children:
-    """Every child process of the benchmark, each with a thread reading its stdout lines.
-
-    :meth:`stop_all` sends SIGTERM to the ones still running (newest first), waits, and kills what
-    is left. Children start in their own session, so a Ctrl-C reaches only the benchmark, which
-    then stops them in order.
-    """
+class Children(ChildProcesses):
+    """Every child process of the benchmark, each with a thread reading its stdout lines
+    (:class:`harness.ChildProcesses` starts and stops them)."""
 
     def __init__(self, workdir: Path) -> None:
-        self._workdir = workdir
-        self._procs: list[tuple[str, subprocess.Popen[str], IO[str]]] = []
+        super().__init__(workdir)
         self._lines: dict[int, queue.Queue[str | None]] = {}
 
     def start(
         self, name: str, argv: Sequence[str], *, stdin: bool = False
     ) -> subprocess.Popen[str]:
-        log = (self._workdir / f"{name}.log").open("w")
-        try:
-            proc = subprocess.Popen(
-                list(argv),
-                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                text=True,
-                start_new_session=True,
-            )
-        except BaseException:
-            log.close()
-            raise
-        self._procs.append((name, proc, log))
+        proc = self._spawn(name, argv, stdin)
         lines: queue.Queue[str | None] = queue.Queue()
         self._lines[proc.pid] = lines
         threading.Thread(
@@ -163,42 +143,9 @@ class Children:
 
     def stop(self, proc: subprocess.Popen[str], timeout_s: float = 15.0) -> int | None:
         """SIGTERM, then SIGKILL after ``timeout_s``; returns the exit status."""
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait()
-        for _, p, log in self._procs:
-            if p is proc:
-                log.close()
+        self.send(proc, signal.SIGTERM)
+        self.wait_or_kill(proc, timeout_s)
         return proc.returncode
-
-    def stop_all(self) -> None:
-        for _, proc, _ in reversed(self._procs):
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 15.0
-        for _, proc, log in reversed(self._procs):
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait()
-            log.close()
-
-    def log_tail(self, name: str, lines: int = 20) -> str:
-        path = self._workdir / f"{name}.log"
-        try:
-            text = path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
 
 
 def _pump_lines(proc: subprocess.Popen[str], lines: queue.Queue[str | None]) -> None:
@@ -207,11 +154,6 @@ def _pump_lines(proc: subprocess.Popen[str], lines: queue.Queue[str | None]) -> 
         for line in proc.stdout:
             lines.put(line)
     lines.put(None)
-
-
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    del signum, frame
-    raise KeyboardInterrupt
 
 
 def process_cpu_s(pid: int) -> float:
@@ -1077,24 +1019,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return echo_server_main(args.echo_server)
     if args.lookup_worker:
         return lookup_worker_main(args.lookup_worker)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    workdir = Path(tempfile.mkdtemp(prefix="lmcache-bench-"))
-    children = Children(workdir)
-    try:
-        return run(args, children, workdir)
-    except KeyboardInterrupt:
-        print("bench_server: interrupted", file=sys.stderr)
-        return 130
-    except BenchError as exc:
-        print(f"bench_server: {exc}", file=sys.stderr)
-        tail = children.log_tail("server")
-        if tail:
-            print(f"server log (last lines):\n{tail}", file=sys.stderr)
-        return 1
-    finally:
-        children.stop_all()
-        shutil.rmtree(workdir, ignore_errors=True)
-        signal.signal(signal.SIGTERM, previous)
+    return run_benchmark(
+        "bench_server",
+        Children,
+        lambda children: run(args, children, children.workdir),
+        errors=(BenchError,),
+    )
 
 
 if __name__ == "__main__":

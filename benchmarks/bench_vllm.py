@@ -65,12 +65,10 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -78,7 +76,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from bench_server import BenchError, Children, _raise_interrupt
+from bench_server import BenchError, Children
+from harness import run_benchmark
 from lmcache_cpp.client import CacheClient
 
 BLOCK: Final = 32  # vLLM block size (the CPU attention backend needs a multiple of 32)
@@ -940,28 +939,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return engine_main(args.engine)
     if args.make_model:
         return make_model_main(*args.make_model)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    workdir = Path(tempfile.mkdtemp(prefix="lmcache-bench-vllm-"))
-    children = Children(workdir)
-    try:
-        return run(args, children, workdir)
-    except KeyboardInterrupt:
-        print("bench_vllm: interrupted", file=sys.stderr)
-        return 130
-    except BenchError as exc:
-        print(f"bench_vllm: {exc}", file=sys.stderr)
-        for name in ("server", "cold", "first", "l1", "l2", "chat-alone", "chat-lmcache"):
-            tail = children.log_tail(name, 15)
-            if tail:
-                print(f"--- {name} log (last lines):\n{tail}", file=sys.stderr)
-        return 1
-    finally:
-        children.stop_all()
-        if args.keep:
-            print(f"bench_vllm: logs kept in {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-        signal.signal(signal.SIGTERM, previous)
+    return run_benchmark(
+        "bench_vllm",
+        Children,
+        lambda children: run(args, children, children.workdir),
+        errors=(BenchError,),
+        logs=("server", "cold", "first", "l1", "l2", "chat-alone", "chat-lmcache"),
+        log_lines=15,
+        keep=args.keep,
+    )
 
 
 if __name__ == "__main__":

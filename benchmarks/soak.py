@@ -70,23 +70,22 @@ import platform
 import queue
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any, Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
 import lmcache_cpp as lc
+from harness import ChildProcesses, run_benchmark
 from lmcache_cpp import app as app_module
 from lmcache_cpp import config as config_module
 from lmcache_cpp.client import CacheClient, Key, KvTransferClient, LookupResult
@@ -513,33 +512,18 @@ def client_main(spec_json: str) -> int:
 # Child processes
 
 
-class Fleet:
-    """The soak's child processes. Each one's stdout lines go to one queue as (name, line), and
-    (name, None) at its end; its stderr to ``<workdir>/<name>.log``. Children start in their own
-    session, so a Ctrl-C reaches only the soak, which stops them (:meth:`stop_all`)."""
+class Fleet(ChildProcesses):
+    """The soak's child processes (:class:`harness.ChildProcesses`), by name. Each one's stdout
+    lines go to one queue as (name, line), and (name, None) at its end."""
 
     def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
+        super().__init__(workdir)
         self.events: queue.Queue[tuple[str, str | None]] = queue.Queue()
         self.procs: dict[str, subprocess.Popen[str]] = {}
-        self._logs: dict[str, IO[str]] = {}
 
     def start(self, name: str, argv: Sequence[str]) -> subprocess.Popen[str]:
-        log = (self.workdir / f"{name}.log").open("w")
-        try:
-            proc = subprocess.Popen(
-                list(argv),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                text=True,
-                start_new_session=True,
-            )
-        except BaseException:
-            log.close()
-            raise
+        proc = self._spawn(name, argv, stdin=False)
         self.procs[name] = proc
-        self._logs[name] = log
         threading.Thread(
             target=self._pump, args=(name, proc), name=f"stdout-{name}", daemon=True
         ).start()
@@ -553,50 +537,12 @@ class Fleet:
         self.events.put((name, None))
 
     def signal(self, name: str, signum: int) -> None:
-        proc = self.procs[name]
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signum)
+        self.send(self.procs[name], signum)
 
     def reap(self, name: str, timeout_s: float) -> int | None:
         """The exit status once the child exited within ``timeout_s`` (SIGKILL after); closes
         its log."""
-        proc = self.procs[name]
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait()
-            self._close_log(name)
-            return None
-        self._close_log(name)
-        return proc.returncode
-
-    def _close_log(self, name: str) -> None:
-        log = self._logs.pop(name, None)
-        if log is not None:
-            log.close()
-
-    def stop_all(self) -> None:
-        """SIGTERM to every running child, then SIGKILL to what is left after 15 s."""
-        for name in reversed(list(self.procs)):
-            self.signal(name, signal.SIGTERM)
-        deadline = time.monotonic() + 15.0
-        for name in reversed(list(self.procs)):
-            self.reap(name, max(0.1, deadline - time.monotonic()))
-
-    def log_tail(self, name: str, lines: int = 20) -> str:
-        try:
-            text = (self.workdir / f"{name}.log").read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    del signum, frame
-    raise KeyboardInterrupt
+        return self.wait_or_kill(self.procs[name], timeout_s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1132,28 +1078,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return server_main(args.server_spec)
     if args.client_spec:
         return client_main(args.client_spec)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    workdir = Path(tempfile.mkdtemp(prefix="lmcache-soak-"))
-    fleet = Fleet(workdir)
-    soak = Soak(args, fleet)
     started = time.monotonic()
+
+    def soak(fleet: Fleet) -> int:
+        run = Soak(args, fleet)
+        try:
+            return run.run()
+        finally:
+            if run.status_client is not None:
+                run.status_client.close()
+
     try:
-        return soak.run()
-    except KeyboardInterrupt:
-        print("soak: interrupted", file=sys.stderr)
-        return 130
-    except (SoakError, LMCacheError) as exc:
-        print(f"soak: {type(exc).__name__}: {exc}", file=sys.stderr)
-        tail = fleet.log_tail("server")
-        if tail:
-            print(f"server log (last lines):\n{tail}", file=sys.stderr)
-        return 1
+        return run_benchmark("soak", Fleet, soak, errors=(SoakError, LMCacheError))
     finally:
-        if soak.status_client is not None:
-            soak.status_client.close()
-        fleet.stop_all()
-        shutil.rmtree(workdir, ignore_errors=True)
-        signal.signal(signal.SIGTERM, previous)
         print(f"soak: {time.monotonic() - started:.0f} s in all", flush=True)
 
 
