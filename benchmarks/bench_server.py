@@ -78,7 +78,8 @@ import numpy.typing as npt
 import zmq
 
 import lmcache_cpp as lc
-from harness import ChildProcesses, run_benchmark
+from harness import ChildProcesses, apply_defaults, child_role, run_benchmark
+from lmcache_cpp.app import serve_argv
 from lmcache_cpp.client import CacheClient, Key, KvTransferClient, LookupResult
 from lmcache_cpp.protocol import (
     EndSessionRequest,
@@ -887,12 +888,7 @@ def run(args: argparse.Namespace, children: Children, workdir: Path) -> int:
     sections = set(args.sections)
     server_ep = f"ipc://{workdir}/s.sock"
     echo_ep = f"ipc://{workdir}/echo.sock"
-    server_argv = [
-        sys.executable,
-        "-m",
-        "lmcache_cpp",
-        "serve",
-        "--endpoint",
+    server_argv = serve_argv(
         server_ep,
         "--l1-size-gb",
         str(args.l1_size_gb),
@@ -900,7 +896,7 @@ def run(args: argparse.Namespace, children: Children, workdir: Path) -> int:
         str(CHUNK),
         "--log-level",
         "WARNING",
-    ]
+    )
     print("bench_server: lmcache_cpp cache server (a child process) against floors measured in")
     print("the same run on the same machine, interleaved")
     print(machine_line(cores))
@@ -1007,18 +1003,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     defaults = {"samples": 1000, "bursts": 60, "rounds": 10, "reps": 10, "seconds": 5.0}
     if args.quick:
         defaults = {"samples": 100, "bursts": 8, "rounds": 2, "reps": 3, "seconds": 2.0}
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    return args
+    return apply_defaults(args, defaults)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.echo_server:
-        return echo_server_main(args.echo_server)
-    if args.lookup_worker:
-        return lookup_worker_main(args.lookup_worker)
+    role = child_role(args, {"echo_server": echo_server_main, "lookup_worker": lookup_worker_main})
+    if role is not None:
+        return role
     return run_benchmark(
         "bench_server",
         Children,

@@ -77,7 +77,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from bench_server import BenchError, Children
-from harness import run_benchmark
+from harness import apply_defaults, child_role, run_benchmark
+from lmcache_cpp.app import serve_argv
 from lmcache_cpp.client import CacheClient
 
 BLOCK: Final = 32  # vLLM block size (the CPU attention backend needs a multiple of 32)
@@ -351,12 +352,7 @@ class Server:
         self.endpoint = f"ipc://{workdir}/cache.sock"
         self.chunk = chunk
         l2 = json.dumps({"type": "fs", "path": str(workdir / "l2")})
-        self.argv = [
-            sys.executable,
-            "-m",
-            "lmcache_cpp",
-            "serve",
-            "--endpoint",
+        self.argv = serve_argv(
             self.endpoint,
             "--chunk-size",
             str(chunk),
@@ -370,7 +366,7 @@ class Server:
             l2,
             "--log-level",
             "WARNING",
-        ]
+        )
         with _pinned(cores):
             self.proc = children.start("server", self.argv)
         line = children.readline(self.proc, 60.0, "server")
@@ -927,18 +923,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             "turns": 3,
             "chat_context": 512,
         }
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    return args
+    return apply_defaults(args, defaults)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.engine:
-        return engine_main(args.engine)
-    if args.make_model:
-        return make_model_main(*args.make_model)
+    role = child_role(
+        args, {"engine": engine_main, "make_model": lambda spec: make_model_main(*spec)}
+    )
+    if role is not None:
+        return role
     return run_benchmark(
         "bench_vllm",
         Children,

@@ -9,6 +9,7 @@ stopped and the directory removed at the end.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import shutil
 import signal
@@ -16,12 +17,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import IO, TypeVar
+from typing import IO, Any, TypeVar
 
-__all__ = ["ChildProcesses", "raise_interrupt", "run_benchmark"]
+__all__ = [
+    "ChildProcesses",
+    "apply_defaults",
+    "child_role",
+    "raise_interrupt",
+    "run_benchmark",
+]
 
 _STOP_GRACE_S = 15.0
 
@@ -132,3 +139,21 @@ def run_benchmark(
         else:
             shutil.rmtree(workdir, ignore_errors=True)
         signal.signal(signal.SIGTERM, previous)
+
+
+def apply_defaults(args: argparse.Namespace, defaults: Mapping[str, object]) -> argparse.Namespace:
+    """Sets every option of ``defaults`` that the command line left at None."""
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+def child_role(args: argparse.Namespace, roles: Mapping[str, Callable[[Any], int]]) -> int | None:
+    """Runs the child role the command line names (a hidden ``--_<role>`` flag whose value is
+    the role's spec) and returns its exit status; None when this process is the benchmark."""
+    for dest, role_main in roles.items():
+        spec = getattr(args, dest)
+        if spec:
+            return role_main(spec)
+    return None

@@ -85,7 +85,7 @@ import numpy as np
 import numpy.typing as npt
 
 import lmcache_cpp as lc
-from harness import ChildProcesses, run_benchmark
+from harness import ChildProcesses, child_role, run_benchmark
 from lmcache_cpp import app as app_module
 from lmcache_cpp import config as config_module
 from lmcache_cpp.client import CacheClient, Key, KvTransferClient, LookupResult
@@ -1074,10 +1074,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.server_spec:
-        return server_main(args.server_spec)
-    if args.client_spec:
-        return client_main(args.client_spec)
+    role = child_role(args, {"server_spec": server_main, "client_spec": client_main})
+    if role is not None:
+        return role
     started = time.monotonic()
 
     def soak(fleet: Fleet) -> int:

@@ -34,6 +34,7 @@ with atheris.instrument_imports(include=["lmcache_cpp.protocol"]):
 
 import lmcache_cpp as lc
 from lmcache_cpp import _core
+from lmcache_cpp.server.cache_server import wire_fast_path
 
 DEFAULT_LIMITS = protocol.ProtocolLimits()
 TIGHT_LIMITS = protocol.ProtocolLimits(
@@ -55,15 +56,7 @@ def _reference() -> _core.WireFastPath:
     storage = lc.StorageManager(lc.StorageManagerConfig(1 << 20))
     storage.start()
     engine = _core.CacheEngine(storage, _core.EngineConfig(chunk_size=16))
-    fast = _core.WireFastPath(
-        engine,
-        max_frame_bytes=DEFAULT_LIMITS.max_frame_bytes,
-        max_header_bytes=DEFAULT_LIMITS.max_header_bytes,
-        max_tokens=DEFAULT_LIMITS.max_tokens,
-        max_string_bytes=DEFAULT_LIMITS.max_string_bytes,
-        max_wait_s=DEFAULT_LIMITS.max_wait_s,
-        has_l2=False,
-    )
+    fast = wire_fast_path(engine, DEFAULT_LIMITS, has_l2=False)
     _KEEP.extend([storage, engine])
     return fast
 

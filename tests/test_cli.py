@@ -12,6 +12,7 @@ import pytest
 
 import lmcache_cpp as lc
 from lmcache_cpp import cli
+from lmcache_cpp.app import serve_argv
 from lmcache_cpp.cli import l1_demo
 
 SMALL_DEMO = ["l1-demo", "--objects", "48", "--object-kib", "16", "--arena-mib", "2"]
@@ -136,16 +137,7 @@ def test_demo_plays_a_workload_against_a_server_process(tmp_path: Path) -> None:
 def test_status_of_a_running_server(tmp_path: Path) -> None:
     endpoint = f"ipc://{tmp_path / 's.sock'}"
     server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "lmcache_cpp",
-            "serve",
-            "--endpoint",
-            endpoint,
-            "--l1-size-gb",
-            "0.0625",
-        ],
+        serve_argv(endpoint, "--l1-size-gb", "0.0625"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -26,20 +26,6 @@ import server_helpers as sh
 from lmcache_cpp.client import CacheClient, Key, TransferTicket
 from lmcache_cpp.errors import InternalError
 from lmcache_cpp.integration import vllm_parts
-from lmcache_cpp.integration.vllm_parts import (
-    ConnectorConfig,
-    ConnectorMeta,
-    KeySpec,
-    LoadOp,
-    LoadReport,
-    LoadTracker,
-    ServerHealth,
-    StoreFence,
-    StoreOp,
-    WorkerSession,
-    kv_view_of,
-    merge_reports,
-)
 
 # ---------------------------------------------------------------------------------------------
 # ConnectorConfig
@@ -48,8 +34,8 @@ from lmcache_cpp.integration.vllm_parts import (
 def test_config_defaults() -> None:
     empty: list[dict[str, Any] | None] = [None, {}]
     for extra in empty:
-        config = ConnectorConfig.from_extra(extra)
-        assert config == ConnectorConfig()
+        config = vllm_parts.ConnectorConfig.from_extra(extra)
+        assert config == vllm_parts.ConnectorConfig()
     assert config.endpoint == "tcp://127.0.0.1:5555"
     assert (config.lookup_mode, config.key_mode) == ("sync", "hash")
 
@@ -65,13 +51,13 @@ def test_config_takes_every_documented_key() -> None:
         "retry_interval_s": 2.0,
         "copy_threads": 4,
     }
-    config = ConnectorConfig.from_extra(extra)
+    config = vllm_parts.ConnectorConfig.from_extra(extra)
     assert {k: getattr(config, k) for k in extra} == extra
 
 
 def test_config_refuses_unknown_keys_by_name() -> None:
     with pytest.raises(ValueError, match=r"unknown .*\['lookup_mod'\].*known"):
-        ConnectorConfig.from_extra({"lookup_mod": "sync"})
+        vllm_parts.ConnectorConfig.from_extra({"lookup_mod": "sync"})
 
 
 @pytest.mark.parametrize(
@@ -96,7 +82,7 @@ def test_config_refuses_unknown_keys_by_name() -> None:
 )
 def test_config_refuses_bad_values(key: str, value: Any, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        ConnectorConfig.from_extra({key: value})
+        vllm_parts.ConnectorConfig.from_extra({key: value})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,7 +163,7 @@ def test_kv_view_maps_every_vllm_shape(case: str) -> None:
     make, layout, core_layers, token = CASES[case]
     src = [make() for _ in range(L)]
     dst = [torch.zeros_like(t) for t in src]
-    src_view, dst_view = kv_view_of(src, BS), kv_view_of(dst, BS)
+    src_view, dst_view = vllm_parts.kv_view_of(src, BS), vllm_parts.kv_view_of(dst, BS)
     assert src_view.layout.layout is layout
     assert src_view.layout.num_layers == core_layers
     assert src_view.layout.block_size == BS
@@ -202,13 +188,15 @@ def test_kv_view_maps_every_vllm_shape(case: str) -> None:
 
 def test_kv_view_refuses_what_it_cannot_map() -> None:
     with pytest.raises(ValueError, match="no KV cache tensors"):
-        kv_view_of([], BS)
+        vllm_parts.kv_view_of([], BS)
     with pytest.raises(ValueError, match="unsupported KV cache tensor shape"):
-        kv_view_of([torch.zeros(NB, BS * D, dtype=torch.bfloat16)], BS)
+        vllm_parts.kv_view_of([torch.zeros(NB, BS * D, dtype=torch.bfloat16)], BS)
     with pytest.raises(ValueError, match="unsupported KV cache tensor shape"):
-        kv_view_of([torch.zeros(NB, BS + 1, D, dtype=torch.bfloat16)], BS)  # not the block size
+        vllm_parts.kv_view_of(
+            [torch.zeros(NB, BS + 1, D, dtype=torch.bfloat16)], BS
+        )  # not the block size
     with pytest.raises(ValueError, match="GPU data path"):
-        kv_view_of([torch.empty(NB, BS, D, dtype=torch.bfloat16, device="meta")], BS)
+        vllm_parts.kv_view_of([torch.empty(NB, BS, D, dtype=torch.bfloat16, device="meta")], BS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,7 +205,7 @@ def test_kv_view_refuses_what_it_cannot_map() -> None:
 
 def test_server_health_logs_each_outage_once(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger=vllm_parts.__name__)
-    health = ServerHealth("worker 0", retry_interval_s=60.0)
+    health = vllm_parts.ServerHealth("worker 0", retry_interval_s=60.0)
     assert health.up
     health.failed("connection refused")
     health.failed("still refused")
@@ -240,7 +228,7 @@ def test_server_health_logs_each_outage_once(caplog: pytest.LogCaptureFixture) -
 def test_server_health_paces_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [100.0]
     monkeypatch.setattr(vllm_parts, "time", SimpleNamespace(monotonic=lambda: now[0]))
-    health = ServerHealth("scheduler", retry_interval_s=1.0)
+    health = vllm_parts.ServerHealth("scheduler", retry_interval_s=1.0)
     assert health.may_retry() and health.may_retry()  # up: always
     health.failed("down")
     assert not health.may_retry()
@@ -253,7 +241,7 @@ def test_server_health_paces_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     assert health.may_retry()
     health.succeeded()
     assert health.may_retry()
-    assert not ServerHealth("x", 1.0, up=False).up
+    assert not vllm_parts.ServerHealth("x", 1.0, up=False).up
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,24 +249,24 @@ def test_server_health_paces_retries(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_key_spec_builds_hash_and_token_keys() -> None:
-    hashes = KeySpec("tag:req-1", bytes(range(64)), True, 32, "salt")
+    hashes = vllm_parts.KeySpec("tag:req-1", bytes(range(64)), True, 32, "salt")
     key = hashes.key("model", 2, 1, 0, 64)
     assert (key.model_name, key.world_size, key.worker_id) == ("model", 2, 1)
     assert (key.request_id, key.start, key.end, key.cache_salt) == ("tag:req-1", 0, 64, "salt")
     assert key.block_hashes == bytes(range(64)) and key.block_hash_size == 32
     assert key.tokens is None
     tokens = np.arange(128, dtype="<u4").tobytes()
-    key = KeySpec("tag:req-2", tokens, False, 32, "").key("model", 1, -1, 64, 128)
+    key = vllm_parts.KeySpec("tag:req-2", tokens, False, 32, "").key("model", 1, -1, 64, 128)
     assert key.token_bytes == tokens and key.block_hashes is None
     assert (key.worker_id, key.start, key.end) == (-1, 64, 128)
 
 
 def test_connector_meta_survives_pickling() -> None:
     # vLLM pickles the scheduler's metadata to its worker processes.
-    spec = KeySpec("t:r", b"\x01" * 64, True, 32, "")
-    meta = ConnectorMeta(
-        loads=[LoadOp("r", spec, (3, 4, 5, 6), 0, 128, 40)],
-        stores=[StoreOp("r", spec, (3, 4, 5, 6), 64, 128)],
+    spec = vllm_parts.KeySpec("t:r", b"\x01" * 64, True, 32, "")
+    meta = vllm_parts.ConnectorMeta(
+        loads=[vllm_parts.LoadOp("r", spec, (3, 4, 5, 6), 0, 128, 40)],
+        stores=[vllm_parts.StoreOp("r", spec, (3, 4, 5, 6), 64, 128)],
         preempted={"q"},
     )
     assert pickle.loads(pickle.dumps(meta)) == meta
@@ -292,27 +280,32 @@ def test_connector_meta_survives_pickling() -> None:
 # block filled by that load in the same step); request "c" shares nothing.
 
 FBS, FCS = 4, 8
-SPEC = KeySpec("t:a", b"\x00" * 64, True, 32, "")
+SPEC = vllm_parts.KeySpec("t:a", b"\x00" * 64, True, 32, "")
 
 
-def _store(req_id: str, blocks: tuple[int, ...], start: int, end: int) -> StoreOp:
-    return StoreOp(req_id, SPEC, blocks, start, end)
+def _store(req_id: str, blocks: tuple[int, ...], start: int, end: int) -> vllm_parts.StoreOp:
+    return vllm_parts.StoreOp(req_id, SPEC, blocks, start, end)
 
 
 def test_load_reports_merge_per_step() -> None:
-    a = LoadReport(3, frozenset({"a"}))
-    b = LoadReport(3, frozenset({"b"}))
-    assert a.merge(b) == LoadReport(3, frozenset({"a", "b"}))
-    assert a.merge(LoadReport(3)) == a
+    a = vllm_parts.LoadReport(3, frozenset({"a"}))
+    b = vllm_parts.LoadReport(3, frozenset({"b"}))
+    assert a.merge(b) == vllm_parts.LoadReport(3, frozenset({"a", "b"}))
+    assert a.merge(vllm_parts.LoadReport(3)) == a
     with pytest.raises(ValueError, match="steps 3 and 4"):
-        a.merge(LoadReport(4))
-    merged = merge_reports([LoadReport(5), b, a, LoadReport(5, frozenset({"c"}))])
-    assert merged == [LoadReport(3, frozenset({"a", "b"})), LoadReport(5, frozenset({"c"}))]
+        a.merge(vllm_parts.LoadReport(4))
+    merged = vllm_parts.merge_reports(
+        [vllm_parts.LoadReport(5), b, a, vllm_parts.LoadReport(5, frozenset({"c"}))]
+    )
+    assert merged == [
+        vllm_parts.LoadReport(3, frozenset({"a", "b"})),
+        vllm_parts.LoadReport(5, frozenset({"c"})),
+    ]
     assert pickle.loads(pickle.dumps(merged)) == merged
 
 
 def test_tracker_holds_back_stores_that_depend_on_an_unreported_load() -> None:
-    tracker = LoadTracker()
+    tracker = vllm_parts.LoadTracker()
     assert not tracker.holds_back("a", (10, 11, 12, 13))  # nothing pending: no cost
     tracker.planned("a", step=7, start=0, blocks=(10, 11, 12, 13))
     assert tracker.pending == 1
@@ -321,21 +314,21 @@ def test_tracker_holds_back_stores_that_depend_on_an_unreported_load() -> None:
     assert not tracker.holds_back("c", (30, 31, 32))
     assert tracker.held_back == 2
     # A report of another step settles nothing.
-    assert tracker.report(LoadReport(6)) == {}
+    assert tracker.report(vllm_parts.LoadReport(6)) == {}
     assert tracker.holds_back("a", (10,))
     # The load's report: it succeeded, nothing waits any more.
-    assert tracker.report(LoadReport(7)) == {}
+    assert tracker.report(vllm_parts.LoadReport(7)) == {}
     assert tracker.pending == 0 and tracker.reports_seen == 7
     assert not tracker.holds_back("a", (10, 11)) and not tracker.holds_back("b", (10,))
     assert tracker.failed_loads == 0
 
 
 def test_tracker_reports_where_a_failed_load_started() -> None:
-    tracker = LoadTracker()
+    tracker = vllm_parts.LoadTracker()
     tracker.planned("a", step=7, start=8, blocks=(12, 13))
     tracker.planned("c", step=7, start=0, blocks=(30, 31))
     tracker.planned("d", step=8, start=0, blocks=(40,))
-    failed = tracker.report(LoadReport(7, frozenset({"a", "gone"})))
+    failed = tracker.report(vllm_parts.LoadReport(7, frozenset({"a", "gone"})))
     # "gone": a load the tracker no longer knows (its request finished or was loaded again).
     assert failed == {"a": 8, "gone": None}
     assert tracker.failed_loads == 2 and tracker.reports_seen == 7
@@ -345,19 +338,19 @@ def test_tracker_reports_where_a_failed_load_started() -> None:
 
 
 def test_tracker_forgets_a_finished_request() -> None:
-    tracker = LoadTracker()
+    tracker = vllm_parts.LoadTracker()
     tracker.planned("a", step=1, start=0, blocks=(10,))
     assert tracker.forget("a")
     assert not tracker.forget("a")
     assert tracker.pending == 0 and not tracker.holds_back("b", (10,))
-    assert tracker.report(LoadReport(1, frozenset({"a"}))) == {"a": None}
+    assert tracker.report(vllm_parts.LoadReport(1, frozenset({"a"}))) == {"a": None}
 
 
 def test_fence_drops_what_a_failed_load_poisoned_until_the_scheduler_knows(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, logger=vllm_parts.__name__)
-    fence = StoreFence(FBS)
+    fence = vllm_parts.StoreFence(FBS)
     a = (10, 11, 12, 13, 14, 15)
     assert fence.admit(_store("a", a, 0, 24), FCS)  # nothing failed: everything passes
     fence.load_failed("a", step=7, blocks=(10, 11, 12, 13))
@@ -383,7 +376,7 @@ def test_fence_drops_what_a_failed_load_poisoned_until_the_scheduler_knows(
 
 
 def test_fence_forgets_finished_requests() -> None:
-    fence = StoreFence(FBS)
+    fence = vllm_parts.StoreFence(FBS)
     fence.load_failed("a", step=3, blocks=(10, 11))
     fence.forget(["a"])
     assert fence.admit(_store("a", (50, 51), 0, 8), FCS)  # its blocks are gone, so is its fence
@@ -394,22 +387,26 @@ def test_async_scheduling_stores_nothing_computed_over_a_failed_load() -> None:
     """Scheduler and worker together, as vLLM's async scheduling runs them: step 8 is planned
     before the outcome of step 7 is known. Request a's load in step 7 fails; its chunks are
     stored only after the scheduler saw the report, from the start of the load on."""
-    tracker, fence = LoadTracker(), StoreFence(FBS)
+    tracker, fence = vllm_parts.LoadTracker(), vllm_parts.StoreFence(FBS)
     blocks = (10, 11, 12, 13, 14, 15)
     stored = 16  # the lookup's hit: the scheduler takes chunks [0, 2) as on the server
 
-    def plan(step: int, end: int) -> ConnectorMeta:
+    def plan(step: int, end: int) -> vllm_parts.ConnectorMeta:
         nonlocal stored
-        meta = ConnectorMeta(step=step, reports_seen=tracker.reports_seen, chunk_size=FCS)
+        meta = vllm_parts.ConnectorMeta(
+            step=step, reports_seen=tracker.reports_seen, chunk_size=FCS
+        )
         if step == 7:
-            meta.loads.append(LoadOp("a", SPEC, blocks, 0, 16, 0))
+            meta.loads.append(vllm_parts.LoadOp("a", SPEC, blocks, 0, 16, 0))
             tracker.planned("a", step, 0, blocks[: 16 // FBS])
         if end > stored and not tracker.holds_back("a", blocks[: end // FBS]):
             meta.stores.append(_store("a", blocks, stored, end))
             stored = end
         return meta
 
-    def worker(meta: ConnectorMeta, load_fails: bool) -> tuple[list[StoreOp], LoadReport | None]:
+    def worker(
+        meta: vllm_parts.ConnectorMeta, load_fails: bool
+    ) -> tuple[list[vllm_parts.StoreOp], vllm_parts.LoadReport | None]:
         failed = set()
         for op in meta.loads:
             if load_fails:
@@ -417,13 +414,13 @@ def test_async_scheduling_stores_nothing_computed_over_a_failed_load() -> None:
                 failed.add(op.req_id)
         fence.lift(meta.reports_seen)
         sent = [op for op in meta.stores if fence.admit(op, FCS)]
-        return sent, (LoadReport(meta.step, frozenset(failed)) if meta.loads else None)
+        return sent, (vllm_parts.LoadReport(meta.step, frozenset(failed)) if meta.loads else None)
 
     step7 = plan(7, end=24)  # loads [0, 16) and computes chunk 2 over it: held back
     step8 = plan(8, end=24)  # planned before step 7's outcome: still held back
     assert step7.stores == [] and step8.stores == []
     sent, report = worker(step7, load_fails=True)
-    assert sent == [] and report == LoadReport(7, frozenset({"a"}))
+    assert sent == [] and report == vllm_parts.LoadReport(7, frozenset({"a"}))
     # The scheduler sees step 7's report (vLLM has rewound a to its first failed block).
     for req_id, start in tracker.report(report).items():
         assert (req_id, start) == ("a", 0)
@@ -477,10 +474,10 @@ def test_retrieve_refuses_a_ticket_without_one_object_per_chunk(tmp_path: Path, 
         cs = sh.CHUNK
         toks = sh.tokens(4 * cs, seed=1)
         ids = list(range(4 * cs // sh.BS))
-        writer = WorkerSession.open(writer_client, sh.MODEL, 1, 0, src_view)
+        writer = vllm_parts.WorkerSession.open(writer_client, sh.MODEL, 1, 0, src_view)
         assert writer.store(sh.key(toks, "w", start=0, end=4 * cs), ids) == 4
         tickets = _EditedTickets(reader_client)
-        reader = WorkerSession.open(tickets, sh.MODEL, 1, 0, dst_view)  # type: ignore[arg-type]
+        reader = vllm_parts.WorkerSession.open(tickets, sh.MODEL, 1, 0, dst_view)  # type: ignore[arg-type]
 
         tickets.edit = TICKET_EDITS[edit]
         assert reader_client.sync_lookup(sh.key(toks, "r")).hit_chunks == 4

@@ -27,6 +27,7 @@ from lmcache_cpp.protocol import (
     encode_request,
 )
 from lmcache_cpp.server import Dispatcher, engine_key
+from lmcache_cpp.server.cache_server import wire_fast_path
 from server_helpers import CHUNK, MODEL, Harness, layout, tokens
 from test_protocol import ANY_FRAMES, LIMITS, boundary_requests
 
@@ -35,15 +36,7 @@ CLIENT = 77
 
 def fast_path(engine: _core.CacheEngine, *, has_l2: bool) -> _core.WireFastPath:
     """A WireFastPath over ``engine`` with the test protocol limits."""
-    return _core.WireFastPath(
-        engine,
-        max_frame_bytes=LIMITS.max_frame_bytes,
-        max_header_bytes=LIMITS.max_header_bytes,
-        max_tokens=LIMITS.max_tokens,
-        max_string_bytes=LIMITS.max_string_bytes,
-        max_wait_s=LIMITS.max_wait_s,
-        has_l2=has_l2,
-    )
+    return wire_fast_path(engine, LIMITS, has_l2=has_l2)
 
 
 class Twins:

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from lmcache_cpp.app import read_admin_token
+from lmcache_cpp.app import read_admin_token, serve_argv
 from lmcache_cpp.client import CacheClient
 
 HERE = Path(__file__).resolve().parent
@@ -91,15 +91,7 @@ class Server:
     def start(self) -> Server:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "lmcache_cpp",
-                    "serve",
-                    "--endpoint",
-                    self.endpoint,
-                    *self.args,
-                ],
+                serve_argv(self.endpoint, *self.args),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=log,

@@ -15,6 +15,7 @@ import logging
 import os
 import secrets
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -32,6 +33,7 @@ __all__ = [
     "ServerApp",
     "read_admin_token",
     "run_forever",
+    "serve_argv",
     "write_admin_token",
 ]
 
@@ -58,6 +60,12 @@ def write_admin_token(path: str) -> str:
             os.unlink(tmp)
         raise
     return token
+
+
+def serve_argv(endpoint: str, *flags: str) -> list[str]:
+    """The command line that runs ``lmcache-cpp serve`` on ``endpoint`` with this interpreter,
+    for a parent process that starts the server as a child."""
+    return [sys.executable, "-m", "lmcache_cpp", "serve", "--endpoint", endpoint, *flags]
 
 
 def read_admin_token(path: str) -> str:

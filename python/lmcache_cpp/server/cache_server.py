@@ -31,6 +31,7 @@ from lmcache_cpp.protocol import (
     HelloInfo,
     HelloRequest,
     ProtocolError,
+    ProtocolLimits,
     Request,
     decode_reply,
     encode_error_reply,
@@ -163,6 +164,21 @@ def _has_l2(storage: object) -> bool:
     return len(adapters()) > 0
 
 
+def wire_fast_path(
+    engine: _core.CacheEngine, limits: ProtocolLimits, *, has_l2: bool
+) -> _core.WireFastPath:
+    """The C++ codec of the per-prompt requests over ``engine``, enforcing ``limits``."""
+    return _core.WireFastPath(
+        engine,
+        max_frame_bytes=limits.max_frame_bytes,
+        max_header_bytes=limits.max_header_bytes,
+        max_tokens=limits.max_tokens,
+        max_string_bytes=limits.max_string_bytes,
+        max_wait_s=limits.max_wait_s,
+        has_l2=has_l2,
+    )
+
+
 class CacheServer:
     """Serves a ``_core.CacheEngine`` over ZeroMQ (see the module docstring and docs/protocol.md).
 
@@ -189,16 +205,7 @@ class CacheServer:
         self._metrics = metrics
         self._fast: _core.WireFastPath | None = None
         if self._options.wire_fast_path and isinstance(engine, _core.CacheEngine):
-            limits = self._options.limits
-            self._fast = _core.WireFastPath(
-                engine,
-                max_frame_bytes=limits.max_frame_bytes,
-                max_header_bytes=limits.max_header_bytes,
-                max_tokens=limits.max_tokens,
-                max_string_bytes=limits.max_string_bytes,
-                max_wait_s=limits.max_wait_s,
-                has_l2=_has_l2(storage),
-            )
+            self._fast = wire_fast_path(engine, self._options.limits, has_l2=_has_l2(storage))
         # The C++ receive loop, made on the socket thread once the socket is bound.
         self._loop: _core.RouterLoop | None = None
         self._loop_wanted = (
