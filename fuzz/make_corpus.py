@@ -308,7 +308,9 @@ def adapter_value(kind: str, key: str, value: str) -> bytes:
 def config_dictionary() -> str:
     """fuzz/config.dict: the words of config files and flags, for libFuzzer's -dict."""
     fields = config.ServerConfig.field_names()
-    adapter_keys = sorted({*config.l2._FS_KEYS, *config.l2._MEMORY_KEYS, "fs", "memory"})
+    adapter_keys = sorted(
+        {*config.l2._FS_KEYS, *config.l2._MEMORY_KEYS, "fs", "memory", "python", "class"}
+    )
     syntax = ["{", "}", "[", "]", ":", ",", "=", '"', "[[l2_adapters]]", "true", "false", "null"]
     values = ["auto", "off", "none", "tcp://", "ipc://", "127.0.0.1", "[::1]", "localhost", "*"]
     numbers = ["1e308", "-1", "0.0", "4294967296", "18446744073709551616", "NaN", "Infinity"]

@@ -368,6 +368,11 @@ def test_huge_pages_available_reads_meminfo() -> None:
         ({"type": "fs", "path": "/x", "fsync": "yes"}, "fsync: expected true or false"),
         ({"type": "memory", "bandwidth_gbps": -2}, "bandwidth_gbps"),
         ({"type": "memory", "latency_ms": float("nan")}, "latency_ms"),
+        ({"type": "python"}, r"l2_adapters\[0\]\.class: required"),
+        ({"type": "python", "class": "no_colon"}, "not an import path"),
+        ({"type": "python", "class": "a.b:C; import os"}, "not an import path"),
+        ({"type": "python", "class": 3}, "not an import path"),
+        ({"type": "python", "class": "m:C", "not-a-name": 1}, "cannot be a keyword argument"),
     ],
 )
 def test_bad_adapter_specs_are_named(spec: dict[str, Any], message: str) -> None:
@@ -447,6 +452,43 @@ def test_memory_spec_builds_a_working_adapter(make_keys: Any) -> None:
         roundtrip(adapter, make_keys)
     finally:
         adapter.close()
+
+
+def test_python_spec_keeps_its_own_keys_and_imports_nothing() -> None:
+    spec = cfg.parse_l2_spec({"type": "python", "class": "no.such.module:Tier", "size": 3})
+    assert spec == cfg.PythonAdapterSpec(class_path="no.such.module:Tier", options={"size": 3})
+    ServerConfig(l2_adapters=[{"type": "python", "class": "no.such.module:Tier"}])  # valid
+
+
+def test_python_spec_builds_the_named_class_with_its_keys(make_keys: Any) -> None:
+    c = ServerConfig(
+        l2_adapters=[
+            {"type": "python", "class": "dict_adapter:DictL2Adapter", "name": "mine"},
+        ]
+    )
+    (adapter,) = cfg.build_l2_adapters(c)
+    try:
+        assert type(adapter).__name__ == "DictL2Adapter" and adapter.name == "mine"
+        roundtrip(adapter, make_keys)
+    finally:
+        adapter.close()
+
+
+@pytest.mark.parametrize(
+    ("class_path", "options", "message"),
+    [
+        ("no_such_module_here:Tier", {}, "cannot load 'no_such_module_here:Tier': ModuleNotFound"),
+        ("dict_adapter:NoSuchClass", {}, "cannot load .*AttributeError"),
+        ("dict_adapter:Counter", {}, "is not a subclass of lmcache_cpp.PythonL2Adapter"),
+        ("dict_adapter:DictL2Adapter", {"colour": "red"}, r"DictL2Adapter\(colour\) failed"),
+    ],
+)
+def test_python_spec_that_cannot_be_built_is_named(
+    class_path: str, options: dict[str, Any], message: str
+) -> None:
+    spec = {"type": "python", "class": class_path, **options}
+    with pytest.raises(ConfigError, match=rf"l2_adapters\[1\].*{message}"):
+        cfg.build_l2_adapters(ServerConfig(l2_adapters=[{"type": "memory"}, spec]))
 
 
 def test_fs_auto_capacity_is_half_of_free_plus_own_bytes(

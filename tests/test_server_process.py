@@ -1025,3 +1025,28 @@ def test_a_request_that_runs_out_of_memory_gets_an_error_and_the_server_keeps_se
     assert other.hello().client_id != 0
     other.ping(deadline_s=2.0)
     assert server.proc.poll() is None
+
+
+def test_a_python_tier_named_on_the_command_line_serves_the_bytes_after_clear(
+    start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The server imports the class itself: tests/ goes on its PYTHONPATH.
+    here = str(Path(__file__).resolve().parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [here, os.getenv("PYTHONPATH")])))
+    tier = {"type": "python", "class": "dict_adapter:DictL2Adapter", "worker_threads": 2}
+    server = start_server(l2_adapters=[{**tier, "name": "dict-tier"}])
+    src = EngineKv.make(seed=40)
+    client, transfer = server.worker(src)
+    toks = tokens(6 * CHUNK, seed=40)
+    ids = np.arange(6 * BPC)
+    assert transfer.store(src.view, ids, key(toks, "w")) == 6
+    # A Python tier does not count its objects: wait for the store controller's count.
+    wait_for_status(client, lambda s: s["store"]["stored"] == 6, "6 objects stored to L2")
+    assert client.clear() == 6  # L1 is empty: what follows comes from the Python tier
+
+    found = client.sync_lookup(key(toks, "r"))
+    assert (found.hit_chunks, found.l1_chunks, found.l2_chunks) == (6, 0, 6)
+    dst = EngineKv.make()
+    assert transfer.retrieve(dst.view, ids, key(toks, "r")) == 6 * CHUNK
+    assert_same_blocks(src, ids, dst, ids)
+    assert client.status()["l2"][0]["loads"] == 6

@@ -50,6 +50,7 @@ from lmcache_cpp.config.common import (
 from lmcache_cpp.config.l2 import (
     FsAdapterSpec,
     MemoryAdapterSpec,
+    PythonAdapterSpec,
     build_l2_adapter,
     build_l2_adapters,
     fs_auto_capacity_bytes,
@@ -81,6 +82,7 @@ __all__ = [
     "ConfigError",
     "FsAdapterSpec",
     "MemoryAdapterSpec",
+    "PythonAdapterSpec",
     "ServerConfig",
     "add_serve_arguments",
     "auto_l1_size_bytes",

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 from lmcache_cpp import _core
@@ -49,7 +51,17 @@ class MemoryAdapterSpec:
     worker_threads: int = 2
 
 
-L2Spec: TypeAlias = FsAdapterSpec | MemoryAdapterSpec
+@dataclass(frozen=True)
+class PythonAdapterSpec:
+    """An L2 tier written in Python, loaded by import path: ``class_path`` names a subclass of
+    :class:`lmcache_cpp.PythonL2Adapter` as ``"package.module:Class"``, built with ``options``
+    (the spec's other keys) as keyword arguments."""
+
+    class_path: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+L2Spec: TypeAlias = FsAdapterSpec | MemoryAdapterSpec | PythonAdapterSpec
 
 _FS_KEYS: Final = ("type", "path", "capacity_gb", "io_threads", "fsync", "o_direct")
 _MEMORY_KEYS: Final = (
@@ -82,44 +94,39 @@ def _scaled(where: str, value: float, unit: float) -> int:
     return int(scaled)
 
 
-def parse_l2_spec(spec: Mapping[str, Any], index: int = 0) -> L2Spec:
-    """Validates one ``l2_adapters`` entry; errors name ``l2_adapters[index].key``."""
-    where = f"l2_adapters[{index}]"
-    if not isinstance(spec, Mapping):
-        raise ConfigError(f"{where}: expected a table/object, got {spec!r}")
-    kind = spec.get("type")
-    if kind == "fs":
-        known: Sequence[str] = _FS_KEYS
-    elif kind == "memory":
-        known = _MEMORY_KEYS
-    elif kind is None:
-        raise ConfigError(f"{where}: missing 'type' (one of: fs, memory)")
-    else:
-        raise ConfigError(f"{where}: unknown adapter type {kind!r} (known: fs, memory)")
+_CLASS_PATH: Final = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def _check_keys(where: str, spec: Mapping[str, Any], kind: str, known: Sequence[str]) -> None:
     for key in spec:
         if key not in known:
             raise ConfigError(
                 f"{where}: unknown key {key!r} for type {kind!r} (known: {', '.join(known)})"
             )
-    if kind == "fs":
-        if "path" not in spec:
-            raise ConfigError(f"{where}.path: required for an fs adapter")
-        path = _coerce(f"{where}.path", spec["path"], "str")
-        if not path:
-            raise ConfigError(f"{where}.path: empty")
-        capacity_gb = _spec_value(where, spec, "capacity_gb", "opt_float", None)
-        capacity = (
-            None if capacity_gb is None else _scaled(f"{where}.capacity_gb", capacity_gb, GIB)
-        )
-        io_threads = _spec_value(where, spec, "io_threads", "int", 4)
-        _check_range(f"{where}.io_threads", io_threads, 1, 256)
-        return FsAdapterSpec(
-            path=os.path.abspath(os.path.expanduser(path)),
-            capacity_bytes=capacity,
-            io_threads=io_threads,
-            fsync=_spec_value(where, spec, "fsync", "bool", False),
-            o_direct=_spec_value(where, spec, "o_direct", "bool", False),
-        )
+
+
+def _parse_fs(where: str, spec: Mapping[str, Any]) -> FsAdapterSpec:
+    _check_keys(where, spec, "fs", _FS_KEYS)
+    if "path" not in spec:
+        raise ConfigError(f"{where}.path: required for an fs adapter")
+    path = _coerce(f"{where}.path", spec["path"], "str")
+    if not path:
+        raise ConfigError(f"{where}.path: empty")
+    capacity_gb = _spec_value(where, spec, "capacity_gb", "opt_float", None)
+    capacity = None if capacity_gb is None else _scaled(f"{where}.capacity_gb", capacity_gb, GIB)
+    io_threads = _spec_value(where, spec, "io_threads", "int", 4)
+    _check_range(f"{where}.io_threads", io_threads, 1, 256)
+    return FsAdapterSpec(
+        path=os.path.abspath(os.path.expanduser(path)),
+        capacity_bytes=capacity,
+        io_threads=io_threads,
+        fsync=_spec_value(where, spec, "fsync", "bool", False),
+        o_direct=_spec_value(where, spec, "o_direct", "bool", False),
+    )
+
+
+def _parse_memory(where: str, spec: Mapping[str, Any]) -> MemoryAdapterSpec:
+    _check_keys(where, spec, "memory", _MEMORY_KEYS)
     capacity_gb = _spec_value(
         where, spec, "capacity_gb", "float", MEMORY_ADAPTER_DEFAULT_CAPACITY_GB
     )
@@ -133,6 +140,45 @@ def parse_l2_spec(spec: Mapping[str, Any], index: int = 0) -> L2Spec:
         bandwidth_bytes_per_sec=_scaled(f"{where}.bandwidth_gbps", bandwidth, 1e9),
         worker_threads=workers,
     )
+
+
+def _parse_python(where: str, spec: Mapping[str, Any]) -> PythonAdapterSpec:
+    """Checks the shape only: the class is imported when the adapter is built, so that reading
+    a configuration never runs code."""
+    if "class" not in spec:
+        raise ConfigError(f"{where}.class: required for a python adapter ('package.module:Class')")
+    class_path = spec["class"]
+    if not isinstance(class_path, str) or not _CLASS_PATH.fullmatch(class_path):
+        raise ConfigError(
+            f"{where}.class: {class_path!r} is not an import path 'package.module:Class'"
+        )
+    options = {key: value for key, value in spec.items() if key not in ("type", "class")}
+    for key in options:
+        if not key.isidentifier():
+            raise ConfigError(f"{where}: key {key!r} cannot be a keyword argument of the class")
+    return PythonAdapterSpec(class_path=class_path, options=options)
+
+
+_PARSERS: Final[Mapping[str, Callable[[str, Mapping[str, Any]], L2Spec]]] = {
+    "fs": _parse_fs,
+    "memory": _parse_memory,
+    "python": _parse_python,
+}
+
+
+def parse_l2_spec(spec: Mapping[str, Any], index: int = 0) -> L2Spec:
+    """Validates one ``l2_adapters`` entry; errors name ``l2_adapters[index].key``."""
+    where = f"l2_adapters[{index}]"
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"{where}: expected a table/object, got {spec!r}")
+    kind = spec.get("type")
+    known = ", ".join(_PARSERS)
+    if kind is None:
+        raise ConfigError(f"{where}: missing 'type' (one of: {known})")
+    parser = _PARSERS.get(kind) if isinstance(kind, str) else None
+    if parser is None:
+        raise ConfigError(f"{where}: unknown adapter type {kind!r} (known: {known})")
+    return parser(where, spec)
 
 
 def _existing_ancestor(path: str) -> str:
@@ -169,8 +215,36 @@ def fs_auto_capacity_bytes(path: str) -> int:
     return max(capacity, 1)  # 0 would mean unbounded
 
 
-def build_l2_adapter(spec: L2Spec) -> _core.L2Adapter:
-    """Constructs the native adapter for a parsed spec (an fs adapter recovers its index)."""
+def _build_python_adapter(spec: PythonAdapterSpec, where: str) -> _core.L2Adapter:
+    module_name, _, qualname = spec.class_path.partition(":")
+    try:
+        found: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            found = getattr(found, part)
+    except Exception as exc:  # ImportError, AttributeError, or anything the import raised
+        raise ConfigError(
+            f"{where}.class: cannot load {spec.class_path!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+    if not (isinstance(found, type) and issubclass(found, _core.PythonL2Adapter)):
+        raise ConfigError(
+            f"{where}.class: {spec.class_path!r} is not a subclass of lmcache_cpp.PythonL2Adapter"
+        )
+    try:
+        adapter: _core.L2Adapter = found(**spec.options)
+    except Exception as exc:
+        raise ConfigError(
+            f"{where}: {spec.class_path}({', '.join(spec.options)}) failed: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    _log.info("python L2 adapter %s from %s", adapter.name, spec.class_path)
+    return adapter
+
+
+def build_l2_adapter(spec: L2Spec, where: str = "l2_adapters") -> _core.L2Adapter:
+    """Constructs the adapter for a parsed spec (an fs adapter recovers its index; a python
+    adapter's class is imported now). ``where`` names the spec in errors."""
+    if isinstance(spec, PythonAdapterSpec):
+        return _build_python_adapter(spec, where)
     if isinstance(spec, MemoryAdapterSpec):
         return _core.MemoryL2Adapter(
             capacity_bytes=spec.capacity_bytes,
@@ -209,7 +283,7 @@ def build_l2_adapters(config: ServerConfig) -> list[_core.L2Adapter]:
     adapters: list[_core.L2Adapter] = []
     try:
         for i, raw in enumerate(config.l2_adapters):
-            adapters.append(build_l2_adapter(parse_l2_spec(raw, i)))
+            adapters.append(build_l2_adapter(parse_l2_spec(raw, i), f"l2_adapters[{i}]"))
     except BaseException:
         for adapter in adapters:
             adapter.close()

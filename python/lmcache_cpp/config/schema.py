@@ -292,8 +292,10 @@ class ServerConfig:
             '{"type": "fs", "path": DIR, "capacity_gb": GIB, "io_threads": 4, "fsync": false, '
             '"o_direct": false} (only path is required; capacity defaults to half the free '
             'space) or {"type": "memory", "capacity_gb": 1, "latency_ms": 0, '
-            '"bandwidth_gbps": 0} (GB/s, 0 = unlimited); on the command line it replaces the '
-            "config file's list",
+            '"bandwidth_gbps": 0} (GB/s, 0 = unlimited) or {"type": "python", "class": '
+            '"package.module:Class", ...} (a lmcache_cpp.PythonL2Adapter subclass, built with '
+            "the other keys as keyword arguments); on the command line it replaces the config "
+            "file's list",
             metavar="JSON",
         ),
     )
