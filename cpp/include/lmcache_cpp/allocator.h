@@ -38,6 +38,7 @@ struct Extent {
   }
 };
 
+// Each field is described once (kind, metric, help) in stat_fields.h: add a row there too.
 struct AllocatorStats {
   uint64_t capacity = 0;      // bytes managed
   uint64_t used = 0;          // bytes in live extents (rounded sizes)

@@ -120,6 +120,7 @@ struct EngineConfig {
 };
 
 // What one client holds in the engine now (CacheEngine::ClientUsages), against its quotas.
+// Each field is described once (kind, metric, help) in stat_fields.h: add a row there too.
 struct ClientUsage {
   ClientId client = 0;
   uint64_t registrations = 0;
@@ -174,6 +175,7 @@ struct TransferTicket {
   uint64_t object_bytes = 0;
 };
 
+// Each field is described once (kind, metric, help) in stat_fields.h: add a row there too.
 struct EngineStats {
   uint64_t registrations = 0;
   uint64_t namespaces = 0;

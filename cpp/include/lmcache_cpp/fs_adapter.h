@@ -111,6 +111,7 @@ struct FileSystemAdapterOptions {
 };
 
 // What Create found in the directory.
+// Each field is described once (kind, metric, help) in stat_fields.h: add a row there too.
 struct FsRecoveryReport {
   uint64_t indexed = 0;             // valid objects indexed
   uint64_t dropped = 0;             // invalid *.kv files deleted (also in corrupt_reads)

@@ -58,8 +58,9 @@ struct HashSessionUsage {
   uint64_t bytes = 0;
 };
 
+// Each field is described once (kind, metric, help) in stat_fields.h: add a row there too.
 struct HashSessionStats {
-  size_t sessions = 0;
+  uint64_t sessions = 0;
   uint64_t bytes = 0;             // held by all sessions (gauge)
   uint64_t chunks_hashed = 0;     // chunks that went through the hash function
   uint64_t chunks_reused = 0;     // chunks answered from a session

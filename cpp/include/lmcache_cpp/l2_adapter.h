@@ -68,6 +68,7 @@ using LookupCallback = std::function<void(const Status& status, const Bitmap& pi
 // bytes failed validation (corrupt, torn, foreign file) reads as a miss, never as data.
 using LoadCallback = std::function<void(const Status& status, const Bitmap& loaded)>;
 
+// Each field is described once (kind, metric, help) in stat_fields.h: add a row there too.
 struct L2AdapterStats {
   uint64_t objects = 0;         // objects held
   uint64_t bytes = 0;           // bytes held

@@ -157,6 +157,7 @@ struct ObjectTableOptions {
   std::shared_ptr<Clock> clock;  // null = SteadyClock
 };
 
+// Each field is described once (kind, metric, help) in stat_fields.h: add a row there too.
 struct ObjectTableStats {
   uint64_t capacity_bytes = 0;
   uint64_t used_bytes = 0;

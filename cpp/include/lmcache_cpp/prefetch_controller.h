@@ -120,6 +120,7 @@ struct PrefetchOptions {
   std::shared_ptr<Clock> clock;  // null = SteadyClock; used for TTLs only
 };
 
+// Each field is described once (kind, metric, help) in stat_fields.h: add a row there too.
 struct PrefetchStats {
   uint64_t jobs = 0;       // in the table (any phase)
   uint64_t in_flight = 0;  // in an L2 phase

@@ -66,6 +66,7 @@ struct StoreControllerOptions {
   bool free_l1_after_store = false;  // delete the L1 copy once every target adapter has it
 };
 
+// Each field is described once (kind, metric, help) in stat_fields.h: add a row there too.
 struct StoreControllerStats {
   uint64_t queued = 0;  // keys waiting
   uint64_t in_flight_batches = 0;

@@ -73,6 +73,7 @@ struct SyncAdapterOptions {
 };
 
 // The queue of a SyncL2Adapter. Gauges are a snapshot; counters count operations (calls).
+// Each field is described once (kind, metric, help) in stat_fields.h: add a row there too.
 struct SyncAdapterStats {
   uint64_t queued = 0;     // operations waiting for a worker (unpins included)
   uint64_t executing = 0;  // operations a worker is running (subclass call or callback)
