@@ -127,17 +127,7 @@ void BindAllocator(nb::module_& m) {
                ", length=" + std::to_string(e.length) + ")";
       });
 
-  StatsBinder<AllocatorStats>(m, "AllocatorStats", "Counters of an ExtentAllocator.")
-      .Field("capacity", &AllocatorStats::capacity, "bytes managed")
-      .Field("used", &AllocatorStats::used, "bytes in live extents")
-      .Field("free", &AllocatorStats::free, "capacity - used")
-      .Field("largest_free", &AllocatorStats::largest_free, "largest allocation possible now")
-      .Field("live_extents", &AllocatorStats::live_extents, "extents handed out")
-      .Field("free_extents", &AllocatorStats::free_extents, "holes")
-      .Field("allocations", &AllocatorStats::allocations, "successful allocations")
-      .Field("failed_allocations", &AllocatorStats::failed_allocations, "failed allocate calls")
-      .Field("frees", &AllocatorStats::frees, "frees")
-      .Finish();
+  BindStats<AllocatorStats>(m, "AllocatorStats", "Counters of an ExtentAllocator.");
 
   nb::class_<ExtentAllocator>(m, "ExtentAllocator",
                               "Best-fit allocator of aligned byte ranges. Thread-safe.")

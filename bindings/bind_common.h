@@ -19,6 +19,9 @@
 
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
 #include <cstddef>
 #include <cstdint>
@@ -32,6 +35,7 @@
 #include "lmcache_cpp/arena.h"
 #include "lmcache_cpp/clock.h"
 #include "lmcache_cpp/object_table.h"
+#include "lmcache_cpp/stat_fields.h"
 #include "lmcache_cpp/status.h"
 #include "lmcache_cpp/storage_manager.h"
 
@@ -123,47 +127,54 @@ struct PyObjectTableOptions {
   ObjectTableOptions ToCore(std::shared_ptr<Clock> clock) const;
 };
 
-// Binds a plain counters struct as a read-only Python class with to_dict() and __repr__, listing
-// each field once.
-template <typename S>
-class StatsBinder {
- public:
-  StatsBinder(nb::module_& m, const char* name, const char* doc) : cls_(m, name, doc) {}
-
-  template <typename M>
-  StatsBinder& Field(const char* name, M S::*member, const char* doc) {
-    cls_.def_ro(name, member, doc);
-    names_.push_back(name);
-    return *this;
-  }
-
-  void Finish() {
-    std::vector<const char*> names = names_;
-    cls_.def(
-        "to_dict",
-        [names](nb::handle self) {
-          nb::dict d;
-          for (const char* n : names) d[n] = self.attr(n);
-          return d;
-        },
-        "The counters as a dict.");
-    cls_.def("__repr__", [names](nb::handle self) {
-      std::string s = nb::str(self.type().attr("__name__")).c_str();
-      s += "(";
-      for (size_t i = 0; i < names.size(); ++i) {
-        if (i > 0) s += ", ";
-        s += names[i];
-        s += "=";
-        s += nb::repr(self.attr(names[i])).c_str();
-      }
-      return s + ")";
-    });
-  }
-
- private:
-  nb::class_<S> cls_;
-  std::vector<const char*> names_;
+// Python "StatField": one row of a stats table (stat_fields.h), as the stats classes' fields()
+// return it. Bound in core_module.cc, before any stats class.
+struct PyStatField {
+  std::string name;
+  std::string kind;                   // "gauge" or "counter" (the Prometheus TYPE)
+  std::optional<std::string> metric;  // without the "lmcache_cpp_" prefix; None: not exported
+  std::string help;
 };
+
+// A stats snapshot as a dict {field name: value}, in table order.
+template <typename S>
+nb::dict StatsDict(const S& stats) {
+  nb::dict d;
+  ForEachStat(stats, [&d](const StatField<S>& f, uint64_t value) { d[f.name] = value; });
+  return d;
+}
+
+// Binds the stats struct S from its table (StatTable<S>), so a field is named in one place: a
+// read-only attribute per field (its help as the docstring), to_dict(), the static fields(), a
+// repr and a constructor of all zeros. Returns the class for any further members.
+template <typename S>
+nb::class_<S> BindStats(nb::handle scope, const char* name, const char* doc) {
+  nb::class_<S> cls(scope, name, doc);
+  cls.def(nb::init<>(), "All fields 0.");
+  for (const StatField<S>& f : StatTable<S>::kFields) cls.def_ro(f.name, f.member, f.help);
+  cls.def("to_dict", &StatsDict<S>, "The fields as a dict, in fields() order.");
+  cls.def_static(
+      "fields",
+      [] {
+        std::vector<PyStatField> out;
+        for (const StatField<S>& f : StatTable<S>::kFields) {
+          out.push_back({f.name, f.kind == StatKind::kGauge ? "gauge" : "counter",
+                         f.metric ? std::optional<std::string>(f.metric) : std::nullopt, f.help});
+        }
+        return out;
+      },
+      "The fields, each once: name, kind, Prometheus metric and help.");
+  cls.def("__repr__", [name](const S& s) {
+    std::string out = std::string(name) + "(";
+    const char* sep = "";
+    ForEachStat(s, [&](const StatField<S>& f, uint64_t value) {
+      out += sep + std::string(f.name) + "=" + std::to_string(value);
+      sep = ", ";
+    });
+    return out + ")";
+  });
+  return cls;
+}
 
 // Python "ObjectTable": a standalone table (created from Python, owns it) or the table of a
 // StorageManager (an aliasing shared_ptr that keeps the manager alive; the manager starts and

@@ -180,44 +180,13 @@ std::string LookupRepr(const LookupResult& r) {
          ", l2_chunks=" + std::to_string(r.l2_chunks) + ")";
 }
 
-nb::dict EngineStatsDict(const EngineStats& s) {
-  nb::dict d;
-#define LMC_STAT(name) d[#name] = s.name
-  LMC_STAT(registrations);
-  LMC_STAT(namespaces);
-  LMC_STAT(requests);
-  LMC_STAT(transfers);
-  LMC_STAT(pending_lookups);
-  LMC_STAT(sessions);
-  LMC_STAT(lookups);
-  LMC_STAT(sync_lookups);
-  LMC_STAT(lookup_chunks);
-  LMC_STAT(hit_chunks);
-  LMC_STAT(l1_hit_chunks);
-  LMC_STAT(l2_hit_chunks);
-  LMC_STAT(stores);
-  LMC_STAT(store_chunks);
-  LMC_STAT(store_skipped);
-  LMC_STAT(store_aborts);
-  LMC_STAT(retrieves);
-  LMC_STAT(retrieve_chunks);
-  LMC_STAT(retrieve_failures);
-  LMC_STAT(retrieve_absent);
-  LMC_STAT(retrieve_timeouts);
-  LMC_STAT(retrieve_lease_lost);
-  LMC_STAT(store_expired);
-  LMC_STAT(store_crc_computed);
-  LMC_STAT(fenced_stores);
-  LMC_STAT(freed_leases);
-  LMC_STAT(ended_sessions);
-  LMC_STAT(ended_clients);
-  LMC_STAT(reaped_transfers);
-  LMC_STAT(reaped_requests);
-#undef LMC_STAT
-  return d;
-}
-
 void BindTypes(nb::module_& m) {
+  BindStats<EngineStats>(m, "EngineStats",
+                         "Gauges and counters of a CacheEngine (stats()['engine']).");
+  BindStats<ClientUsage>(m, "ClientUsage",
+                         "What one client holds (the fields of each client_usage() entry besides "
+                         "`client`).")
+      .def_ro("client", &ClientUsage::client);
   nb::enum_<KeyMode>(m, "KeyMode")
       .value("TOKENS", KeyMode::kTokens)
       .value("BLOCK_HASHES", KeyMode::kBlockHashes);
@@ -404,19 +373,13 @@ void BindEngine(nb::module_& m) {
             for (const ClientUsage& u : usages) {
               nb::dict d;
               d["client"] = u.client;
-              d["registrations"] = u.registrations;
-              d["requests"] = u.requests;
-              d["sessions"] = u.sessions;
-              d["session_bytes"] = u.session_bytes;
-              d["jobs"] = u.jobs;
-              d["tickets"] = u.tickets;
-              d["reserved_bytes"] = u.reserved_bytes;
+              d.update(StatsDict(u));
               out.append(d);
             }
             return out;
           },
           "What each client holds now, one dict per client that holds anything, by client id: "
-          "registrations, requests, sessions, session_bytes, jobs, tickets, reserved_bytes.")
+          "`client` and the fields of ClientUsage.")
       .def_prop_ro("reserved_bytes_quota",
                    [](const E& e) { return e.engine->reserved_bytes_quota(); })
       .def(
@@ -599,12 +562,12 @@ void BindEngine(nb::module_& m) {
           ss = e.storage->stats();
         }
         nb::dict d;
-        d["engine"] = EngineStatsDict(es);
-        d["l1"] = nb::cast(ss.l1).attr("to_dict")();
-        d["prefetch"] = nb::cast(ss.prefetch).attr("to_dict")();
-        d["store"] = nb::cast(ss.store).attr("to_dict")();
+        d["engine"] = StatsDict(es);
+        d["l1"] = StatsDict(ss.l1);
+        d["prefetch"] = StatsDict(ss.prefetch);
+        d["store"] = StatsDict(ss.store);
         nb::list l2;
-        for (const L2AdapterStats& a : ss.l2) l2.append(nb::cast(a).attr("to_dict")());
+        for (const L2AdapterStats& a : ss.l2) l2.append(StatsDict(a));
         d["l2"] = l2;
         return d;
       });

@@ -266,18 +266,7 @@ void BindHashing(nb::module_& m) {
           },
           "algorithm"_a, "data"_a, "One plain digest of `data` (tests, benchmarks).");
 
-  StatsBinder<HashSessionStats>(m, "HashSessionStats", "Counters of a HashSessionCache.")
-      .Field("sessions", &HashSessionStats::sessions, "live sessions")
-      .Field("bytes", &HashSessionStats::bytes, "memory the sessions hold")
-      .Field("chunks_hashed", &HashSessionStats::chunks_hashed, "chunks that were hashed")
-      .Field("chunks_reused", &HashSessionStats::chunks_reused, "chunks answered from a session")
-      .Field("sessions_rebuilt", &HashSessionStats::sessions_rebuilt, "prefix mismatches")
-      .Field("sessions_expired", &HashSessionStats::sessions_expired, "dropped by TTL")
-      .Field("sessions_evicted", &HashSessionStats::sessions_evicted,
-             "dropped for max_sessions or max_bytes")
-      .Field("sessions_over_quota", &HashSessionStats::sessions_over_quota,
-             "dropped for their owner's quota")
-      .Finish();
+  BindStats<HashSessionStats>(m, "HashSessionStats", "Counters of a HashSessionCache.");
 
   const HashSessionOptions defaults;
   nb::class_<HashSessionCache>(m, "HashSessionCache",

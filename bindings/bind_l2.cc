@@ -396,46 +396,14 @@ void DeleteWithoutGil(T* adapter) {
 }
 
 void BindEnumsAndStats(nb::module_& m) {
-  StatsBinder<L2AdapterStats>(m, "L2AdapterStats",
-                              "Gauges and counters of an L2 adapter (keys, not calls).")
-      .Field("objects", &L2AdapterStats::objects, "objects held")
-      .Field("bytes", &L2AdapterStats::bytes, "bytes held")
-      .Field("capacity_bytes", &L2AdapterStats::capacity_bytes, "0 = unbounded")
-      .Field("pinned_objects", &L2AdapterStats::pinned_objects, "objects with a pin")
-      .Field("pins", &L2AdapterStats::pins, "sum of pin counts")
-      .Field("in_flight", &L2AdapterStats::in_flight, "calls submitted and not completed")
-      .Field("stores", &L2AdapterStats::stores, "keys submitted for store")
-      .Field("store_failures", &L2AdapterStats::store_failures, "of which not stored")
-      .Field("lookups", &L2AdapterStats::lookups, "keys looked up")
-      .Field("loads", &L2AdapterStats::loads, "keys submitted for load")
-      .Field("load_misses", &L2AdapterStats::load_misses, "of which not loaded")
-      .Field("evictions", &L2AdapterStats::evictions, "objects evicted")
-      .Field("corrupt_reads", &L2AdapterStats::corrupt_reads, "objects that failed validation")
-      .Field("bad_unpins", &L2AdapterStats::bad_unpins, "unpins of keys without a pin")
-      .Field("bytes_written", &L2AdapterStats::bytes_written, "payload bytes stored")
-      .Field("bytes_read", &L2AdapterStats::bytes_read, "payload bytes loaded")
-      .Finish();
+  BindStats<L2AdapterStats>(m, "L2AdapterStats",
+                            "Gauges and counters of an L2 adapter (keys, not calls).");
 
-  StatsBinder<SyncAdapterStats>(m, "SyncAdapterStats",
-                                "The queue of a PythonL2Adapter (calls, not keys).")
-      .Field("queued", &SyncAdapterStats::queued, "operations waiting for a worker")
-      .Field("executing", &SyncAdapterStats::executing, "operations a worker is running")
-      .Field("completed", &SyncAdapterStats::completed, "calls answered with a result")
-      .Field("failed", &SyncAdapterStats::failed, "calls that failed (e.g. a Python exception)")
-      .Field("cancelled", &SyncAdapterStats::cancelled, "calls cancelled by close()")
-      .Field("rejected", &SyncAdapterStats::rejected, "calls refused before they ran")
-      .Field("unpins", &SyncAdapterStats::unpins, "unpin calls passed to the adapter")
-      .Field("dropped_unpins", &SyncAdapterStats::dropped_unpins, "unpin calls dropped")
-      .Finish();
+  BindStats<SyncAdapterStats>(m, "SyncAdapterStats",
+                              "The queue of a PythonL2Adapter (calls, not keys).");
 
-  StatsBinder<FsRecoveryReport>(m, "FsRecoveryReport",
-                                "What a FileSystemL2Adapter found in its directory at start-up.")
-      .Field("indexed", &FsRecoveryReport::indexed, "valid objects indexed")
-      .Field("dropped", &FsRecoveryReport::dropped, "invalid object files deleted")
-      .Field("temp_files_removed", &FsRecoveryReport::temp_files_removed,
-             "leftover temporary files deleted")
-      .Field("evicted", &FsRecoveryReport::evicted, "valid objects evicted to fit the capacity")
-      .Finish();
+  BindStats<FsRecoveryReport>(m, "FsRecoveryReport",
+                              "What a FileSystemL2Adapter found in its directory at start-up.");
 
   nb::enum_<L2Op>(m, "L2Op", "The operation types MemoryL2Adapter faults can target.")
       .value("STORE", L2Op::kStore)

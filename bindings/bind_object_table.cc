@@ -105,31 +105,7 @@ void BindValueTypes(nb::module_& m) {
                ", detached=" + (i.detached ? "True" : "False") + ")";
       });
 
-  StatsBinder<ObjectTableStats>(m, "ObjectTableStats", "Gauges and counters of an ObjectTable.")
-      .Field("capacity_bytes", &ObjectTableStats::capacity_bytes, "bytes the allocator manages")
-      .Field("used_bytes", &ObjectTableStats::used_bytes, "bytes allocated")
-      .Field("objects", &ObjectTableStats::objects, "in the index (writing + ready)")
-      .Field("writing", &ObjectTableStats::writing, "being written")
-      .Field("ready", &ObjectTableStats::ready, "readable")
-      .Field("temporary", &ObjectTableStats::temporary, "temporary objects")
-      .Field("detached", &ObjectTableStats::detached, "removed by a forced clear, still leased")
-      .Field("evictable", &ObjectTableStats::evictable, "ready, unleased, permanent")
-      .Field("evictable_bytes", &ObjectTableStats::evictable_bytes, "their bytes")
-      .Field("leased_objects", &ObjectTableStats::leased_objects, "objects with a read lease")
-      .Field("read_leases", &ObjectTableStats::read_leases, "sum of read lease counts")
-      .Field("write_leases", &ObjectTableStats::write_leases, "write leases")
-      .Field("requests", &ObjectTableStats::requests, "requests holding leases")
-      .Field("evictions", &ObjectTableStats::evictions, "objects evicted")
-      .Field("evicted_bytes", &ObjectTableStats::evicted_bytes, "bytes evicted")
-      .Field("expired_leases", &ObjectTableStats::expired_leases, "lease entries dropped by TTL")
-      .Field("reserve_failures", &ObjectTableStats::reserve_failures, "OutOfMemory reservations")
-      .Field("lease_cap_refusals", &ObjectTableStats::lease_cap_refusals,
-             "read lease grants refused at the per-object cap")
-      .Field("quarantined", &ObjectTableStats::quarantined,
-             "objects held out of the allocator for a fenced writer")
-      .Field("quarantined_bytes", &ObjectTableStats::quarantined_bytes, "their bytes")
-      .Field("discarded", &ObjectTableStats::discarded, "objects dropped for a failed checksum")
-      .Finish();
+  BindStats<ObjectTableStats>(m, "ObjectTableStats", "Gauges and counters of an ObjectTable.");
 
   const PyObjectTableOptions d = PyObjectTableOptions::Defaults();
   nb::class_<PyObjectTableOptions>(m, "ObjectTableOptions",

@@ -243,37 +243,10 @@ void BindResults(nb::module_& m) {
                ", l2_timed_out=" + (r.l2_timed_out ? "True" : "False") + ")";
       });
 
-  StatsBinder<PrefetchStats>(m, "PrefetchStats", "Gauges and counters of a PrefetchController.")
-      .Field("jobs", &PrefetchStats::jobs, "jobs in the table (any phase)")
-      .Field("in_flight", &PrefetchStats::in_flight, "jobs in an L2 phase")
-      .Field("queued", &PrefetchStats::queued, "jobs waiting for an L2 slot")
-      .Field("submitted", &PrefetchStats::submitted, "jobs submitted")
-      .Field("completed", &PrefetchStats::completed, "jobs completed")
-      .Field("cancelled", &PrefetchStats::cancelled, "jobs cancelled")
-      .Field("reaped", &PrefetchStats::reaped, "jobs reaped after their TTL")
-      .Field("l1_hit_keys", &PrefetchStats::l1_hit_keys, "keys found in L1")
-      .Field("l2_hit_keys", &PrefetchStats::l2_hit_keys, "keys loaded from L2")
-      .Field("l2_lookup_timeouts", &PrefetchStats::l2_lookup_timeouts,
-             "sync lookups answered without an adapter")
-      .Field("load_failures", &PrefetchStats::load_failures, "planned keys that did not load")
-      .Finish();
+  BindStats<PrefetchStats>(m, "PrefetchStats", "Gauges and counters of a PrefetchController.");
 
-  StatsBinder<StoreControllerStats>(m, "StoreControllerStats",
-                                    "Gauges and counters of a StoreController.")
-      .Field("queued", &StoreControllerStats::queued, "keys waiting")
-      .Field("in_flight_batches", &StoreControllerStats::in_flight_batches, "batches in flight")
-      .Field("announced", &StoreControllerStats::announced, "keys received from the table")
-      .Field("submitted", &StoreControllerStats::submitted, "key x adapter stores submitted")
-      .Field("stored", &StoreControllerStats::stored, "key x adapter stores that succeeded")
-      .Field("failed", &StoreControllerStats::failed, "key x adapter stores that failed")
-      .Field("skipped_evicted", &StoreControllerStats::skipped_evicted,
-             "keys gone from L1 before they could be leased")
-      .Field("corrupt_in_l1", &StoreControllerStats::corrupt_in_l1,
-             "objects whose L1 bytes no longer matched their checksum (not stored)")
-      .Field("dropped", &StoreControllerStats::dropped, "keys dropped from a full queue")
-      .Field("freed_from_l1", &StoreControllerStats::freed_from_l1,
-             "keys deleted from L1 after their store")
-      .Finish();
+  BindStats<StoreControllerStats>(m, "StoreControllerStats",
+                                  "Gauges and counters of a StoreController.");
 
   nb::class_<StorageStats>(m, "StorageStats", "A StorageManager's stats, per component.")
       .def_ro("l1", &StorageStats::l1)

@@ -283,6 +283,18 @@ nb::dict BuildInfo() {
 }  // namespace
 
 void BindStatusAndLogging(nb::module_& m) {
+  nb::class_<PyStatField>(m, "StatField",
+                          "One field of a stats class, from its fields(): the one description "
+                          "the bindings, STATUS and /metrics are generated from.")
+      .def_ro("name", &PyStatField::name, "the attribute and to_dict() key")
+      .def_ro("kind", &PyStatField::kind, "'gauge' or 'counter'")
+      .def_ro("metric", &PyStatField::metric,
+              "the Prometheus family without the lmcache_cpp_ prefix; None: not exported")
+      .def_ro("help", &PyStatField::help, "one line of help (the metric's HELP text)")
+      .def("__repr__", [](const PyStatField& f) {
+        return "StatField(" + f.name + ", " + f.kind + ", " + f.metric.value_or("None") + ")";
+      });
+
   nb::enum_<StatusCode>(m, "StatusCode", nb::is_arithmetic(),
                         "Stable status codes of the core (append-only; they travel on the wire).")
       .value("OK", StatusCode::kOk)

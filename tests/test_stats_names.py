@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 import lmcache_cpp as lc
+from lmcache_cpp import _core
 from lmcache_cpp.metrics import Metrics
 from server_helpers import Harness
 
@@ -78,3 +79,38 @@ def test_status_keys_and_metric_families_are_unchanged(harness: Harness) -> None
     if os.environ.get("LMCACHE_CPP_UPDATE_GOLDEN"):
         GOLDEN.write_text(text)
     assert text == GOLDEN.read_text()
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [
+        lc.L2AdapterStats,
+        lc.SyncAdapterStats,
+        lc.ObjectTableStats,
+        lc.PrefetchStats,
+        lc.StoreControllerStats,
+        lc.HashSessionStats,
+        lc.AllocatorStats,
+        lc.FsRecoveryReport,
+        _core.EngineStats,
+        _core.ClientUsage,
+    ],
+)
+def test_stats_classes_are_generated_from_their_fields(cls: Any) -> None:
+    fields = cls.fields()
+    stats = cls()
+    assert [f.name for f in fields] == list(stats.to_dict())
+    for f in fields:
+        assert getattr(stats, f.name) == 0
+        assert getattr(cls, f.name).__doc__ == f.help
+        assert f.kind in ("gauge", "counter") and f.help
+    assert repr(stats).startswith(f"{cls.__name__}({fields[0].name}=0, ")
+
+
+def test_engine_stats_sections_follow_the_fields(harness: Harness) -> None:
+    storage, engine = harness.engine(adapters=[lc.MemoryL2Adapter()])
+    stats = engine.stats()
+    assert list(stats["engine"]) == [f.name for f in _core.EngineStats.fields()]
+    assert list(stats["l1"]) == [f.name for f in lc.ObjectTableStats.fields()]
+    assert list(stats["l2"][0]) == [f.name for f in lc.L2AdapterStats.fields()]
+    assert stats["l1"] == storage.stats().l1.to_dict()
