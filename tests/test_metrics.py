@@ -313,7 +313,7 @@ def test_real_engine_stats_render() -> None:
     assert e.value("lmcache_cpp_engine_lookups_total") == 0
     # Every statistic the engine reports has a described metric; none falls back to untyped.
     untyped = [n for n, kind in e.types.items() if kind == "untyped"]
-    assert not untyped, f"add these engine stats to lmcache_cpp.metrics' tables: {untyped}"
+    assert not untyped, f"give these fields a metric in lmcache_cpp/stat_fields.h: {untyped}"
 
 
 # ---- HTTP endpoint --------------------------------------------------------------------------

@@ -6,9 +6,11 @@ format 0.0.4. :class:`MetricsHTTPServer` serves that text at ``GET /metrics`` an
 at ``GET /healthz`` from a daemon thread (standard library only).
 
 Every metric name starts with ``lmcache_cpp_``. Engine statistics (``CacheEngine.stats()``) map
-to gauges and counters by the tables below; a key this module does not know is still exported, as
-an ``untyped`` metric named after its section and key, and missing keys are simply left out, so
-the exporter never breaks when the engine grows a counter.
+to gauges and counters by the native stats classes' ``fields()``: each field's metric name, kind
+and help are written once, in its C++ struct's table (``lmcache_cpp/stat_fields.h``). A key
+without a metric is still exported, as an ``untyped`` metric named after its section and key,
+and missing keys are simply left out, so the exporter never breaks when the engine grows a
+counter.
 """
 
 from __future__ import annotations
@@ -153,174 +155,30 @@ class _Stat:
     help: str
 
 
-def _g(key: str, name: str, help: str) -> _Stat:
-    return _Stat(key, name, "gauge", help)
+def _table(fields: Iterable[_core.StatField]) -> tuple[_Stat, ...]:
+    """The exported ones of a native stats class's ``fields()`` (each described once, in C++)."""
+    return tuple(_Stat(f.name, f.metric, f.kind, f.help) for f in fields if f.metric)
 
 
-def _c(key: str, name: str, help: str) -> _Stat:
-    return _Stat(key, name, "counter", help)
+_L2_STATS: Final = _table(_core.L2AdapterStats.fields())
 
-
-_L1_STATS: Final = (
-    _g("capacity_bytes", "l1_capacity_bytes", "L1 arena capacity in bytes."),
-    _g("used_bytes", "l1_used_bytes", "L1 bytes held by objects."),
-    _g("objects", "l1_objects", "Objects in L1."),
-    _g("writing", "l1_writing_objects", "L1 objects being written (reserved, not committed)."),
-    _g("ready", "l1_ready_objects", "L1 objects ready to read."),
-    _g("temporary", "l1_temporary_objects", "L1 objects loaded from L2 for one request."),
-    _g("detached", "l1_detached_objects", "L1 objects removed but still leased."),
-    _g("evictable", "l1_evictable_objects", "L1 objects that could be evicted now."),
-    _g("evictable_bytes", "l1_evictable_bytes", "L1 bytes that could be evicted now."),
-    _g("leased_objects", "l1_leased_objects", "L1 objects holding at least one lease."),
-    _g("read_leases", "l1_read_leases", "Read leases held on L1 objects."),
-    _g("write_leases", "l1_write_leases", "Write leases held on L1 objects."),
-    _g("requests", "l1_lease_holders", "Request ids holding L1 leases."),
-    _c("evictions", "l1_evictions_total", "L1 objects evicted."),
-    _c("evicted_bytes", "l1_evicted_bytes_total", "L1 bytes evicted."),
-    _c("expired_leases", "l1_expired_leases_total", "L1 leases released by TTL expiry."),
-    _c("reserve_failures", "l1_reserve_failures_total", "L1 reservations that found no space."),
-    _c(
-        "lease_cap_refusals",
-        "l1_lease_cap_refusals_total",
-        "L1 read leases refused at the per-object cap.",
-    ),
-    _g("quarantined", "l1_quarantined_objects", "L1 extents held for writers still at work."),
-    _g("quarantined_bytes", "l1_quarantined_bytes", "Bytes of quarantined L1 extents."),
-    _c("discarded", "l1_discarded_total", "L1 objects dropped for failing their checksum."),
-)
-
-_PREFETCH_STATS: Final = (
-    _g("jobs", "prefetch_jobs", "Prefetch jobs outstanding (not yet claimed or reaped)."),
-    _g("in_flight", "prefetch_in_flight", "Prefetch jobs running."),
-    _g("queued", "prefetch_queued", "Prefetch jobs waiting for a running slot."),
-    _c("submitted", "prefetch_submitted_total", "Prefetch jobs submitted."),
-    _c("completed", "prefetch_completed_total", "Prefetch jobs completed."),
-    _c("cancelled", "prefetch_cancelled_total", "Prefetch jobs cancelled."),
-    _c("reaped", "prefetch_reaped_total", "Prefetch jobs dropped by TTL expiry."),
-    _c("l1_hit_keys", "prefetch_l1_hit_keys_total", "Keys found in L1 by lookups."),
-    _c("l2_hit_keys", "prefetch_l2_hit_keys_total", "Keys found in L2 by lookups."),
-    _c(
-        "l2_lookup_timeouts",
-        "prefetch_l2_lookup_timeouts_total",
-        "L2 lookups that missed their deadline.",
-    ),
-    _c("load_failures", "prefetch_load_failures_total", "L2 to L1 loads that failed."),
-)
-
-_STORE_STATS: Final = (
-    _g("queued", "store_queued_keys", "Objects waiting to be stored to L2."),
-    _g("in_flight_batches", "store_in_flight_batches", "L2 store batches in flight."),
-    _c("announced", "store_announced_total", "Objects announced to the L2 store controller."),
-    _c("submitted", "store_submitted_total", "Objects submitted to L2 adapters."),
-    _c("stored", "store_stored_total", "Objects stored to L2."),
-    _c("failed", "store_failed_total", "Objects whose L2 store failed."),
-    _c("skipped_evicted", "store_skipped_evicted_total", "Objects evicted before their L2 store."),
-    _c(
-        "corrupt_in_l1",
-        "store_corrupt_in_l1_total",
-        "Objects whose L1 bytes failed their checksum before the L2 store (not stored).",
-    ),
-    _c("dropped", "store_dropped_total", "Objects not stored to L2 because the queue was full."),
-    _c("freed_from_l1", "store_freed_from_l1_total", "Objects dropped from L1 after the L2 store."),
-)
-
-_L2_STATS: Final = (
-    _g("objects", "l2_objects", "Objects in the L2 adapter."),
-    _g("bytes", "l2_bytes", "Bytes in the L2 adapter."),
-    _g(
-        "capacity_bytes",
-        "l2_capacity_bytes",
-        "Capacity of the L2 adapter in bytes (0 = unbounded).",
-    ),
-    _g("pinned_objects", "l2_pinned_objects", "L2 objects pinned by lookups."),
-    _g("pins", "l2_pins", "Pins held on L2 objects."),
-    _g("in_flight", "l2_in_flight", "L2 operations in flight."),
-    _c("stores", "l2_stores_total", "Objects stored to the L2 adapter."),
-    _c("store_failures", "l2_store_failures_total", "L2 stores that failed."),
-    _c("lookups", "l2_lookups_total", "Keys looked up in the L2 adapter."),
-    _c("loads", "l2_loads_total", "Objects loaded from the L2 adapter."),
-    _c("load_misses", "l2_load_misses_total", "L2 loads that found no valid object."),
-    _c("evictions", "l2_evictions_total", "Objects evicted from the L2 adapter."),
-    _c("corrupt_reads", "l2_corrupt_reads_total", "L2 reads that failed validation."),
-    _c("bad_unpins", "l2_bad_unpins_total", "L2 unpins of keys that were not pinned."),
-    _c("bytes_written", "l2_written_bytes_total", "Bytes written to the L2 adapter."),
-    _c("bytes_read", "l2_read_bytes_total", "Bytes read from the L2 adapter."),
-)
-
-_ENGINE_STATS: Final = (
-    _g("registrations", "engine_registrations", "KV-cache registrations of connected engines."),
-    _g("namespaces", "engine_namespaces", "Distinct hashing namespaces (model, layout, salt)."),
-    _g("requests", "engine_requests", "Request ids tracked (holding leases or pending loads)."),
-    _g("transfers", "engine_transfers", "Outstanding transfer tickets (prepared, not committed)."),
-    _g("pending_lookups", "engine_pending_lookups", "Two-phase lookups not yet collected."),
-    _g("sessions", "engine_sessions", "Hashing sessions."),
-    _c("lookups", "engine_lookups_total", "Two-phase LOOKUP requests."),
-    _c("sync_lookups", "engine_sync_lookups_total", "SYNC_LOOKUP requests."),
-    _c("lookup_chunks", "engine_lookup_chunks_total", "Chunks asked for by lookups."),
-    _c("hit_chunks", "engine_hit_chunks_total", "Chunks hit by lookups (L1 or L2)."),
-    _c("l1_hit_chunks", "engine_l1_hit_chunks_total", "Chunks hit in L1 by lookups."),
-    _c("l2_hit_chunks", "engine_l2_hit_chunks_total", "Chunks hit in L2 by lookups."),
-    _c("stores", "engine_stores_total", "Store transfers prepared."),
-    _c("store_chunks", "engine_store_chunks_total", "Chunks published by committed stores."),
-    _c("store_skipped", "engine_store_skipped_chunks_total", "Store chunks already present."),
-    _c("store_aborts", "engine_store_aborts_total", "Store transfers aborted or reaped."),
-    _c("retrieves", "engine_retrieves_total", "Retrieve transfers prepared."),
-    _c("retrieve_chunks", "engine_retrieve_chunks_total", "Chunks handed out for retrieval."),
-    _c("retrieve_failures", "engine_retrieve_failures_total", "Retrieves that failed."),
-    _c(
-        "retrieve_absent",
-        "engine_retrieve_absent_total",
-        "Retrieves that failed: an object absent or not leased.",
-    ),
-    _c(
-        "retrieve_timeouts",
-        "engine_retrieve_timeouts_total",
-        "Retrieves that failed: the request's L2 load did not finish in time.",
-    ),
-    _c(
-        "retrieve_lease_lost",
-        "engine_retrieve_lease_lost_total",
-        "Retrieves refused at COMMIT_RETRIEVE: a lease expired or moved to another object.",
-    ),
-    _c(
-        "store_expired",
-        "engine_store_expired_total",
-        "COMMIT_STOREs refused because the reservation had expired (nothing published).",
-    ),
-    _c(
-        "store_crc_computed",
-        "engine_store_crc_computed_total",
-        "Objects whose CRC32C the server computed at COMMIT_STORE (the worker sent none).",
-    ),
-    _g("fenced_stores", "engine_fenced_stores", "Dropped stores whose writer may still write."),
-    _c("freed_leases", "engine_freed_leases_total", "Leases released by FREE_LOOKUP_LOCKS."),
-    _c("ended_sessions", "engine_ended_sessions_total", "END_SESSION requests handled."),
-    _c("ended_clients", "engine_ended_clients_total", "Clients ended (disconnect or timeout)."),
-    _c("reaped_transfers", "engine_reaped_transfers_total", "Transfer tickets reaped by TTL."),
-    _c("reaped_requests", "engine_reaped_requests_total", "Idle request ids reaped by TTL."),
-)
-
-# What each client holds (CacheEngine.client_usage(): the "clients" list), labelled by client id.
+# What each client holds (CacheEngine.client_usage(): the "clients" list), labelled by client id;
+# the server adds "blocking" to the engine's fields.
 _CLIENT_STATS: Final = (
-    _g("registrations", "client_registrations", "KV-cache registrations the client holds."),
-    _g("requests", "client_requests", "Request ids the client has open (its lookups' requests)."),
-    _g("sessions", "client_hash_sessions", "Hashing sessions charged to the client."),
-    _g("session_bytes", "client_hash_session_bytes", "Memory of the client's hashing sessions."),
-    _g("jobs", "client_lookup_jobs", "Prefetch jobs the client holds."),
-    _g("tickets", "client_transfer_tickets", "Uncommitted transfer tickets of the client."),
-    _g(
-        "reserved_bytes",
-        "client_reserved_bytes",
-        "Arena bytes reserved by the client's uncommitted stores.",
+    *_table(_core.ClientUsage.fields()),
+    _Stat(
+        "blocking",
+        "client_blocking_requests",
+        "gauge",
+        "The client's pool requests and parked waits.",
     ),
-    _g("blocking", "client_blocking_requests", "The client's pool requests and parked waits."),
 )
 
 _SECTIONS: Final[dict[str, tuple[_Stat, ...]]] = {
-    "engine": _ENGINE_STATS,
-    "l1": _L1_STATS,
-    "prefetch": _PREFETCH_STATS,
-    "store": _STORE_STATS,
+    "engine": _table(_core.EngineStats.fields()),
+    "l1": _table(_core.ObjectTableStats.fields()),
+    "prefetch": _table(_core.PrefetchStats.fields()),
+    "store": _table(_core.StoreControllerStats.fields()),
 }
 
 

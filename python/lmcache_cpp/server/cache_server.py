@@ -143,15 +143,7 @@ class _PendingJob:
 
 # The fields of CacheEngine.client_usage() entries (a connected client holding nothing has them
 # all 0).
-_USAGE_FIELDS: Final = (
-    "registrations",
-    "requests",
-    "sessions",
-    "session_bytes",
-    "jobs",
-    "tickets",
-    "reserved_bytes",
-)
+_USAGE_FIELDS: Final = tuple(f.name for f in _core.ClientUsage.fields())
 
 _STOP_TOKEN: Final = 0  # never a job token (tokens start at 1)
 
