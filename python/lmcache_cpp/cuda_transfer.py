@@ -29,8 +29,10 @@ import numpy.typing as npt
 
 from lmcache_cpp import _core
 from lmcache_cpp.client import BlockIds, CacheClient, Key, KvTransferClient, RegistrationInfo
+from lmcache_cpp.client.kv_transfer import TransferRequests
 from lmcache_cpp.cuda import require_cuda
 from lmcache_cpp.errors import LMCacheError, UnavailableError
+from lmcache_cpp.protocol import WireKey
 
 __all__ = ["CudaKvTransferClient"]
 
@@ -134,7 +136,7 @@ class CudaKvTransferClient:
 
     def __init__(
         self,
-        client: CacheClient,
+        client: CacheClient | TransferRequests,
         registration: RegistrationInfo,
         *,
         device: int,
@@ -219,7 +221,12 @@ class CudaKvTransferClient:
         self.close()
 
     def store(
-        self, kv: _core.CudaKvCacheView, block_ids: BlockIds, key: Key, *, stream: int | None = None
+        self,
+        kv: _core.CudaKvCacheView,
+        block_ids: BlockIds,
+        key: Key | WireKey,
+        *,
+        stream: int | None = None,
     ) -> int:
         """PREPARE_STORE, gather every reserved chunk into the arena on the stream, wait for the
         copy, COMMIT_STORE. Returns the objects published (chunks already present are skipped)."""
@@ -229,7 +236,7 @@ class CudaKvTransferClient:
         self,
         kv: _core.CudaKvCacheView,
         block_ids: BlockIds,
-        key: Key,
+        key: Key | WireKey,
         skip_tokens: int = 0,
         *,
         timeout_s: float | None = None,
