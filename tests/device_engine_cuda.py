@@ -4,15 +4,18 @@ drives STORE/RETRIEVE with interprocess CUDA events.
 
     python device_engine_cuda.py ENDPOINT SCENARIO LAYOUT
 
-Scenarios: ``roundtrip`` (as tests/device_engine.py's, on the GPU) and ``hang`` (the STORE's event
-is recorded behind a kernel that runs for seconds; timeout_s 1: expects Timeout). Prints one JSON
-line; exits 0 when its checks passed.
+Scenarios: ``roundtrip`` (as tests/device_engine.py's, on the GPU), ``hang`` (the STORE's event
+is recorded behind a kernel that runs for seconds; timeout_s 1: expects Timeout) and
+``engine-driven`` (the same round trip through CudaKvTransferClient: the engine copies into the
+arena it maps and registers with CUDA; the server needs no device layer). Prints one JSON line;
+exits 0 when its checks passed.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,6 +66,8 @@ def main(endpoint: str, scenario: str, layout_name: str) -> int:
     layout = layout_of(layout_name)
     layers = cuda_layers(layout)
     plane_first = layout_name in ("nhd", "hnd")
+    if scenario == "engine-driven":
+        return engine_driven(endpoint, layout, layers, plane_first)
     extent = layer_extent(layout)
     device = bodies.WireDeviceKv(
         "cuda",
@@ -118,6 +123,38 @@ def main(endpoint: str, scenario: str, layout_name: str) -> int:
                 emit(error=type(exc).__name__, seconds=time.monotonic() - started)
                 return 0
         raise SystemExit(f"unknown scenario {scenario}")
+    finally:
+        client.close()
+
+
+def engine_driven(endpoint: str, layout: Any, layers: list[torch.Tensor], plane_first: bool) -> int:
+    from lmcache_cpp import _core
+    from lmcache_cpp.cuda_transfer import CudaKvTransferClient
+
+    view = _core.CudaKvCacheView(layers, layout.layout)
+    toks = np.random.default_rng(4).integers(0, 32000, CHUNKS * CHUNK, dtype=np.uint32)
+    src = np.arange(CHUNKS * CHUNK // BS)
+    dst = src + NUM_BLOCKS // 2
+    stream = torch.cuda.Stream()
+    client = CacheClient(endpoint, timeout_s=30.0, heartbeat_interval_s=0.5)
+    try:
+        with CudaKvTransferClient.register(
+            client, MODEL, 1, 0, view, stream=stream.cuda_stream
+        ) as transfer:
+            torch.cuda.synchronize()
+            want = block_bytes(layers, src, plane_first)
+            published = transfer.store(view, src, Key(MODEL, request_id="w", tokens=toks))
+            client.sync_lookup(Key(MODEL, request_id="r", tokens=toks))
+            tokens = transfer.retrieve(view, dst, Key(MODEL, request_id="r", tokens=toks))
+            got = block_bytes(layers, dst, plane_first)
+            exact = all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
+            emit(
+                published=published,
+                tokens=tokens,
+                exact=exact,
+                register_s=transfer.register_seconds,
+            )
+            return 0 if exact and published == CHUNKS else 1
     finally:
         client.close()
 

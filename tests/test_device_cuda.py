@@ -1,5 +1,6 @@
-"""The server-driven mode on a GPU: a ``--device cuda`` server process and an engine process
-holding torch CUDA tensors (tests/device_engine_cuda.py) that it registers by CUDA IPC handles.
+"""Both transfer modes on a GPU with a real server process and an engine process holding torch
+CUDA tensors in vLLM's layouts (tests/device_engine_cuda.py): engine-driven (CudaKvTransferClient)
+and server-driven (a ``--device cuda`` server, the KV registered by CUDA IPC handles).
 Needs a CUDA build, torch with CUDA and a device: skips with the reason elsewhere (fails with
 LMCACHE_CPP_REQUIRE_GPU=1, as scripts/gpu_check.sh sets it). The same protocol runs on the CPU in
 tests/test_device_transfers.py through the fake device layer."""
@@ -41,6 +42,17 @@ def test_cuda_store_then_retrieve_is_byte_exact(start_server: StartServer, layou
     require_gpu(needs=("zmq", "msgpack"))
     server = start_server(device="cuda")
     rc, result = run_engine(server.endpoint, "roundtrip", layout)
+    assert rc == 0, result
+    assert result["exact"] is True
+
+
+@pytest.mark.parametrize("layout", ["nhd", "hnd", "flashinfer", "mla"])
+def test_engine_driven_round_trip_from_another_process(
+    start_server: StartServer, layout: str
+) -> None:
+    require_gpu(needs=("zmq", "msgpack"))
+    server = start_server()
+    rc, result = run_engine(server.endpoint, "engine-driven", layout)
     assert rc == 0, result
     assert result["exact"] is True
 
