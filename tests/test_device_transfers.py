@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import pytest
 import lmcache_cpp as lc
 from lmcache_cpp.client import CacheClient, Key
 from lmcache_cpp.device import KvRecord, make_device_layer, pack_kv_records, unpack_kv_records
-from lmcache_cpp.device.fake import FakeEngineEvent, FakeEngineKv
+from lmcache_cpp.device.fake import FakeEngineEvent, FakeEngineKv, wait_reply
 from lmcache_cpp.errors import (
     InvalidArgumentError,
     NotFoundError,
@@ -249,3 +250,31 @@ def test_the_cuda_layer_says_why_it_cannot_run_here() -> None:
     assert make_device_layer("none") is None
     with pytest.raises(ValueError, match=r"ServerOptions\.device"):
         ServerOptions(device="gpu")
+
+
+def test_a_fake_event_wait_honours_its_deadline() -> None:
+    from lmcache_cpp.device.fake import FakeDeviceLayer
+
+    layout = device_engine.layout_of("mla")
+    engine_kv = FakeEngineKv(layout)
+    kv = FakeDeviceLayer().open_kv(layout, 0, engine_kv.records)
+    event = FakeEngineEvent()
+    try:
+        imported = kv.open_event(event.handle)
+        started = time.monotonic()
+        assert not imported.wait(0.2)  # never signalled: False at the deadline
+        assert 0.19 < time.monotonic() - started < 2.0
+        event.signal()
+        assert imported.wait(5.0)  # signalled before the wait
+        assert not imported.wait(0.0)  # one wait per signal
+        timer = threading.Timer(0.1, event.signal)
+        timer.start()
+        assert imported.wait(30.0)  # signalled during the wait
+        timer.join()
+        imported.close()
+        kv.signal_reply()
+        assert wait_reply(kv.reply_event, 5.0)
+    finally:
+        event.close()
+        kv.close()
+        engine_kv.close()

@@ -15,6 +15,7 @@ forged handle cannot make the server open an arbitrary file. The engine side of 
 from __future__ import annotations
 
 import contextlib
+import math
 import mmap
 import os
 import re
@@ -89,23 +90,21 @@ def _make_fifo() -> tuple[str, int]:
 
 
 def _wait_fifo(fd: int, timeout_s: float) -> bool:
-    """Consumes one byte of the FIFO ``fd`` when one arrives within ``timeout_s``."""
+    """Consumes one byte of the FIFO ``fd`` when one arrives within ``timeout_s``. False at the
+    deadline, or at once when every writer is gone (end of file: nobody can signal it now)."""
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     deadline = time.monotonic() + max(timeout_s, 0.0)
     while True:
         left = deadline - time.monotonic()
-        if not poller.poll(max(int(left * 1000), 0)):
-            if left <= 0:
-                return False
-            continue  # woken early by the clock's rounding; wait out the rest
-        try:
-            if os.read(fd, 1):
-                return True
-        except BlockingIOError:
-            pass  # another reader took the byte
-        if time.monotonic() >= deadline:
+        if left <= 0:
             return False
+        if not poller.poll(max(math.ceil(left * 1000), 1)):
+            continue  # the deadline is checked above
+        try:
+            return bool(os.read(fd, 1))  # b"": end of file, the writers are gone
+        except BlockingIOError:
+            pass  # another reader took the byte first; wait for the next
 
 
 class _FakeEvent(DeviceEvent):

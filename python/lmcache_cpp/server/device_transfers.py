@@ -181,12 +181,6 @@ class DeviceTransfers:
         with self._lock:
             return {"kind": self._layer.kind, "mappings": len(self._mappings)}
 
-    def close(self) -> None:
-        with self._lock:
-            clients = {m.client for m in self._mappings.values()}
-        for c in clients:
-            self.release_client(c)
-
     # ---- STORE / RETRIEVE (pool threads) -----------------------------------------------------
 
     def store(self, client: int, body: bodies.DeviceStoreRequest) -> Mapping[str, Any]:
