@@ -82,6 +82,9 @@ struct PyHostRegistration {
 struct PyCudaKvCacheView {
   KvCacheView view;
   std::vector<AnyCudaArray> arrays;
+  // A view of device pointers (from_pointers): what keeps them valid, and their device.
+  nb::object owner;
+  int device_id = -1;
 };
 
 struct CopyArgs {
@@ -264,14 +267,30 @@ void BindCuda(nb::module_& m) {
             std::vector<AnyCudaArray> arrays =
                 CastLayers<AnyCudaArray>(tensors, "a CUDA tensor (DLPack device type cuda)");
             KvCacheView view = ViewOfLayers(arrays, layout);
-            new (self) PyCudaKvCacheView{std::move(view), std::move(arrays)};
+            new (self) PyCudaKvCacheView{std::move(view), std::move(arrays), nb::object(), -1};
           },
           "tensors"_a, "layout"_a)
+      .def_static(
+          "from_pointers",
+          [](std::vector<uintptr_t> layers, const KvCacheLayout& layout, int device,
+             nb::object owner) {
+            KvCacheView view{layout, {}};
+            for (uintptr_t p : layers) view.layers.push_back(reinterpret_cast<uint8_t*>(p));
+            ThrowIfError(view.Validate());
+            return PyCudaKvCacheView{std::move(view), {}, std::move(owner), device};
+          },
+          "layers"_a, "layout"_a, "device"_a, "owner"_a,
+          "A view of per-layer device addresses (another process's tensors opened by CUDA IPC: "
+          "lmcache_cpp.device.cuda). `owner` keeps the mappings alive. REQUIRES: each address "
+          "holds a tensor of `layout` on `device`.")
       .def_prop_ro(
           "layout", [](const PyCudaKvCacheView& v) { return v.view.layout; },
           "The KvCacheLayout read from the tensors (a copy).")
       .def_prop_ro(
-          "device", [](const PyCudaKvCacheView& v) { return v.arrays[0].device_id(); },
+          "device",
+          [](const PyCudaKvCacheView& v) {
+            return v.arrays.empty() ? v.device_id : v.arrays[0].device_id();
+          },
           "The CUDA device index of the tensors.")
       .def(
           "fingerprint", [](const PyCudaKvCacheView& v) { return v.view.layout.Fingerprint(); },

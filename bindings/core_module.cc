@@ -394,6 +394,7 @@ void BindZmq(nb::module_& m);
 #if defined(LMCACHE_CPP_WITH_CUDA)
 // The GPU copy kernels, host registration and events (bind_cuda.cc; CUDA builds only).
 void BindCuda(nb::module_& m);
+void BindDevice(nb::module_& m);
 #endif
 
 }  // namespace lmcache_cpp::bindings
@@ -416,5 +417,6 @@ NB_MODULE(_core, m) {
   b::BindZmq(m);
 #if defined(LMCACHE_CPP_WITH_CUDA)
   b::BindCuda(m);
+  b::BindDevice(m);
 #endif
 }

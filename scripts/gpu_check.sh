@@ -5,12 +5,17 @@
 #   2. configures and builds (Release, LMCACHE_CPP_ENABLE_CUDA=ON, this GPU's architecture) the
 #      CUDA gtest binary and the Python module with the GPU bindings;
 #   3. runs the CUDA gtests, tests/test_cuda_copy.py, tests/test_cuda_transfer.py (through a real
-#      server) and the stub check with LMCACHE_CPP_REQUIRE_GPU=1, so a test that would skip for
-#      want of a GPU fails instead;
-#   4. runs benchmarks/gpu_copy.py;
+#      server) and the stub check, then both transfer modes with a real server process and an
+#      engine process holding torch CUDA tensors (tests/test_device_cuda.py: engine-driven and
+#      --device cuda server-driven, every layout; tests/test_device_transfers.py, the same
+#      protocol on the fake layer), all with LMCACHE_CPP_REQUIRE_GPU=1, so a test that would skip
+#      for want of a GPU fails instead;
+#   4. runs benchmarks/gpu_copy.py: gather/scatter GB/s next to pinned cudaMemcpyAsync of the same
+#      bytes, and registering an arena of 8 and 32 GiB;
 #   5. prints a short table, last, and writes it with the logs under $OUT (or build/gpu-check/out).
 # Every step runs even when an earlier one failed (the table says which); the exit status is
-# non-zero when any failed.
+# non-zero when any failed. Each step has a time limit (GPU_CHECK_STEP_S, default 240 s; the build
+# 300 s, GPU_CHECK_BUILD_S) so that the whole run stays under 8 minutes on a 16-core GPU machine.
 #
 #   bash scripts/gpu_check.sh fetch   where pip and apt reach their registries (not on the GPU
 #                                     machine): downloads into .gpu-deps/ (ignored by git) what a
@@ -55,6 +60,7 @@ SUMMARY="$OUT_DIR/gpu_check.txt"
 : >"$SUMMARY"
 JOBS=${JOBS:-$(nproc)}
 PY=${PYTHON:-python3}
+STEP_S=${GPU_CHECK_STEP_S:-240}
 export PYTHONUNBUFFERED=1
 declare -a ROWS=()
 FAILED=0
@@ -132,7 +138,8 @@ if cmake -S . -B "$BUILD" "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release -DLMCACHE_CPP_E
   -DCMAKE_CUDA_ARCHITECTURES="$ARCH" -DLMCACHE_CPP_BUILD_TESTS=ON -DLMCACHE_CPP_BUILD_PYTHON=ON \
   -DLMCACHE_CPP_INSTALL=OFF -DPython_EXECUTABLE="$(command -v "$PY")" -Dnanobind_DIR="$NB_DIR" \
   "${CMAKE_ARGS[@]}" >"$OUT_DIR/build.log" 2>&1 &&
-  cmake --build "$BUILD" -j"$JOBS" --target lmcache_cpp_cuda_tests _core >>"$OUT_DIR/build.log" 2>&1; then
+  timeout "${GPU_CHECK_BUILD_S:-300}" cmake --build "$BUILD" -j"$JOBS" --target lmcache_cpp_cuda_tests _core _core_stub \
+    >>"$OUT_DIR/build.log" 2>&1; then
   row "build (sm_$ARCH)" ok "$(($(date +%s) - start)) s"
   BUILT=1
 else
@@ -154,19 +161,31 @@ if [ "$BUILT" = 1 ]; then
   rm -rf "$STAGE" && mkdir -p "$STAGE/lmcache_cpp"
   for f in "$ROOT"/python/lmcache_cpp/*; do ln -s "$f" "$STAGE/lmcache_cpp/"; done
   ln -s "$BUILD"/bindings/_core*.so "$STAGE/lmcache_cpp/"
+  # The CUDA module's own generated stub (it declares the GPU bindings), not a CPU build's copy.
+  ln -sf "$BUILD"/bindings/_core.pyi "$STAGE/lmcache_cpp/_core.pyi"
   export PYTHONPATH="$STAGE:$NB_SITE${PYTHONPATH:+:$PYTHONPATH}"
   say "pytest tests/test_cuda_copy.py tests/test_cuda_transfer.py tests/test_core_status.py"
-  (cd "$ROOT/tests" && "$PY" -m pytest -q -p no:cacheprovider --noconftest -rfEs \
-    test_cuda_copy.py test_cuda_transfer.py test_core_status.py) 2>&1 | tee "$OUT_DIR/pytest_cuda.log"
-  rc=${PIPESTATUS[0]}
-  counts=$(tail -n1 "$OUT_DIR/pytest_cuda.log" | sed -E 's/=+//g; s/ in [0-9.]+s.*//')
-  [ "$rc" = 0 ] && row "pytest (GPU copies)" ok "$counts" || row "pytest (GPU copies)" FAIL "$counts (rc $rc)"
+  pytest_step() {  # name, log, test files...
+    local name=$1 log=$2
+    shift 2
+    (cd "$ROOT/tests" && timeout "$STEP_S" "$PY" -m pytest -q -p no:cacheprovider --noconftest \
+      -rfEs "$@") 2>&1 | tee "$OUT_DIR/$log"
+    local rc=${PIPESTATUS[0]}
+    local counts
+    counts=$(tail -n1 "$OUT_DIR/$log" | sed -E 's/=+//g; s/ in [0-9.]+s.*//')
+    [ "$rc" = 0 ] && row "$name" ok "$counts" || row "$name" FAIL "$counts (rc $rc)"
+  }
+  pytest_step "pytest (GPU copies)" pytest_cuda.log \
+    test_cuda_copy.py test_cuda_transfer.py test_core_status.py
+  say "pytest tests/test_device_cuda.py tests/test_device_transfers.py (both modes, processes)"
+  pytest_step "pytest (both modes)" pytest_modes.log test_device_cuda.py test_device_transfers.py
 
   # ---- 4. benchmark ----------------------------------------------------------------------------
   say "benchmarks/gpu_copy.py"
   QUICK=()
   [ "${GPU_CHECK_QUICK:-0}" = 1 ] && QUICK=(--quick)
-  "$PY" benchmarks/gpu_copy.py "${QUICK[@]}" --json "$OUT_DIR/gpu_copy.json" 2>&1 |
+  timeout "$STEP_S" "$PY" benchmarks/gpu_copy.py "${QUICK[@]}" --reg-sizes 8,32 \
+    --json "$OUT_DIR/gpu_copy.json" 2>&1 |
     tee "$OUT_DIR/gpu_copy.log"
   rc=${PIPESTATUS[0]}
   if [ "$rc" = 0 ]; then

@@ -130,6 +130,11 @@ _CUDA_ONLY = {
     "CudaEvent",
     "CudaHostRegistration",
     "CudaKvCacheView",
+    # bindings/bind_device.cc (the server-driven mode's CUDA primitives)
+    "CudaExportedEvent",
+    "CudaImportedEvent",
+    "CudaIpcMemory",
+    "CudaStream",
 }
 _BUILT_WITH_CUDA = bool(_core.build_info().get("cuda", False))
 

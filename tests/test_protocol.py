@@ -148,7 +148,7 @@ def test_the_request_table_has_a_row_per_request_and_agrees_with_the_docs_and_cp
     assert set(REQUESTS) == set(RequestType)
     for rt, spec in REQUESTS.items():
         assert spec.request_type is rt
-        assert (spec.body is None) == (rt in (RequestType.STORE, RequestType.RETRIEVE))
+        assert spec.server_driven == (rt in (RequestType.STORE, RequestType.RETRIEVE))
     # The docs' request table: its "Thread" column is the table's.
     docs = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text()
     documented = {}

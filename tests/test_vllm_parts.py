@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import math
 import pickle
+import re
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -494,5 +495,71 @@ def test_retrieve_refuses_a_ticket_without_one_object_per_chunk(tmp_path: Path, 
         assert all(layer.any() for layer in dst)
         reader.close()
         writer.close()
+    finally:
+        harness.close()
+
+
+# The GPU data path's decisions, on the CPU: layouts read off meta tensors, which device goes
+# where, and why a CUDA KV cache is refused on a machine or build without CUDA.
+
+
+@pytest.mark.parametrize(
+    ("shape", "perm", "layout"),
+    [
+        ((2, NB, BS, 2, D), None, lc.KvLayout.NHD),
+        ((2, NB, 2, BS, D), None, lc.KvLayout.HND),
+        ((2, NB, 2, BS, D), (0, 1, 3, 2, 4), lc.KvLayout.HND),  # HND memory seen as NHD
+        ((NB, 2, BS, 2, D), None, lc.KvLayout.FLASHINFER),
+        ((NB, BS, D), None, lc.KvLayout.MLA),
+    ],
+)
+def test_kv_layers_are_read_off_shapes_on_any_device(
+    shape: tuple[int, ...], perm: tuple[int, ...] | None, layout: Any
+) -> None:
+    t = torch.empty(*shape, dtype=torch.bfloat16, device="meta")
+    if perm is not None:
+        t = t.permute(*perm)
+    layers, got = vllm_parts.kv_layers_of([t, t], BS)
+    assert got == layout
+    assert len(layers) == 2 and all(x.device.type == "meta" for x in layers)
+
+
+def test_the_data_path_follows_the_device() -> None:
+    assert vllm_parts.kv_data_path("cpu") == "cpu"
+    with pytest.raises(ValueError, match="GPU data path"):
+        vllm_parts.kv_data_path("meta")
+    info = lc.cuda_info()
+    if info["built"] and info["usable"]:
+        assert vllm_parts.kv_data_path("cuda") == "cuda"
+    else:
+        with pytest.raises(ValueError, match=re.escape(info["reason"])):
+            vllm_parts.kv_data_path("cuda")
+
+
+def test_a_worker_session_on_cuda_kv_round_trips(tmp_path: Path) -> None:
+    """WorkerSession with a CudaKv: stores on the side stream after the written event, loads on
+    the current stream, byte for byte (GPU only)."""
+    from cuda_helpers import require_gpu
+
+    require_gpu(needs=("zmq", "msgpack"))
+    harness = sh.Harness(tmp_path)
+    try:
+        storage, engine = harness.engine()
+        client = harness.client(harness.server(engine, storage))
+        shape = (2, sh.NUM_BLOCKS, sh.BS, sh.HEADS, sh.HEAD_SIZE)
+        layers = [torch.randn(*shape, dtype=torch.float16, device="cuda") for _ in range(2)]
+        kv = vllm_parts.kv_view_of(layers, sh.BS)
+        assert isinstance(kv, vllm_parts.CudaKv)
+        session = vllm_parts.WorkerSession.open(client, sh.MODEL, 1, 0, kv)
+        toks = sh.tokens(2 * sh.CHUNK, seed=9)
+        bpc = sh.CHUNK // sh.BS
+        src, dst = list(range(2 * bpc)), list(range(sh.NUM_BLOCKS - 2 * bpc, sh.NUM_BLOCKS))
+        want = [t[:, src].clone() for t in layers]
+        assert session.store(sh.key(toks, "w"), src, kv.mark_written()) == 2
+        client.sync_lookup(sh.key(toks, "r"))
+        session.retrieve(sh.key(toks, "r", end=2 * sh.CHUNK), dst, 0)
+        torch.cuda.synchronize()
+        assert all(torch.equal(w, t[:, dst]) for w, t in zip(want, layers, strict=True))
+        session.close()
     finally:
         harness.close()

@@ -29,13 +29,15 @@ import numpy.typing as npt
 
 from lmcache_cpp import _core
 from lmcache_cpp.client import BlockIds, CacheClient, Key, KvTransferClient, RegistrationInfo
+from lmcache_cpp.client.kv_transfer import TransferRequests
 from lmcache_cpp.cuda import require_cuda
 from lmcache_cpp.errors import LMCacheError, UnavailableError
+from lmcache_cpp.protocol import WireKey
 
-__all__ = ["CudaKvTransferClient"]
+__all__ = ["CudaKvTransferClient", "StreamBoundView"]
 
 
-class _OnStream:
+class StreamBoundView:
     """A CudaKvCacheView in the shape of the CPU view KvTransferClient drives: each batch is
     queued on one stream and the call returns once the copy's event has completed (also when
     queueing failed part way, so that no copy still reads or writes the arena afterwards)."""
@@ -45,12 +47,12 @@ class _OnStream:
         view: _core.CudaKvCacheView,
         stream: int,
         event: _core.CudaEvent,
-        engine: _core.CopyEngine,
+        engine: _core.CopyEngine | None = None,
     ) -> None:
         self._view = view
         self._stream = stream
         self._event = event
-        self._engine = engine
+        self._engine = _core.CopyEngine.KERNEL if engine is None else engine
 
     @property
     def layout(self) -> _core.KvCacheLayout:
@@ -134,7 +136,7 @@ class CudaKvTransferClient:
 
     def __init__(
         self,
-        client: CacheClient,
+        client: CacheClient | TransferRequests,
         registration: RegistrationInfo,
         *,
         device: int,
@@ -219,7 +221,12 @@ class CudaKvTransferClient:
         self.close()
 
     def store(
-        self, kv: _core.CudaKvCacheView, block_ids: BlockIds, key: Key, *, stream: int | None = None
+        self,
+        kv: _core.CudaKvCacheView,
+        block_ids: BlockIds,
+        key: Key | WireKey,
+        *,
+        stream: int | None = None,
     ) -> int:
         """PREPARE_STORE, gather every reserved chunk into the arena on the stream, wait for the
         copy, COMMIT_STORE. Returns the objects published (chunks already present are skipped)."""
@@ -229,7 +236,7 @@ class CudaKvTransferClient:
         self,
         kv: _core.CudaKvCacheView,
         block_ids: BlockIds,
-        key: Key,
+        key: Key | WireKey,
         skip_tokens: int = 0,
         *,
         timeout_s: float | None = None,
@@ -245,7 +252,9 @@ class CudaKvTransferClient:
     def _bind(self, kv: _core.CudaKvCacheView, stream: int | None) -> _core.KvCacheView:
         if self._host is None:
             raise UnavailableError("the transfer client is closed")
-        bound = _OnStream(kv, self._stream if stream is None else stream, self._event, self._engine)
+        bound = StreamBoundView(
+            kv, self._stream if stream is None else stream, self._event, self._engine
+        )
         # KvTransferClient drives any object with the CPU view's layout, object_bytes and
         # gather_batch/scatter_batch; this one copies on the GPU.
         return cast(_core.KvCacheView, bound)

@@ -19,6 +19,7 @@ from lmcache_cpp.client.transport import (
 )
 from lmcache_cpp.errors import (
     InternalError,
+    InvalidArgumentError,
     NotSupportedError,
 )
 from lmcache_cpp.protocol import (
@@ -121,20 +122,54 @@ class CacheClient(ClientTransport):
         return self._call(lambda: self.async_get_chunk_size())
 
     def async_register_kv_cache(
-        self, model_name: str, world_size: int, worker_id: int, layout: _core.KvCacheLayout
+        self,
+        model_name: str,
+        world_size: int,
+        worker_id: int,
+        layout: _core.KvCacheLayout,
+        device: bodies.WireDeviceKv | None = None,
     ) -> concurrent.futures.Future[RegistrationInfo]:
-        body = bodies.RegisterRequest(model_name, world_size, worker_id, wire_layout(layout))
+        body = bodies.RegisterRequest(
+            model_name, world_size, worker_id, wire_layout(layout), device
+        )
         return self._submit(
             RequestType.REGISTER_KV_CACHE, body.to_wire(), registration_from_wire, None
         )
 
     def register_kv_cache(
-        self, model_name: str, world_size: int, worker_id: int, layout: _core.KvCacheLayout
+        self,
+        model_name: str,
+        world_size: int,
+        worker_id: int,
+        layout: _core.KvCacheLayout,
+        device: bodies.WireDeviceKv | None = None,
     ) -> RegistrationInfo:
-        """Registers one worker's KV layout; the reply names the L1 arena to map."""
+        """Registers one worker's KV layout; the reply names the L1 arena to map. ``device``
+        (server-driven mode): the IPC handles of the KV tensors, which the server maps."""
         return self._call(
-            lambda: self.async_register_kv_cache(model_name, world_size, worker_id, layout)
+            lambda: self.async_register_kv_cache(model_name, world_size, worker_id, layout, device)
         )
+
+    def device_transfer(
+        self, request_type: RequestType, body: bodies.DeviceStoreRequest
+    ) -> tuple[int, bytes]:
+        """STORE or RETRIEVE (server-driven mode): the server waits for ``body.event`` (up to
+        ``body.timeout_s``), copies, and replies. Returns (objects published / tokens now in
+        the engine, the server's event handle to wait on before using the blocks)."""
+        if request_type not in (RequestType.STORE, RequestType.RETRIEVE):
+            raise InvalidArgumentError("device_transfer is STORE or RETRIEVE")
+        count_name = "published" if request_type is RequestType.STORE else "tokens"
+
+        def convert(p: Mapping[str, Any]) -> tuple[int, bytes]:
+            event = p.get("event")
+            if type(event) is not bytes:
+                raise InternalError(f"{request_type.name} reply has no event")
+            return count_from_wire(p, count_name), event
+
+        reply: tuple[int, bytes] = self._call(
+            lambda: self._submit(int(request_type), body.to_wire(), convert, None, body.timeout_s)
+        )
+        return reply
 
     def async_unregister_kv_cache(self, registration_id: int) -> concurrent.futures.Future[None]:
         body = bodies.UnregisterRequest(registration_id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -23,11 +23,31 @@ from lmcache_cpp.errors import (
 from lmcache_cpp.protocol import (
     RegistrationInfo,
     TransferTicket,
+    WireKey,
 )
 
 _log = logging.getLogger(__name__)
 
 BlockIds: TypeAlias = npt.NDArray[np.integer[Any]] | Sequence[int]
+
+
+class TransferRequests(Protocol):
+    """The requests a :class:`KvTransferClient` makes: a :class:`CacheClient`'s, or the server's
+    own against its engine (server-driven mode, ``server/device_transfers.py``)."""
+
+    def prepare_store(self, key: Key | WireKey) -> TransferTicket: ...
+
+    def commit_store(
+        self, handle: bytes, success: bool = True, crc32c: Sequence[int] | None = None
+    ) -> int: ...
+
+    def prepare_retrieve(
+        self, key: Key | WireKey, timeout_s: float | None = None
+    ) -> TransferTicket: ...
+
+    def commit_retrieve(self, handle: bytes) -> None: ...
+
+    def unregister_kv_cache(self, registration_id: int) -> None: ...
 
 
 class KvTransferClient:
@@ -42,7 +62,7 @@ class KvTransferClient:
 
     def __init__(
         self,
-        client: CacheClient,
+        client: CacheClient | TransferRequests,
         registration: RegistrationInfo,
         *,
         num_threads: int = 0,
@@ -98,7 +118,7 @@ class KvTransferClient:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def store(self, kv: _core.KvCacheView, block_ids: BlockIds, key: Key) -> int:
+    def store(self, kv: _core.KvCacheView, block_ids: BlockIds, key: Key | WireKey) -> int:
         """PREPARE_STORE, gather every reserved chunk into the arena, COMMIT_STORE.
 
         Returns the objects published (chunks already present are skipped). The CRC32C of every
@@ -147,7 +167,7 @@ class KvTransferClient:
         self,
         kv: _core.KvCacheView,
         block_ids: BlockIds,
-        key: Key,
+        key: Key | WireKey,
         skip_tokens: int = 0,
         *,
         timeout_s: float | None = None,
@@ -195,7 +215,7 @@ class KvTransferClient:
 
     # ---- helpers -----------------------------------------------------------------------------
 
-    def _check_key(self, key: Key) -> None:
+    def _check_key(self, key: Key | WireKey) -> None:
         if key.worker_id < 0 and key.world_size != 1:
             raise InvalidArgumentError(
                 "a transfer names one rank: set worker_id (or use a world_size of 1)"

@@ -95,6 +95,14 @@ class ServerConfig:
         "waits for L2 never hold one",
         metavar="N",
     )
+    device: str = _knob(
+        "none",
+        "str",
+        "device layer of the server-driven transfer mode (STORE/RETRIEVE): none (those requests "
+        "are NotSupported), cuda (CUDA IPC; needs a CUDA build), or fake (for tests only: shared "
+        "memory stands in for GPU memory)",
+        choices=("none", "fake", "cuda"),
+    )
     max_queue_wait_s: float = _knob(
         10.0,
         "float",

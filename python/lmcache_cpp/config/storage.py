@@ -203,4 +203,6 @@ def server_options(config: ServerConfig) -> dict[str, Any]:
         "curve_secret_key": secret,
         "curve_public_key": public,
         "reap_interval_s": config.reap_interval_s,
+        # Only when asked for: the server-driven mode is off by default (ServerOptions.device).
+        **({"device": config.device} if config.device != "none" else {}),
     }

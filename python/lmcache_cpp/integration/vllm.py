@@ -65,6 +65,7 @@ from lmcache_cpp.errors import (
 from lmcache_cpp.integration.vllm_parts import (
     ConnectorConfig,
     ConnectorMeta,
+    CudaKv,
     KeySpec,
     LoadOp,
     LoadReport,
@@ -748,7 +749,8 @@ class _WorkerSide:
         self._pending: dict[str, int] = {}  # GUARDED_BY(_lock): queued stores per request
         self._storing: set[str] = set()  # GUARDED_BY(_lock): requests that had stores
         self._finishing: set[str] = set()  # GUARDED_BY(_lock): finished, stores outstanding
-        self._queue: queue.SimpleQueue[StoreOp | None] = queue.SimpleQueue()
+        # Each store with, for a GPU KV cache, the event after the step that wrote its blocks.
+        self._queue: queue.SimpleQueue[tuple[StoreOp, Any] | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
 
     # ---- registration ----------------------------------------------------------------------------
@@ -887,26 +889,29 @@ class _WorkerSide:
 
     def submit_stores(self, work: ConnectorMeta) -> None:
         self._fence.lift(work.reports_seen)
+        # On a GPU the stores copy on a side stream after this point of the worker's stream (the
+        # step's KV writes): recorded here, on vLLM's thread, without waiting for anything.
+        written = self._kv.mark_written() if isinstance(self._kv, CudaKv) and work.stores else None
         for op in work.stores:
             if not self._fence.admit(op, work.chunk_size):
                 continue
             with self._lock:
                 self._pending[op.req_id] = self._pending.get(op.req_id, 0) + 1
                 self._storing.add(op.req_id)
-            self._queue.put(op)
+            self._queue.put((op, written))
 
     def _store_loop(self) -> None:
-        while (op := self._queue.get()) is not None:
-            self._store(op)
+        while (item := self._queue.get()) is not None:
+            self._store(*item)
 
-    def _store(self, op: StoreOp) -> None:
+    def _store(self, op: StoreOp, written: Any = None) -> None:
         """Stores one request's chunks; without a registration the store is dropped at once, so
         the request's blocks are not held while the server is down."""
         session = self._session
         try:
             if session is not None:
                 try:
-                    session.store(self._key(op), op.block_ids)
+                    session.store(self._key(op), op.block_ids, written)
                 except LMCacheError as exc:
                     self._failed(session, exc)
         except Exception:  # a bug: never leave the request's blocks held forever

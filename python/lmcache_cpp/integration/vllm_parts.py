@@ -3,7 +3,8 @@
 * :class:`ConnectorConfig`: the ``kv_connector_extra_config`` keys, validated.
 * :class:`ServerHealth`: "is the cache server usable", logged once per outage, with a rate limit
   on reconnection attempts.
-* :func:`kv_view_of`: the core's :class:`~lmcache_cpp.KvCacheView` of vLLM's per-layer KV tensors.
+* :func:`kv_view_of`: the core's :class:`~lmcache_cpp.KvCacheView` of vLLM's per-layer KV tensors
+  (:class:`CudaKv`, the GPU copies' view and streams, for CUDA tensors).
 * :class:`WorkerSession`: one worker's registration and arena mapping on one server incarnation,
   and the store/retrieve transfers through it, each checked against a server restart.
 * The plain-data messages from the scheduler side to the workers (:class:`ConnectorMeta`) and
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ConnectorConfig",
     "ConnectorMeta",
+    "CudaKv",
     "KeySpec",
     "LoadOp",
     "LoadReport",
@@ -49,6 +51,8 @@ __all__ = [
     "StoreFence",
     "StoreOp",
     "WorkerSession",
+    "kv_data_path",
+    "kv_layers_of",
     "kv_view_of",
 ]
 
@@ -204,8 +208,11 @@ class ServerHealth:
 # KV tensors
 
 
-def kv_view_of(tensors: Sequence[torch.Tensor], block_size: int) -> _core.KvCacheView:
-    """The core's view of vLLM's per-layer KV tensors (zero copy; the tensors must outlive it).
+def kv_layers_of(
+    tensors: Sequence[torch.Tensor], block_size: int
+) -> tuple[list[torch.Tensor], _core.KvLayout]:
+    """The per-layer tensors in a core layout, and that layout, of vLLM's KV tensors (views, no
+    copies; any device: only shapes and strides are read).
 
     Layouts (per layer, ``NB`` blocks of ``BS`` = ``block_size`` tokens, ``H`` KV heads of ``D``):
 
@@ -221,10 +228,6 @@ def kv_view_of(tensors: Sequence[torch.Tensor], block_size: int) -> _core.KvCach
     if not tensors:
         raise ValueError("no KV cache tensors")
     first = tensors[0]
-    if first.device.type != "cpu":
-        raise ValueError(
-            f"KV caches on {first.device} need the GPU data path, which this build does not have"
-        )
     shape = tuple(first.shape)
     if first.dim() == 4 and shape[2] == block_size and shape[3] % 2 == 0:
         nb, heads, bs, two_d = shape
@@ -233,7 +236,7 @@ def kv_view_of(tensors: Sequence[torch.Tensor], block_size: int) -> _core.KvCach
         for t in tensors:
             per_head = t.view(nb, heads, 2, bs, d)
             layers.extend(per_head[:, h].unsqueeze(3) for h in range(heads))
-        return _core.KvCacheView(layers, _core.KvLayout.FLASHINFER)
+        return layers, _core.KvLayout.FLASHINFER
     if first.dim() == 5 and shape[0] == 2:
         token_dim = 2 if shape[2] == block_size else 3
         head_dim = 5 - token_dim
@@ -243,15 +246,94 @@ def kv_view_of(tensors: Sequence[torch.Tensor], block_size: int) -> _core.KvCach
         else:
             perm = (0, 1, head_dim, token_dim, 4)
             layout = _core.KvLayout.HND
-        return _core.KvCacheView([t.permute(*perm) for t in tensors], layout)
+        return [t.permute(*perm) for t in tensors], layout
     if first.dim() == 5 and shape[1] == 2 and shape[2] == block_size:
-        return _core.KvCacheView(list(tensors), _core.KvLayout.FLASHINFER)
+        return list(tensors), _core.KvLayout.FLASHINFER
     if first.dim() == 3 and shape[1] == block_size:
-        return _core.KvCacheView(list(tensors), _core.KvLayout.MLA)
+        return list(tensors), _core.KvLayout.MLA
     raise ValueError(
         f"unsupported KV cache tensor shape {shape} (strides {first.stride()}) for block size "
         f"{block_size}"
     )
+
+
+def kv_data_path(device_type: str) -> str:
+    """Which data path serves KV tensors on ``device_type``: ``"cpu"`` (the CPU kernels),
+    ``"cuda"`` (the GPU kernels through the engine-driven :class:`CudaKv`); ValueError, with
+    the reason, when this build or machine cannot serve them (the connector stays disabled)."""
+    if device_type == "cpu":
+        return "cpu"
+    if device_type == "cuda":
+        from lmcache_cpp.cuda import cuda_info
+
+        info = cuda_info()
+        if not info["built"] or not info["usable"]:
+            raise ValueError(f"KV caches on the GPU need the GPU data path: {info['reason']}")
+        return "cuda"
+    raise ValueError(
+        f"KV caches on {device_type} need the GPU data path, which serves CUDA tensors only"
+    )
+
+
+def kv_view_of(tensors: Sequence[torch.Tensor], block_size: int) -> _core.KvCacheView | CudaKv:
+    """The core's view of vLLM's per-layer KV tensors (zero copy; the tensors must outlive it):
+    a :class:`~lmcache_cpp.KvCacheView` for CPU tensors, a :class:`CudaKv` for CUDA tensors.
+    Layouts as :func:`kv_layers_of`; ValueError when they or their device are not supported."""
+    if not tensors:
+        raise ValueError("no KV cache tensors")
+    path = kv_data_path(tensors[0].device.type)
+    layers, layout = kv_layers_of(tensors, block_size)
+    if path == "cuda":
+        return CudaKv(layers, layout, int(tensors[0].device.index or 0))
+    return _core.KvCacheView(layers, layout)
+
+
+class CudaKv:
+    """vLLM's CUDA KV tensors on the engine-driven GPU path (docs/design/gpu.md).
+
+    Loads run on the worker's own stream (the current stream on vLLM's thread, before the
+    forward pass), so the forward pass is ordered after them. Stores run on a side stream of
+    their own, after an event the worker recorded on its stream when the step's KV was written
+    (:meth:`mark_written`, on vLLM's thread): they never block the forward pass, and each copy's
+    event completes before the COMMIT (``cuda_transfer``'s stream-bound view waits for it).
+    The arena is registered with CUDA once per session (:class:`WorkerSession`)."""
+
+    def __init__(self, layers: list[Any], layout: _core.KvLayout, device: int) -> None:
+        import torch
+
+        self._torch = torch
+        self.device = device
+        self.view: Any = _core.CudaKvCacheView(layers, layout)  # type: ignore[attr-defined]
+        self.layout: _core.KvCacheLayout = self.view.layout
+        self._store_stream = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
+        self._load_event: Any = _core.CudaEvent(device)  # type: ignore[attr-defined]
+        self._store_event: Any = _core.CudaEvent(device)  # type: ignore[attr-defined]
+
+    def object_bytes(self, chunk_size: int) -> int:
+        return int(self.view.object_bytes(chunk_size))
+
+    def mark_written(self) -> Any:
+        """An event after the work queued so far on the worker's stream (the step's KV writes)."""
+        event = self._torch.cuda.Event()  # type: ignore[no-untyped-call]
+        event.record(self._torch.cuda.current_stream(self.device))
+        return event
+
+    def for_load(self) -> Any:
+        """A view whose copies run on the worker's current stream and have finished when they
+        return."""
+        from lmcache_cpp.cuda_transfer import StreamBoundView
+
+        stream = self._torch.cuda.current_stream(self.device).cuda_stream
+        return StreamBoundView(self.view, stream, self._load_event)
+
+    def for_store(self, written: Any) -> Any:
+        """A view whose copies run on the side stream after ``written`` (:meth:`mark_written`)
+        and have finished when they return. One store at a time (the store thread)."""
+        from lmcache_cpp.cuda_transfer import StreamBoundView
+
+        if written is not None:
+            self._store_stream.wait_event(written)
+        return StreamBoundView(self.view, self._store_stream.cuda_stream, self._store_event)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -526,7 +608,7 @@ class WorkerSession:
         client: CacheClient,
         client_id: int,
         registration: Mapping[str, Any],
-        kv: _core.KvCacheView,
+        kv: _core.KvCacheView | CudaKv,
         *,
         copy_threads: int = 0,
     ) -> None:
@@ -545,6 +627,11 @@ class WorkerSession:
             )
         descriptor = _core.ArenaDescriptor(registration["arena_path"], registration["arena_size"])
         self._arena = _core.AttachedArena(descriptor)
+        # GPU copies read and write the arena directly: register it with CUDA once, for the
+        # session's life (unregistered when the last transfer holding the session drops it).
+        self._host: Any = None
+        if isinstance(kv, CudaKv):
+            self._host = _core.CudaHostRegistration(self._arena.view())  # type: ignore[attr-defined]
 
     @classmethod
     def open(
@@ -553,7 +640,7 @@ class WorkerSession:
         model: str,
         world_size: int,
         worker_id: int,
-        kv: _core.KvCacheView,
+        kv: _core.KvCacheView | CudaKv,
         *,
         copy_threads: int = 0,
     ) -> WorkerSession:
@@ -589,26 +676,32 @@ class WorkerSession:
             raise InternalError(f"object offset {offset} is outside the arena")
         return self._arena.view(offset, self._object_bytes)
 
-    def store(self, key: Key, block_ids: Sequence[int]) -> int:
-        """PREPARE_STORE, same-server check, gather, COMMIT_STORE; returns objects published."""
+    def store(self, key: Key, block_ids: Sequence[int], written: Any = None) -> int:
+        """PREPARE_STORE, same-server check, gather, COMMIT_STORE; returns objects published.
+        ``written``: for a :class:`CudaKv`, the event after which the blocks hold the KV."""
         ticket, hello = self._prepare(self._client.async_prepare_store(key))
-        # The CRC32C of every object, computed while it is copied (docs/design/integrity.md).
-        crcs = [0] * len(ticket.offsets)
+        # The CRC32C of every object, computed while it is copied (docs/design/integrity.md); a
+        # GPU copy gives none, and the server computes them at COMMIT_STORE.
+        crcs: list[int] | None = [0] * len(ticket.offsets)
+        kv = self._kv.for_store(written) if isinstance(self._kv, CudaKv) else self._kv
         try:
             self._check_same_server(hello)
-            chunk_ids, objects, written = [], [], []
+            chunk_ids, objects, filled = [], [], []
             for i, offset in enumerate(ticket.offsets):
                 if offset >= 0:
                     chunk_ids.append(self._chunk(block_ids, ticket.first_chunk + i))
                     objects.append(self._object(offset))
-                    written.append(i)
+                    filled.append(i)
             if objects:
-                got = self._kv.gather_batch(
+                got = kv.gather_batch(
                     self.chunk_size, chunk_ids, objects, num_threads=self._threads, checksums=True
                 )
-                assert got is not None
-                for i, crc in zip(written, got, strict=True):
-                    crcs[i] = crc
+                if got is None:
+                    crcs = None
+                else:
+                    assert crcs is not None
+                    for i, crc in zip(filled, got, strict=True):
+                        crcs[i] = crc
         except BaseException:
             self._abandon(lambda: self._client.commit_store(ticket.handle, success=False))
             raise
@@ -643,7 +736,8 @@ class WorkerSession:
                     objects.append(self._object(offset))
                     skips.append(chunk_skip)
             if objects:
-                self._kv.scatter_batch(
+                kv = self._kv.for_load() if isinstance(self._kv, CudaKv) else self._kv
+                kv.scatter_batch(
                     cs, objects, chunk_ids, skip_tokens=skips, num_threads=self._threads
                 )
         except BaseException:

@@ -23,6 +23,7 @@ __all__ = [
     "LAYOUT_NAMES",
     "ClearRequest",
     "CommitStoreRequest",
+    "DeviceStoreRequest",
     "EmptyRequest",
     "EndSessionRequest",
     "HandleRequest",
@@ -35,6 +36,7 @@ __all__ = [
     "RequestBody",
     "SyncLookupRequest",
     "UnregisterRequest",
+    "WireDeviceKv",
     "WireKey",
     "WireLayout",
     "key_map",
@@ -264,25 +266,107 @@ class HelloRequest:
 
 
 @dataclass(frozen=True)
+class WireDeviceKv:
+    """REGISTER_KV_CACHE's optional ``device`` map (server-driven mode): which device layer the
+    handles are for (``kind``: ``"cuda"`` or ``"fake"``), the engine's device index, and
+    ``kv_handles``, one 80-byte record per layer (``lmcache_cpp.device.KV_RECORD_BYTES``)."""
+
+    kind: str
+    kv_handles: bytes
+    device_id: int = 0
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"kind": self.kind, "device_id": self.device_id, "kv_handles": self.kv_handles}
+
+    @staticmethod
+    def parse(f: _Fields) -> WireDeviceKv:
+        kind = f.string("kind", 16)
+        if kind not in ("cuda", "fake"):
+            raise ProtocolError(_INVALID, f"REGISTER_KV_CACHE.device: unknown kind {kind!r}")
+        out = WireDeviceKv(kind, f.binary("kv_handles"), f.integer("device_id", 0, _I32_MAX, 0))
+        f.done()
+        return out
+
+
+@dataclass(frozen=True)
 class RegisterRequest:
+    """REGISTER_KV_CACHE; ``device`` only in server-driven mode (absent: the engine-driven
+    registration, the same bytes as before the field existed)."""
+
     model_name: str
     world_size: int
     worker_id: int
     layout: WireLayout
+    device: WireDeviceKv | None = None
 
     @classmethod
     def parse(cls, f: _Fields, limits: ProtocolLimits) -> RegisterRequest:
         model_name = f.string("model_name", limits.max_string_bytes, nonempty=True)
         world_size = f.integer("world_size", 1, _U32_MAX)
         worker_id = f.integer("worker_id", 0, world_size - 1)
-        return cls(model_name, world_size, worker_id, WireLayout.parse(f.mapping("layout")))
+        layout = WireLayout.parse(f.mapping("layout"))
+        device = None
+        if f.has("device"):
+            device = WireDeviceKv.parse(f.mapping("device"))
+        return cls(model_name, world_size, worker_id, layout, device)
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "model_name": self.model_name,
             "world_size": self.world_size,
             "worker_id": self.worker_id,
             "layout": self.layout.to_wire(),
+        }
+        if self.device is not None:
+            out["device"] = self.device.to_wire()
+        return out
+
+
+DEFAULT_EVENT_WAIT_S: Final = 10.0
+"""STORE/RETRIEVE's default ``timeout_s``: the longest the server waits for the engine's event."""
+
+
+@dataclass(frozen=True)
+class DeviceStoreRequest:
+    """STORE and RETRIEVE (server-driven mode): the key, the registration whose device KV the
+    server copies, the request's block table (``block_ids``: packed little-endian int64), the
+    engine's event (``event``: the server copies only after it completed) and how long the server
+    waits for it (``timeout_s``). ``skip_tokens`` is RETRIEVE's (leading tokens left alone)."""
+
+    key: WireKey
+    registration_id: int
+    block_ids: bytes
+    event: bytes
+    timeout_s: float = DEFAULT_EVENT_WAIT_S
+    skip_tokens: int = 0
+
+    @classmethod
+    def parse(cls, f: _Fields, limits: ProtocolLimits) -> DeviceStoreRequest:
+        key = WireKey.parse(f.mapping("key"), limits)
+        registration_id = f.integer("registration_id", 0, _U64_MAX)
+        block_ids = f.binary("block_ids")
+        if len(block_ids) % 8:
+            raise ProtocolError(
+                _INVALID,
+                f"block_ids must be packed int64 (a multiple of 8 bytes), got {len(block_ids)}",
+            )
+        if len(block_ids) // 8 > limits.max_tokens:
+            raise ProtocolError(_EXHAUSTED, f"more than {limits.max_tokens} block ids")
+        event = f.binary("event")
+        if len(event) != 64:
+            raise ProtocolError(_INVALID, f"event must be 64 bytes, got {len(event)}")
+        timeout_s = f.number("timeout_s", 0.0, limits.max_wait_s, DEFAULT_EVENT_WAIT_S)
+        skip = f.integer("skip_tokens", 0, _I64_MAX, 0)
+        return cls(key, registration_id, block_ids, event, timeout_s, skip)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "key": self.key.to_wire(),
+            "registration_id": self.registration_id,
+            "block_ids": self.block_ids,
+            "event": self.event,
+            "timeout_s": self.timeout_s,
+            "skip_tokens": self.skip_tokens,
         }
 
 
@@ -468,4 +552,5 @@ RequestBody = (
     | CommitStoreRequest
     | EndSessionRequest
     | ClearRequest
+    | DeviceStoreRequest
 )

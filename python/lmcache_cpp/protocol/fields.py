@@ -55,13 +55,15 @@ class RequestType(enum.IntEnum):
     COMMIT_STORE = 13
     PREPARE_RETRIEVE = 14
     COMMIT_RETRIEVE = 15
-    STORE = 16  # reserved: server-driven (CUDA IPC) mode; answered NotSupported
-    RETRIEVE = 17  # reserved: server-driven (CUDA IPC) mode; answered NotSupported
+    STORE = 16  # server-driven mode: NotSupported by a server without a device layer
+    RETRIEVE = 17  # server-driven mode: NotSupported by a server without a device layer
     CLEAR = 18
     STATUS = 19
     GOODBYE = 20
 
 
+# The server-driven requests: NotSupported, before their payload is read, by a server without a
+# device layer (protocol.requests marks the same rows server_driven).
 _RESERVED_TYPES: Final = frozenset({RequestType.STORE, RequestType.RETRIEVE})
 
 
@@ -242,6 +244,13 @@ class _Fields:
         if len(value) != HANDLE_SIZE:
             raise self._bad(name, f"must be {HANDLE_SIZE} bytes, got {len(value)}")
         return value
+
+    def has(self, name: str) -> bool:
+        """Whether an optional field is present (not absent, not nil); marks it used."""
+        if self._data.get(name) is None:
+            self._used.add(name)
+            return False
+        return True
 
     def mapping(self, name: str) -> _Fields:
         value = self._get(name, _MISSING, "map")

@@ -27,6 +27,7 @@ from lmcache_cpp.protocol.fields import (
     _wire_type,
 )
 from lmcache_cpp.protocol.requests import (
+    not_provided,
     parse_body,
 )
 
@@ -158,12 +159,15 @@ def _unpack_payload(frame: bytes, limits: ProtocolLimits) -> object:
     )
 
 
-def decode_request(frames: Sequence[bytes], limits: ProtocolLimits) -> Request:
+def decode_request(
+    frames: Sequence[bytes], limits: ProtocolLimits, *, server_driven: bool = False
+) -> Request:
     """Decodes and validates the frames of one request (without the ROUTER identity frame).
 
     Raises :class:`ProtocolError` with the reply's status and echo values; the checks, in order:
     protocol version (NotSupported), frame count, header size and shape (InvalidArgument), request
-    type (unknown or reserved: NotSupported), payload frame size (ResourceExhausted), payload
+    type (unknown, or server-driven without ``server_driven``: NotSupported), payload frame size
+    (ResourceExhausted), payload
     msgpack and schema (InvalidArgument; oversized token lists ResourceExhausted).
     """
     header: object = None
@@ -227,11 +231,9 @@ def decode_request(frames: Sequence[bytes], limits: ProtocolLimits) -> Request:
             f"payload frame is {len(frames[1])} bytes, more than the limit of "
             f"{limits.max_frame_bytes}",
         )
-    if request_type in _RESERVED_TYPES:
-        try:
-            parse_body(request_type, {}, limits)
-        except ProtocolError as exc:
-            raise fail(exc.code, exc.message) from None
+    if request_type in _RESERVED_TYPES and not server_driven:
+        refusal = not_provided(request_type)
+        raise fail(refusal.code, refusal.message)
     try:
         payload = _unpack_payload(frames[1], limits)
     except Exception as exc:
@@ -244,7 +246,7 @@ def decode_request(frames: Sequence[bytes], limits: ProtocolLimits) -> Request:
             _INVALID, f"{request_type.name}: payload must be a map, got {_wire_type(payload)}"
         )
     try:
-        body = parse_body(request_type, payload, limits)
+        body = parse_body(request_type, payload, limits, server_driven=server_driven)
     except ProtocolError as exc:
         raise fail(exc.code, exc.message) from None
     return Request(request_type, header[2], body)

@@ -10,6 +10,7 @@ from typing import Any, Final
 from lmcache_cpp.protocol.bodies import (
     ClearRequest,
     CommitStoreRequest,
+    DeviceStoreRequest,
     EmptyRequest,
     EndSessionRequest,
     HandleRequest,
@@ -35,6 +36,7 @@ __all__ = [
     "REQUESTS",
     "RequestSpec",
     "Runs",
+    "not_provided",
     "parse_body",
 ]
 
@@ -53,16 +55,23 @@ class RequestSpec:
     """One row of the request table: what a request is and how a server serves it."""
 
     request_type: RequestType
-    body: type[RequestBody] | None  # None: reserved, answered NotSupported
+    body: type[RequestBody]
     reply: str  # the reply payload, in words (docs/protocol.md has the fields)
     runs: Runs
     handler: str  # the server Dispatcher's method that runs it
+    # Server-driven mode: a server without a device layer answers NotSupported before parsing.
+    server_driven: bool = False
 
 
 def _spec(
-    rt: RequestType, body: type[RequestBody] | None, reply: str, runs: Runs, handler: str
+    rt: RequestType,
+    body: type[RequestBody],
+    reply: str,
+    runs: Runs,
+    handler: str,
+    server_driven: bool = False,
 ) -> tuple[RequestType, RequestSpec]:
-    return rt, RequestSpec(rt, body, reply, runs, handler)
+    return rt, RequestSpec(rt, body, reply, runs, handler, server_driven)
 
 
 RT = RequestType
@@ -111,8 +120,8 @@ REQUESTS: Final[Mapping[RequestType, RequestSpec]] = dict(
             "_on_prepare_retrieve",
         ),
         _spec(RT.COMMIT_RETRIEVE, HandleRequest, "{}", Runs.SOCKET, "_on_commit_retrieve"),
-        _spec(RT.STORE, None, "NotSupported", Runs.SOCKET, ""),
-        _spec(RT.RETRIEVE, None, "NotSupported", Runs.SOCKET, ""),
+        _spec(RT.STORE, DeviceStoreRequest, "published, event", Runs.POOL, "_on_store", True),
+        _spec(RT.RETRIEVE, DeviceStoreRequest, "tokens, event", Runs.POOL, "_on_retrieve", True),
         _spec(RT.CLEAR, ClearRequest, "removed", Runs.POOL, "_on_clear"),
         _spec(RT.STATUS, EmptyRequest, "stats maps", Runs.SOCKET, "_on_status"),
         _spec(RT.GOODBYE, EmptyRequest, "released", Runs.SOCKET, "_on_goodbye"),
@@ -124,22 +133,33 @@ thread sets, the decoder and the dispatcher are derived from the rows."""
 del RT
 
 
+def not_provided(request_type: RequestType) -> ProtocolError:
+    """The NotSupported answer of a server-driven request to a server without a device layer."""
+    return ProtocolError(
+        _NOT_SUPPORTED,
+        f"{request_type.name} belongs to the server-driven (CUDA IPC) transfer mode, which this "
+        "server does not provide (started without --device); use PREPARE_STORE/COMMIT_STORE and "
+        "PREPARE_RETRIEVE/COMMIT_RETRIEVE",
+    )
+
+
 def parse_body(
-    request_type: RequestType, payload: Mapping[str, Any], limits: ProtocolLimits
+    request_type: RequestType,
+    payload: Mapping[str, Any],
+    limits: ProtocolLimits,
+    *,
+    server_driven: bool = False,
 ) -> RequestBody:
     """Validates a decoded request payload map; raises :class:`ProtocolError` (no echo values).
 
-    Reserved request types (STORE, RETRIEVE) raise NotSupported.
+    Server-driven request types (STORE, RETRIEVE) raise NotSupported unless ``server_driven``
+    (the server has a device layer).
     """
     rt = request_type
     f = _Fields(payload, rt.name)
     spec = REQUESTS[rt]
-    if spec.body is None:
-        raise ProtocolError(
-            _NOT_SUPPORTED,
-            f"{rt.name} belongs to the server-driven (CUDA IPC) transfer mode, which this server "
-            "does not provide; use PREPARE_STORE/COMMIT_STORE and PREPARE_RETRIEVE/COMMIT_RETRIEVE",
-        )
+    if spec.server_driven and not server_driven:
+        raise not_provided(rt)
     body = spec.body.parse(f, limits)
     f.done()
     return body

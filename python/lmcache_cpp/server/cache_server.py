@@ -24,6 +24,7 @@ import zmq
 
 from lmcache_cpp import _core
 from lmcache_cpp._zmq_io import pyzmq_backend_file, readable, recv_frames, send_frames
+from lmcache_cpp.device import make_device_layer
 from lmcache_cpp.errors import LMCacheError
 from lmcache_cpp.metrics import Metrics
 from lmcache_cpp.protocol import (
@@ -217,6 +218,7 @@ class CacheServer:
             client_usage=self.client_usage,
             has_l2=_has_l2(storage),
             admin_token=self._options.admin_token,
+            device=make_device_layer(self._options.device),
         )
         self._lifecycle = threading.Lock()
         self._state = "new"  # new -> running -> stopped, guarded by _lifecycle
@@ -1026,6 +1028,8 @@ class CacheServer:
         except Exception:
             _log.exception("engine.end_client(%d) failed", client.id)
             return 0
+        finally:
+            self._dispatcher.release_client(client.id)
         _log.info(
             "client %d%s %s: dropped, %d lease(s) released",
             client.id,
@@ -1077,6 +1081,7 @@ class CacheServer:
         return {"released": self._drop_client(client, "said goodbye")}
 
     def _server_status(self) -> Mapping[str, Any]:
+        device = self._dispatcher.device
         with self._stats_lock:
             dropped = self._dropped_replies
         if self._loop is not None:
@@ -1093,6 +1098,7 @@ class CacheServer:
             "worker_threads": self._options.worker_threads,
             "dropped_replies": dropped,
             "requests": self.request_counts(),
+            "device": {"kind": "none", "mappings": 0} if device is None else device.status(),
         }
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from lmcache_cpp import _core
+from lmcache_cpp.device import DeviceLayer
 from lmcache_cpp.errors import LMCacheError, PermissionDeniedError
 from lmcache_cpp.protocol import (
     PROTOCOL_VERSION,
@@ -30,8 +31,11 @@ from lmcache_cpp.protocol import (
     decode_request,
     encode_error_reply,
     encode_reply,
+    not_provided,
     prefetch_status_to_wire,
+    registration_from_wire,
 )
+from lmcache_cpp.server.device_transfers import DeviceTransfers
 
 _log = logging.getLogger("lmcache_cpp.server")  # one logger name for the whole server
 
@@ -203,8 +207,19 @@ class Dispatcher:
         client_usage: Callable[[], list[dict[str, Any]]] | None = None,
         has_l2: bool = True,
         admin_token: str | None = None,
+        device: DeviceLayer | None = None,
     ) -> None:
         self._engine = engine
+        # Server-driven mode (STORE/RETRIEVE) when the server has a device layer.
+        self._device: DeviceTransfers | None = None
+        if device is not None:
+            self._device = DeviceTransfers(
+                engine,
+                device,
+                ticket=_ticket,
+                engine_key=engine_key,
+                handle_from_wire=_handle_from_wire,
+            )
         self._client_usage = client_usage
         self._limits = limits
         self._admin_token = admin_token
@@ -221,8 +236,19 @@ class Dispatcher:
     def limits(self) -> ProtocolLimits:
         return self._limits
 
+    @property
+    def device(self) -> DeviceTransfers | None:
+        """The server-driven mode's mappings (None: no device layer)."""
+        return self._device
+
+    def release_client(self, client: int) -> None:
+        """Releases what the client holds outside the engine (its device mappings); the server
+        calls it where it ends the client in the engine."""
+        if self._device is not None:
+            self._device.release_client(client)
+
     def decode(self, frames: list[bytes]) -> Request:
-        return decode_request(frames, self._limits)
+        return decode_request(frames, self._limits, server_driven=self._device is not None)
 
     def is_blocking(self, request_type: RequestType) -> bool:
         return request_type in self._blocking
@@ -369,10 +395,13 @@ class Dispatcher:
 
     def _on_register(self, client: int, body: bodies.RequestBody) -> Mapping[str, Any]:
         assert isinstance(body, bodies.RegisterRequest)
+        if body.device is not None and self._device is None:
+            raise not_provided(RequestType.REGISTER_KV_CACHE)
+        layout = kv_cache_layout(body.layout)
         reg = self._engine.register_kv_cache(
-            client, body.model_name, body.world_size, body.worker_id, kv_cache_layout(body.layout)
+            client, body.model_name, body.world_size, body.worker_id, layout
         )
-        return {
+        reply = {
             "registration_id": int(reg.id),
             "chunk_size": int(reg.chunk_size),
             "object_bytes": int(reg.object_bytes),
@@ -380,11 +409,29 @@ class Dispatcher:
             "arena_path": str(reg.arena_path),
             "arena_size": int(reg.arena_size),
         }
+        if body.device is not None:
+            assert self._device is not None
+            try:
+                self._device.register(client, body, layout, registration_from_wire(reply))
+            except BaseException:
+                self._engine.unregister_kv_cache(client, int(reg.id))
+                raise
+        return reply
 
     def _on_unregister(self, client: int, body: bodies.RequestBody) -> Mapping[str, Any]:
         assert isinstance(body, bodies.UnregisterRequest)
         self._engine.unregister_kv_cache(client, body.registration_id)
+        if self._device is not None:
+            self._device.unregister(client, body.registration_id)
         return {}
+
+    def _on_store(self, client: int, body: bodies.RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, bodies.DeviceStoreRequest) and self._device is not None
+        return self._device.store(client, body)
+
+    def _on_retrieve(self, client: int, body: bodies.RequestBody) -> Mapping[str, Any]:
+        assert isinstance(body, bodies.DeviceStoreRequest) and self._device is not None
+        return self._device.retrieve(client, body)
 
     def _on_lookup(self, client: int, body: bodies.RequestBody) -> Mapping[str, Any]:
         assert isinstance(body, bodies.KeyRequest)

@@ -80,6 +80,10 @@ class ServerOptions:
     # wire_fast_path, and metrics that are None or a lmcache_cpp.metrics.Metrics (another
     # RequestMetrics gets its record() call per request from the Python loop).
     native_loop: bool = True
+    # The device layer of the server-driven mode (STORE/RETRIEVE, lmcache_cpp.device): "none"
+    # (those requests are NotSupported), "cuda", or "fake" (for tests only: shared memory and
+    # FIFOs stand in for GPU memory and events).
+    device: str = "none"
 
     def __post_init__(self) -> None:
         overrides: dict[str, int] = {}
@@ -104,6 +108,10 @@ class ServerOptions:
         ):
             raise ValueError(
                 "ServerOptions.transport_max_frame_bytes must be at least limits.max_frame_bytes"
+            )
+        if self.device not in ("none", "fake", "cuda"):
+            raise ValueError(
+                f"ServerOptions.device must be 'none', 'fake' or 'cuda', got {self.device!r}"
             )
         if (self.curve_secret_key is None) != (self.curve_public_key is None):
             raise ValueError(
