@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "crc32c.h"
+#include "redis/cluster.h"
 #include "redis/resp.h"
 #include "redis/url.h"
 #include "redis/value.h"
@@ -277,7 +278,58 @@ TEST(RedisUrlTest, RejectsMalformedUrlsWithoutEchoingThePassword) {
   }
 }
 
-TEST(RedisValueTest, KeysHoldTheNamespaceChunkAndRank) {
+TEST(ClusterSlotTest, KeySlotMatchesRedisAndHonoursHashTags) {
+  // Values from the Redis Cluster specification and CLUSTER KEYSLOT.
+  EXPECT_EQ(Crc16("123456789", 9), 0x31C3);
+  EXPECT_EQ(KeySlot("foo"), 12182);
+  EXPECT_EQ(KeySlot("bar"), 5061);
+  EXPECT_EQ(KeySlot("{user1000}.following"), KeySlot("user1000"));
+  EXPECT_EQ(KeySlot("foo{}{bar}"), KeySlot("foo{}{bar}"));  // empty tag: the whole key
+  EXPECT_NE(KeySlot("foo{}{bar}"), KeySlot("bar"));
+  EXPECT_EQ(KeySlot("foo{{bar}}zap"), KeySlot("{bar"));
+}
+
+TEST(ClusterSlotTest, ParsesShardsAndSlotsReplies) {
+  auto bulk = [](std::string s) {
+    Reply r;
+    r.type = ReplyType::kBulkString;
+    r.str = std::move(s);
+    return r;
+  };
+  auto integer = [](int64_t v) {
+    Reply r;
+    r.type = ReplyType::kInteger;
+    r.integer = v;
+    return r;
+  };
+  auto array = [](std::vector<Reply> e) {
+    Reply r;
+    r.type = ReplyType::kArray;
+    r.elements = std::move(e);
+    return r;
+  };
+  Reply master = array({bulk("id"), bulk("abc"), bulk("port"), integer(7001), bulk("ip"),
+                        bulk("10.0.0.1"), bulk("endpoint"), bulk("10.0.0.1"), bulk("role"),
+                        bulk("master"), bulk("health"), bulk("online")});
+  Reply replica = array({bulk("port"), integer(7002), bulk("ip"), bulk("10.0.0.2"), bulk("role"),
+                         bulk("replica"), bulk("health"), bulk("online")});
+  Reply shards =
+      array({array({bulk("slots"), array({integer(0), integer(99), integer(200), integer(300)}),
+                    bulk("nodes"), array({replica, master})})});
+  Result<std::vector<SlotRange>> r = ParseClusterShards(shards, false, Endpoint{"seed", 1});
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  ASSERT_EQ(r->size(), 2u);
+  EXPECT_EQ((*r)[0].master.ToString(), "10.0.0.1:7001");
+  EXPECT_EQ((*r)[1].first, 200);
+  EXPECT_EQ((*r)[1].last, 300);
+  Reply slots = array({array({integer(0), integer(16383), array({bulk(""), integer(7005)})})});
+  r = ParseClusterSlots(slots, Endpoint{"seed", 1});
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ((*r)[0].master.ToString(), "seed:7005");
+  EXPECT_FALSE(ParseClusterSlots(array({array({integer(5), integer(2)})}), Endpoint{}).ok());
+}
+
+TEST(RedisValueTest, KeysHoldTheNamespaceChunkAndRankAndSpreadOverSlots) {
   const NamespaceDigest ns = MakeNamespaceDigest("model", "layout", "salt");
   EXPECT_NE(ns.fingerprint(), MakeNamespaceDigest("model", "layout", "salt2").fingerprint());
   EXPECT_NE(ns.fingerprint(), MakeNamespaceDigest("modell", "ayout", "salt").fingerprint());
@@ -294,6 +346,15 @@ TEST(RedisValueTest, KeysHoldTheNamespaceChunkAndRank) {
   EXPECT_FALSE(ValidateKeyPrefix("{tag}").ok());
   EXPECT_FALSE(ValidateKeyPrefix("a b").ok());
   EXPECT_FALSE(ValidateKeyPrefix(std::string(kMaxKeyPrefix + 1, 'x')).ok());
+  // 4096 keys over 16384 slots land in many distinct slots and never all in one.
+  std::vector<int> hits(kSlotCount, 0);
+  std::mt19937_64 rng(1);
+  int distinct = 0;
+  for (int i = 0; i < 4096; ++i) {
+    for (auto& b : key.chunk.bytes) b = static_cast<uint8_t>(rng());
+    if (hits[KeySlot(MakeStoreKey("p:", ns, key).view())]++ == 0) ++distinct;
+  }
+  EXPECT_GT(distinct, 3300);  // ~3586 expected for uniform slots
 }
 
 TEST(RedisValueTest, HeaderCheckRejectsEveryKindOfBadValueWithItsReason) {
