@@ -322,11 +322,58 @@ def config_dictionary() -> str:
     return "\n".join([header, *quoted]) + "\n"
 
 
+# ---- the Redis client's reply parser ------------------------------------------------------------
+
+
+def redis_resp_input(
+    options: int, sinks: list[tuple[int, int]], split: int, stream: bytes
+) -> bytes:
+    """The input of fuzz/redis_resp_fuzzer.cc: options, sinks (head, body), split, stream."""
+    head = bytes([options, len(sinks)])
+    for h, b in sinks:
+        head += bytes([h, b])
+    return head + bytes([split]) + stream
+
+
+def redis_resp_seeds() -> dict[str, bytes]:
+    def bulk(payload: bytes) -> bytes:
+        return b"$%d\r\n%s\r\n" % (len(payload), payload)
+
+    value = bytes(range(40)) + b"payload" * 20  # a 40-byte head and a 140-byte body
+    mixed = (
+        b"+OK\r\n-ERR bad thing\r\n:-42\r\n$5\r\nhello\r\n$-1\r\n*-1\r\n"
+        b"*3\r\n:1\r\n*2\r\n+a\r\n$1\r\nb\r\n_\r\n"
+        b"%2\r\n+k1\r\n:1\r\n+k2\r\n#t\r\n~1\r\n,3.5\r\n(12345678901234567890\r\n"
+        b"!4\r\nOOPS\r\n=8\r\ntxt:abcd\r\n>2\r\n+pubsub\r\n+x\r\n|1\r\n+ttl\r\n:3\r\n:7\r\n"
+    )
+    moved = b"-MOVED 3999 127.0.0.1:6381\r\n-ASK 3999 [::1]:6381\r\n"
+    shards = (
+        b"*1\r\n*4\r\n$5\r\nslots\r\n*2\r\n:0\r\n:16383\r\n$5\r\nnodes\r\n*1\r\n*4\r\n"
+        b"$4\r\nport\r\n:7000\r\n$4\r\nrole\r\n$6\r\nmaster\r\n"
+    )
+    return {
+        "mixed_whole": redis_resp_input(0, [], 7, mixed),
+        "mixed_bytewise_tight": redis_resp_input(1, [], 0, mixed),
+        "gets_filled_missed_mismatched": redis_resp_input(
+            0,
+            [(40, 140), (40, 140), (40, 140), (8, 16)],
+            13,
+            bulk(value) + b"$-1\r\n" + bulk(value[:100]) + bulk(b"x" * 24),
+        ),
+        "gets_with_push_between": redis_resp_input(
+            0, [(4, 10)], 3, b">2\r\n+message\r\n+x\r\n" + bulk(b"0123456789ABCD")
+        ),
+        "redirections_and_shards": redis_resp_input(0, [(0, 4)], 29, moved + shards),
+        "limits_exceeded": redis_resp_input(1, [], 5, b"*1\r\n*1\r\n*1\r\n*1\r\n:1\r\n$99\r\n"),
+    }
+
+
 def main() -> None:
     write_corpus("wire_fast_path", wire_fast_path_seeds())
     write_corpus("protocol", protocol_seeds())
     write_corpus("fs_adapter", fs_adapter_seeds())
     write_corpus("config", config_seeds())
+    write_corpus("redis_resp", redis_resp_seeds())
     (CORPUS.parent / "config.dict").write_text(config_dictionary())
 
 
