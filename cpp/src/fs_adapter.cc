@@ -19,6 +19,7 @@
 
 #include "crc32c.h"
 #include "lmcache_cpp/logging.h"
+#include "worker_pool.h"
 
 namespace lmcache_cpp {
 namespace {
@@ -215,20 +216,12 @@ Result<std::unique_ptr<FileSystemL2Adapter>> FileSystemL2Adapter::Create(
   }
   std::unique_ptr<FileSystemL2Adapter> adapter(new FileSystemL2Adapter(std::move(options)));
   LMCACHE_RETURN_IF_ERROR(adapter->Recover());
-  const size_t n = adapter->options_.io_threads;
-  {
-    std::lock_guard<std::mutex> lk(adapter->mu_);
-    adapter->live_workers_ = n;
-  }
-  adapter->workers_.reserve(n);
-  for (size_t i = 0; i < n; ++i) {
-    adapter->workers_.emplace_back([a = adapter.get()] { a->WorkerLoop(); });
-  }
+  adapter->pool_->Start(adapter->options_.io_threads, [a = adapter.get()] { a->WorkerLoop(); });
   return adapter;
 }
 
 FileSystemL2Adapter::FileSystemL2Adapter(FileSystemAdapterOptions options)
-    : options_(std::move(options)) {
+    : options_(std::move(options)), pool_(std::make_unique<internal::WorkerPool>(&mu_)) {
   std::random_device rd;
   tmp_salt_ = (static_cast<uint64_t>(rd()) << 32) ^ rd();
 }
@@ -403,10 +396,10 @@ void FileSystemL2Adapter::Submit(std::shared_ptr<Batch> batch) {
   batch->results = std::make_unique<uint8_t[]>(n == 0 ? 1 : n);  // zero-initialised
   std::unique_lock<std::mutex> lk(mu_);
   ++stats_.in_flight;
-  if (closing_ && batch->pre_status.ok()) {
+  if (pool_->closing() && batch->pre_status.ok()) {
     batch->pre_status = Status::Unavailable("file-system L2 adapter is closed");
   }
-  if (live_workers_ == 0) {
+  if (!pool_->has_workers()) {
     // Close() has joined every worker: nobody else can run the callback.
     lk.unlock();
     Complete(*batch);
@@ -417,16 +410,16 @@ void FileSystemL2Adapter::Submit(std::shared_ptr<Batch> batch) {
     batch->remaining.store(1, std::memory_order_relaxed);
     control_queue_.push_back(Task{std::move(batch), kWholeBatch});
     lk.unlock();
-    work_cv_.notify_one();
+    pool_->NotifyOne();
     return;
   }
   batch->remaining.store(n, std::memory_order_relaxed);
   for (size_t i = 0; i < n; ++i) io_queue_.push_back(Task{batch, i});
   lk.unlock();
   if (n == 1) {
-    work_cv_.notify_one();
+    pool_->NotifyOne();
   } else {
-    work_cv_.notify_all();
+    pool_->NotifyAll();
   }
 }
 
@@ -438,18 +431,14 @@ void FileSystemL2Adapter::WorkerLoop() {
     bool cancel = false;
     {
       std::unique_lock<std::mutex> lk(mu_);
-      work_cv_.wait(lk,
-                    [this] { return closing_ || !control_queue_.empty() || !io_queue_.empty(); });
-      std::deque<Task>* q = !control_queue_.empty() ? &control_queue_
-                            : !io_queue_.empty()    ? &io_queue_
-                                                    : nullptr;
-      if (q == nullptr) {  // closing and drained
-        --live_workers_;
-        return;
+      if (!pool_->WaitForWork(lk,
+                              [this] { return !control_queue_.empty() || !io_queue_.empty(); })) {
+        return;  // closing and drained
       }
-      task = std::move(q->front());
-      q->pop_front();
-      cancel = closing_;
+      std::deque<Task>& q = !control_queue_.empty() ? control_queue_ : io_queue_;
+      task = std::move(q.front());
+      q.pop_front();
+      cancel = pool_->closing();
     }
     Batch& b = *task.batch;
     if (!b.pre_status.ok()) {
@@ -792,17 +781,7 @@ void FileSystemL2Adapter::DisableDirect(int err) {
 
 // ---------------------------------------------------------------------------------------------
 
-void FileSystemL2Adapter::Close() {
-  std::lock_guard<std::mutex> close_lk(close_mu_);
-  {
-    std::lock_guard<std::mutex> lk(mu_);
-    closing_ = true;
-  }
-  work_cv_.notify_all();
-  closing_cv_.notify_all();
-  for (std::thread& t : workers_) t.join();
-  workers_.clear();
-}
+void FileSystemL2Adapter::Close() { pool_->Close(); }
 
 L2AdapterStats FileSystemL2Adapter::stats() const {
   std::lock_guard<std::mutex> lk(mu_);
@@ -830,8 +809,7 @@ bool FileSystemL2Adapter::Contains(const ObjectKey& key) const {
 }
 
 bool FileSystemL2Adapter::WaitUntilClosing(std::chrono::steady_clock::duration timeout) const {
-  std::unique_lock<std::mutex> lk(mu_);
-  return closing_cv_.wait_for(lk, timeout, [this] { return closing_; });
+  return pool_->WaitUntilClosing(timeout);
 }
 
 uint64_t FileSystemL2Adapter::TotalPins() const {

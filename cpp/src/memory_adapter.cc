@@ -9,6 +9,8 @@
 #include <iterator>
 #include <utility>
 
+#include "worker_pool.h"
+
 namespace lmcache_cpp {
 
 using DoneFn = std::function<void(const Status&, const Bitmap&)>;
@@ -39,18 +41,12 @@ Result<std::unique_ptr<MemoryL2Adapter>> MemoryL2Adapter::Create(MemoryAdapterOp
     return Status::InvalidArgument("MemoryL2Adapter: worker_threads must be >= 1");
   }
   std::unique_ptr<MemoryL2Adapter> adapter(new MemoryL2Adapter(options));
-  {
-    std::lock_guard<std::mutex> lk(adapter->mu_);
-    adapter->live_workers_ = options.worker_threads;
-  }
-  adapter->workers_.reserve(options.worker_threads);
-  for (size_t i = 0; i < options.worker_threads; ++i) {
-    adapter->workers_.emplace_back([a = adapter.get()] { a->WorkerLoop(); });
-  }
+  adapter->pool_->Start(options.worker_threads, [a = adapter.get()] { a->WorkerLoop(); });
   return adapter;
 }
 
-MemoryL2Adapter::MemoryL2Adapter(MemoryAdapterOptions options) : options_(options) {
+MemoryL2Adapter::MemoryL2Adapter(MemoryAdapterOptions options)
+    : options_(options), pool_(std::make_unique<internal::WorkerPool>(&mu_)) {
   stats_.capacity_bytes = options_.capacity_bytes;
 }
 
@@ -119,10 +115,10 @@ void MemoryL2Adapter::Enqueue(L2Op type, std::unique_ptr<Op> op) {
     }
     it = armed.erase(it);
   }
-  if (closing_ && op->pre_status.ok()) {
+  if (pool_->closing() && op->pre_status.ok()) {
     op->pre_status = Status::Unavailable("memory L2 adapter is closed");
   }
-  if (live_workers_ == 0) {
+  if (!pool_->has_workers()) {
     // Close() has joined every worker: nobody else can run the callback.
     Status st = op->pre_status;
     lk.unlock();
@@ -132,7 +128,7 @@ void MemoryL2Adapter::Enqueue(L2Op type, std::unique_ptr<Op> op) {
   queue_.push_back(std::move(op));
   ++stats_.in_flight;
   lk.unlock();
-  work_cv_.notify_one();
+  pool_->NotifyOne();
 }
 
 void MemoryL2Adapter::WorkerLoop() {
@@ -142,16 +138,12 @@ void MemoryL2Adapter::WorkerLoop() {
     bool execute = false;
     {
       std::unique_lock<std::mutex> lk(mu_);
-      work_cv_.wait(lk, [this] { return !queue_.empty() || closing_; });
-      if (queue_.empty()) {
-        --live_workers_;
-        return;
-      }
+      if (!pool_->WaitForWork(lk, [this] { return !queue_.empty(); })) return;
       op = std::move(queue_.front());
       queue_.pop_front();
       if (!op->pre_status.ok()) {
         st = op->pre_status;
-      } else if (closing_ || !WaitBeforeExecuting(lk, *op)) {
+      } else if (pool_->closing() || !WaitBeforeExecuting(lk, *op)) {
         st = Status::Cancelled("memory L2 adapter closed before the operation ran");
       } else if (op->fail) {
         st = Status::IoError("injected fault");
@@ -196,16 +188,16 @@ bool MemoryL2Adapter::WaitBeforeExecuting(std::unique_lock<std::mutex>& lk, cons
     ++blocked_;
     blocked_cv_.notify_all();
   };
-  if (stalled_ && !closing_) {
+  if (stalled_ && !pool_->closing()) {
     mark_blocked();
-    state_cv_.wait(lk, [this] { return !stalled_ || closing_; });
+    state_cv_.wait(lk, [this] { return !stalled_ || pool_->closing(); });
   }
-  if (op.stall && !closing_) {
+  if (op.stall && !pool_->closing()) {
     mark_blocked();
     const uint64_t epoch = release_epoch_;
-    state_cv_.wait(lk, [&] { return release_epoch_ != epoch || closing_; });
+    state_cv_.wait(lk, [&] { return release_epoch_ != epoch || pool_->closing(); });
   }
-  if (!closing_) {
+  if (!pool_->closing()) {
     const TimePoint now = std::chrono::steady_clock::now();
     TimePoint deadline = now;
     if (options_.bandwidth_bytes_per_sec > 0 && op.bytes > 0) {
@@ -219,11 +211,11 @@ bool MemoryL2Adapter::WaitBeforeExecuting(std::unique_lock<std::mutex>& lk, cons
     deadline += options_.latency + op.delay;
     if (deadline > now) {
       mark_blocked();
-      state_cv_.wait_until(lk, deadline, [this] { return closing_; });
+      state_cv_.wait_until(lk, deadline, [this] { return pool_->closing(); });
     }
   }
   if (counted) --blocked_;
-  return !closing_;
+  return !pool_->closing();
 }
 
 Bitmap MemoryL2Adapter::ExecuteStore(const Op& op) {
@@ -366,16 +358,10 @@ void MemoryL2Adapter::Unpin(const std::vector<ObjectKey>& keys) {
 }
 
 void MemoryL2Adapter::Close() {
-  std::lock_guard<std::mutex> close_lk(close_mu_);
-  {
-    std::lock_guard<std::mutex> lk(mu_);
-    closing_ = true;
-  }
-  work_cv_.notify_all();
-  state_cv_.notify_all();
-  blocked_cv_.notify_all();
-  for (std::thread& t : workers_) t.join();
-  workers_.clear();
+  pool_->Close([this] {
+    state_cv_.notify_all();
+    blocked_cv_.notify_all();
+  });
 }
 
 L2AdapterStats MemoryL2Adapter::stats() const {

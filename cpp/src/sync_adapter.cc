@@ -7,26 +7,18 @@
 #include <utility>
 
 #include "lmcache_cpp/logging.h"
+#include "worker_pool.h"
 
 namespace lmcache_cpp {
 
 SyncL2Adapter::SyncL2Adapter(SyncAdapterOptions options)
-    : num_workers_(std::max<size_t>(options.worker_threads, 1)) {
-  {
-    std::lock_guard<std::mutex> lk(mu_);
-    live_workers_ = num_workers_;
-  }
-  workers_.reserve(num_workers_);
-  for (size_t i = 0; i < num_workers_; ++i) workers_.emplace_back([this] { WorkerLoop(); });
+    : num_workers_(std::max<size_t>(options.worker_threads, 1)),
+      pool_(std::make_unique<internal::WorkerPool>(&mu_)) {
+  pool_->Start(num_workers_, [this] { WorkerLoop(); });
 }
 
 SyncL2Adapter::~SyncL2Adapter() {
-  bool closed;
-  {
-    std::lock_guard<std::mutex> lk(close_mu_);
-    closed = workers_.empty();
-  }
-  if (!closed) {
+  if (pool_->running()) {
     // name() is the subclass's and gone by now.
     Log(LogLevel::kError,
         "SyncL2Adapter destroyed without Close() from its subclass; queued work is cancelled "
@@ -94,12 +86,12 @@ void SyncL2Adapter::Unpin(const std::vector<ObjectKey>& keys) {
 void SyncL2Adapter::Enqueue(Op op) {
   std::unique_lock<std::mutex> lk(mu_);
   if (op.type != OpType::kUnpin) {
-    if (closing_ && op.pre_status.ok()) {
+    if (pool_->closing() && op.pre_status.ok()) {
       op.pre_status = Status::Unavailable("L2 adapter is closed");
     }
     ++counters_.in_flight;
   }
-  if (live_workers_ == 0) {
+  if (!pool_->has_workers()) {
     // Close() has joined every worker: nobody else can complete it.
     lk.unlock();
     RunInline(op);
@@ -107,7 +99,7 @@ void SyncL2Adapter::Enqueue(Op op) {
   }
   queue_.push_back(std::move(op));
   lk.unlock();
-  work_cv_.notify_one();
+  pool_->NotifyOne();
 }
 
 void SyncL2Adapter::RunInline(Op& op) {
@@ -131,17 +123,13 @@ void SyncL2Adapter::WorkerLoop() {
     bool cancel = false;
     {
       std::unique_lock<std::mutex> lk(mu_);
-      work_cv_.wait(lk, [this] { return !queue_.empty() || closing_; });
-      if (queue_.empty()) {
-        --live_workers_;  // in the same critical section as the emptiness check (see Enqueue)
-        return;
-      }
+      if (!pool_->WaitForWork(lk, [this] { return !queue_.empty(); })) return;
       op = std::move(queue_.front());
       queue_.pop_front();
       if (op.type == OpType::kUnpin) {
         cancel = subclass_gone_;
       } else {
-        cancel = closing_ && op.pre_status.ok();
+        cancel = pool_->closing() && op.pre_status.ok();
       }
       ++sync_.executing;
     }
@@ -238,17 +226,7 @@ void SyncL2Adapter::Execute(Op& op, bool cancel) {
   if (op.done) op.done(st, bits);
 }
 
-void SyncL2Adapter::Close() {
-  std::lock_guard<std::mutex> close_lk(close_mu_);
-  {
-    std::lock_guard<std::mutex> lk(mu_);
-    closing_ = true;
-  }
-  work_cv_.notify_all();
-  closing_cv_.notify_all();
-  for (std::thread& t : workers_) t.join();
-  workers_.clear();
-}
+void SyncL2Adapter::Close() { pool_->Close(); }
 
 L2AdapterStats SyncL2Adapter::stats() const {
   L2AdapterStats s;
@@ -261,8 +239,7 @@ L2AdapterStats SyncL2Adapter::stats() const {
 }
 
 bool SyncL2Adapter::WaitUntilClosing(Duration timeout) const {
-  std::unique_lock<std::mutex> lk(mu_);
-  return closing_cv_.wait_for(lk, timeout, [this] { return closing_; });
+  return pool_->WaitUntilClosing(timeout);
 }
 
 SyncAdapterStats SyncL2Adapter::sync_stats() const {

@@ -65,9 +65,10 @@
 //
 // Stats count keys, not calls (as MemoryL2Adapter); `in_flight` counts calls.
 //
-// Thread safety: every method may be called from any thread. Locks: close_mu_ (Close only) before
-// mu_; mu_ guards the index and the queues and is held for metadata calls (rename into the final
-// name, unlink of a final name) so those are ordered per key, never for reads or writes of data.
+// Thread safety: every method may be called from any thread. Locks: the pool's close mutex (Close
+// only) before mu_; mu_ guards the index and the queues and is held for metadata calls (rename into
+// the final name, unlink of a final name) so those are ordered per key, never for reads or writes
+// of data.
 //
 // Ownership: Create returns the only owner; hand it to StorageManagerConfig::adapters as a
 // std::shared_ptr<L2Adapter>. The manager closes it in Stop.
@@ -88,7 +89,6 @@
 #include <memory>
 #include <mutex>
 #include <string>
-#include <thread>
 #include <unordered_map>
 #include <vector>
 
@@ -97,6 +97,10 @@
 #include "lmcache_cpp/status.h"
 
 namespace lmcache_cpp {
+
+namespace internal {
+class WorkerPool;
+}  // namespace internal
 
 inline constexpr uint64_t kFsObjectHeaderSize = 4096;
 inline constexpr uint32_t kFsObjectFormatVersion = 1;
@@ -214,16 +218,11 @@ class FileSystemL2Adapter final : public L2Adapter {
   std::atomic<uint64_t> tmp_counter_{0};
   uint64_t tmp_salt_ = 0;  // set in the constructor
 
-  std::mutex close_mu_;  // serialises Close(); taken before mu_
   mutable std::mutex mu_;
-  std::condition_variable work_cv_;             // a queue non-empty or closing_
-  std::condition_variable write_cv_;            // an entry finished writing
-  mutable std::condition_variable closing_cv_;  // closing_ became true
-  // Guarded by mu_:
+  std::condition_variable write_cv_;  // an entry finished writing
+  // Guarded by mu_ (with the pool's closing and live-worker state):
   std::deque<Task> control_queue_;
   std::deque<Task> io_queue_;
-  bool closing_ = false;
-  size_t live_workers_ = 0;
   Index index_;
   std::list<ObjectKey> fifo_;  // ready entries, oldest first
   std::unordered_map<ObjectKey, uint32_t, ObjectKeyHash> orphan_pins_;  // pins of dropped objects
@@ -233,7 +232,9 @@ class FileSystemL2Adapter final : public L2Adapter {
   uint64_t next_generation_ = 0;
   L2AdapterStats stats_;  // counters and the pin gauges; the rest is filled in by stats()
 
-  std::vector<std::thread> workers_;  // started by Create, joined by Close (close_mu_)
+  // The workers (cpp/src/worker_pool.h), started by Create and joined by Close; declared after
+  // mu_, which it uses.
+  std::unique_ptr<internal::WorkerPool> pool_;
 };
 
 }  // namespace lmcache_cpp

@@ -41,8 +41,8 @@
 // `load_misses` = those not loaded. `in_flight` counts operations (calls).
 //
 // Thread safety: every method may be called from any thread concurrently. Lock order: mu_ is the
-// adapter's only lock besides close_mu_ (held only by Close, taken before mu_); no callback runs
-// while either is held.
+// adapter's only lock besides the pool's close mutex (held only by Close, taken before mu_); no
+// callback runs while either is held.
 //
 // Stability: unstable: a tool for tests and benchmarks, not a production tier.
 #ifndef LMCACHE_CPP_MEMORY_ADAPTER_H_
@@ -56,7 +56,6 @@
 #include <memory>
 #include <mutex>
 #include <string>
-#include <thread>
 #include <unordered_map>
 #include <vector>
 
@@ -66,6 +65,10 @@
 #include "lmcache_cpp/status.h"
 
 namespace lmcache_cpp {
+
+namespace internal {
+class WorkerPool;
+}  // namespace internal
 
 struct MemoryAdapterOptions {
   uint64_t capacity_bytes = 0;           // 0 = unbounded; counts payload bytes
@@ -154,15 +157,11 @@ class MemoryL2Adapter final : public L2Adapter {
 
   const MemoryAdapterOptions options_;
 
-  std::mutex close_mu_;  // serialises Close(); taken before mu_
   mutable std::mutex mu_;
-  std::condition_variable work_cv_;             // queue_ non-empty or closing_
-  std::condition_variable state_cv_;            // stalled_, release_epoch_, closing_ changed
+  std::condition_variable state_cv_;            // stalled_, release_epoch_, closing changed
   mutable std::condition_variable blocked_cv_;  // blocked_ grew
-  // Guarded by mu_:
+  // Guarded by mu_ (with the pool's closing and live-worker state):
   std::deque<std::unique_ptr<Op>> queue_;
-  bool closing_ = false;
-  size_t live_workers_ = 0;  // workers that will still look at queue_
   bool stalled_ = false;
   uint64_t release_epoch_ = 0;  // bumped by SetStalled(false)
   size_t blocked_ = 0;
@@ -175,7 +174,9 @@ class MemoryL2Adapter final : public L2Adapter {
   uint64_t pinned_bytes_ = 0;  // bytes of objects with pins > 0
   L2AdapterStats stats_;       // counters; gauges are filled in by stats()
 
-  std::vector<std::thread> workers_;  // started by Create, joined by Close (close_mu_)
+  // The workers (cpp/src/worker_pool.h), started by Create and joined by Close; declared after
+  // mu_, which it uses.
+  std::unique_ptr<internal::WorkerPool> pool_;
 };
 
 }  // namespace lmcache_cpp

@@ -43,21 +43,20 @@
 // Thread safety: every public method may be called from any thread concurrently. The subclass's
 // methods are called from up to `worker_threads` workers at once (and UnpinKeys, after Close,
 // from any thread), so a subclass with more than one worker synchronises its own state. Locks:
-// close_mu_ (Close only) before mu_; no subclass method and no callback runs while either is held.
+// the pool's close mutex (Close only) before mu_; no subclass method and no callback runs while
+// either is held.
 //
 // Stability: stable: the base for a host's own blocking L2 tier (Store, LookupAndPin, Load,
 // UnpinKeys, AddStats and SyncAdapterOptions); sync_stats() may gain fields.
 #ifndef LMCACHE_CPP_SYNC_ADAPTER_H_
 #define LMCACHE_CPP_SYNC_ADAPTER_H_
 
-#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <deque>
 #include <functional>
 #include <memory>
 #include <mutex>
-#include <thread>
 #include <vector>
 
 #include "lmcache_cpp/bitmap.h"
@@ -67,6 +66,10 @@
 #include "lmcache_cpp/status.h"
 
 namespace lmcache_cpp {
+
+namespace internal {
+class WorkerPool;
+}  // namespace internal
 
 struct SyncAdapterOptions {
   size_t worker_threads = 1;  // 0 is treated as 1
@@ -152,19 +155,16 @@ class SyncL2Adapter : public L2Adapter {
 
   const size_t num_workers_;
 
-  std::mutex close_mu_;  // serialises Close(); taken before mu_
   mutable std::mutex mu_;
-  std::condition_variable work_cv_;             // queue_ non-empty or closing_
-  mutable std::condition_variable closing_cv_;  // closing_ became true
-  // Guarded by mu_:
+  // Guarded by mu_ (with the pool's closing and live-worker state):
   std::deque<Op> queue_;
-  bool closing_ = false;
   bool subclass_gone_ = false;  // ~SyncL2Adapter ran before Close: never call the subclass
-  size_t live_workers_ = 0;     // workers that will still look at queue_
   SyncAdapterStats sync_;       // counters; gauges filled in by sync_stats()
   L2AdapterStats counters_;     // what the base observes; the rest comes from AddStats
 
-  std::vector<std::thread> workers_;  // started by the constructor, joined by Close (close_mu_)
+  // The workers (cpp/src/worker_pool.h), started by the constructor and joined by Close; declared
+  // after mu_, which it uses.
+  std::unique_ptr<internal::WorkerPool> pool_;
 };
 
 }  // namespace lmcache_cpp
