@@ -99,16 +99,6 @@ Duration NonNegative(double seconds, const char* what) {
   return d;
 }
 
-PrefetchRequest MakeRequest(const LeaseOwner& owner, Keys keys, uint64_t object_size,
-                            uint32_t extra_count) {
-  PrefetchRequest r;
-  r.owner = owner;
-  r.keys = std::move(keys);
-  r.object_size = object_size;
-  r.extra_count = extra_count;
-  return r;
-}
-
 std::string ResultRepr(const PrefetchResult& r) {
   return "PrefetchResult(hits=" + std::to_string(r.hits) +
          ", l1_hits=" + std::to_string(r.l1_hits) + ", l2_hits=" + std::to_string(r.l2_hits) + ")";
@@ -264,8 +254,8 @@ void BindControllers(nb::module_& m) {
       .def(
           "submit",
           [](P& p, const LeaseOwner& owner, Keys keys, uint64_t object_size, uint32_t extra_count) {
-            return ValueOrThrow(
-                p.ctl->Submit(MakeRequest(owner, std::move(keys), object_size, extra_count)));
+            return ValueOrThrow(p.ctl->Submit(
+                PrefetchRequest::Of(owner, std::move(keys), object_size, extra_count)));
           },
           "owner"_a, "keys"_a, "object_size"_a, nb::kw_only(), "extra_count"_a = 0, Release(),
           "Leases the L1 prefix now, starts the L2 part, returns the job's handle at once.")
@@ -295,9 +285,9 @@ void BindControllers(nb::module_& m) {
           [](P& p, const LeaseOwner& owner, Keys keys, uint64_t object_size, double timeout_s,
              uint32_t extra_count, bool start_load) {
             const Duration timeout = NonNegative(timeout_s, "timeout_s");
-            return ValueOrThrow(
-                p.ctl->LookupAndPin(MakeRequest(owner, std::move(keys), object_size, extra_count),
-                                    timeout, start_load));
+            return ValueOrThrow(p.ctl->LookupAndPin(
+                PrefetchRequest::Of(owner, std::move(keys), object_size, extra_count), timeout,
+                start_load));
           },
           "owner"_a, "keys"_a, "object_size"_a, "timeout_s"_a, nb::kw_only(), "extra_count"_a = 0,
           "start_load"_a = true, Release(),

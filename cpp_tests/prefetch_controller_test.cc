@@ -89,12 +89,7 @@ class PrefetchTest : public ::testing::Test {
 
   PrefetchRequest Req(std::vector<ObjectKey> keys, RequestId req = 1, ClientId client = 7,
                       uint32_t extra = 0) {
-    PrefetchRequest r;
-    r.owner = {client, req};
-    r.keys = std::move(keys);
-    r.extra_count = extra;
-    r.object_size = kObj;
-    return r;
+    return PrefetchRequest::Of({client, req}, std::move(keys), kObj, extra);
   }
   PrefetchResult RunToCompletion(PrefetchRequest r) {
     const ClientId c = r.owner.client;

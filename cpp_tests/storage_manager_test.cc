@@ -83,10 +83,7 @@ TEST_F(StorageManagerTest, StoredObjectsReachL2AndComeBackAfterAnL1Flush) {
   EXPECT_EQ(mgr_->table()->stats().read_leases, 0u) << "store leases were returned";
 
   EXPECT_EQ(mgr_->table()->Clear(false), 8u);
-  PrefetchRequest r;
-  r.owner = {3, 42};
-  r.keys = keys;
-  r.object_size = kObj;
+  const PrefetchRequest r = PrefetchRequest::Of({3, 42}, keys, kObj);
   auto h = mgr_->prefetch()->Submit(r);
   ASSERT_TRUE(h.ok());
   auto res = mgr_->prefetch()->Wait(3, *h, seconds(20));
@@ -105,10 +102,7 @@ TEST_F(StorageManagerTest, ObjectsLoadedFromL2AreNeverWrittenBack) {
   ASSERT_TRUE(mgr_->store()->WaitIdle(seconds(20)));
   const uint64_t stores_before = adapters_[0]->stats().stores;
   mgr_->table()->Clear(false);
-  PrefetchRequest r;
-  r.owner = {3, 43};
-  r.keys = keys;
-  r.object_size = kObj;
+  const PrefetchRequest r = PrefetchRequest::Of({3, 43}, keys, kObj);
   auto sync = mgr_->prefetch()->LookupAndPin(r, seconds(10));
   ASSERT_TRUE(sync.ok());
   ASSERT_TRUE(mgr_->prefetch()->WaitLoad(43, seconds(20)).ok());
@@ -179,10 +173,7 @@ TEST_F(StorageManagerTest, StopReleasesInFlightLeasesAndPinsAndIsIdempotent) {
   ASSERT_TRUE(mgr_->store()->WaitIdle(seconds(20)));
   mgr_->table()->Clear(false);
   adapters_[0]->SetStalled(true);
-  PrefetchRequest r;
-  r.owner = {3, 44};
-  r.keys = keys;
-  r.object_size = kObj;
+  const PrefetchRequest r = PrefetchRequest::Of({3, 44}, keys, kObj);
   ASSERT_TRUE(mgr_->prefetch()->Submit(r).ok());
   Write(Keys(100, 2), 502);  // a store batch also waits on the stalled adapter
   ASSERT_TRUE(adapters_[0]->WaitForBlockedOperations(1, seconds(10)));
@@ -201,10 +192,7 @@ TEST_F(StorageManagerTest, EndClientDropsEverythingTheClientCreated) {
   Write(keys);
   // The background store holds read leases while it copies to L2; let it finish first.
   ASSERT_TRUE(mgr_->store()->WaitIdle(seconds(20)));
-  PrefetchRequest r;
-  r.owner = {/*client=*/77, 45};
-  r.keys = keys;
-  r.object_size = kObj;
+  const PrefetchRequest r = PrefetchRequest::Of({/*client=*/77, 45}, keys, kObj);
   ASSERT_TRUE(mgr_->prefetch()->Submit(r).ok());
   EXPECT_EQ(mgr_->table()->stats().read_leases, 3u);
   EXPECT_EQ(mgr_->EndClient(77), 3u);

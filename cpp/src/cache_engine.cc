@@ -501,11 +501,8 @@ Result<JobHandle> CacheEngine::Lookup(ClientId client, const EngineKey& key, uin
   LMCACHE_RETURN_IF_ERROR(
       Resolve(key, RangeKind::kLookup, RequestIdUse::kCreate, &rk, tp_size, client));
   const uint32_t readers = rk.readers;
-  PrefetchRequest req;
-  req.owner = LeaseOwner{client, rk.request};
-  req.keys = std::move(rk.keys);
-  req.extra_count = readers - 1;
-  req.object_size = rk.ns->object_bytes;
+  PrefetchRequest req = PrefetchRequest::Of(LeaseOwner{client, rk.request}, std::move(rk.keys),
+                                            rk.ns->object_bytes, readers - 1);
   const size_t chunks = req.keys.size() / rk.ranks;
   LMCACHE_ASSIGN_OR_RETURN(JobHandle handle, prefetch_->Submit(std::move(req)));
   if (DropIfEnded(key, rk)) {
@@ -600,11 +597,8 @@ Result<std::optional<LookupResult>> CacheEngine::SyncLookupImpl(ClientId client,
   LMCACHE_RETURN_IF_ERROR(
       Resolve(key, RangeKind::kLookup, RequestIdUse::kCreate, &rk, tp_size, client));
   const uint32_t readers = rk.readers;
-  PrefetchRequest req;
-  req.owner = LeaseOwner{client, rk.request};
-  req.keys = std::move(rk.keys);
-  req.extra_count = readers - 1;
-  req.object_size = rk.ns->object_bytes;
+  PrefetchRequest req = PrefetchRequest::Of(LeaseOwner{client, rk.request}, std::move(rk.keys),
+                                            rk.ns->object_bytes, readers - 1);
   const size_t chunks = req.keys.size() / rk.ranks;
   SyncLookupResult s;
   if (l1_only) {

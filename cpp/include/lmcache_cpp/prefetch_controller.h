@@ -63,6 +63,7 @@
 #include <string>
 #include <thread>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "lmcache_cpp/clock.h"
@@ -95,6 +96,17 @@ struct PrefetchRequest {
   std::vector<ObjectKey> keys;  // in prefix order (chunk-major for several ranks)
   uint32_t extra_count = 0;     // every hit is leased 1 + extra_count times
   uint64_t object_size = 0;     // bytes of one object; REQUIRES > 0 when adapters exist
+
+  // The request of `owner` for `keys`, each hit leased 1 + extra_count times.
+  static PrefetchRequest Of(LeaseOwner owner, std::vector<ObjectKey> keys, uint64_t object_size,
+                            uint32_t extra_count = 0) {
+    PrefetchRequest r;
+    r.owner = owner;
+    r.keys = std::move(keys);
+    r.extra_count = extra_count;
+    r.object_size = object_size;
+    return r;
+  }
 };
 
 struct PrefetchResult {
