@@ -31,8 +31,8 @@
 #include <thread>
 #include <vector>
 
-#include "lmcache_cpp/memory_adapter.h"
 #include "lmcache_cpp/storage_manager.h"
+#include "testing/memory_adapter.h"
 
 using namespace lmcache_cpp;  // NOLINT: benchmark program
 

@@ -58,8 +58,9 @@
 #include "lmcache_cpp/fs_adapter.h"
 #include "lmcache_cpp/l2_adapter.h"
 #include "lmcache_cpp/logging.h"
-#include "lmcache_cpp/memory_adapter.h"
 #include "lmcache_cpp/sync_adapter.h"
+#include "testing/adapter_peers.h"
+#include "testing/memory_adapter.h"
 
 namespace lmcache_cpp::bindings {
 
@@ -519,9 +520,11 @@ void BindFileSystemAdapter(nb::module_& m) {
       .def_prop_ro("recovery", &FileSystemL2Adapter::recovery,
                    "What start-up found in the directory.")
       .def("direct_io_files", &FileSystemL2Adapter::direct_io_files)
-      .def("pin_count", &FileSystemL2Adapter::PinCount, "key"_a, Release())
-      .def("total_pins", &FileSystemL2Adapter::TotalPins, Release())
-      .def("contains", &FileSystemL2Adapter::Contains, "key"_a, Release());
+      // Test views (testing::FileSystemAdapterPeer; not part of the C++ class), kept under the
+      // names the memory tier and PythonL2Adapter's tests share.
+      .def("pin_count", &testing::FileSystemAdapterPeer::PinCount, "key"_a, Release())
+      .def("total_pins", &testing::FileSystemAdapterPeer::TotalPins, Release())
+      .def("contains", &testing::FileSystemAdapterPeer::Contains, "key"_a, Release());
 }
 
 void BindPythonAdapter(nb::module_& m) {

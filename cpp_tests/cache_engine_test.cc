@@ -31,10 +31,10 @@
 
 #include "lmcache_cpp/chunk_hash.h"
 #include "lmcache_cpp/kv_copy.h"
-#include "lmcache_cpp/memory_adapter.h"
 #include "lmcache_cpp/object_key.h"
 #include "lmcache_cpp/object_table.h"
 #include "lmcache_cpp/storage_manager.h"
+#include "testing/memory_adapter.h"
 
 namespace lmcache_cpp {
 namespace {

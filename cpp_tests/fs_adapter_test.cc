@@ -22,6 +22,7 @@
 #include "crc32c.h"
 #include "l2_test_util.h"
 #include "test_util.h"
+#include "testing/adapter_peers.h"
 
 namespace lmcache_cpp {
 namespace {
@@ -35,6 +36,7 @@ using testutil::Out;
 using testutil::Pattern;
 using testutil::Patterns;
 using testutil::Zeros;
+using FsPeer = testing::FileSystemAdapterPeer;
 
 constexpr auto kLong = std::chrono::seconds(30);
 
@@ -201,12 +203,12 @@ TEST_F(FileSystemAdapterTest, LookupPinsOnlyPresentKeysAndUnpinReturnsPinsToZero
   std::vector<ObjectKey> asked = {Key(0), Key(50), Key(1), Key(51), Key(2)};
   EXPECT_EQ(Lookup(*a, asked).ToString(), "10101");
   EXPECT_EQ(Lookup(*a, {Key(0)}).ToString(), "1");
-  EXPECT_EQ(a->PinCount(Key(0)), 2u);
-  EXPECT_EQ(a->PinCount(Key(50)), 0u);
-  EXPECT_EQ(a->TotalPins(), 4u);
+  EXPECT_EQ(FsPeer::PinCount(*a, Key(0)), 2u);
+  EXPECT_EQ(FsPeer::PinCount(*a, Key(50)), 0u);
+  EXPECT_EQ(FsPeer::TotalPins(*a), 4u);
   a->Unpin(Keys(0, 3));
   a->Unpin({Key(0)});
-  EXPECT_EQ(a->TotalPins(), 0u);
+  EXPECT_EQ(FsPeer::TotalPins(*a), 0u);
   a->Unpin({Key(0), Key(50)});
   EXPECT_EQ(a->stats().bad_unpins, 2u);
   EXPECT_EQ(a->stats().pinned_objects, 0u);
@@ -261,7 +263,7 @@ class FileSystemAdapterCorruptionTest : public FileSystemAdapterTest {
     L2AdapterStats s = a->stats();
     EXPECT_EQ(s.corrupt_reads, 1u);
     EXPECT_EQ(s.objects, 2u);
-    EXPECT_FALSE(a->Contains(Key(0)));
+    EXPECT_FALSE(FsPeer::Contains(*a, Key(0)));
     EXPECT_FALSE(fs::exists(path));
     EXPECT_EQ(Lookup(*a, {Key(0)}).ToString(), "0");
     // Loading again is a plain miss, not another corrupt read.
@@ -334,7 +336,7 @@ TEST_F(FileSystemAdapterTest, FileRenamedToAnotherKeysNameReadsAsAMiss) {
   EXPECT_TRUE(bits.None());
   EXPECT_NE(out[0], data[0]);
   EXPECT_EQ(a->stats().corrupt_reads, 1u);
-  EXPECT_FALSE(a->Contains(Key(1)));
+  EXPECT_FALSE(FsPeer::Contains(*a, Key(1)));
 }
 
 TEST_F(FileSystemAdapterCorruptionTest, FileRenamedToAnotherKeysNameIsDroppedAtStartup) {
@@ -398,13 +400,13 @@ TEST_F(FileSystemAdapterTest, CapacityEvictsOldestUnpinnedFiles) {
   for (uint64_t i = 0; i < 3; ++i) ASSERT_TRUE(Store(*a, {Key(i)}, {Pattern(i, 1000)}).All());
   Lookup(*a, {Key(0)});  // the oldest is pinned
   EXPECT_TRUE(Store(*a, {Key(3)}, {Pattern(3, 1000)}).All());
-  EXPECT_TRUE(a->Contains(Key(0)));
-  EXPECT_FALSE(a->Contains(Key(1)));
+  EXPECT_TRUE(FsPeer::Contains(*a, Key(0)));
+  EXPECT_FALSE(FsPeer::Contains(*a, Key(1)));
   EXPECT_FALSE(fs::exists(a->PathFor(Key(1))));
-  EXPECT_TRUE(a->Contains(Key(2)));
+  EXPECT_TRUE(FsPeer::Contains(*a, Key(2)));
   EXPECT_TRUE(Store(*a, {Key(4)}, {Pattern(4, 1000)}).All());
-  EXPECT_FALSE(a->Contains(Key(2)));
-  EXPECT_TRUE(a->Contains(Key(0)));
+  EXPECT_FALSE(FsPeer::Contains(*a, Key(2)));
+  EXPECT_TRUE(FsPeer::Contains(*a, Key(0)));
   L2AdapterStats s = a->stats();
   EXPECT_EQ(s.evictions, 2u);
   EXPECT_LE(s.bytes, o.capacity_bytes);
@@ -426,12 +428,12 @@ TEST_F(FileSystemAdapterTest, PinnedFilesAreNeverEvictedAndAStoreThatCannotFitFa
   Bitmap bits = Store(*a, {Key(10)}, {Pattern(10, 1000 + file)}, &st);
   EXPECT_TRUE(st.ok());
   EXPECT_TRUE(bits.None());
-  EXPECT_TRUE(a->Contains(Key(2)));
+  EXPECT_TRUE(FsPeer::Contains(*a, Key(2)));
   EXPECT_FALSE(fs::exists(a->PathFor(Key(10))));
   EXPECT_EQ(CountFiles(dir_, ".tmp-"), 0u);
   for (uint64_t i = 20; i < 30; ++i) EXPECT_TRUE(Store(*a, {Key(i)}, {Pattern(i, 1000)}).All());
-  EXPECT_TRUE(a->Contains(Key(0)));
-  EXPECT_TRUE(a->Contains(Key(1)));
+  EXPECT_TRUE(FsPeer::Contains(*a, Key(0)));
+  EXPECT_TRUE(FsPeer::Contains(*a, Key(1)));
   a->Unpin(Keys(0, 2));
   EXPECT_TRUE(Store(*a, {Key(10)}, {Pattern(10, 1000 + file)}).All());
   EXPECT_LE(a->stats().bytes, o.capacity_bytes);
@@ -480,10 +482,10 @@ TEST_F(FileSystemAdapterTest, CorruptPinnedObjectKeepsItsPinsForUnpin) {
   FlipByte(a->PathFor(Key(0)), kFsObjectHeaderSize + 1);
   auto out = Zeros(1, 1000);
   EXPECT_TRUE(Load(*a, {Key(0)}, &out).None());
-  EXPECT_FALSE(a->Contains(Key(0)));
-  EXPECT_EQ(a->PinCount(Key(0)), 1u);
+  EXPECT_FALSE(FsPeer::Contains(*a, Key(0)));
+  EXPECT_EQ(FsPeer::PinCount(*a, Key(0)), 1u);
   a->Unpin({Key(0)});
-  EXPECT_EQ(a->TotalPins(), 0u);
+  EXPECT_EQ(FsPeer::TotalPins(*a), 0u);
   EXPECT_EQ(a->stats().bad_unpins, 0u);
 }
 
@@ -574,7 +576,7 @@ TEST_F(FileSystemAdapterTest, CloseCancelsQueuedOperationsAndLaterSubmitsAreUnav
     }
   }
   std::thread closer([&] { a->Close(); });
-  ASSERT_TRUE(a->WaitUntilClosing(kLong));
+  ASSERT_TRUE(FsPeer::WaitUntilClosing(*a, kLong));
   // Submitted while Close runs: Unavailable, on the adapter's (still live) worker.
   Completion during;
   a->SubmitLookupAndPin({Key(0)}, during.Callback());
@@ -591,7 +593,7 @@ TEST_F(FileSystemAdapterTest, CloseCancelsQueuedOperationsAndLaterSubmitsAreUnav
   EXPECT_EQ(during.calls(), 1);
   EXPECT_EQ(during.status().code(), StatusCode::kUnavailable);
   EXPECT_NE(during.thread(), std::this_thread::get_id());
-  EXPECT_FALSE(a->Contains(Key(10)));
+  EXPECT_FALSE(FsPeer::Contains(*a, Key(10)));
   // After Close: Unavailable, inline.
   Completion late;
   a->SubmitStore({Key(30)}, {In(d)}, late.Callback());
@@ -600,7 +602,7 @@ TEST_F(FileSystemAdapterTest, CloseCancelsQueuedOperationsAndLaterSubmitsAreUnav
   a->Close();  // idempotent
   EXPECT_EQ(a->stats().in_flight, 0u);
   a->Unpin({Key(0)});
-  EXPECT_EQ(a->TotalPins(), 0u);
+  EXPECT_EQ(FsPeer::TotalPins(*a), 0u);
 }
 
 TEST_F(FileSystemAdapterTest, ConcurrentStoresOfOneKeyWriteItOnce) {

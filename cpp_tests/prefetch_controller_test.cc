@@ -19,8 +19,8 @@
 #include <utility>
 #include <vector>
 
-#include "lmcache_cpp/memory_adapter.h"
 #include "test_util.h"
+#include "testing/memory_adapter.h"
 
 namespace lmcache_cpp {
 namespace {

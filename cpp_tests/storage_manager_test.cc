@@ -13,8 +13,8 @@
 #include <memory>
 #include <vector>
 
-#include "lmcache_cpp/memory_adapter.h"
 #include "test_util.h"
+#include "testing/memory_adapter.h"
 
 namespace lmcache_cpp {
 namespace {

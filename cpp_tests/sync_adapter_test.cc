@@ -23,6 +23,7 @@
 
 #include "l2_test_util.h"
 #include "test_util.h"
+#include "testing/adapter_peers.h"
 
 namespace lmcache_cpp {
 namespace {
@@ -30,6 +31,7 @@ namespace {
 using std::chrono::seconds;
 using testutil::Completion;
 using testutil::Keys;
+using SyncPeer = testing::SyncAdapterPeer;
 
 // A map-backed tier with pin counts. Every call records its thread and kind; Store can be held
 // at a gate so tests control when the worker is busy.
@@ -249,7 +251,7 @@ TEST(SyncAdapterTest, CloseCancelsQueuedOperationsAndFinishesTheRunningOne) {
   EXPECT_EQ(a.sync_stats().queued, 4u);
 
   std::thread closer([&] { a.Close(); });
-  ASSERT_TRUE(a.WaitUntilClosing(seconds(30)));
+  ASSERT_TRUE(SyncPeer::WaitUntilClosing(a, seconds(30)));
   a.OpenGate();
   closer.join();
 

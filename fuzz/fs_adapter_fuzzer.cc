@@ -61,9 +61,11 @@
 #include "lmcache_cpp/l2_adapter.h"
 #include "lmcache_cpp/logging.h"
 #include "lmcache_cpp/object_key.h"
+#include "testing/adapter_peers.h"
 
 namespace lmcache_cpp::fuzz {
 namespace {
+using FsPeer = testing::FileSystemAdapterPeer;
 
 constexpr uint64_t kHeader = kFsObjectHeaderSize;
 constexpr auto kWait = std::chrono::seconds(60);
@@ -376,7 +378,7 @@ void RunOne(const uint8_t* data, size_t size) {
       adapter->SubmitLoad({k}, {MutableBuffer{wrong.data, wrong.size}}, std::move(cb));
     });
     FUZZ_CHECK(!got.Test(0));
-    FUZZ_CHECK(adapter->Contains(k));
+    FUZZ_CHECK(FsPeer::Contains(*adapter, k));
     FUZZ_CHECK(adapter->stats().corrupt_reads == rec.dropped);
   }
 
@@ -398,7 +400,7 @@ void RunOne(const uint8_t* data, size_t size) {
     if (loaded.Test(i)) {
       FUZZ_CHECK(std::memcmp(buffers[i]->data, e.payload.data(), e.payload.size()) == 0);
     }
-    FUZZ_CHECK(adapter->Contains(pinned_keys[i]) == e.payload_ok);  // corrupt: dropped
+    FUZZ_CHECK(FsPeer::Contains(*adapter, pinned_keys[i]) == e.payload_ok);  // corrupt: dropped
   }
   FUZZ_CHECK(adapter->stats().corrupt_reads == rec.dropped + want_corrupt);
 
@@ -407,7 +409,7 @@ void RunOne(const uint8_t* data, size_t size) {
   FUZZ_CHECK(st.pins == 0);
   FUZZ_CHECK(st.pinned_objects == 0);
   FUZZ_CHECK(st.bad_unpins == 0);
-  FUZZ_CHECK(adapter->TotalPins() == 0);
+  FUZZ_CHECK(FsPeer::TotalPins(*adapter) == 0);
   const uint64_t held = st.objects;
   FUZZ_CHECK(held == kept - want_corrupt);
   adapter->Close();
@@ -422,7 +424,7 @@ void RunOne(const uint8_t* data, size_t size) {
   FUZZ_CHECK(adapter->recovery().temp_files_removed == 0);
   FUZZ_CHECK(adapter->recovery().evicted == 0);
   for (const ObjectKey& k : pinned_keys) {
-    FUZZ_CHECK(adapter->Contains(k) == by_key[k].payload_ok);
+    FUZZ_CHECK(FsPeer::Contains(*adapter, k) == by_key[k].payload_ok);
   }
 }
 

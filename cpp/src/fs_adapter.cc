@@ -792,29 +792,4 @@ L2AdapterStats FileSystemL2Adapter::stats() const {
   return s;
 }
 
-uint32_t FileSystemL2Adapter::PinCount(const ObjectKey& key) const {
-  std::lock_guard<std::mutex> lk(mu_);
-  uint32_t pins = 0;
-  auto it = index_.find(key);
-  if (it != index_.end()) pins += it->second.pins;
-  auto orphan = orphan_pins_.find(key);
-  if (orphan != orphan_pins_.end()) pins += orphan->second;
-  return pins;
-}
-
-bool FileSystemL2Adapter::Contains(const ObjectKey& key) const {
-  std::lock_guard<std::mutex> lk(mu_);
-  auto it = index_.find(key);
-  return it != index_.end() && it->second.ready;
-}
-
-bool FileSystemL2Adapter::WaitUntilClosing(std::chrono::steady_clock::duration timeout) const {
-  return pool_->WaitUntilClosing(timeout);
-}
-
-uint64_t FileSystemL2Adapter::TotalPins() const {
-  std::lock_guard<std::mutex> lk(mu_);
-  return stats_.pins;
-}
-
 }  // namespace lmcache_cpp

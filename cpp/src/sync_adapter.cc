@@ -238,10 +238,6 @@ L2AdapterStats SyncL2Adapter::stats() const {
   return s;
 }
 
-bool SyncL2Adapter::WaitUntilClosing(Duration timeout) const {
-  return pool_->WaitUntilClosing(timeout);
-}
-
 SyncAdapterStats SyncL2Adapter::sync_stats() const {
   std::lock_guard<std::mutex> lk(mu_);
   SyncAdapterStats s = sync_;

@@ -74,8 +74,8 @@
 // std::shared_ptr<L2Adapter>. The manager closes it in Stop.
 //
 // Stability: stable: FileSystemAdapterOptions, Create, recovery(), PathFor and the file layout
-// above. A file whose format version this build does not read is deleted at start-up. The test
-// helpers (PinCount, Contains, TotalPins, WaitUntilClosing) are unstable.
+// above. A file whose format version this build does not read is deleted at start-up. Tests
+// inspect pins and the index through testing::FileSystemAdapterPeer (not installed).
 #ifndef LMCACHE_CPP_FS_ADAPTER_H_
 #define LMCACHE_CPP_FS_ADAPTER_H_
 
@@ -101,6 +101,9 @@ namespace lmcache_cpp {
 namespace internal {
 class WorkerPool;
 }  // namespace internal
+namespace testing {
+class FileSystemAdapterPeer;
+}  // namespace testing
 
 inline constexpr uint64_t kFsObjectHeaderSize = 4096;
 inline constexpr uint32_t kFsObjectFormatVersion = 1;
@@ -150,15 +153,9 @@ class FileSystemL2Adapter final : public L2Adapter {
   const FsRecoveryReport& recovery() const { return recovery_; }
   uint64_t direct_io_files() const { return direct_io_files_.load(std::memory_order_relaxed); }
 
-  // Test helpers.
-  uint32_t PinCount(const ObjectKey& key) const;  // includes pins kept for dropped objects
-  bool Contains(const ObjectKey& key) const;      // indexed and fully written
-  uint64_t TotalPins() const;
-  // Blocks until Close() has begun (queued work is then cancelled, not run) or `timeout` passes.
-  // Returns whether Close() has begun.
-  bool WaitUntilClosing(std::chrono::steady_clock::duration timeout) const;
-
  private:
+  friend class testing::FileSystemAdapterPeer;  // cpp/src/testing/, not installed
+
   enum class OpType : uint8_t { kStore, kLookup, kLoad };
   struct Batch;
   struct Task {

@@ -16,8 +16,8 @@
 //
 // The other headers in lmcache_cpp/ are reachable through these and are building blocks of the
 // engine (object table, controllers, hashing, allocator); their Stability lines say what may
-// change. memory_adapter.h (an in-memory L2 tier with fault injection, a tool for tests and
-// benchmarks) is not included: include it by name where a test wants it.
+// change. Nothing for tests is installed (the in-memory L2 tier and the adapters' test views are
+// in the lmcache_cpp_testing library, cpp/src/testing/).
 //
 // Stability: stable (the list may grow).
 #ifndef LMCACHE_CPP_LMCACHE_CPP_H_

@@ -70,6 +70,9 @@ namespace lmcache_cpp {
 namespace internal {
 class WorkerPool;
 }  // namespace internal
+namespace testing {
+class SyncAdapterPeer;
+}  // namespace testing
 
 struct SyncAdapterOptions {
   size_t worker_threads = 1;  // 0 is treated as 1
@@ -109,10 +112,6 @@ class SyncL2Adapter : public L2Adapter {
   SyncAdapterStats sync_stats() const;
   size_t worker_threads() const { return num_workers_; }
 
-  // Test helper: blocks until Close() has begun (queued work is then cancelled, not run) or
-  // `timeout` passes. Returns whether Close() has begun.
-  bool WaitUntilClosing(Duration timeout) const;
-
  protected:
   // Starts the workers. They call the virtuals below only for operations submitted after the
   // object is fully constructed.
@@ -136,6 +135,8 @@ class SyncL2Adapter : public L2Adapter {
   virtual void AddStats(L2AdapterStats* stats) const { (void)stats; }
 
  private:
+  friend class testing::SyncAdapterPeer;  // cpp/src/testing/, not installed
+
   enum class OpType : uint8_t { kStore, kLookup, kLoad, kUnpin };
   struct Op {
     OpType type = OpType::kStore;

@@ -1,6 +1,6 @@
 // Copyright (c) lmcache_cpp authors. Licensed under the Apache License 2.0.
 
-#include "lmcache_cpp/memory_adapter.h"
+#include "testing/memory_adapter.h"
 
 #include <algorithm>
 #include <chrono>

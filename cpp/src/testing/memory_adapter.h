@@ -44,9 +44,10 @@
 // adapter's only lock besides the pool's close mutex (held only by Close, taken before mu_); no
 // callback runs while either is held.
 //
-// Stability: unstable: a tool for tests and benchmarks, not a production tier.
-#ifndef LMCACHE_CPP_MEMORY_ADAPTER_H_
-#define LMCACHE_CPP_MEMORY_ADAPTER_H_
+// Internal (cpp/src/testing/, the lmcache_cpp_testing library, not installed): a tool for tests and
+// benchmarks, and the server's `{"type": "memory"}` tier, not a production tier.
+#ifndef LMCACHE_CPP_SRC_TESTING_MEMORY_ADAPTER_H_
+#define LMCACHE_CPP_SRC_TESTING_MEMORY_ADAPTER_H_
 
 #include <condition_variable>
 #include <cstddef>
@@ -181,4 +182,4 @@ class MemoryL2Adapter final : public L2Adapter {
 
 }  // namespace lmcache_cpp
 
-#endif  // LMCACHE_CPP_MEMORY_ADAPTER_H_
+#endif  // LMCACHE_CPP_SRC_TESTING_MEMORY_ADAPTER_H_
