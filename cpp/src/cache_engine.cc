@@ -579,20 +579,21 @@ Result<LookupResult> CacheEngine::SyncLookup(ClientId client, const EngineKey& k
                                              uint32_t tp_size, std::optional<Duration> timeout) {
   LMCACHE_ASSIGN_OR_RETURN(
       std::optional<LookupResult> r,
-      SyncLookupImpl(client, key, tp_size, timeout.value_or(config_.sync_lookup_timeout), false));
+      SyncLookupImpl(client, key, tp_size, timeout.value_or(config_.sync_lookup_timeout),
+                     SyncLookupScope::kL1AndL2));
   return *r;
 }
 
 Result<std::optional<LookupResult>> CacheEngine::SyncLookupInL1(ClientId client,
                                                                 const EngineKey& key,
                                                                 uint32_t tp_size) {
-  return SyncLookupImpl(client, key, tp_size, Duration::zero(), true);
+  return SyncLookupImpl(client, key, tp_size, Duration::zero(), SyncLookupScope::kL1Only);
 }
 
 Result<std::optional<LookupResult>> CacheEngine::SyncLookupImpl(ClientId client,
                                                                 const EngineKey& key,
                                                                 uint32_t tp_size, Duration timeout,
-                                                                bool l1_only) {
+                                                                SyncLookupScope scope) {
   ResolvedKey rk;
   LMCACHE_RETURN_IF_ERROR(
       Resolve(key, RangeKind::kLookup, RequestIdUse::kCreate, &rk, tp_size, client));
@@ -601,7 +602,7 @@ Result<std::optional<LookupResult>> CacheEngine::SyncLookupImpl(ClientId client,
                                             rk.ns->object_bytes, readers - 1);
   const size_t chunks = req.keys.size() / rk.ranks;
   SyncLookupResult s;
-  if (l1_only) {
+  if (scope == SyncLookupScope::kL1Only) {
     LMCACHE_ASSIGN_OR_RETURN(std::optional<SyncLookupResult> found,
                              prefetch_->LookupAndPinInL1(std::move(req)));
     if (!found.has_value()) {
@@ -718,7 +719,8 @@ JobHandle CacheEngine::InsertTicketLocked(ClientId client, Ticket ticket) {
 }
 
 Result<CacheEngine::Ticket> CacheEngine::TakeTicket(ClientId client, const JobHandle& handle,
-                                                    bool store) {
+                                                    TicketKind kind) {
+  const bool store = kind == TicketKind::kStore;
   std::lock_guard<std::mutex> l(mu_);
   auto it = tickets_.find(handle);
   if (it == tickets_.end()) {
@@ -965,7 +967,7 @@ Status CacheEngine::ReservedQuotaExceeded(uint64_t held, uint64_t quota, uint64_
 
 Result<uint64_t> CacheEngine::CommitStore(ClientId client, const JobHandle& handle, bool success,
                                           const std::vector<uint32_t>* crc32c) {
-  Result<Ticket> taken = TakeTicket(client, handle, true);
+  Result<Ticket> taken = TakeTicket(client, handle, TicketKind::kStore);
   if (!taken.ok()) {
     if (taken.status().code() != StatusCode::kNotFound) return taken.status();
     // A ticket dropped while its writer was still at work: the writer is done now.
@@ -1113,7 +1115,7 @@ Result<TransferTicket> CacheEngine::PrepareRetrieve(ClientId client, const Engin
 }
 
 Status CacheEngine::CommitRetrieve(ClientId client, const JobHandle& handle) {
-  LMCACHE_ASSIGN_OR_RETURN(Ticket t, TakeTicket(client, handle, false));
+  LMCACHE_ASSIGN_OR_RETURN(Ticket t, TakeTicket(client, handle, TicketKind::kRetrieve));
   if (t.keys.empty()) return Status::Ok();
   Status st = table_->ReleaseRead(t.request, t.keys, 1, t.generations.data());
   if (!st.ok()) {

@@ -431,20 +431,23 @@ Status PrefetchController::Cancel(ClientId client, const JobHandle& handle) {
 
 Result<std::optional<SyncLookupResult>> PrefetchController::LookupAndPinInL1(
     PrefetchRequest request) {
-  return SyncLookupImpl(std::move(request), Duration::zero(), false, true);
+  return SyncLookupImpl(std::move(request), Duration::zero(), /*start_load=*/false,
+                        SyncLookupScope::kL1Only);
 }
 
 Result<SyncLookupResult> PrefetchController::LookupAndPin(PrefetchRequest request, Duration timeout,
                                                           bool start_load) {
-  LMCACHE_ASSIGN_OR_RETURN(std::optional<SyncLookupResult> out,
-                           SyncLookupImpl(std::move(request), timeout, start_load, false));
+  LMCACHE_ASSIGN_OR_RETURN(
+      std::optional<SyncLookupResult> out,
+      SyncLookupImpl(std::move(request), timeout, start_load, SyncLookupScope::kL1AndL2));
   return *std::move(out);
 }
 
 Result<std::optional<SyncLookupResult>> PrefetchController::SyncLookupImpl(PrefetchRequest request,
                                                                            Duration timeout,
                                                                            bool start_load,
-                                                                           bool l1_only) {
+                                                                           SyncLookupScope scope) {
+  const bool l1_only = scope == SyncLookupScope::kL1Only;
   LMCACHE_RETURN_IF_ERROR(ValidateRequest(request, !adapters_.empty()));
   const auto deadline = std::chrono::steady_clock::now() + timeout;
   auto job = std::make_shared<Job>();

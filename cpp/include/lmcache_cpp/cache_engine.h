@@ -352,16 +352,18 @@ class CacheEngine {
   // After a lookup of `rk`: when its request was ended meanwhile, drops what the lookup left
   // under the request's id (leases, jobs, hashing session) and returns true.
   bool DropIfEnded(const EngineKey& key, const ResolvedKey& rk);
-  // SyncLookup (l1_only: SyncLookupInL1).
+  // SyncLookup (kL1Only: SyncLookupInL1).
   Result<std::optional<LookupResult>> SyncLookupImpl(ClientId client, const EngineKey& key,
                                                      uint32_t tp_size, Duration timeout,
-                                                     bool l1_only);
+                                                     SyncLookupScope scope);
   Result<std::optional<LookupResult>> Collect(ClientId client, const JobHandle& handle,
                                               const Result<std::optional<PrefetchResult>>& result);
   // Stores the ticket under a fresh random handle. REQUIRES: mu_ held (the per-client count is
   // the caller's).
   JobHandle InsertTicketLocked(ClientId client, Ticket ticket);
-  Result<Ticket> TakeTicket(ClientId client, const JobHandle& handle, bool store);
+  enum class TicketKind : uint8_t { kStore, kRetrieve };
+  // Removes the client's ticket of that kind (NotFound, PermissionDenied, InvalidArgument).
+  Result<Ticket> TakeTicket(ClientId client, const JobHandle& handle, TicketKind kind);
   // A ticket left tickets_: its client's ticket count and reserved bytes go down. REQUIRES mu_.
   void UnchargeTicketLocked(const Ticket& ticket);
   // A request id left requests_: its owner's count goes down. REQUIRES mu_.

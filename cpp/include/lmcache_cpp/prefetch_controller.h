@@ -109,6 +109,10 @@ struct PrefetchRequest {
   }
 };
 
+// Where a sync lookup may find its hits: in L1 and L2 (LookupAndPin), or in L1 only
+// (LookupAndPinInL1: nothing is leased when L2 would have to be asked).
+enum class SyncLookupScope : uint8_t { kL1AndL2, kL1Only };
+
 struct PrefetchResult {
   size_t hits = 0;     // length of the leading run of keys now leased in L1 for the request
   size_t l1_hits = 0;  // of which were already in L1
@@ -228,9 +232,9 @@ class PrefetchController {
   // What the caller of MarkCancelledLocked must do after releasing mu_.
   enum class CancelAction : uint8_t { kNothing, kReleaseLeases, kReleasePrefix, kAbandonIdle };
 
-  // LookupAndPin; with l1_only, nullopt (nothing leased) when L2 would have to be asked.
+  // LookupAndPin; with kL1Only, nullopt (nothing leased) when L2 would have to be asked.
   Result<std::optional<SyncLookupResult>> SyncLookupImpl(PrefetchRequest request, Duration timeout,
-                                                         bool start_load, bool l1_only);
+                                                         bool start_load, SyncLookupScope scope);
   void StartL2Lookup(const std::shared_ptr<Job>& job);
   void OnLookupDone(const std::shared_ptr<Job>& job, size_t adapter, const Status& status,
                     const Bitmap& pinned);
