@@ -21,6 +21,7 @@
 
 #include "crc32c.h"
 #include "l2_test_util.h"
+#include "sync_point.h"
 #include "test_util.h"
 #include "testing/adapter_peers.h"
 
@@ -549,6 +550,7 @@ TEST_F(FileSystemAdapterTest, OneCallbackPerSubmitWhoseKeysSpreadOverThePool) {
 }
 
 TEST_F(FileSystemAdapterTest, CloseCancelsQueuedOperationsAndLaterSubmitsAreUnavailable) {
+  LMCACHE_REQUIRE_SYNC_POINTS();
   FileSystemAdapterOptions o;
   o.io_threads = 1;
   auto a = Open(o);
@@ -575,8 +577,9 @@ TEST_F(FileSystemAdapterTest, CloseCancelsQueuedOperationsAndLaterSubmitsAreUnav
       a->SubmitLoad({Key(0)}, {Out(out)}, queued.back()->Callback());
     }
   }
+  internal::SyncPoints::Reset();
   std::thread closer([&] { a->Close(); });
-  ASSERT_TRUE(FsPeer::WaitUntilClosing(*a, kLong));
+  ASSERT_TRUE(internal::SyncPoints::WaitFor("WorkerPool::Close:Closing", 1, kLong));
   // Submitted while Close runs: Unavailable, on the adapter's (still live) worker.
   Completion during;
   a->SubmitLookupAndPin({Key(0)}, during.Callback());

@@ -22,8 +22,8 @@
 #include <vector>
 
 #include "l2_test_util.h"
+#include "sync_point.h"
 #include "test_util.h"
-#include "testing/adapter_peers.h"
 
 namespace lmcache_cpp {
 namespace {
@@ -31,7 +31,6 @@ namespace {
 using std::chrono::seconds;
 using testutil::Completion;
 using testutil::Keys;
-using SyncPeer = testing::SyncAdapterPeer;
 
 // A map-backed tier with pin counts. Every call records its thread and kind; Store can be held
 // at a gate so tests control when the worker is busy.
@@ -232,6 +231,7 @@ TEST(SyncAdapterTest, CallbacksRunExactlyOnceOnTheWorkerThatCalledTheSubclass) {
 }
 
 TEST(SyncAdapterTest, CloseCancelsQueuedOperationsAndFinishesTheRunningOne) {
+  LMCACHE_REQUIRE_SYNC_POINTS();
   MapAdapter a;
   const auto keys = Keys(0, 2);
   const auto data = testutil::Patterns(1, keys.size(), kSize);
@@ -250,8 +250,9 @@ TEST(SyncAdapterTest, CloseCancelsQueuedOperationsAndFinishesTheRunningOne) {
   a.Unpin(keys);  // queued behind the blocked Store; returns at once
   EXPECT_EQ(a.sync_stats().queued, 4u);
 
+  internal::SyncPoints::Reset();
   std::thread closer([&] { a.Close(); });
-  ASSERT_TRUE(SyncPeer::WaitUntilClosing(a, seconds(30)));
+  ASSERT_TRUE(internal::SyncPoints::WaitFor("WorkerPool::Close:Closing", 1, seconds(30)));
   a.OpenGate();
   closer.join();
 

@@ -2,7 +2,7 @@
 //
 // WorkerPool (cpp/src/worker_pool.h): workers take the owner's queue, Close wakes, joins and is
 // idempotent, work taken after Close began sees closing(). Races are forced with promises and
-// WaitUntilClosing, never with sleeps.
+// the sync point "WorkerPool::Close:Closing", never with sleeps.
 
 #include "worker_pool.h"
 
@@ -15,6 +15,8 @@
 #include <mutex>
 #include <thread>
 #include <vector>
+
+#include "sync_point.h"
 
 namespace lmcache_cpp {
 namespace internal {
@@ -108,6 +110,7 @@ TEST(WorkerPoolTest, SubmitAfterCloseFindsNoWorker) {
 }
 
 TEST(WorkerPoolTest, WorkQueuedBeforeCloseIsTakenWithClosingSet) {
+  LMCACHE_REQUIRE_SYNC_POINTS();
   Owner owner(1);
   std::promise<void> started;
   std::promise<void> release;
@@ -118,9 +121,9 @@ TEST(WorkerPoolTest, WorkQueuedBeforeCloseIsTakenWithClosingSet) {
   }));
   ASSERT_EQ(started.get_future().wait_for(seconds(30)), std::future_status::ready);
   ASSERT_TRUE(owner.Submit([] {}));  // queued behind the blocked item
-  EXPECT_FALSE(owner.pool().WaitUntilClosing(std::chrono::milliseconds(1)));
+  SyncPoints::Reset();
   std::thread closer([&] { owner.pool().Close(); });
-  ASSERT_TRUE(owner.pool().WaitUntilClosing(seconds(30)));
+  ASSERT_TRUE(SyncPoints::WaitFor("WorkerPool::Close:Closing", 1, seconds(30)));
   release.set_value();
   closer.join();
   EXPECT_EQ(owner.ran(), 1);

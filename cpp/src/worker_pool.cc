@@ -2,6 +2,8 @@
 
 #include "worker_pool.h"
 
+#include "sync_point.h"
+
 namespace lmcache_cpp {
 namespace internal {
 
@@ -24,8 +26,8 @@ void WorkerPool::Close(const std::function<void()>& wake) {
     closing_ = true;
   }
   if (wake) wake();
+  LMCACHE_TEST_SYNC_POINT("WorkerPool::Close:Closing");
   work_cv_.notify_all();
-  closing_cv_.notify_all();
   for (std::thread& t : threads_) t.join();
   threads_.clear();
 }
@@ -33,11 +35,6 @@ void WorkerPool::Close(const std::function<void()>& wake) {
 bool WorkerPool::running() const {
   std::lock_guard<std::mutex> close_lk(close_mu_);
   return !threads_.empty();
-}
-
-bool WorkerPool::WaitUntilClosing(Duration timeout) const {
-  std::unique_lock<std::mutex> lk(*mu_);
-  return closing_cv_.wait_for(lk, timeout, [this] { return closing_; });
 }
 
 }  // namespace internal

@@ -16,13 +16,13 @@
 // that check always sees has_workers() false, or is taken by a worker still looping.
 //
 // Close(wake): serialised by the pool's close mutex (taken before `mu`); sets closing under `mu`,
-// then, without `mu`, calls `wake` (the owner's extra condition variables), wakes every worker and
-// every WaitUntilClosing, and joins the workers. Idempotent. REQUIRES: not called from a worker
-// (it would join itself).
+// then, without `mu`, calls `wake` (the owner's extra condition variables), passes the sync point
+// "WorkerPool::Close:Closing" (a test waits on it for "Close has begun"), wakes every worker and
+// joins them. Idempotent. REQUIRES: not called from a worker (it would join itself).
 //
 // Thread safety: closing(), has_workers() and WaitForWork require `mu` held; NotifyOne/NotifyAll
-// are best called after unlocking it; Start, Close, running() and WaitUntilClosing take the locks
-// they need. Lock order: the close mutex, then `mu`.
+// are best called after unlocking it; Start, Close and running() take the locks they need. Lock
+// order: the close mutex, then `mu`.
 #ifndef LMCACHE_CPP_SRC_WORKER_POOL_H_
 #define LMCACHE_CPP_SRC_WORKER_POOL_H_
 
@@ -32,8 +32,6 @@
 #include <mutex>
 #include <thread>
 #include <vector>
-
-#include "lmcache_cpp/clock.h"
 
 namespace lmcache_cpp {
 namespace internal {
@@ -73,14 +71,11 @@ class WorkerPool {
   void Close(const std::function<void()>& wake = nullptr);
   // Whether the workers are started and not yet joined.
   bool running() const;
-  // Blocks until Close has begun or `timeout` passes; returns whether it has begun. For tests.
-  bool WaitUntilClosing(Duration timeout) const;
 
  private:
   std::mutex* const mu_;
-  mutable std::mutex close_mu_;                 // serialises Close(); taken before *mu_
-  std::condition_variable work_cv_;             // the owner's queue grew, or closing_
-  mutable std::condition_variable closing_cv_;  // closing_ became true
+  mutable std::mutex close_mu_;      // serialises Close(); taken before *mu_
+  std::condition_variable work_cv_;  // the owner's queue grew, or closing_
   // Guarded by *mu_:
   bool closing_ = false;
   size_t live_ = 0;  // workers that will still look at the owner's queue

@@ -70,9 +70,6 @@ namespace lmcache_cpp {
 namespace internal {
 class WorkerPool;
 }  // namespace internal
-namespace testing {
-class SyncAdapterPeer;
-}  // namespace testing
 
 struct SyncAdapterOptions {
   size_t worker_threads = 1;  // 0 is treated as 1
@@ -135,8 +132,6 @@ class SyncL2Adapter : public L2Adapter {
   virtual void AddStats(L2AdapterStats* stats) const { (void)stats; }
 
  private:
-  friend class testing::SyncAdapterPeer;  // cpp/src/testing/, not installed
-
   enum class OpType : uint8_t { kStore, kLookup, kLoad, kUnpin };
   struct Op {
     OpType type = OpType::kStore;

@@ -4,8 +4,6 @@
 
 #include <mutex>
 
-#include "worker_pool.h"
-
 namespace lmcache_cpp {
 namespace testing {
 
@@ -28,14 +26,6 @@ bool FileSystemAdapterPeer::Contains(const FileSystemL2Adapter& a, const ObjectK
 uint64_t FileSystemAdapterPeer::TotalPins(const FileSystemL2Adapter& a) {
   std::lock_guard<std::mutex> lk(a.mu_);
   return a.stats_.pins;
-}
-
-bool FileSystemAdapterPeer::WaitUntilClosing(const FileSystemL2Adapter& a, Duration timeout) {
-  return a.pool_->WaitUntilClosing(timeout);
-}
-
-bool SyncAdapterPeer::WaitUntilClosing(const SyncL2Adapter& a, Duration timeout) {
-  return a.pool_->WaitUntilClosing(timeout);
 }
 
 }  // namespace testing

@@ -1,9 +1,9 @@
 // Copyright (c) lmcache_cpp authors. Licensed under the Apache License 2.0.
 //
 // Test-only views into the installed L2 adapters: what a test asserts about an adapter's private
-// state (pins per key, whether a key is indexed) and the waits it uses to force a race (Close has
-// begun). Part of the lmcache_cpp_testing library (cpp/src/testing/), which is never installed:
-// the adapters' installed headers name these classes only as friends.
+// state (pins per key, whether a key is indexed). Races are forced with sync points
+// (cpp/src/sync_point.h) instead. Part of the lmcache_cpp_testing library (cpp/src/testing/), which
+// is never installed: the adapters' installed headers name these classes only as friends.
 //
 // Thread safety: every function may be called from any thread, as the adapter's own methods; each
 // takes the adapter's lock for the snapshot it returns.
@@ -12,10 +12,8 @@
 
 #include <cstdint>
 
-#include "lmcache_cpp/clock.h"
 #include "lmcache_cpp/fs_adapter.h"
 #include "lmcache_cpp/object_key.h"
-#include "lmcache_cpp/sync_adapter.h"
 
 namespace lmcache_cpp {
 namespace testing {
@@ -27,15 +25,6 @@ class FileSystemAdapterPeer {
   // Whether `key` is indexed and fully written.
   static bool Contains(const FileSystemL2Adapter& a, const ObjectKey& key);
   static uint64_t TotalPins(const FileSystemL2Adapter& a);
-  // Blocks until Close() has begun (queued work is then cancelled, not run) or `timeout` passes.
-  // Returns whether Close() has begun.
-  static bool WaitUntilClosing(const FileSystemL2Adapter& a, Duration timeout);
-};
-
-class SyncAdapterPeer {
- public:
-  // As FileSystemAdapterPeer::WaitUntilClosing.
-  static bool WaitUntilClosing(const SyncL2Adapter& a, Duration timeout);
 };
 
 }  // namespace testing
