@@ -18,6 +18,8 @@
 #include <vector>
 
 #include "lmcache_cpp/cache_engine.h"
+#include "lmcache_cpp/chunk_hash.h"
+#include "lmcache_cpp/object_table.h"
 
 using namespace lmcache_cpp;  // NOLINT: benchmark program
 

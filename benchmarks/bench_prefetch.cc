@@ -31,6 +31,7 @@
 #include <thread>
 #include <vector>
 
+#include "lmcache_cpp/prefetch_controller.h"
 #include "lmcache_cpp/storage_manager.h"
 #include "testing/memory_adapter.h"
 

@@ -33,6 +33,7 @@
 #include "lmcache_cpp/kv_copy.h"
 #include "lmcache_cpp/object_key.h"
 #include "lmcache_cpp/object_table.h"
+#include "lmcache_cpp/prefetch_controller.h"
 #include "lmcache_cpp/storage_manager.h"
 #include "testing/memory_adapter.h"
 

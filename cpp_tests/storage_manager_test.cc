@@ -5,6 +5,8 @@
 // write-buffer policy frees L1, and Stop leaves no lease, pin or thread behind.
 
 #include "lmcache_cpp/storage_manager.h"
+#include "lmcache_cpp/object_table.h"
+#include "lmcache_cpp/prefetch_controller.h"
 
 #include <gtest/gtest.h>
 

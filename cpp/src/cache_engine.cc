@@ -13,7 +13,11 @@
 #include <utility>
 
 #include "crc32c.h"
+#include "lmcache_cpp/chunk_hash.h"
+#include "lmcache_cpp/hash_session.h"
 #include "lmcache_cpp/logging.h"
+#include "lmcache_cpp/object_table.h"
+#include "lmcache_cpp/prefetch_controller.h"
 
 namespace lmcache_cpp {
 

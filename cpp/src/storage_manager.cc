@@ -6,6 +6,8 @@
 #include <utility>
 
 #include "lmcache_cpp/logging.h"
+#include "lmcache_cpp/object_table.h"
+#include "lmcache_cpp/prefetch_controller.h"
 
 namespace lmcache_cpp {
 

@@ -7,6 +7,7 @@
 
 #include "crc32c.h"
 #include "lmcache_cpp/logging.h"
+#include "lmcache_cpp/object_table.h"
 
 namespace lmcache_cpp {
 

@@ -13,7 +13,7 @@
 // Thread safety: all methods are thread-safe (one internal mutex). Lock order: a caller's lock
 // (e.g. ObjectTable::mu_) may be held while calling in; the allocator calls nothing back.
 //
-// Stability: unstable (a building block of the object table).
+// Stability: unstable (a building block of the object table; not installed).
 #ifndef LMCACHE_CPP_ALLOCATOR_H_
 #define LMCACHE_CPP_ALLOCATOR_H_
 

@@ -65,16 +65,18 @@
 #include <unordered_map>
 #include <vector>
 
-#include "lmcache_cpp/chunk_hash.h"
 #include "lmcache_cpp/clock.h"
-#include "lmcache_cpp/hash_session.h"
+#include "lmcache_cpp/hash_options.h"
+#include "lmcache_cpp/ids.h"
 #include "lmcache_cpp/kv_copy.h"
-#include "lmcache_cpp/object_table.h"
-#include "lmcache_cpp/prefetch_controller.h"
 #include "lmcache_cpp/status.h"
 #include "lmcache_cpp/storage_manager.h"
 
 namespace lmcache_cpp {
+
+// Unstable building blocks the engine drives (prefetch_controller.h; not installed).
+struct PrefetchResult;
+enum class SyncLookupScope : uint8_t;
 
 // Internal request ids of engine transfer tickets (store reservations). Unstable.
 inline constexpr RequestId kTransferRequestBase = kInternalRequestBit | (RequestId{1} << 61);
@@ -271,7 +273,7 @@ class CacheEngine {
   // Completion notices, for a server that parks waits: see
   // PrefetchController::SetCompletionNotice (the job's handle, and the engine's request id that
   // PendingLoad returned for the request).
-  void SetCompletionNotice(PrefetchController::CompletionNotice notice);
+  void SetCompletionNotice(JobCompletionNotice notice);
   // Drops the request's hashing session, jobs, pending loads and leases. Returns the leases
   // released (0 for an unknown request). Errors: PermissionDenied (as FreeLookupLocks).
   Result<uint64_t> EndSession(ClientId client, std::string_view model_name,

@@ -30,8 +30,9 @@
 // Thread safety: ChunkHasher is immutable after construction; all methods are const and may be
 // called concurrently. Each call uses its own digest context.
 //
-// Stability: unstable API, except HashAlgorithm (EngineConfig::hash_algorithm). The hash
-// values themselves name L2 objects, so they only change with a new format (old objects then miss).
+// Stability: unstable API (not installed); HashAlgorithm (EngineConfig::hash_algorithm) is in
+// hash_options.h. The hash values themselves name L2 objects, so they only change with a new
+// format (old objects then miss).
 #ifndef LMCACHE_CPP_CHUNK_HASH_H_
 #define LMCACHE_CPP_CHUNK_HASH_H_
 
@@ -40,12 +41,11 @@
 #include <string>
 #include <vector>
 
+#include "lmcache_cpp/hash_options.h"
 #include "lmcache_cpp/object_key.h"
 #include "lmcache_cpp/status.h"
 
 namespace lmcache_cpp {
-
-enum class HashAlgorithm : int32_t { kSha256 = 0, kXxh3 = 1 };
 
 struct NamespaceConfig {
   std::string model_name;

@@ -14,7 +14,7 @@
 //
 // Thread safety: none; the object table calls a policy only under its own mutex.
 //
-// Stability: unstable (a building block of the object table).
+// Stability: unstable (a building block of the object table; not installed).
 #ifndef LMCACHE_CPP_EVICTION_POLICY_H_
 #define LMCACHE_CPP_EVICTION_POLICY_H_
 

@@ -27,7 +27,8 @@
 // agree the longer result stays in the session, when they conflict the later store replaces it.
 // Each call returns the hashes of its own tokens either way.
 //
-// Stability: unstable, except HashSessionOptions (EngineConfig::sessions), which may gain fields.
+// Stability: unstable (not installed); HashSessionOptions (EngineConfig::sessions) is in
+// hash_options.h.
 #ifndef LMCACHE_CPP_HASH_SESSION_H_
 #define LMCACHE_CPP_HASH_SESSION_H_
 
@@ -41,16 +42,9 @@
 
 #include "lmcache_cpp/chunk_hash.h"
 #include "lmcache_cpp/clock.h"
+#include "lmcache_cpp/hash_options.h"
 
 namespace lmcache_cpp {
-
-struct HashSessionOptions {
-  Duration ttl = std::chrono::minutes(10);
-  size_t max_sessions = 65536;
-  uint64_t max_bytes = uint64_t{1} << 30;  // all sessions
-  size_t max_sessions_per_owner = 8192;
-  uint64_t max_bytes_per_owner = uint64_t{256} << 20;
-};
 
 // What one owner's sessions hold.
 struct HashSessionUsage {

@@ -14,10 +14,11 @@
 //   fs_adapter.h       the file-system L2 adapter
 //   logging.h          SetLogSink: route the core's few log lines into the host's logger
 //
-// The other headers in lmcache_cpp/ are reachable through these and are building blocks of the
-// engine (object table, controllers, hashing, allocator); their Stability lines say what may
-// change. Nothing for tests is installed (the in-memory L2 tier and the adapters' test views are
-// in the lmcache_cpp_testing library, cpp/src/testing/).
+// These include ids.h, storage_options.h, hash_options.h and store_controller.h, the other
+// installed headers. The rest of lmcache_cpp/ (object table, prefetch controller, hashing,
+// allocator) is the engine's unstable building blocks: not installed, forward-declared where the
+// stable headers name them. Nothing for tests is installed (the in-memory L2 tier and the
+// adapters' test views are in the lmcache_cpp_testing library, cpp/src/testing/).
 //
 // Stability: stable (the list may grow).
 #ifndef LMCACHE_CPP_LMCACHE_CPP_H_

@@ -53,9 +53,9 @@
 // Thread safety: every method is thread-safe. Lock order: ObjectTable::mu_ -> ExtentAllocator::mu_.
 // maint_mu_ and listeners_mu_ are leaves, never held together with mu_.
 //
-// Stability: unstable (a building block of StorageManager and CacheEngine), except ClientId,
-// RequestId, ObjectTableOptions and ObjectTableStats, which the stable API uses; the option and
-// stats structs may gain fields.
+// Stability: unstable (a building block of StorageManager and CacheEngine; not installed). The
+// parts the stable API uses are in ids.h (ClientId, RequestId) and storage_options.h
+// (ObjectTableOptions, ObjectTableStats).
 #ifndef LMCACHE_CPP_OBJECT_TABLE_H_
 #define LMCACHE_CPP_OBJECT_TABLE_H_
 
@@ -76,17 +76,16 @@
 #include "lmcache_cpp/bitmap.h"
 #include "lmcache_cpp/clock.h"
 #include "lmcache_cpp/eviction_policy.h"
+#include "lmcache_cpp/ids.h"
 #include "lmcache_cpp/object_key.h"
 #include "lmcache_cpp/status.h"
+#include "lmcache_cpp/storage_options.h"
 
 namespace lmcache_cpp {
 namespace internal {
 template <typename K, typename V, typename Hash>
 class FlatMap;
 }  // namespace internal
-
-using ClientId = uint64_t;
-using RequestId = uint64_t;
 
 // Who takes a lease: the request it is for, and the client (connection) acting for it.
 struct LeaseOwner {
@@ -137,49 +136,6 @@ struct Reservation {
   bool skipped = false;  // the key existed; nothing was reserved
   uint64_t offset = 0;   // valid when !skipped
   uint64_t size = 0;
-};
-
-struct ObjectTableOptions {
-  ObjectTableOptions() {}  // NOLINT: out-of-line-initialisable aggregate with defaults
-  Duration read_lease_ttl = std::chrono::seconds(300);
-  Duration write_lease_ttl = std::chrono::seconds(120);
-  // Background eviction starts above high_watermark * capacity and stops below low_watermark *
-  // capacity. 1.0 disables background eviction (synchronous eviction still happens).
-  double high_watermark = 0.95;
-  double low_watermark = 0.90;
-  // How often the maintenance thread reaps expired leases.
-  Duration reap_interval = std::chrono::seconds(1);
-  std::string eviction_policy = "lru";
-  uint64_t alignment = 4096;
-  // Read leases one object may carry at once; grants past it are refused (ResourceExhausted),
-  // never wrapped. At most 2^31.
-  uint32_t max_leases_per_object = uint32_t{1} << 24;
-  std::shared_ptr<Clock> clock;  // null = SteadyClock
-};
-
-// Each field is described once (kind, metric, help) in stat_fields.h: add a row there too.
-struct ObjectTableStats {
-  uint64_t capacity_bytes = 0;
-  uint64_t used_bytes = 0;
-  uint64_t objects = 0;  // in the index (writing + ready), excluding detached
-  uint64_t writing = 0;
-  uint64_t ready = 0;
-  uint64_t temporary = 0;
-  uint64_t detached = 0;
-  uint64_t evictable = 0;
-  uint64_t evictable_bytes = 0;
-  uint64_t leased_objects = 0;  // objects with at least one read lease
-  uint64_t read_leases = 0;     // sum of read lease counts
-  uint64_t write_leases = 0;
-  uint64_t requests = 0;  // ledgers
-  uint64_t evictions = 0;
-  uint64_t evicted_bytes = 0;
-  uint64_t expired_leases = 0;      // ledger entries dropped by TTL
-  uint64_t reserve_failures = 0;    // ReserveWrite calls that returned OutOfMemory
-  uint64_t lease_cap_refusals = 0;  // read lease grants refused at max_leases_per_object
-  uint64_t quarantined = 0;         // objects held out of the allocator for a fenced writer
-  uint64_t quarantined_bytes = 0;
-  uint64_t discarded = 0;  // objects removed by Discard (failed a checksum in L1)
 };
 
 class ObjectTableListener {

@@ -44,9 +44,9 @@
 // Lifetime: REQUIRES that no adapter callback can run after destruction: close the adapters
 // (L2Adapter::Close) before destroying the controller. StorageManager does this.
 //
-// Stability: unstable (a building block of CacheEngine), except JobHandle (the handle of
-// CacheEngine lookups and transfer tickets), PrefetchOptions and PrefetchStats; the option and
-// stats structs may gain fields.
+// Stability: unstable (a building block of CacheEngine; not installed). The parts the stable API
+// uses are in ids.h (JobHandle, the handle of CacheEngine lookups and transfer tickets) and
+// storage_options.h (PrefetchOptions, PrefetchStats).
 #ifndef LMCACHE_CPP_PREFETCH_CONTROLLER_H_
 #define LMCACHE_CPP_PREFETCH_CONTROLLER_H_
 
@@ -67,29 +67,13 @@
 #include <vector>
 
 #include "lmcache_cpp/clock.h"
+#include "lmcache_cpp/ids.h"
 #include "lmcache_cpp/l2_adapter.h"
 #include "lmcache_cpp/object_table.h"
 #include "lmcache_cpp/status.h"
+#include "lmcache_cpp/storage_options.h"
 
 namespace lmcache_cpp {
-
-inline constexpr RequestId kInternalRequestBit = RequestId{1} << 63;
-
-// An unguessable 128-bit job handle.
-struct JobHandle {
-  std::array<uint8_t, 16> bytes{};
-  bool operator==(const JobHandle& o) const noexcept { return bytes == o.bytes; }
-  bool operator!=(const JobHandle& o) const noexcept { return !(*this == o); }
-  std::string ToHex() const;
-  // InvalidArgument unless 32 hex characters.
-  static Result<JobHandle> FromHex(const std::string& hex);
-  // From the operating system's random source (getrandom).
-  static JobHandle Random();
-};
-
-struct JobHandleHash {
-  size_t operator()(const JobHandle& h) const noexcept;
-};
 
 struct PrefetchRequest {
   LeaseOwner owner;
@@ -125,26 +109,6 @@ struct SyncLookupResult {
   size_t l1_hits = 0;
   size_t l2_planned = 0;  // keys being loaded in the background
   bool l2_timed_out = false;
-};
-
-struct PrefetchOptions {
-  PrefetchOptions() {}                // NOLINT
-  size_t max_in_flight = 16;          // two-phase lookups in their L2 phase at once
-  size_t max_jobs_per_client = 4096;  // ResourceExhausted beyond
-  Duration job_ttl = std::chrono::seconds(120);
-  Duration reap_interval = std::chrono::seconds(1);
-  std::shared_ptr<Clock> clock;  // null = SteadyClock; used for TTLs only
-};
-
-// Each field is described once (kind, metric, help) in stat_fields.h: add a row there too.
-struct PrefetchStats {
-  uint64_t jobs = 0;       // in the table (any phase)
-  uint64_t in_flight = 0;  // in an L2 phase
-  uint64_t queued = 0;     // waiting for an L2 slot
-  uint64_t submitted = 0, completed = 0, cancelled = 0, reaped = 0;
-  uint64_t l1_hit_keys = 0, l2_hit_keys = 0;
-  uint64_t l2_lookup_timeouts = 0;  // sync lookups answered without an adapter
-  uint64_t load_failures = 0;       // keys planned from L2 that did not load
 };
 
 class PrefetchController {
@@ -207,7 +171,7 @@ class PrefetchController {
   // the thread that completed the job, outside every lock of the controller, after the result is
   // visible to Query / WaitLoad / LoadPending; it must be short, must not block and must not call
   // back into the controller (append to a queue, write to an eventfd).
-  using CompletionNotice = std::function<void(const JobHandle& handle, RequestId request)>;
+  using CompletionNotice = JobCompletionNotice;
   void SetCompletionNotice(CompletionNotice notice);
 
   // ---- cleanup -----------------------------------------------------------------------------

@@ -25,7 +25,8 @@
 // Stability: stable: StorageManagerConfig, Create, Start, Stop, arena(), adapters(), stats() and
 // store()->WaitIdle(). The option structs of the components (ArenaOptions, ObjectTableOptions,
 // PrefetchOptions, StoreControllerOptions) may gain fields; table(), prefetch(), store() and
-// EndRequest / EndClient expose building blocks and are unstable.
+// EndRequest / EndClient expose building blocks and are unstable (ObjectTable and
+// PrefetchController are only forward-declared: their headers are not installed).
 #ifndef LMCACHE_CPP_STORAGE_MANAGER_H_
 #define LMCACHE_CPP_STORAGE_MANAGER_H_
 
@@ -34,13 +35,18 @@
 #include <vector>
 
 #include "lmcache_cpp/arena.h"
+#include "lmcache_cpp/ids.h"
 #include "lmcache_cpp/l2_adapter.h"
-#include "lmcache_cpp/object_table.h"
-#include "lmcache_cpp/prefetch_controller.h"
 #include "lmcache_cpp/status.h"
+#include "lmcache_cpp/storage_options.h"
 #include "lmcache_cpp/store_controller.h"
 
 namespace lmcache_cpp {
+
+// Unstable building blocks (object_table.h, prefetch_controller.h; not installed). The accessors
+// below hand them out to code built inside this project.
+class ObjectTable;
+class PrefetchController;
 
 struct StorageManagerConfig {
   StorageManagerConfig() {}  // NOLINT

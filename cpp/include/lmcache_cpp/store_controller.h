@@ -36,10 +36,13 @@
 #include <thread>
 #include <vector>
 
+#include "lmcache_cpp/clock.h"
+#include "lmcache_cpp/ids.h"
 #include "lmcache_cpp/l2_adapter.h"
-#include "lmcache_cpp/object_table.h"
 
 namespace lmcache_cpp {
+
+class ObjectTable;  // object_table.h (not installed)
 
 // Store leases are taken under request ids kStoreRequestBase + n (internal range).
 inline constexpr RequestId kStoreRequestBase = (RequestId{1} << 63) | (RequestId{1} << 62);

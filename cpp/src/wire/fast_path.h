@@ -27,6 +27,7 @@
 #include <string_view>
 
 #include "lmcache_cpp/cache_engine.h"
+#include "lmcache_cpp/chunk_hash.h"
 
 namespace lmcache_cpp::wire {
 

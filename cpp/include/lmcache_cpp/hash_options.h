@@ -1,0 +1,31 @@
+// Copyright (c) lmcache_cpp authors. Licensed under the Apache License 2.0.
+//
+// How the engine hashes token chunks into object keys (EngineConfig::hash_algorithm) and bounds
+// its per-request hashing sessions (EngineConfig::sessions). Split out of chunk_hash.h and
+// hash_session.h (whose classes stay unstable).
+//
+// Stability: stable; HashSessionOptions may gain fields.
+#ifndef LMCACHE_CPP_HASH_OPTIONS_H_
+#define LMCACHE_CPP_HASH_OPTIONS_H_
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+
+#include "lmcache_cpp/clock.h"
+
+namespace lmcache_cpp {
+
+enum class HashAlgorithm : int32_t { kSha256 = 0, kXxh3 = 1 };
+
+struct HashSessionOptions {
+  Duration ttl = std::chrono::minutes(10);
+  size_t max_sessions = 65536;
+  uint64_t max_bytes = uint64_t{1} << 30;  // all sessions
+  size_t max_sessions_per_owner = 8192;
+  uint64_t max_bytes_per_owner = uint64_t{256} << 20;
+};
+
+}  // namespace lmcache_cpp
+
+#endif  // LMCACHE_CPP_HASH_OPTIONS_H_
