@@ -639,50 +639,7 @@ TEST_F(FileSystemAdapterTest, ConcurrentSubmittersGetEveryCallbackExactlyOnceOff
   o.io_threads = 3;
   o.capacity_bytes = 20 * (kFsObjectHeaderSize + 3000);  // evictions race with loads
   auto a = Open(o);
-  constexpr int kThreads = 4;
-  constexpr int kRounds = 60;
-  std::atomic<int> calls{0}, on_submitter{0}, wrong_bytes{0}, errors{0};
-  std::vector<std::thread> threads;
-  for (int t = 0; t < kThreads; ++t) {
-    threads.emplace_back([&] {
-      const std::thread::id me = std::this_thread::get_id();
-      for (int r = 0; r < kRounds; ++r) {
-        const uint64_t id = static_cast<uint64_t>(r % 30);
-        const auto data = Pattern(id, 3000);
-        std::vector<uint8_t> out(3000);
-        std::promise<void> p1, p2, p3;
-        Bitmap pinned;
-        auto check = [&](const Status& s) {
-          calls++;
-          if (std::this_thread::get_id() == me) on_submitter++;
-          if (!s.ok()) errors++;
-        };
-        a->SubmitStore({Key(id)}, {In(data)}, [&](const Status& s, const Bitmap&) {
-          check(s);
-          p1.set_value();
-        });
-        a->SubmitLookupAndPin({Key(id)}, [&](const Status& s, const Bitmap& b) {
-          check(s);
-          pinned = b;
-          p2.set_value();
-        });
-        p1.get_future().wait();
-        p2.get_future().wait();
-        a->SubmitLoad({Key(id)}, {Out(out)}, [&](const Status& s, const Bitmap& b) {
-          check(s);
-          if (b.All() && out != data) wrong_bytes++;
-          p3.set_value();
-        });
-        p3.get_future().wait();
-        if (pinned.All()) a->Unpin({Key(id)});
-      }
-    });
-  }
-  for (auto& th : threads) th.join();
-  EXPECT_EQ(calls.load(), kThreads * kRounds * 3);
-  EXPECT_EQ(on_submitter.load(), 0);
-  EXPECT_EQ(wrong_bytes.load(), 0);
-  EXPECT_EQ(errors.load(), 0);
+  testutil::StoreLookupLoadRounds(*a, /*threads=*/4, /*rounds=*/60, /*keys=*/30, /*size=*/3000);
   L2AdapterStats s = a->stats();
   EXPECT_EQ(s.pins, 0u);
   EXPECT_EQ(s.bad_unpins, 0u);

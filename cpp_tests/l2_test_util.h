@@ -5,10 +5,12 @@
 #ifndef LMCACHE_CPP_TESTS_L2_TEST_UTIL_H_
 #define LMCACHE_CPP_TESTS_L2_TEST_UTIL_H_
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
+#include <future>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -19,6 +21,7 @@
 #include "lmcache_cpp/l2_adapter.h"
 #include "lmcache_cpp/object_key.h"
 #include "lmcache_cpp/status.h"
+#include "test_util.h"
 
 namespace lmcache_cpp {
 namespace testutil {
@@ -131,6 +134,57 @@ inline Bitmap SyncLoad(L2Adapter& a, const std::vector<ObjectKey>& keys,
   EXPECT_NE(c.thread(), std::this_thread::get_id());
   if (status != nullptr) *status = c.status();
   return c.bits();
+}
+
+// Stresses an adapter from `threads` submitters at once. In each of `rounds` rounds a submitter
+// stores key Key(r % keys) (Pattern(id, size)) and looks it up and pins it, both in flight at
+// once, then loads it back and drops the pin it got. Every call waits for its callback. Expects
+// every callback exactly once, off the submitting thread, with an OK status, and every load
+// reported done to hold the stored bytes.
+inline void StoreLookupLoadRounds(L2Adapter& a, int threads, int rounds, uint64_t keys,
+                                  size_t size) {
+  std::atomic<int> calls{0}, on_submitter{0}, wrong_bytes{0}, errors{0};
+  std::vector<std::thread> submitters;
+  for (int t = 0; t < threads; ++t) {
+    submitters.emplace_back([&] {
+      const std::thread::id me = std::this_thread::get_id();
+      for (int r = 0; r < rounds; ++r) {
+        const uint64_t id = static_cast<uint64_t>(r) % keys;  // keys shared across threads
+        const std::vector<uint8_t> data = Pattern(id, size);
+        std::vector<uint8_t> out(size);
+        std::promise<void> stored, looked_up, loaded;
+        Bitmap pinned;
+        auto count = [&](const Status& s) {
+          calls++;
+          if (std::this_thread::get_id() == me) on_submitter++;
+          if (!s.ok()) errors++;
+        };
+        a.SubmitStore({Key(id)}, {In(data)}, [&](const Status& s, const Bitmap&) {
+          count(s);
+          stored.set_value();
+        });
+        a.SubmitLookupAndPin({Key(id)}, [&](const Status& s, const Bitmap& b) {
+          count(s);
+          pinned = b;
+          looked_up.set_value();
+        });
+        stored.get_future().wait();
+        looked_up.get_future().wait();
+        a.SubmitLoad({Key(id)}, {Out(out)}, [&](const Status& s, const Bitmap& b) {
+          count(s);
+          if (b.All() && out != data) wrong_bytes++;
+          loaded.set_value();
+        });
+        loaded.get_future().wait();
+        if (pinned.All()) a.Unpin({Key(id)});
+      }
+    });
+  }
+  for (auto& th : submitters) th.join();
+  EXPECT_EQ(calls.load(), threads * rounds * 3);
+  EXPECT_EQ(on_submitter.load(), 0);
+  EXPECT_EQ(wrong_bytes.load(), 0);
+  EXPECT_EQ(errors.load(), 0);
 }
 
 }  // namespace testutil

@@ -452,54 +452,7 @@ TEST(MemoryAdapterTest, ConcurrentSubmittersGetEveryCallbackExactlyOnceOffTheirT
   o.worker_threads = 3;
   o.capacity_bytes = 64 * 100;  // evictions happen while others pin and load
   auto a = Make(o);
-  constexpr int kThreads = 4;
-  constexpr int kRounds = 150;
-  std::atomic<int> calls{0};
-  std::atomic<int> on_submitter{0};
-  std::atomic<int> wrong_bytes{0};
-  std::atomic<int> errors{0};
-  std::vector<std::thread> threads;
-  for (int t = 0; t < kThreads; ++t) {
-    threads.emplace_back([&, t] {
-      const std::thread::id me = std::this_thread::get_id();
-      for (int r = 0; r < kRounds; ++r) {
-        const uint64_t id = static_cast<uint64_t>(r % 40);  // keys shared across threads
-        auto data = std::make_shared<std::vector<uint8_t>>(Pattern(id, 64));
-        auto out = std::make_shared<std::vector<uint8_t>>(64);
-        std::promise<void> store_done, lookup_done, load_done;
-        a->SubmitStore({Key(id)}, {In(*data)}, [&, me](const Status& s, const Bitmap&) {
-          calls++;
-          if (std::this_thread::get_id() == me) on_submitter++;
-          if (!s.ok()) errors++;
-          store_done.set_value();
-        });
-        Bitmap pinned;
-        a->SubmitLookupAndPin({Key(id)}, [&, me](const Status& s, const Bitmap& b) {
-          calls++;
-          if (std::this_thread::get_id() == me) on_submitter++;
-          if (!s.ok()) errors++;
-          pinned = b;
-          lookup_done.set_value();
-        });
-        store_done.get_future().wait();
-        lookup_done.get_future().wait();
-        a->SubmitLoad({Key(id)}, {Out(*out)}, [&, me, id](const Status& s, const Bitmap& b) {
-          calls++;
-          if (std::this_thread::get_id() == me) on_submitter++;
-          if (!s.ok()) errors++;
-          if (b.All() && *out != Pattern(id, 64)) wrong_bytes++;
-          load_done.set_value();
-        });
-        load_done.get_future().wait();
-        if (pinned.All()) a->Unpin({Key(id)});
-      }
-    });
-  }
-  for (auto& th : threads) th.join();
-  EXPECT_EQ(calls.load(), kThreads * kRounds * 3);
-  EXPECT_EQ(on_submitter.load(), 0);
-  EXPECT_EQ(wrong_bytes.load(), 0);
-  EXPECT_EQ(errors.load(), 0);
+  testutil::StoreLookupLoadRounds(*a, /*threads=*/4, /*rounds=*/150, /*keys=*/40, /*size=*/64);
   EXPECT_EQ(a->TotalPins(), 0u);
   L2AdapterStats s = a->stats();
   EXPECT_EQ(s.in_flight, 0u);
