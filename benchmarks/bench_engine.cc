@@ -15,6 +15,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "lmcache_cpp/cache_engine.h"
@@ -54,15 +55,7 @@ std::vector<double> TimeWithCleanup(int iters, F&& body, G&& cleanup) {
 
 template <typename F>
 std::vector<double> Time(int iters, F&& body) {
-  std::vector<double> us;
-  us.reserve(static_cast<size_t>(iters));
-  for (int i = 0; i < iters; ++i) {
-    auto t0 = Clock::now();
-    body(i);
-    auto t1 = Clock::now();
-    us.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
-  }
-  return us;
+  return TimeWithCleanup(iters, std::forward<F>(body), [](int) {});
 }
 
 }  // namespace

@@ -9,7 +9,7 @@
 // [offset + kSpan, offset + 2 * kSpan) for the parent to check. Exits 0 on success; on failure
 // prints one line to stderr and exits non-zero (2 usage, 3 attach, 4 range, 5 mismatch).
 //
-// kSpan and PatternByte must stay identical to the copies in arena_test.cc.
+// kSpan and PatternByte come from arena_pattern.h, shared with arena_test.cc.
 
 #include <cinttypes>
 #include <cstdint>
@@ -18,17 +18,13 @@
 #include <memory>
 #include <string>
 
+#include "arena_pattern.h"
 #include "lmcache_cpp/arena.h"
 
 namespace {
 
-constexpr size_t kSpan = 64 * 1024;
-
-uint8_t PatternByte(uint64_t seed, size_t i) {
-  uint64_t x = (seed + 1) * 0x9E3779B97F4A7C15ULL + i * 0xBF58476D1CE4E5B9ULL;
-  x ^= x >> 29;
-  return static_cast<uint8_t>(x ^ (x >> 8));
-}
+using lmcache_cpp::testutil::kSpan;
+using lmcache_cpp::testutil::PatternByte;
 
 bool ParseU64(const char* text, uint64_t* out) {
   char* end = nullptr;

@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "arena_pattern.h"
 #include "lmcache_cpp/logging.h"
 
 extern char** environ;
@@ -25,14 +26,8 @@ extern char** environ;
 namespace lmcache_cpp {
 namespace {
 
-// kSpan and PatternByte must stay identical to the copies in arena_peer.cc.
-constexpr size_t kSpan = 64 * 1024;
-
-uint8_t PatternByte(uint64_t seed, size_t i) {
-  uint64_t x = (seed + 1) * 0x9E3779B97F4A7C15ULL + i * 0xBF58476D1CE4E5B9ULL;
-  x ^= x >> 29;
-  return static_cast<uint8_t>(x ^ (x >> 8));
-}
+using testutil::kSpan;
+using testutil::PatternByte;
 
 size_t PageSize() { return static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
 
