@@ -18,6 +18,7 @@
 #include <utility>
 
 #include "crc32c.h"
+#include "l2_submit_check.h"
 #include "lmcache_cpp/logging.h"
 #include "worker_pool.h"
 
@@ -351,14 +352,7 @@ void FileSystemL2Adapter::SubmitStore(std::vector<ObjectKey> keys, std::vector<C
                                       StoreCallback done) {
   auto batch = std::make_shared<Batch>();
   batch->type = OpType::kStore;
-  if (keys.size() != buffers.size()) {
-    batch->pre_status = Status::InvalidArgument("SubmitStore: keys and buffers differ in length");
-  }
-  for (const ConstBuffer& b : buffers) {
-    if (b.data == nullptr && b.size > 0) {
-      batch->pre_status = Status::InvalidArgument("SubmitStore: null buffer with a non-zero size");
-    }
-  }
+  batch->pre_status = internal::CheckSubmitBuffers("SubmitStore", keys.size(), buffers);
   batch->keys = std::move(keys);
   batch->in = std::move(buffers);
   batch->done = std::move(done);
@@ -377,14 +371,7 @@ void FileSystemL2Adapter::SubmitLoad(std::vector<ObjectKey> keys,
                                      std::vector<MutableBuffer> buffers, LoadCallback done) {
   auto batch = std::make_shared<Batch>();
   batch->type = OpType::kLoad;
-  if (keys.size() != buffers.size()) {
-    batch->pre_status = Status::InvalidArgument("SubmitLoad: keys and buffers differ in length");
-  }
-  for (const MutableBuffer& b : buffers) {
-    if (b.data == nullptr && b.size > 0) {
-      batch->pre_status = Status::InvalidArgument("SubmitLoad: null buffer with a non-zero size");
-    }
-  }
+  batch->pre_status = internal::CheckSubmitBuffers("SubmitLoad", keys.size(), buffers);
   batch->keys = std::move(keys);
   batch->out = std::move(buffers);
   batch->done = std::move(done);

@@ -6,6 +6,7 @@
 #include <string>
 #include <utility>
 
+#include "l2_submit_check.h"
 #include "lmcache_cpp/logging.h"
 #include "worker_pool.h"
 
@@ -35,14 +36,7 @@ void SyncL2Adapter::SubmitStore(std::vector<ObjectKey> keys, std::vector<ConstBu
                                 StoreCallback done) {
   Op op;
   op.type = OpType::kStore;
-  if (keys.size() != buffers.size()) {
-    op.pre_status = Status::InvalidArgument("SubmitStore: keys and buffers differ in length");
-  }
-  for (const ConstBuffer& b : buffers) {
-    if (b.data == nullptr && b.size > 0) {
-      op.pre_status = Status::InvalidArgument("SubmitStore: null buffer with a non-zero size");
-    }
-  }
+  op.pre_status = internal::CheckSubmitBuffers("SubmitStore", keys.size(), buffers);
   op.keys = std::move(keys);
   op.in = std::move(buffers);
   op.done = std::move(done);
@@ -61,14 +55,7 @@ void SyncL2Adapter::SubmitLoad(std::vector<ObjectKey> keys, std::vector<MutableB
                                LoadCallback done) {
   Op op;
   op.type = OpType::kLoad;
-  if (keys.size() != buffers.size()) {
-    op.pre_status = Status::InvalidArgument("SubmitLoad: keys and buffers differ in length");
-  }
-  for (const MutableBuffer& b : buffers) {
-    if (b.data == nullptr && b.size > 0) {
-      op.pre_status = Status::InvalidArgument("SubmitLoad: null buffer with a non-zero size");
-    }
-  }
+  op.pre_status = internal::CheckSubmitBuffers("SubmitLoad", keys.size(), buffers);
   op.keys = std::move(keys);
   op.out = std::move(buffers);
   op.done = std::move(done);

@@ -9,6 +9,7 @@
 #include <iterator>
 #include <utility>
 
+#include "l2_submit_check.h"
 #include "worker_pool.h"
 
 namespace lmcache_cpp {
@@ -56,15 +57,8 @@ void MemoryL2Adapter::SubmitStore(std::vector<ObjectKey> keys, std::vector<Const
                                   StoreCallback done) {
   auto op = std::make_unique<Op>();
   op->type = L2Op::kStore;
-  if (keys.size() != buffers.size()) {
-    op->pre_status = Status::InvalidArgument("SubmitStore: keys and buffers differ in length");
-  }
-  for (const ConstBuffer& b : buffers) {
-    if (b.data == nullptr && b.size > 0) {
-      op->pre_status = Status::InvalidArgument("SubmitStore: null buffer with a non-zero size");
-    }
-    op->bytes += b.size;
-  }
+  op->pre_status = internal::CheckSubmitBuffers("SubmitStore", keys.size(), buffers);
+  for (const ConstBuffer& b : buffers) op->bytes += b.size;
   op->keys = std::move(keys);
   op->in = std::move(buffers);
   op->done = std::move(done);
@@ -83,15 +77,8 @@ void MemoryL2Adapter::SubmitLoad(std::vector<ObjectKey> keys, std::vector<Mutabl
                                  LoadCallback done) {
   auto op = std::make_unique<Op>();
   op->type = L2Op::kLoad;
-  if (keys.size() != buffers.size()) {
-    op->pre_status = Status::InvalidArgument("SubmitLoad: keys and buffers differ in length");
-  }
-  for (const MutableBuffer& b : buffers) {
-    if (b.data == nullptr && b.size > 0) {
-      op->pre_status = Status::InvalidArgument("SubmitLoad: null buffer with a non-zero size");
-    }
-    op->bytes += b.size;
-  }
+  op->pre_status = internal::CheckSubmitBuffers("SubmitLoad", keys.size(), buffers);
+  for (const MutableBuffer& b : buffers) op->bytes += b.size;
   op->keys = std::move(keys);
   op->out = std::move(buffers);
   op->done = std::move(done);
