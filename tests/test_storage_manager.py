@@ -94,6 +94,24 @@ def assert_clean(m: lc.StorageManager, *requests: int) -> None:
     m.table().check_invariants()
 
 
+def assert_released(adapter: lc.L2Adapter, m: lc.StorageManager, *requests: int) -> None:
+    """Every pin the L2 tier gave is returned, and nothing is left held in L1 (assert_clean)."""
+    if isinstance(adapter, DictL2Adapter):
+        adapter.drain()  # the pipeline's unpins are queued on the adapter's worker
+    assert adapter.total_pins() == 0
+    assert_clean(m, *requests)
+
+
+def manager_over(
+    make_manager: ManagerFactory, make_keys: KeyFactory, adapter: lc.L2Adapter, n: int
+) -> tuple[lc.StorageManager, list[lc.ObjectKey]]:
+    """A manager with ``adapter`` as its L2 tier and ``n`` keys, all of them stored in the tier."""
+    m = make_manager(adapter)
+    keys = make_keys(n)
+    put_l2(adapter, keys)
+    return m, keys
+
+
 # ---- store path and file-system tier ------------------------------------------------------------
 
 
@@ -178,8 +196,7 @@ def test_gap_in_l2_trims_the_hit_and_returns_every_pin(
     result = prefetch(m, keys)
     assert (result.hits, result.l2_hits) == (2, 2)
     assert m.table().contains(keys).to_list() == [True, True, False, False, False]
-    assert mem.total_pins() == 0
-    assert_clean(m, 1)
+    assert_released(mem, m, 1)
 
 
 def test_two_adapters_with_disjoint_halves_give_a_full_hit(
@@ -203,9 +220,7 @@ def test_results_are_delivered_once_and_only_to_their_client(
     make_manager: ManagerFactory, make_keys: KeyFactory
 ) -> None:
     mem = lc.MemoryL2Adapter()
-    m = make_manager(mem)
-    keys = make_keys(3)
-    put_l2(mem, keys)
+    m, keys = manager_over(make_manager, make_keys, mem, 3)
     ctl = m.prefetch_controller()
     handle = ctl.submit(owner(1), keys, OBJ)
     assert lc.JobHandle.from_hex(handle.hex()) == handle
@@ -219,8 +234,7 @@ def test_results_are_delivered_once_and_only_to_their_client(
         ctl.query(CLIENT, handle)  # collected: exactly once
     with pytest.raises(lc.NotFoundError):
         ctl.cancel(CLIENT, handle)
-    assert mem.total_pins() == 0
-    assert_clean(m, 1)
+    assert_released(mem, m, 1)
 
 
 def test_sync_lookup_with_a_stalled_adapter_answers_by_its_deadline(
@@ -251,9 +265,7 @@ def test_several_threads_join_one_sync_load(
     make_manager: ManagerFactory, make_keys: KeyFactory
 ) -> None:
     mem = lc.MemoryL2Adapter()
-    m = make_manager(mem)
-    keys = make_keys(4)
-    put_l2(mem, keys)
+    m, keys = manager_over(make_manager, make_keys, mem, 4)
     mem.inject_fault(lc.L2Op.LOAD, 1, lc.FaultKind.DELAY, delay_s=0.1)
     ctl = m.prefetch_controller()
     r = ctl.lookup_and_pin(owner(9), keys, OBJ, 10.0, extra_count=3)
@@ -276,8 +288,7 @@ def test_several_threads_join_one_sync_load(
     assert results == [4, 4, 4, 4]
     assert mem.stats().loads == 4  # the load ran once for all joiners
     assert m.table().stats().objects == 0  # temporaries freed with their last lease
-    assert mem.total_pins() == 0
-    assert_clean(m, 9)
+    assert_released(mem, m, 9)
 
 
 # ---- Python adapter as the L2 tier -------------------------------------------------------------
@@ -310,9 +321,7 @@ def test_python_adapter_that_raises_is_a_miss_not_a_crash(
     make_manager: ManagerFactory, make_keys: KeyFactory
 ) -> None:
     py = DictL2Adapter()
-    m = make_manager(py)
-    keys = make_keys(4)
-    put_l2(py, keys)
+    m, keys = manager_over(make_manager, make_keys, py, 4)
 
     def broken() -> None:
         raise ConnectionError("remote store went away")
@@ -331,9 +340,7 @@ def test_python_adapter_that_raises_is_a_miss_not_a_crash(
 
     py.hooks.clear()  # the tier recovers; the process never noticed
     assert prefetch(m, keys, request=3).hits == 4
-    py.drain()
-    assert py.total_pins() == 0
-    assert_clean(m, 1, 2, 3)
+    assert_released(py, m, 1, 2, 3)
 
 
 def test_python_adapter_runs_while_the_main_thread_runs_python(
@@ -343,9 +350,7 @@ def test_python_adapter_runs_while_the_main_thread_runs_python(
     # returned, releases it: submit does not wait for the adapter, and the adapter's worker and
     # the main thread take turns on the GIL instead of one holding it across the other's work.
     py = DictL2Adapter()
-    m = make_manager(py)
-    keys = make_keys(4)
-    put_l2(py, keys)
+    m, keys = manager_over(make_manager, make_keys, py, 4)
     entered, release = threading.Event(), threading.Event()
     seen_by_adapter: list[int] = []
 
@@ -365,9 +370,7 @@ def test_python_adapter_runs_while_the_main_thread_runs_python(
     result = ctl.wait(CLIENT, handle, 30.0)
     assert result is not None and result.hits == 4
     assert seen_by_adapter == [10_000]
-    py.drain()
-    assert py.total_pins() == 0
-    assert_clean(m, 1)
+    assert_released(py, m, 1)
 
 
 # ---- ownership and lifecycle --------------------------------------------------------------------
