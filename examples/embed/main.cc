@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "lmcache_cpp/lmcache_cpp.h"
+#include "lmcache_cpp/stat_fields.h"
 
 namespace {
 
@@ -504,6 +505,15 @@ int Run(const std::string& dir) {
               " KiB read; L1 read leases left: %" PRIu64 "\n",
               ss.l2[0].objects, ss.l2[0].bytes >> 10, ss.l2[0].loads, ss.l2[0].bytes_read >> 10,
               ss.l1.read_leases);
+  // What a host hands its own metrics system: every engine counter by name, from the table that
+  // also generates the server's STATUS and /metrics (stat_fields.h).
+  std::printf("engine counters:");
+  lmcache_cpp::ForEachStat(es, [](const auto& field, uint64_t value) {
+    if (field.kind == lmcache_cpp::StatKind::kCounter && value != 0) {
+      std::printf(" %s=%" PRIu64, field.name, value);
+    }
+  });
+  std::printf("\n");
   if (ss.l1.read_leases != 0) ok = Fail("leases left after every session ended");
   if (!CloseCache(&cache)) return 1;
   std::printf("%s\n", ok ? "OK" : "FAILED");

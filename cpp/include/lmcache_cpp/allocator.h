@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "lmcache_cpp/status.h"
+#include "lmcache_cpp/storage_options.h"  // AllocatorStats
 
 namespace lmcache_cpp {
 
@@ -36,19 +37,6 @@ struct Extent {
   bool operator==(const Extent& o) const noexcept {
     return offset == o.offset && length == o.length;
   }
-};
-
-// Each field is described once (kind, metric, help) in stat_fields.h: add a row there too.
-struct AllocatorStats {
-  uint64_t capacity = 0;      // bytes managed
-  uint64_t used = 0;          // bytes in live extents (rounded sizes)
-  uint64_t free = 0;          // capacity - used
-  uint64_t largest_free = 0;  // the largest single allocation that would succeed now
-  uint64_t live_extents = 0;
-  uint64_t free_extents = 0;        // number of holes
-  uint64_t allocations = 0;         // successful Allocate calls (batch items count one each)
-  uint64_t failed_allocations = 0;  // Allocate/AllocateBatch calls that returned nullopt/error
-  uint64_t frees = 0;
 };
 
 class ExtentAllocator {

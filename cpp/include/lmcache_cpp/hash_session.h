@@ -52,18 +52,6 @@ struct HashSessionUsage {
   uint64_t bytes = 0;
 };
 
-// Each field is described once (kind, metric, help) in stat_fields.h: add a row there too.
-struct HashSessionStats {
-  uint64_t sessions = 0;
-  uint64_t bytes = 0;             // held by all sessions (gauge)
-  uint64_t chunks_hashed = 0;     // chunks that went through the hash function
-  uint64_t chunks_reused = 0;     // chunks answered from a session
-  uint64_t sessions_rebuilt = 0;  // prefix mismatch on an existing session
-  uint64_t sessions_expired = 0;
-  uint64_t sessions_evicted = 0;     // dropped for max_sessions or max_bytes
-  uint64_t sessions_over_quota = 0;  // dropped for their owner's quota (or too large to keep)
-};
-
 class HashSessionCache {
  public:
   // `hasher` must outlive the cache. `clock` defaults to SteadyClock.

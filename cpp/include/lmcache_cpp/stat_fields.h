@@ -19,13 +19,11 @@
 #include <cstdint>
 #include <iterator>
 
-#include "lmcache_cpp/allocator.h"
 #include "lmcache_cpp/cache_engine.h"
 #include "lmcache_cpp/fs_adapter.h"
-#include "lmcache_cpp/hash_session.h"
+#include "lmcache_cpp/hash_options.h"
 #include "lmcache_cpp/l2_adapter.h"
-#include "lmcache_cpp/object_table.h"
-#include "lmcache_cpp/prefetch_controller.h"
+#include "lmcache_cpp/storage_options.h"
 #include "lmcache_cpp/store_controller.h"
 #include "lmcache_cpp/sync_adapter.h"
 

@@ -81,6 +81,19 @@ struct PrefetchStats {
   uint64_t load_failures = 0;       // keys planned from L2 that did not load
 };
 
+// Each field is described once (kind, metric, help) in stat_fields.h: add a row there too.
+struct AllocatorStats {
+  uint64_t capacity = 0;      // bytes managed
+  uint64_t used = 0;          // bytes in live extents (rounded sizes)
+  uint64_t free = 0;          // capacity - used
+  uint64_t largest_free = 0;  // the largest single allocation that would succeed now
+  uint64_t live_extents = 0;
+  uint64_t free_extents = 0;        // number of holes
+  uint64_t allocations = 0;         // successful Allocate calls (batch items count one each)
+  uint64_t failed_allocations = 0;  // Allocate/AllocateBatch calls that returned nullopt/error
+  uint64_t frees = 0;
+};
+
 }  // namespace lmcache_cpp
 
 #endif  // LMCACHE_CPP_STORAGE_OPTIONS_H_
