@@ -25,6 +25,22 @@ namespace {
 
 using namespace nb::literals;
 
+// `view`, for both arena classes (Python "Arena" and "AttachedArena"): a byte view that keeps the
+// mapping alive.
+struct ArenaView : nb::def_visitor<ArenaView> {
+  template <typename Class, typename... Extra>
+  static void execute(Class& cls, const Extra&...) {
+    using A = typename Class::Type;
+    cls.def(
+        "view",
+        [](const A& a, uint64_t offset, std::optional<uint64_t> size) {
+          return MakeByteView(a.arena, a.arena->base(), a.arena->size(), offset, size);
+        },
+        "offset"_a = 0, "size"_a.none() = nb::none(),
+        "Writable zero-copy uint8 view of [offset, offset + size); size defaults to the rest.");
+  }
+};
+
 void BindArenaTypes(nb::module_& m) {
   nb::enum_<ArenaBackend>(m, "ArenaBackend")
       .value("MEMFD", ArenaBackend::kMemfd)
@@ -78,13 +94,7 @@ void BindArenaTypes(nb::module_& m) {
       .def_prop_ro("backend", [](const PyArena& a) { return a.arena->backend(); })
       .def_prop_ro("fd", [](const PyArena& a) { return a.arena->fd(); })
       .def_prop_ro("descriptor", [](const PyArena& a) { return a.arena->descriptor(); })
-      .def(
-          "view",
-          [](const PyArena& a, uint64_t offset, std::optional<uint64_t> size) {
-            return MakeByteView(a.arena, a.arena->base(), a.arena->size(), offset, size);
-          },
-          "offset"_a = 0, "size"_a.none() = nb::none(),
-          "Writable zero-copy uint8 view of [offset, offset + size); size defaults to the rest.");
+      .def(ArenaView());
 
   nb::class_<PyAttachedArena>(m, "AttachedArena",
                               "A read-write mapping of an arena created elsewhere (another "
@@ -97,13 +107,7 @@ void BindArenaTypes(nb::module_& m) {
           },
           "descriptor"_a, nb::call_guard<nb::gil_scoped_release>())
       .def_prop_ro("size", [](const PyAttachedArena& a) { return a.arena->size(); })
-      .def(
-          "view",
-          [](const PyAttachedArena& a, uint64_t offset, std::optional<uint64_t> size) {
-            return MakeByteView(a.arena, a.arena->base(), a.arena->size(), offset, size);
-          },
-          "offset"_a = 0, "size"_a.none() = nb::none(),
-          "Writable zero-copy uint8 view of [offset, offset + size); size defaults to the rest.");
+      .def(ArenaView());
 }
 
 void BindAllocator(nb::module_& m) {
