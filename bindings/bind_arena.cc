@@ -113,13 +113,7 @@ void BindArenaTypes(nb::module_& m) {
 void BindAllocator(nb::module_& m) {
   nb::class_<Extent> extent(m, "Extent", "A byte range of the arena: offset and allocated length.");
   extent.attr("__hash__") = nb::none();  // mutable, compares by value
-  extent
-      .def(
-          "__init__",
-          [](Extent* self, uint64_t offset, uint64_t length) {
-            new (self) Extent{offset, length};
-          },
-          "offset"_a = 0, "length"_a = 0)
+  extent.def(nb::init<uint64_t, uint64_t>(), "offset"_a = 0, "length"_a = 0)
       .def_rw("offset", &Extent::offset)
       .def_rw("length", &Extent::length)
       .def(

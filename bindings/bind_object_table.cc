@@ -40,13 +40,7 @@ void BindValueTypes(nb::module_& m) {
   nb::class_<LeaseOwner> owner(m, "LeaseOwner",
                                "Who takes a lease: the client (connection) acting for a request.");
   owner.attr("__hash__") = nb::none();  // mutable, compares by value
-  owner
-      .def(
-          "__init__",
-          [](LeaseOwner* self, ClientId client, RequestId request) {
-            new (self) LeaseOwner{client, request};
-          },
-          "client"_a, "request"_a)
+  owner.def(nb::init<ClientId, RequestId>(), "client"_a, "request"_a)
       .def_rw("client", &LeaseOwner::client)
       .def_rw("request", &LeaseOwner::request)
       .def(

@@ -323,6 +323,15 @@ void BindControllers(nb::module_& m) {
           "stats", [](const S& s) { return s.ctl->stats(); }, Release());
 }
 
+// A StorageManager accessor returning the component `get` gives as the Python holder H, whose
+// pointer shares ownership of the manager (keeps it alive).
+template <typename H, typename T>
+auto ManagerPart(T* (StorageManager::*get)() const) {
+  return [get](const PyStorageManager& s) {
+    return H{std::shared_ptr<T>(s.manager, ((*s.manager).*get)())};
+  };
+}
+
 void BindManager(nb::module_& m) {
   using M = PyStorageManager;
   nb::class_<M>(m, "StorageManager",
@@ -396,20 +405,10 @@ void BindManager(nb::module_& m) {
                                  /*is_managed=*/true);
           },
           "The L1 object table (keeps the manager alive).")
-      .def(
-          "prefetch_controller",
-          [](const M& s) {
-            return PyPrefetchController{
-                std::shared_ptr<PrefetchController>(s.manager, s.manager->prefetch())};
-          },
-          "The prefetch controller (keeps the manager alive).")
-      .def(
-          "store_controller",
-          [](const M& s) {
-            return PyStoreController{
-                std::shared_ptr<StoreController>(s.manager, s.manager->store())};
-          },
-          "The store controller (keeps the manager alive).")
+      .def("prefetch_controller", ManagerPart<PyPrefetchController>(&StorageManager::prefetch),
+           "The prefetch controller (keeps the manager alive).")
+      .def("store_controller", ManagerPart<PyStoreController>(&StorageManager::store),
+           "The store controller (keeps the manager alive).")
       .def(
           "arena", [](const M& s) { return PyArena{s.manager->arena()}; },
           "The shared-memory arena (its descriptor lets other processes map it).")
