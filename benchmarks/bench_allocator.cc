@@ -21,19 +21,17 @@
 #include <random>
 #include <vector>
 
+#include "bench_util.h"
 #include "lmcache_cpp/allocator.h"
 
 namespace {
 
 using lmcache_cpp::Extent;
 using lmcache_cpp::ExtentAllocator;
+using lmcache_cpp::bench::SecondsSince;
 
 constexpr uint64_t kCapacity = uint64_t{64} << 30;  // 64 GiB
 constexpr uint64_t kObject = uint64_t{32} << 20;    // 32 MiB
-
-double SecondsSince(std::chrono::steady_clock::time_point start) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-}
 
 struct CaseResult {
   double seconds = 0;

@@ -40,6 +40,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_util.h"
 #include "lmcache_cpp/fs_adapter.h"
 
 namespace {
@@ -51,6 +52,8 @@ using lmcache_cpp::FileSystemL2Adapter;
 using lmcache_cpp::MutableBuffer;
 using lmcache_cpp::ObjectKey;
 using lmcache_cpp::Status;
+using lmcache_cpp::bench::GBps;
+using lmcache_cpp::bench::SecondsSince;
 
 constexpr uint64_t kMiB = uint64_t{1} << 20;
 constexpr uint64_t kBytesPerCase = 256 * kMiB;
@@ -58,11 +61,13 @@ constexpr int kInFlightMany = 8;
 constexpr int kWritePasses = 2;
 constexpr int kReadPasses = 4;
 
-double SecondsSince(std::chrono::steady_clock::time_point start) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+// Warns on stderr when some of a series' adapter calls (`what`: "stores", "loads") failed.
+void WarnIfFailed(uint64_t failures, const char* what) {
+  if (failures != 0) {
+    std::fprintf(stderr, "warning: %llu %s failed\n", static_cast<unsigned long long>(failures),
+                 what);
+  }
 }
-
-double GBps(uint64_t bytes, double seconds) { return static_cast<double>(bytes) / seconds / 1e9; }
 
 [[noreturn]] void Die(const std::string& what) {
   std::fprintf(stderr, "bench_fs_adapter: %s: %s\n", what.c_str(), std::strerror(errno));
@@ -214,10 +219,7 @@ CaseResult RunCase(const std::string& dir, uint64_t size, uint64_t* key_base) {
                              [done](const Status& s, const Bitmap& b) { done(s.ok() && b.All()); });
       });
       res.write[w] = std::max(res.write[w], GBps(total, SecondsSince(t0)));
-      if (failures != 0) {
-        std::fprintf(stderr, "warning: %llu stores failed\n",
-                     static_cast<unsigned long long>(failures));
-      }
+      WarnIfFailed(failures, "stores");
     }
   }
 
@@ -242,10 +244,7 @@ CaseResult RunCase(const std::string& dir, uint64_t size, uint64_t* key_base) {
                             [done](const Status& s, const Bitmap& b) { done(s.ok() && b.All()); });
       });
       res.read[w] = std::max(res.read[w], GBps(total, SecondsSince(t0)));
-      if (failures != 0) {
-        std::fprintf(stderr, "warning: %llu loads failed\n",
-                     static_cast<unsigned long long>(failures));
-      }
+      WarnIfFailed(failures, "loads");
     }
   }
   res.plain_read = std::max(plain_best[0], plain_best[1]);

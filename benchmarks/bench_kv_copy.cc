@@ -43,6 +43,7 @@
 #include <vector>
 
 #include "../cpp/src/crc32c.h"  // internal (not installed): for the checksum-alone reference
+#include "bench_util.h"
 #include "lmcache_cpp/kv_copy.h"
 
 namespace {
@@ -54,6 +55,9 @@ using lmcache_cpp::CopyThreadPool;
 using lmcache_cpp::KvCacheLayout;
 using lmcache_cpp::KvCacheView;
 using lmcache_cpp::KvLayout;
+using lmcache_cpp::bench::ArgOr;
+using lmcache_cpp::bench::BestSeconds;
+using lmcache_cpp::bench::GBps;
 
 constexpr uint32_t kLayers = 32;
 constexpr uint32_t kHeads = 8;
@@ -63,33 +67,17 @@ constexpr uint32_t kBlockSize = 16;
 constexpr uint64_t kChunkSize = 256;
 constexpr size_t kChunks = 16;
 
-double BestSeconds(int repeats, const std::function<void()>& fn) {
-  double best = 1e30;
-  for (int r = 0; r < repeats; ++r) {
-    const auto start = std::chrono::steady_clock::now();
-    fn();
-    best = std::min(
-        best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
-  }
-  return best;
-}
-
-double GBps(uint64_t bytes, double seconds) { return static_cast<double>(bytes) / seconds / 1e9; }
-
 void Check(const lmcache_cpp::Status& st, const char* what) {
-  if (!st.ok()) {
-    std::fprintf(stderr, "bench_kv_copy: %s: %s\n", what, st.ToString().c_str());
-    std::exit(1);
-  }
+  if (!st.ok()) lmcache_cpp::bench::Fail(std::string("bench_kv_copy: ") + what, st);
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  const uint64_t num_blocks = argc > 1 ? std::strtoull(argv[1], nullptr, 10) : 1024;
-  const int repeats = argc > 2 ? std::atoi(argv[2]) : 5;
+  const uint64_t num_blocks = ArgOr<uint64_t>(argc, argv, 1, 1024);
+  const int repeats = ArgOr(argc, argv, 2, 5);
   const size_t hw = std::max<size_t>(std::thread::hardware_concurrency(), 1);
-  const size_t threads = argc > 3 ? std::strtoull(argv[3], nullptr, 10) : hw;
+  const size_t threads = ArgOr(argc, argv, 3, hw);
   const uint64_t blocks_per_request = kChunks * kChunkSize / kBlockSize;
   if (num_blocks < blocks_per_request || repeats < 1 || threads < 1) {
     std::fprintf(stderr, "usage: bench_kv_copy [num_blocks >= %llu] [repeats >= 1] [threads]\n",
@@ -184,20 +172,17 @@ int main(int argc, char** argv) {
     const std::string name = lmcache_cpp::KvLayoutName(view.layout.layout);
     const KvCacheView* v = &view;
     const std::string mt = std::to_string(threads) + " threads";
-    cases.push_back({name + " store 1 thread",
-                     [&, v] { Check(GatherBatch(*v, kChunkSize, chunks, single), "gather"); }});
-    cases.push_back({name + " store " + mt,
-                     [&, v] { Check(GatherBatch(*v, kChunkSize, chunks, multi), "gather"); }});
-    cases.push_back({name + " store " + mt + ", regular stores", [&, v] {
-                       Check(GatherBatch(*v, kChunkSize, chunks, multi_cached), "gather");
-                     }});
-    cases.push_back({name + " retrieve 1 thread",
-                     [&, v] { Check(ScatterBatch(*v, kChunkSize, chunks, single), "scatter"); }});
-    cases.push_back({name + " retrieve " + mt,
-                     [&, v] { Check(ScatterBatch(*v, kChunkSize, chunks, multi), "scatter"); }});
-    cases.push_back({name + " retrieve " + mt + ", regular stores", [&, v] {
-                       Check(ScatterBatch(*v, kChunkSize, chunks, multi_cached), "scatter");
-                     }});
+    const std::pair<std::string, const CopyOptions*> variants[] = {
+        {" 1 thread", &single}, {" " + mt, &multi}, {" " + mt + ", regular stores", &multi_cached}};
+    for (const bool store : {true, false}) {
+      for (const auto& [suffix, options] : variants) {
+        cases.push_back({name + (store ? " store" : " retrieve") + suffix, [&, v, store, options] {
+                           Check(store ? GatherBatch(*v, kChunkSize, chunks, *options)
+                                       : ScatterBatch(*v, kChunkSize, chunks, *options),
+                                 store ? "gather" : "scatter");
+                         }});
+      }
+    }
   }
   for (int r = 0; r < repeats; ++r) {
     for (Case& c : cases) c.best = std::min(c.best, BestSeconds(1, c.run));

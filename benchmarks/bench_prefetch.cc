@@ -31,11 +31,14 @@
 #include <thread>
 #include <vector>
 
+#include "bench_util.h"
 #include "lmcache_cpp/prefetch_controller.h"
 #include "lmcache_cpp/storage_manager.h"
 #include "testing/memory_adapter.h"
 
 using namespace lmcache_cpp;  // NOLINT: benchmark program
+using lmcache_cpp::bench::ArgOr;
+using lmcache_cpp::bench::Fail;
 
 namespace {
 
@@ -83,16 +86,11 @@ Bitmap Await(const std::function<void(StoreCallback)>& submit) {
   return done.get_future().get();
 }
 
-void Fail(const char* what, const Status& st) {
-  std::fprintf(stderr, "%s: %s\n", what, st.ToString().c_str());
-  std::exit(1);
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
-  const uint64_t object_size = argc > 1 ? std::strtoull(argv[1], nullptr, 10) : 16384;
-  const int runs = argc > 2 ? std::atoi(argv[2]) : 2000;
+  const uint64_t object_size = ArgOr<uint64_t>(argc, argv, 1, 16384);
+  const int runs = ArgOr(argc, argv, 2, 2000);
   const int warmup = std::max(runs / 10, 10);
   const uint64_t total_bytes = kChunks * object_size;
 

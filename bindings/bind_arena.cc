@@ -25,6 +25,22 @@ namespace {
 
 using namespace nb::literals;
 
+// `view`, for both arena classes (Python "Arena" and "AttachedArena"): a byte view that keeps the
+// mapping alive.
+struct ArenaView : nb::def_visitor<ArenaView> {
+  template <typename Class, typename... Extra>
+  static void execute(Class& cls, const Extra&...) {
+    using A = typename Class::Type;
+    cls.def(
+        "view",
+        [](const A& a, uint64_t offset, std::optional<uint64_t> size) {
+          return MakeByteView(a.arena, a.arena->base(), a.arena->size(), offset, size);
+        },
+        "offset"_a = 0, "size"_a.none() = nb::none(),
+        "Writable zero-copy uint8 view of [offset, offset + size); size defaults to the rest.");
+  }
+};
+
 void BindArenaTypes(nb::module_& m) {
   nb::enum_<ArenaBackend>(m, "ArenaBackend")
       .value("MEMFD", ArenaBackend::kMemfd)
@@ -78,13 +94,7 @@ void BindArenaTypes(nb::module_& m) {
       .def_prop_ro("backend", [](const PyArena& a) { return a.arena->backend(); })
       .def_prop_ro("fd", [](const PyArena& a) { return a.arena->fd(); })
       .def_prop_ro("descriptor", [](const PyArena& a) { return a.arena->descriptor(); })
-      .def(
-          "view",
-          [](const PyArena& a, uint64_t offset, std::optional<uint64_t> size) {
-            return MakeByteView(a.arena, a.arena->base(), a.arena->size(), offset, size);
-          },
-          "offset"_a = 0, "size"_a.none() = nb::none(),
-          "Writable zero-copy uint8 view of [offset, offset + size); size defaults to the rest.");
+      .def(ArenaView());
 
   nb::class_<PyAttachedArena>(m, "AttachedArena",
                               "A read-write mapping of an arena created elsewhere (another "
@@ -97,25 +107,13 @@ void BindArenaTypes(nb::module_& m) {
           },
           "descriptor"_a, nb::call_guard<nb::gil_scoped_release>())
       .def_prop_ro("size", [](const PyAttachedArena& a) { return a.arena->size(); })
-      .def(
-          "view",
-          [](const PyAttachedArena& a, uint64_t offset, std::optional<uint64_t> size) {
-            return MakeByteView(a.arena, a.arena->base(), a.arena->size(), offset, size);
-          },
-          "offset"_a = 0, "size"_a.none() = nb::none(),
-          "Writable zero-copy uint8 view of [offset, offset + size); size defaults to the rest.");
+      .def(ArenaView());
 }
 
 void BindAllocator(nb::module_& m) {
   nb::class_<Extent> extent(m, "Extent", "A byte range of the arena: offset and allocated length.");
   extent.attr("__hash__") = nb::none();  // mutable, compares by value
-  extent
-      .def(
-          "__init__",
-          [](Extent* self, uint64_t offset, uint64_t length) {
-            new (self) Extent{offset, length};
-          },
-          "offset"_a = 0, "length"_a = 0)
+  extent.def(nb::init<uint64_t, uint64_t>(), "offset"_a = 0, "length"_a = 0)
       .def_rw("offset", &Extent::offset)
       .def_rw("length", &Extent::length)
       .def(

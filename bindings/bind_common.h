@@ -29,6 +29,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -54,6 +55,12 @@ class StatusError : public std::exception {
   Status status_;
 };
 
+// The call guard of bindings whose arguments are fully converted before the call (see GIL above).
+using Release = nb::call_guard<nb::gil_scoped_release>;
+
+// A batch of object keys, as the table, storage and L2 bindings take them.
+using Keys = std::vector<ObjectKey>;
+
 inline void ThrowIfError(const Status& status) {
   if (!status.ok()) throw StatusError(status);
 }
@@ -62,6 +69,22 @@ template <typename T>
 T ValueOrThrow(Result<T>&& result) {
   if (!result.ok()) throw StatusError(result.status());
   return std::move(result).value();
+}
+
+// A binding that calls `method` on what the holder's pointer member `core` points to, with the
+// Python call's arguments as nanobind converted them, and throws StatusError for a non-OK Status
+// or Result (returning the Result's value). E.g. `.def("cancel", CallThrough(&PyX::ctl,
+// &PrefetchController::Cancel), "client"_a, "handle"_a, Release())`.
+template <typename Holder, typename Ptr, typename R, typename Core, typename... Args>
+auto CallThrough(Ptr Holder::*core, R (Core::*method)(Args...)) {
+  return [core, method](Holder& h, Args... args) {
+    Core& target = *(h.*core);
+    if constexpr (std::is_same_v<R, Status>) {
+      ThrowIfError((target.*method)(std::forward<Args>(args)...));
+    } else {
+      return ValueOrThrow((target.*method)(std::forward<Args>(args)...));
+    }
+  };
 }
 
 // Installs the StatusError translator (core_module.cc).
@@ -95,6 +118,55 @@ class TokenBuffer {
   std::vector<uint32_t> converted_;
   const uint32_t* data_ = nullptr;
   size_t size_ = 0;
+};
+
+// Copies `n` integers of type T spaced `stride` elements apart into *out as U, calling
+// `check(value, index)` on each first; the check throws for a value that U must not hold.
+template <typename T, typename U, typename Check>
+void CopyStrided(const void* data, int64_t stride, size_t n, std::vector<U>* out,
+                 const Check& check) {
+  const T* p = static_cast<const T*>(data);
+  out->resize(n);
+  for (size_t i = 0; i < n; ++i) {
+    const T v = p[static_cast<int64_t>(i) * stride];
+    check(v, i);
+    (*out)[i] = static_cast<U>(v);
+  }
+}
+
+// CopyStrided from an integer array whose element type is known only at run time: `bits` wide
+// (8, 16, 32 or 64), signed or not. `check` takes every element type. Returns false, copying
+// nothing, for another width.
+template <typename U, typename Check>
+bool CopyStridedIntegers(uint8_t bits, bool is_signed, const void* data, int64_t stride, size_t n,
+                         std::vector<U>* out, const Check& check) {
+  const auto copy = [&](auto type) { CopyStrided<decltype(type)>(data, stride, n, out, check); };
+  switch (bits) {
+    case 8: is_signed ? copy(int8_t{}) : copy(uint8_t{}); return true;
+    case 16: is_signed ? copy(int16_t{}) : copy(uint16_t{}); return true;
+    case 32: is_signed ? copy(int32_t{}) : copy(uint32_t{}); return true;
+    case 64: is_signed ? copy(int64_t{}) : copy(uint64_t{}); return true;
+    default: return false;
+  }
+}
+
+// Value semantics for a bound class, as `cls.def(ValueOps<Hash>())`: __eq__ and __ne__ from the
+// C++ operators, __lt__ too when kOrdered, and __hash__ from Hash, in that order.
+template <typename Hash, bool kOrdered = false>
+struct ValueOps : nb::def_visitor<ValueOps<Hash, kOrdered>> {
+  template <typename Class, typename... Extra>
+  static void execute(Class& cls, const Extra&...) {
+    using T = typename Class::Type;
+    cls.def(
+        "__eq__", [](const T& a, const T& b) { return a == b; }, nb::is_operator());
+    cls.def(
+        "__ne__", [](const T& a, const T& b) { return a != b; }, nb::is_operator());
+    if constexpr (kOrdered) {
+      cls.def(
+          "__lt__", [](const T& a, const T& b) { return a < b; }, nb::is_operator());
+    }
+    cls.def("__hash__", [](const T& v) { return static_cast<int64_t>(Hash{}(v)); });
+  }
 };
 
 // Python "ManualClock": a clock shared with the tables and session caches it is passed to.

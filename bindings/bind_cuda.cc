@@ -292,15 +292,7 @@ void BindCuda(nb::module_& m) {
             return v.arrays.empty() ? v.device_id : v.arrays[0].device_id();
           },
           "The CUDA device index of the tensors.")
-      .def(
-          "fingerprint", [](const PyCudaKvCacheView& v) { return v.view.layout.Fingerprint(); },
-          "The object format of this engine, for the hash namespace.")
-      .def(
-          "object_bytes",
-          [](const PyCudaKvCacheView& v, uint64_t chunk_size) {
-            return ValueOrThrow(v.view.layout.ObjectBytes(chunk_size));
-          },
-          "chunk_size"_a, "Bytes of one object of chunk_size tokens.")
+      .def(LayoutQueries())
       .def(
           "gather",
           [](const PyCudaKvCacheView& self, uint64_t chunk_size, nb::handle block_ids,

@@ -64,6 +64,19 @@ struct PyStream {
   std::unique_ptr<cuda::OwnedStream> stream;
 };
 
+// `__init__(device)` of a holder of what kCreate(device) makes, e.g. `.def(InitOnDevice<
+// &cuda::OwnedStream::Create>())`.
+template <auto kCreate>
+struct InitOnDevice : nb::def_visitor<InitOnDevice<kCreate>> {
+  template <typename Class, typename... Extra>
+  static void execute(Class& cls, const Extra&...) {
+    using H = typename Class::Type;
+    cls.def(
+        "__init__", [](H* self, int device) { new (self) H{ValueOrThrow(kCreate(device))}; },
+        "device"_a);
+  }
+};
+
 }  // namespace
 
 void BindDevice(nb::module_& m) {
@@ -119,12 +132,7 @@ void BindDevice(nb::module_& m) {
 
   nb::class_<PyExportedEvent>(m, "CudaExportedEvent",
                               "The server's interprocess event, whose handle goes to the engine.")
-      .def(
-          "__init__",
-          [](PyExportedEvent* self, int device) {
-            new (self) PyExportedEvent{ValueOrThrow(cuda::ExportedEvent::Create(device))};
-          },
-          "device"_a)
+      .def(InitOnDevice<&cuda::ExportedEvent::Create>())
       .def_prop_ro(
           "handle",
           [](const PyExportedEvent& s) {
@@ -143,12 +151,7 @@ void BindDevice(nb::module_& m) {
           "close", [](PyExportedEvent& s) { s.event.reset(); }, "Idempotent.");
 
   nb::class_<PyStream>(m, "CudaStream", "A non-blocking CUDA stream the server owns.")
-      .def(
-          "__init__",
-          [](PyStream* self, int device) {
-            new (self) PyStream{ValueOrThrow(cuda::OwnedStream::Create(device))};
-          },
-          "device"_a)
+      .def(InitOnDevice<&cuda::OwnedStream::Create>())
       .def_prop_ro(
           "handle",
           [](const PyStream& s) {

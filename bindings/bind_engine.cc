@@ -35,7 +35,6 @@ namespace lmcache_cpp::bindings {
 namespace {
 
 using namespace nb::literals;
-using Release = nb::call_guard<nb::gil_scoped_release>;
 
 struct PyEngineConfig {
   uint32_t chunk_size = 256;
@@ -171,6 +170,31 @@ std::optional<Duration> OptionalSeconds(std::optional<double> s, const char* wha
     throw StatusError(Status::InvalidArgument(std::string(what) + " must be >= 0"));
   }
   return d;
+}
+
+// Binds an engine call on (client, key, tp_size): views the key with the GIL held, then calls
+// the engine with it released.
+template <typename R>
+auto KeyCall(Result<R> (CacheEngine::*call)(ClientId, const EngineKey&, uint32_t)) {
+  return [call](PyCacheEngine& e, ClientId client, const PyEngineKey& key, uint32_t tp_size) {
+    const EngineKey k = key.View();
+    nb::gil_scoped_release release;
+    return ValueOrThrow(((*e.engine).*call)(client, k, tp_size));
+  };
+}
+
+// As KeyCall for a call that also takes an optional deadline (`timeout_s`, None: the engine's
+// default), converted with the GIL held.
+template <typename R>
+auto KeyCallWithDeadline(Result<R> (CacheEngine::*call)(ClientId, const EngineKey&, uint32_t,
+                                                        std::optional<Duration>)) {
+  return [call](PyCacheEngine& e, ClientId client, const PyEngineKey& key, uint32_t tp_size,
+                std::optional<double> timeout_s) {
+    const EngineKey k = key.View();
+    const auto t = OptionalSeconds(timeout_s, "timeout_s");
+    nb::gil_scoped_release release;
+    return ValueOrThrow(((*e.engine).*call)(client, k, tp_size, t));
+  };
 }
 
 std::string LookupRepr(const LookupResult& r) {
@@ -394,26 +418,11 @@ void BindEngine(nb::module_& m) {
                 e.engine->RegisterKvCache(client, model_name, world_size, worker_id, layout));
           },
           "client"_a, "model_name"_a, "world_size"_a, "worker_id"_a, "layout"_a, Release())
-      .def(
-          "unregister_kv_cache",
-          [](E& e, ClientId client, uint64_t id) {
-            ThrowIfError(e.engine->UnregisterKvCache(client, id));
-          },
-          "client"_a, "registration_id"_a, Release())
-      .def(
-          "lookup",
-          [](E& e, ClientId client, const PyEngineKey& key, uint32_t tp_size) {
-            const EngineKey k = key.View();
-            nb::gil_scoped_release release;
-            return ValueOrThrow(e.engine->Lookup(client, k, tp_size));
-          },
-          "client"_a, "key"_a, "tp_size"_a = 1)
-      .def(
-          "query_prefetch_status",
-          [](E& e, ClientId client, const JobHandle& handle) {
-            return ValueOrThrow(e.engine->QueryPrefetch(client, handle));
-          },
-          "client"_a, "handle"_a, Release())
+      .def("unregister_kv_cache", CallThrough(&E::engine, &CacheEngine::UnregisterKvCache),
+           "client"_a, "registration_id"_a, Release())
+      .def("lookup", KeyCall(&CacheEngine::Lookup), "client"_a, "key"_a, "tp_size"_a = 1)
+      .def("query_prefetch_status", CallThrough(&E::engine, &CacheEngine::QueryPrefetch),
+           "client"_a, "handle"_a, Release())
       .def(
           "wait_prefetch_status",
           [](E& e, ClientId client, const JobHandle& handle, double timeout_s) {
@@ -422,34 +431,12 @@ void BindEngine(nb::module_& m) {
             return ValueOrThrow(e.engine->WaitPrefetch(client, handle, t));
           },
           "client"_a, "handle"_a, "timeout_s"_a)
-      .def(
-          "sync_lookup",
-          [](E& e, ClientId client, const PyEngineKey& key, uint32_t tp_size,
-             std::optional<double> timeout_s) {
-            const EngineKey k = key.View();
-            const auto t = OptionalSeconds(timeout_s, "timeout_s");
-            nb::gil_scoped_release release;
-            return ValueOrThrow(e.engine->SyncLookup(client, k, tp_size, t));
-          },
-          "client"_a, "key"_a, "tp_size"_a = 1, "timeout_s"_a = nb::none())
-      .def(
-          "sync_lookup_in_l1",
-          [](E& e, ClientId client, const PyEngineKey& key, uint32_t tp_size) {
-            const EngineKey k = key.View();
-            nb::gil_scoped_release release;
-            return ValueOrThrow(e.engine->SyncLookupInL1(client, k, tp_size));
-          },
-          "client"_a, "key"_a, "tp_size"_a = 1)
-      .def(
-          "free_lookup_locks",
-          [](E& e, ClientId client, const PyEngineKey& key, uint32_t tp_size,
-             std::optional<double> timeout_s) {
-            const EngineKey k = key.View();
-            const auto t = OptionalSeconds(timeout_s, "timeout_s");
-            nb::gil_scoped_release release;
-            return ValueOrThrow(e.engine->FreeLookupLocks(client, k, tp_size, t));
-          },
-          "client"_a, "key"_a, "tp_size"_a = 1, "timeout_s"_a = nb::none())
+      .def("sync_lookup", KeyCallWithDeadline(&CacheEngine::SyncLookup), "client"_a, "key"_a,
+           "tp_size"_a = 1, "timeout_s"_a = nb::none())
+      .def("sync_lookup_in_l1", KeyCall(&CacheEngine::SyncLookupInL1), "client"_a, "key"_a,
+           "tp_size"_a = 1)
+      .def("free_lookup_locks", KeyCallWithDeadline(&CacheEngine::FreeLookupLocks), "client"_a,
+           "key"_a, "tp_size"_a = 1, "timeout_s"_a = nb::none())
       .def(
           "pending_load",
           [](E& e, const std::string& model_name, const std::string& request_id) {
@@ -501,12 +488,8 @@ void BindEngine(nb::module_& m) {
           "(completions, overflowed): the (handle bytes, request id) of each job completed or "
           "cancelled since the last call (a zero handle and request 0: the engine stopped), and "
           "whether some were not queued (then anything may have changed).")
-      .def(
-          "end_session",
-          [](E& e, ClientId client, const std::string& model_name, const std::string& request_id) {
-            return ValueOrThrow(e.engine->EndSession(client, model_name, request_id));
-          },
-          "client"_a, "model_name"_a, "request_id"_a, Release())
+      .def("end_session", CallThrough(&E::engine, &CacheEngine::EndSession), "client"_a,
+           "model_name"_a, "request_id"_a, Release())
       .def(
           "prepare_store",
           [](E& e, ClientId client, const PyEngineKey& key) {
@@ -533,18 +516,10 @@ void BindEngine(nb::module_& m) {
             return ValueOrThrow(e.engine->PrepareRetrieve(client, k, t));
           },
           "client"_a, "key"_a, "timeout_s"_a = nb::none())
-      .def(
-          "commit_retrieve",
-          [](E& e, ClientId client, const JobHandle& handle) {
-            ThrowIfError(e.engine->CommitRetrieve(client, handle));
-          },
-          "client"_a, "handle"_a, Release())
-      .def(
-          "set_client_process",
-          [](E& e, ClientId client, int pid) {
-            ThrowIfError(e.engine->SetClientProcess(client, pid));
-          },
-          "client"_a, "pid"_a, Release())
+      .def("commit_retrieve", CallThrough(&E::engine, &CacheEngine::CommitRetrieve), "client"_a,
+           "handle"_a, Release())
+      .def("set_client_process", CallThrough(&E::engine, &CacheEngine::SetClientProcess),
+           "client"_a, "pid"_a, Release())
       .def(
           "end_client", [](E& e, ClientId client) { return e.engine->EndClient(client); },
           "client"_a, Release())

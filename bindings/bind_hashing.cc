@@ -91,15 +91,7 @@ void BindKeys(nb::module_& m) {
       .def("hex", &ChunkHash::ToHex, "Lower-case hex, 64 characters.")
       .def_prop_ro("bytes", &HashBytes, "The 32 raw bytes.")
       .def("__bytes__", &HashBytes)
-      .def(
-          "__eq__", [](const ChunkHash& a, const ChunkHash& b) { return a == b; },
-          nb::is_operator())
-      .def(
-          "__ne__", [](const ChunkHash& a, const ChunkHash& b) { return a != b; },
-          nb::is_operator())
-      .def(
-          "__lt__", [](const ChunkHash& a, const ChunkHash& b) { return a < b; }, nb::is_operator())
-      .def("__hash__", [](const ChunkHash& h) { return static_cast<int64_t>(ChunkHashHash{}(h)); })
+      .def(ValueOps<ChunkHashHash, true>())
       .def("__repr__",
            [](const ChunkHash& h) {
              return "ChunkHash(" + h.ToHex().substr(0, kReprHexChars) + "...)";
@@ -122,15 +114,7 @@ void BindKeys(nb::module_& m) {
       .def("hex", &KeyHex, "'<64 hex chars>@<kv_rank>'.")
       .def_static("from_hex", &KeyFromHex, "text"_a, "Parses the form hex() writes.")
       .def("short", &ObjectKey::ToShortString, "'<16 hex chars>@<kv_rank>', for logs.")
-      .def(
-          "__eq__", [](const ObjectKey& a, const ObjectKey& b) { return a == b; },
-          nb::is_operator())
-      .def(
-          "__ne__", [](const ObjectKey& a, const ObjectKey& b) { return a != b; },
-          nb::is_operator())
-      .def(
-          "__lt__", [](const ObjectKey& a, const ObjectKey& b) { return a < b; }, nb::is_operator())
-      .def("__hash__", [](const ObjectKey& k) { return static_cast<int64_t>(ObjectKeyHash{}(k)); })
+      .def(ValueOps<ObjectKeyHash, true>())
       .def("__repr__", [](const ObjectKey& k) { return "ObjectKey(" + k.ToShortString() + ")"; })
       .def("__getstate__",
            [](const ObjectKey& k) { return std::make_tuple(HashBytes(k.chunk), k.kv_rank); })

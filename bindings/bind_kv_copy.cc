@@ -208,15 +208,7 @@ void BindKvCopy(nb::module_& m) {
       .def_prop_ro(
           "layout", [](const PyKvCacheView& v) { return v.view.layout; },
           "The KvCacheLayout read from the tensors (a copy).")
-      .def(
-          "fingerprint", [](const PyKvCacheView& v) { return v.view.layout.Fingerprint(); },
-          "The object format of this engine, for the hash namespace.")
-      .def(
-          "object_bytes",
-          [](const PyKvCacheView& v, uint64_t chunk_size) {
-            return ValueOrThrow(v.view.layout.ObjectBytes(chunk_size));
-          },
-          "chunk_size"_a, "Bytes of one object of chunk_size tokens.")
+      .def(LayoutQueries())
       .def("gather", &GatherOne, "chunk_size"_a, "block_ids"_a, "out"_a.noconvert(),
            "num_tokens"_a.none() = nb::none(), nb::kw_only(), "num_threads"_a = 0,
            "Copies the blocks holding the chunk's first num_tokens tokens (default: "

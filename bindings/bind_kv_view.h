@@ -33,21 +33,18 @@ namespace lmcache_cpp::bindings {
 // ------------------------------------------------------------------------------------------
 // Block ids.
 
-template <typename T>
-void CopyIds(const void* data, int64_t stride, size_t n, std::vector<int64_t>* out) {
-  const T* p = static_cast<const T*>(data);
-  out->resize(n);
-  for (size_t i = 0; i < n; ++i) {
-    const T v = p[static_cast<int64_t>(i) * stride];
+// The range check of block ids copied into int64 (CopyStrided): only uint64 ones can fall out.
+struct CheckBlockId {
+  template <typename T>
+  void operator()(T v, size_t i) const {
     if constexpr (std::is_unsigned_v<T> && sizeof(T) == sizeof(int64_t)) {
       if (v > static_cast<T>(std::numeric_limits<int64_t>::max())) {
         ThrowInvalid("block id " + std::to_string(v) + " at position " + std::to_string(i) +
                      " is out of range");
       }
     }
-    (*out)[i] = static_cast<int64_t>(v);
   }
-}
+};
 
 // Block ids from Python as a BlockIdSpan. C-contiguous int32/int64 CPU arrays are used in place.
 // REQUIRES: the GIL is held while constructing and destroying; span() may be read without it.
@@ -73,24 +70,9 @@ class BlockIdBuffer {
       }
       const size_t n = any.shape(0);
       const int64_t stride = any.stride(0);
-      switch (dt.bits) {
-        case 8:
-          is_int ? CopyIds<int8_t>(any.data(), stride, n, &converted_)
-                 : CopyIds<uint8_t>(any.data(), stride, n, &converted_);
-          break;
-        case 16:
-          is_int ? CopyIds<int16_t>(any.data(), stride, n, &converted_)
-                 : CopyIds<uint16_t>(any.data(), stride, n, &converted_);
-          break;
-        case 32:
-          is_int ? CopyIds<int32_t>(any.data(), stride, n, &converted_)
-                 : CopyIds<uint32_t>(any.data(), stride, n, &converted_);
-          break;
-        case 64:
-          is_int ? CopyIds<int64_t>(any.data(), stride, n, &converted_)
-                 : CopyIds<uint64_t>(any.data(), stride, n, &converted_);
-          break;
-        default: throw nb::type_error("block ids: unsupported integer width");
+      if (!CopyStridedIntegers(dt.bits, is_int, any.data(), stride, n, &converted_,
+                               CheckBlockId{})) {
+        throw nb::type_error("block ids: unsupported integer width");
       }
       return;
     }
@@ -281,6 +263,24 @@ inline std::string LayoutRepr(const KvCacheLayout& l) {
          ", block_stride=" + std::to_string(l.block_stride) +
          ", plane_stride=" + std::to_string(l.plane_stride) + ")";
 }
+
+// `fingerprint` and `object_bytes` of a view class (a `view` member holding a KvCacheView), as
+// `cls.def(LayoutQueries())`: what the CPU and CUDA views answer alike from their layout.
+struct LayoutQueries : nb::def_visitor<LayoutQueries> {
+  template <typename Class, typename... Extra>
+  static void execute(Class& cls, const Extra&...) {
+    using V = typename Class::Type;
+    cls.def(
+        "fingerprint", [](const V& v) { return v.view.layout.Fingerprint(); },
+        "The object format of this engine, for the hash namespace.");
+    cls.def(
+        "object_bytes",
+        [](const V& v, uint64_t chunk_size) {
+          return ValueOrThrow(v.view.layout.ObjectBytes(chunk_size));
+        },
+        nb::arg("chunk_size"), "Bytes of one object of chunk_size tokens.");
+  }
+};
 
 // ------------------------------------------------------------------------------------------
 // The per-chunk arguments of a batch.

@@ -69,8 +69,6 @@ void BindL2(nb::module_& m);
 namespace {
 
 using namespace nb::literals;
-using Keys = std::vector<ObjectKey>;
-using Release = nb::call_guard<nb::gil_scoped_release>;
 
 // ------------------------------------------------------------------------------------------
 // PythonL2Adapter.

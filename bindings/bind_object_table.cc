@@ -27,8 +27,6 @@ namespace lmcache_cpp::bindings {
 namespace {
 
 using namespace nb::literals;
-using Keys = std::vector<ObjectKey>;
-using Release = nb::call_guard<nb::gil_scoped_release>;
 
 Status ManagedCheck(const PyObjectTable& t) {
   if (t.managed) {
@@ -42,13 +40,7 @@ void BindValueTypes(nb::module_& m) {
   nb::class_<LeaseOwner> owner(m, "LeaseOwner",
                                "Who takes a lease: the client (connection) acting for a request.");
   owner.attr("__hash__") = nb::none();  // mutable, compares by value
-  owner
-      .def(
-          "__init__",
-          [](LeaseOwner* self, ClientId client, RequestId request) {
-            new (self) LeaseOwner{client, request};
-          },
-          "client"_a, "request"_a)
+  owner.def(nb::init<ClientId, RequestId>(), "client"_a, "request"_a)
       .def_rw("client", &LeaseOwner::client)
       .def_rw("request", &LeaseOwner::request)
       .def(
@@ -195,25 +187,17 @@ void BindTable(nb::module_& m) {
           },
           "request"_a, "keys"_a, "read_leases"_a = 0, Release(),
           "writing -> ready for every key, atomically; grants `read_leases` read leases on each.")
-      .def(
-          "abort_write",
-          [](PyObjectTable& t, RequestId request, const Keys& keys) {
-            ThrowIfError(t.table->AbortWrite(request, keys));
-          },
-          "request"_a, "keys"_a, Release(), "writing -> absent, atomically.")
+      .def("abort_write", CallThrough(&PyObjectTable::table, &ObjectTable::AbortWrite), "request"_a,
+           "keys"_a, Release(), "writing -> absent, atomically.")
       .def(
           "release_quarantine",
           [](PyObjectTable& t, RequestId request) { return t.table->ReleaseQuarantine(request); },
           "request"_a, Release(),
           "The writer is done: frees the objects quarantined for it (its write lease was "
           "dropped by someone else). Returns how many.")
-      .def(
-          "acquire_read",
-          [](PyObjectTable& t, const LeaseOwner& owner, const Keys& keys, uint32_t count) {
-            ThrowIfError(t.table->AcquireRead(owner, keys, count));
-          },
-          "owner"_a, "keys"_a, "count"_a = 1, Release(),
-          "Takes `count` read leases on every key, atomically.")
+      .def("acquire_read", CallThrough(&PyObjectTable::table, &ObjectTable::AcquireRead), "owner"_a,
+           "keys"_a, "count"_a = 1, Release(),
+           "Takes `count` read leases on every key, atomically.")
       .def(
           "acquire_read_prefix",
           [](PyObjectTable& t, const LeaseOwner& owner, const Keys& keys, uint32_t count) {

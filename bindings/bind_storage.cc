@@ -45,8 +45,6 @@ void BindStorage(nb::module_& m);
 namespace {
 
 using namespace nb::literals;
-using Keys = std::vector<ObjectKey>;
-using Release = nb::call_guard<nb::gil_scoped_release>;
 
 // Python "PrefetchOptions": the C++ options with durations in float seconds.
 struct PyPrefetchOptions {
@@ -204,13 +202,7 @@ void BindResults(nb::module_& m) {
       .def_static(
           "from_hex",
           [](const std::string& text) { return ValueOrThrow(JobHandle::FromHex(text)); }, "text"_a)
-      .def(
-          "__eq__", [](const JobHandle& a, const JobHandle& b) { return a == b; },
-          nb::is_operator())
-      .def(
-          "__ne__", [](const JobHandle& a, const JobHandle& b) { return a != b; },
-          nb::is_operator())
-      .def("__hash__", [](const JobHandle& h) { return static_cast<int64_t>(JobHandleHash{}(h)); })
+      .def(ValueOps<JobHandleHash>())
       .def("__repr__", [](const JobHandle& h) { return "JobHandle('" + h.ToHex() + "')"; });
 
   nb::class_<PrefetchResult>(m, "PrefetchResult", "The outcome of a prefetch.")
@@ -259,13 +251,8 @@ void BindControllers(nb::module_& m) {
           },
           "owner"_a, "keys"_a, "object_size"_a, nb::kw_only(), "extra_count"_a = 0, Release(),
           "Leases the L1 prefix now, starts the L2 part, returns the job's handle at once.")
-      .def(
-          "query",
-          [](P& p, ClientId client, const JobHandle& handle) {
-            return ValueOrThrow(p.ctl->Query(client, handle));
-          },
-          "client"_a, "handle"_a, Release(),
-          "The result once (then the handle is gone), or None while the job runs.")
+      .def("query", CallThrough(&P::ctl, &PrefetchController::Query), "client"_a, "handle"_a,
+           Release(), "The result once (then the handle is gone), or None while the job runs.")
       .def(
           "wait",
           [](P& p, ClientId client, const JobHandle& handle, double timeout_s) {
@@ -274,12 +261,8 @@ void BindControllers(nb::module_& m) {
           },
           "client"_a, "handle"_a, "timeout_s"_a, Release(),
           "As query, waiting up to timeout_s for the result (None on timeout).")
-      .def(
-          "cancel",
-          [](P& p, ClientId client, const JobHandle& handle) {
-            ThrowIfError(p.ctl->Cancel(client, handle));
-          },
-          "client"_a, "handle"_a, Release(), "Drops the job and everything it holds.")
+      .def("cancel", CallThrough(&P::ctl, &PrefetchController::Cancel), "client"_a, "handle"_a,
+           Release(), "Drops the job and everything it holds.")
       .def(
           "lookup_and_pin",
           [](P& p, const LeaseOwner& owner, Keys keys, uint64_t object_size, double timeout_s,
@@ -293,12 +276,8 @@ void BindControllers(nb::module_& m) {
           "start_load"_a = true, Release(),
           "Synchronous lookup: the hit count within timeout_s (an adapter that has not answered "
           "counts as a miss); the load then runs in the background (see wait_load).")
-      .def(
-          "start_load",
-          [](P& p, ClientId client, const JobHandle& handle) {
-            ThrowIfError(p.ctl->StartLoad(client, handle));
-          },
-          "client"_a, "handle"_a, Release())
+      .def("start_load", CallThrough(&P::ctl, &PrefetchController::StartLoad), "client"_a,
+           "handle"_a, Release())
       .def(
           "wait_load",
           [](P& p, RequestId request, double timeout_s) {
@@ -342,6 +321,15 @@ void BindControllers(nb::module_& m) {
           "Queues keys for storing (what the table does for every finished write).")
       .def(
           "stats", [](const S& s) { return s.ctl->stats(); }, Release());
+}
+
+// A StorageManager accessor returning the component `get` gives as the Python holder H, whose
+// pointer shares ownership of the manager (keeps it alive).
+template <typename H, typename T>
+auto ManagerPart(T* (StorageManager::*get)() const) {
+  return [get](const PyStorageManager& s) {
+    return H{std::shared_ptr<T>(s.manager, ((*s.manager).*get)())};
+  };
 }
 
 void BindManager(nb::module_& m) {
@@ -417,20 +405,10 @@ void BindManager(nb::module_& m) {
                                  /*is_managed=*/true);
           },
           "The L1 object table (keeps the manager alive).")
-      .def(
-          "prefetch_controller",
-          [](const M& s) {
-            return PyPrefetchController{
-                std::shared_ptr<PrefetchController>(s.manager, s.manager->prefetch())};
-          },
-          "The prefetch controller (keeps the manager alive).")
-      .def(
-          "store_controller",
-          [](const M& s) {
-            return PyStoreController{
-                std::shared_ptr<StoreController>(s.manager, s.manager->store())};
-          },
-          "The store controller (keeps the manager alive).")
+      .def("prefetch_controller", ManagerPart<PyPrefetchController>(&StorageManager::prefetch),
+           "The prefetch controller (keeps the manager alive).")
+      .def("store_controller", ManagerPart<PyStoreController>(&StorageManager::store),
+           "The store controller (keeps the manager alive).")
       .def(
           "arena", [](const M& s) { return PyArena{s.manager->arena()}; },
           "The shared-memory arena (its descriptor lets other processes map it).")

@@ -96,13 +96,10 @@ ByteView MakeByteView(std::shared_ptr<const void> keep_alive, uint8_t* base, uin
 
 namespace {
 
-// Copies `n` integers of type T spaced `stride` elements apart into uint32, range-checked.
-template <typename T>
-void CopyTokens(const void* data, int64_t stride, size_t n, std::vector<uint32_t>* out) {
-  const T* p = static_cast<const T*>(data);
-  out->resize(n);
-  for (size_t i = 0; i < n; ++i) {
-    const T v = p[static_cast<int64_t>(i) * stride];
+// The range check of token ids copied into uint32 (CopyStrided): none negative, none too large.
+struct CheckToken {
+  template <typename T>
+  void operator()(T v, size_t i) const {
     if constexpr (std::is_signed_v<T>) {
       if (v < 0) {
         throw StatusError(Status::InvalidArgument("token " + std::to_string(i) + " is negative (" +
@@ -115,9 +112,8 @@ void CopyTokens(const void* data, int64_t stride, size_t n, std::vector<uint32_t
                                                   std::to_string(v) + ") does not fit in uint32"));
       }
     }
-    (*out)[i] = static_cast<uint32_t>(v);
   }
-}
+};
 
 }  // namespace
 
@@ -136,24 +132,8 @@ TokenBuffer::TokenBuffer(nb::handle tokens) {
     const bool is_int = code == nb::dlpack::dtype_code::Int;
     const bool is_uint = code == nb::dlpack::dtype_code::UInt;
     if (dt.lanes == 1 && (is_int || is_uint)) {
-      switch (dt.bits) {
-        case 8:
-          is_int ? CopyTokens<int8_t>(any.data(), stride, n, &converted_)
-                 : CopyTokens<uint8_t>(any.data(), stride, n, &converted_);
-          break;
-        case 16:
-          is_int ? CopyTokens<int16_t>(any.data(), stride, n, &converted_)
-                 : CopyTokens<uint16_t>(any.data(), stride, n, &converted_);
-          break;
-        case 32:
-          is_int ? CopyTokens<int32_t>(any.data(), stride, n, &converted_)
-                 : CopyTokens<uint32_t>(any.data(), stride, n, &converted_);
-          break;
-        case 64:
-          is_int ? CopyTokens<int64_t>(any.data(), stride, n, &converted_)
-                 : CopyTokens<uint64_t>(any.data(), stride, n, &converted_);
-          break;
-        default: throw nb::type_error("tokens: unsupported integer width");
+      if (!CopyStridedIntegers(dt.bits, is_int, any.data(), stride, n, &converted_, CheckToken{})) {
+        throw nb::type_error("tokens: unsupported integer width");
       }
       data_ = converted_.data();
       size_ = converted_.size();
@@ -174,7 +154,7 @@ TokenBuffer::TokenBuffer(nb::handle tokens) {
         "tokens must be a 1-D integer numpy array (uint32 is used without a copy) or a sequence "
         "of ints");
   }
-  CopyTokens<int64_t>(ints.data(), 1, ints.size(), &converted_);
+  CopyStrided<int64_t>(ints.data(), 1, ints.size(), &converted_, CheckToken{});
   data_ = converted_.data();
   size_ = converted_.size();
 }
