@@ -193,6 +193,13 @@ Status SyncDirectory(const std::string& dir) {
 }  // namespace
 
 struct FileSystemL2Adapter::Batch {
+  Batch(OpType batch_type, std::vector<ObjectKey> batch_keys, DoneFn batch_done,
+        Status checked = Status())
+      : type(batch_type),
+        keys(std::move(batch_keys)),
+        done(std::move(batch_done)),
+        pre_status(std::move(checked)) {}
+
   OpType type = OpType::kStore;
   std::vector<ObjectKey> keys;
   std::vector<ConstBuffer> in;
@@ -350,31 +357,21 @@ Status FileSystemL2Adapter::Recover() {
 
 void FileSystemL2Adapter::SubmitStore(std::vector<ObjectKey> keys, std::vector<ConstBuffer> buffers,
                                       StoreCallback done) {
-  auto batch = std::make_shared<Batch>();
-  batch->type = OpType::kStore;
-  batch->pre_status = internal::CheckSubmitBuffers("SubmitStore", keys.size(), buffers);
-  batch->keys = std::move(keys);
+  Status checked = internal::CheckSubmitBuffers("SubmitStore", keys.size(), buffers);
+  auto batch = std::make_shared<Batch>(OpType::kStore, std::move(keys), std::move(done), checked);
   batch->in = std::move(buffers);
-  batch->done = std::move(done);
   Submit(std::move(batch));
 }
 
 void FileSystemL2Adapter::SubmitLookupAndPin(std::vector<ObjectKey> keys, LookupCallback done) {
-  auto batch = std::make_shared<Batch>();
-  batch->type = OpType::kLookup;
-  batch->keys = std::move(keys);
-  batch->done = std::move(done);
-  Submit(std::move(batch));
+  Submit(std::make_shared<Batch>(OpType::kLookup, std::move(keys), std::move(done)));
 }
 
 void FileSystemL2Adapter::SubmitLoad(std::vector<ObjectKey> keys,
                                      std::vector<MutableBuffer> buffers, LoadCallback done) {
-  auto batch = std::make_shared<Batch>();
-  batch->type = OpType::kLoad;
-  batch->pre_status = internal::CheckSubmitBuffers("SubmitLoad", keys.size(), buffers);
-  batch->keys = std::move(keys);
+  Status checked = internal::CheckSubmitBuffers("SubmitLoad", keys.size(), buffers);
+  auto batch = std::make_shared<Batch>(OpType::kLoad, std::move(keys), std::move(done), checked);
   batch->out = std::move(buffers);
-  batch->done = std::move(done);
   Submit(std::move(batch));
 }
 

@@ -34,32 +34,24 @@ SyncL2Adapter::~SyncL2Adapter() {
 
 void SyncL2Adapter::SubmitStore(std::vector<ObjectKey> keys, std::vector<ConstBuffer> buffers,
                                 StoreCallback done) {
-  Op op;
-  op.type = OpType::kStore;
-  op.pre_status = internal::CheckSubmitBuffers("SubmitStore", keys.size(), buffers);
-  op.keys = std::move(keys);
-  op.in = std::move(buffers);
-  op.done = std::move(done);
-  Enqueue(std::move(op));
+  Status checked = internal::CheckSubmitBuffers("SubmitStore", keys.size(), buffers);
+  Enqueue(Op{OpType::kStore,
+             std::move(keys),
+             std::move(buffers),
+             {},
+             std::move(done),
+             std::move(checked)});
 }
 
 void SyncL2Adapter::SubmitLookupAndPin(std::vector<ObjectKey> keys, LookupCallback done) {
-  Op op;
-  op.type = OpType::kLookup;
-  op.keys = std::move(keys);
-  op.done = std::move(done);
-  Enqueue(std::move(op));
+  Enqueue(Op{OpType::kLookup, std::move(keys), {}, {}, std::move(done), Status()});
 }
 
 void SyncL2Adapter::SubmitLoad(std::vector<ObjectKey> keys, std::vector<MutableBuffer> buffers,
                                LoadCallback done) {
-  Op op;
-  op.type = OpType::kLoad;
-  op.pre_status = internal::CheckSubmitBuffers("SubmitLoad", keys.size(), buffers);
-  op.keys = std::move(keys);
-  op.out = std::move(buffers);
-  op.done = std::move(done);
-  Enqueue(std::move(op));
+  Status checked = internal::CheckSubmitBuffers("SubmitLoad", keys.size(), buffers);
+  Enqueue(Op{
+      OpType::kLoad, std::move(keys), {}, std::move(buffers), std::move(done), std::move(checked)});
 }
 
 void SyncL2Adapter::Unpin(const std::vector<ObjectKey>& keys) {

@@ -17,6 +17,26 @@ namespace lmcache_cpp {
 using DoneFn = std::function<void(const Status&, const Bitmap&)>;
 
 struct MemoryL2Adapter::Op {
+  Op(L2Op op_type, std::vector<ObjectKey> op_keys, DoneFn op_done, Status checked = Status())
+      : type(op_type),
+        keys(std::move(op_keys)),
+        done(std::move(op_done)),
+        pre_status(std::move(checked)) {}
+
+  // A store (ConstBuffer) or a load (MutableBuffer) of `buffers`, one per key, checked as
+  // `call` ("SubmitStore" or "SubmitLoad"); its simulated transfer size is their total.
+  template <typename Buffer>
+  static std::unique_ptr<Op> Transfer(L2Op type, const char* call, std::vector<ObjectKey> keys,
+                                      std::vector<Buffer> buffers, DoneFn done) {
+    Status checked = internal::CheckSubmitBuffers(call, keys.size(), buffers);
+    auto op = std::make_unique<Op>(type, std::move(keys), std::move(done), std::move(checked));
+    for (const Buffer& b : buffers) op->bytes += b.size;
+    op->Take(std::move(buffers));
+    return op;
+  }
+  void Take(std::vector<ConstBuffer> buffers) { in = std::move(buffers); }
+  void Take(std::vector<MutableBuffer> buffers) { out = std::move(buffers); }
+
   L2Op type = L2Op::kStore;
   std::vector<ObjectKey> keys;
   std::vector<ConstBuffer> in;     // stores
@@ -55,37 +75,22 @@ MemoryL2Adapter::~MemoryL2Adapter() { Close(); }
 
 void MemoryL2Adapter::SubmitStore(std::vector<ObjectKey> keys, std::vector<ConstBuffer> buffers,
                                   StoreCallback done) {
-  auto op = std::make_unique<Op>();
-  op->type = L2Op::kStore;
-  op->pre_status = internal::CheckSubmitBuffers("SubmitStore", keys.size(), buffers);
-  for (const ConstBuffer& b : buffers) op->bytes += b.size;
-  op->keys = std::move(keys);
-  op->in = std::move(buffers);
-  op->done = std::move(done);
-  Enqueue(L2Op::kStore, std::move(op));
+  Enqueue(Op::Transfer(L2Op::kStore, "SubmitStore", std::move(keys), std::move(buffers),
+                       std::move(done)));
 }
 
 void MemoryL2Adapter::SubmitLookupAndPin(std::vector<ObjectKey> keys, LookupCallback done) {
-  auto op = std::make_unique<Op>();
-  op->type = L2Op::kLookup;
-  op->keys = std::move(keys);
-  op->done = std::move(done);
-  Enqueue(L2Op::kLookup, std::move(op));
+  Enqueue(std::make_unique<Op>(L2Op::kLookup, std::move(keys), std::move(done)));
 }
 
 void MemoryL2Adapter::SubmitLoad(std::vector<ObjectKey> keys, std::vector<MutableBuffer> buffers,
                                  LoadCallback done) {
-  auto op = std::make_unique<Op>();
-  op->type = L2Op::kLoad;
-  op->pre_status = internal::CheckSubmitBuffers("SubmitLoad", keys.size(), buffers);
-  for (const MutableBuffer& b : buffers) op->bytes += b.size;
-  op->keys = std::move(keys);
-  op->out = std::move(buffers);
-  op->done = std::move(done);
-  Enqueue(L2Op::kLoad, std::move(op));
+  Enqueue(Op::Transfer(L2Op::kLoad, "SubmitLoad", std::move(keys), std::move(buffers),
+                       std::move(done)));
 }
 
-void MemoryL2Adapter::Enqueue(L2Op type, std::unique_ptr<Op> op) {
+void MemoryL2Adapter::Enqueue(std::unique_ptr<Op> op) {
+  const L2Op type = op->type;
   std::unique_lock<std::mutex> lk(mu_);
   const uint64_t seq = ++submitted_[Index(type)];
   auto& armed = faults_[Index(type)];
