@@ -470,18 +470,7 @@ void FileSystemL2Adapter::Complete(Batch& b) {
   }
   {
     std::lock_guard<std::mutex> lk(mu_);
-    const uint64_t hit = bits.Popcount();
-    switch (b.type) {
-      case OpType::kStore:
-        stats_.stores += n;
-        stats_.store_failures += n - hit;
-        break;
-      case OpType::kLookup: stats_.lookups += n; break;
-      case OpType::kLoad:
-        stats_.loads += n;
-        stats_.load_misses += n - hit;
-        break;
-    }
+    internal::CountFinishedCall(b.type, n, bits.Popcount(), &stats_);
     --stats_.in_flight;
   }
   if (b.done) b.done(st, bits);
@@ -769,11 +758,7 @@ void FileSystemL2Adapter::Close() { pool_->Close(); }
 
 L2AdapterStats FileSystemL2Adapter::stats() const {
   std::lock_guard<std::mutex> lk(mu_);
-  L2AdapterStats s = stats_;
-  s.objects = fifo_.size();
-  s.bytes = used_;
-  s.capacity_bytes = options_.capacity_bytes;
-  return s;
+  return internal::WithGauges(stats_, fifo_.size(), used_, options_.capacity_bytes);
 }
 
 }  // namespace lmcache_cpp

@@ -172,20 +172,9 @@ void SyncL2Adapter::Execute(Op& op, bool cancel) {
   const uint64_t hit = bits.Popcount();
   {
     std::lock_guard<std::mutex> lk(mu_);
-    switch (op.type) {
-      case OpType::kStore:
-        counters_.stores += n;
-        counters_.store_failures += n - hit;
-        counters_.bytes_written += bytes;
-        break;
-      case OpType::kLookup: counters_.lookups += n; break;
-      case OpType::kLoad:
-        counters_.loads += n;
-        counters_.load_misses += n - hit;
-        counters_.bytes_read += bytes;
-        break;
-      case OpType::kUnpin: break;
-    }
+    internal::CountFinishedCall(op.type, n, hit, &counters_);
+    if (op.type == OpType::kStore) counters_.bytes_written += bytes;
+    if (op.type == OpType::kLoad) counters_.bytes_read += bytes;
     if (ran) {
       ++(st.ok() ? sync_.completed : sync_.failed);
     } else if (st.code() == StatusCode::kCancelled) {

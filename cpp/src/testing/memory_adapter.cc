@@ -153,19 +153,7 @@ void MemoryL2Adapter::WorkerLoop() {
     }
     {
       std::lock_guard<std::mutex> lk(mu_);
-      const uint64_t n = op->keys.size();
-      const uint64_t hit = bits.Popcount();
-      switch (op->type) {
-        case L2Op::kStore:
-          stats_.stores += n;
-          stats_.store_failures += n - hit;
-          break;
-        case L2Op::kLookup: stats_.lookups += n; break;
-        case L2Op::kLoad:
-          stats_.loads += n;
-          stats_.load_misses += n - hit;
-          break;
-      }
+      internal::CountFinishedCall(op->type, op->keys.size(), bits.Popcount(), &stats_);
       --stats_.in_flight;
     }
     if (op->done) op->done(st, bits);
@@ -358,11 +346,7 @@ void MemoryL2Adapter::Close() {
 
 L2AdapterStats MemoryL2Adapter::stats() const {
   std::lock_guard<std::mutex> lk(mu_);
-  L2AdapterStats s = stats_;
-  s.objects = objects_.size();
-  s.bytes = bytes_;
-  s.capacity_bytes = options_.capacity_bytes;
-  return s;
+  return internal::WithGauges(stats_, objects_.size(), bytes_, options_.capacity_bytes);
 }
 
 void MemoryL2Adapter::InjectFault(L2Op op, uint64_t nth, Fault fault) {
