@@ -102,9 +102,7 @@ void SyncL2Adapter::WorkerLoop() {
     bool cancel = false;
     {
       std::unique_lock<std::mutex> lk(mu_);
-      if (!pool_->WaitForWork(lk, [this] { return !queue_.empty(); })) return;
-      op = std::move(queue_.front());
-      queue_.pop_front();
+      if (!pool_->WaitAndPop(lk, queue_, &op)) return;
       if (op.type == OpType::kUnpin) {
         cancel = subclass_gone_;
       } else {

@@ -130,9 +130,7 @@ void MemoryL2Adapter::WorkerLoop() {
     bool execute = false;
     {
       std::unique_lock<std::mutex> lk(mu_);
-      if (!pool_->WaitForWork(lk, [this] { return !queue_.empty(); })) return;
-      op = std::move(queue_.front());
-      queue_.pop_front();
+      if (!pool_->WaitAndPop(lk, queue_, &op)) return;
       if (!op->pre_status.ok()) {
         st = op->pre_status;
       } else if (pool_->closing() || !WaitBeforeExecuting(lk, *op)) {
