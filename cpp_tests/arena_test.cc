@@ -20,6 +20,7 @@
 
 #include "arena_pattern.h"
 #include "lmcache_cpp/logging.h"
+#include "test_util.h"
 
 extern char** environ;
 
@@ -309,22 +310,16 @@ TEST(ArenaAttachTest, SizeLargerThanTheFileIsRejected) {
   ASSERT_NE(arena, nullptr);
   ArenaDescriptor d = arena->descriptor();
   d.size = arena->size() + 1;
-  auto attached = AttachedArena::Attach(d);
-  ASSERT_FALSE(attached.ok());
-  EXPECT_EQ(attached.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_TRUE(testutil::FailsWith(AttachedArena::Attach(d), StatusCode::kInvalidArgument));
 }
 
 TEST(ArenaAttachTest, EmptyPathOrZeroSizeIsRejected) {
   ArenaDescriptor d;
   d.size = 4096;
-  auto no_path = AttachedArena::Attach(d);
-  ASSERT_FALSE(no_path.ok());
-  EXPECT_EQ(no_path.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_TRUE(testutil::FailsWith(AttachedArena::Attach(d), StatusCode::kInvalidArgument));
   d.path = "/dev/null";
   d.size = 0;
-  auto no_size = AttachedArena::Attach(d);
-  ASSERT_FALSE(no_size.ok());
-  EXPECT_EQ(no_size.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_TRUE(testutil::FailsWith(AttachedArena::Attach(d), StatusCode::kInvalidArgument));
 }
 
 }  // namespace

@@ -36,12 +36,14 @@
 #include "lmcache_cpp/prefetch_controller.h"
 #include "lmcache_cpp/storage_manager.h"
 #include "testing/memory_adapter.h"
+#include "testing/reference_crc32c.h"
 
 namespace lmcache_cpp {
 namespace {
 
 using std::chrono::milliseconds;
 using std::chrono::seconds;
+using testing::ReferenceCrc32c;
 
 constexpr uint32_t kCs = 32;          // tokens per chunk (EngineConfig::chunk_size)
 constexpr uint32_t kBlock = 16;       // tokens per engine block: two blocks per chunk
@@ -76,17 +78,24 @@ std::vector<uint8_t> BlockHashes(size_t blocks, uint8_t seed, size_t size = 32) 
   return v;
 }
 
-// A token key for one rank of a single-rank model. The vector must outlive the key.
-EngineKey TokenKey(const std::vector<uint32_t>& tokens, std::string_view request,
-                   uint64_t start = 0, uint64_t end = UINT64_MAX) {
+// A key of `mode` over data..data+size for one rank of a single-rank model.
+EngineKey SingleRankKey(KeyMode mode, const uint8_t* data, size_t size, std::string_view request) {
   EngineKey k;
   k.model_name = kModel;
   k.world_size = 1;
   k.worker_id = 0;
   k.request_id = request;
-  k.mode = KeyMode::kTokens;
-  k.data = reinterpret_cast<const uint8_t*>(tokens.data());
-  k.size = tokens.size() * sizeof(uint32_t);
+  k.mode = mode;
+  k.data = data;
+  k.size = size;
+  return k;
+}
+
+// A token key for one rank of a single-rank model. The vector must outlive the key.
+EngineKey TokenKey(const std::vector<uint32_t>& tokens, std::string_view request,
+                   uint64_t start = 0, uint64_t end = UINT64_MAX) {
+  EngineKey k = SingleRankKey(KeyMode::kTokens, reinterpret_cast<const uint8_t*>(tokens.data()),
+                              tokens.size() * sizeof(uint32_t), request);
   k.start = start;
   k.end = end;
   return k;
@@ -103,14 +112,8 @@ EngineKey AllRanksKey(const std::vector<uint32_t>& tokens, std::string_view requ
 
 EngineKey HashKey(const std::vector<uint8_t>& block_hashes, std::string_view request,
                   uint32_t block_hash_size = 32) {
-  EngineKey k;
-  k.model_name = kModel;
-  k.world_size = 1;
-  k.worker_id = 0;
-  k.request_id = request;
-  k.mode = KeyMode::kBlockHashes;
-  k.data = block_hashes.data();
-  k.size = block_hashes.size();
+  EngineKey k =
+      SingleRankKey(KeyMode::kBlockHashes, block_hashes.data(), block_hashes.size(), request);
   k.block_hash_size = block_hash_size;
   return k;
 }
@@ -133,16 +136,6 @@ std::vector<ObjectKey> ExpectedKeys(const std::vector<uint32_t>& tokens, size_t 
 // Fills an object with a byte pattern that depends on `tag` (so a misplaced object is visible).
 void FillObject(uint8_t* p, uint64_t n, uint64_t tag) {
   for (uint64_t i = 0; i < n; ++i) p[i] = static_cast<uint8_t>(tag * 37 + i * 11 + (i >> 8));
-}
-
-// Bitwise CRC32C (Castagnoli), independent of the library's implementation.
-uint32_t ReferenceCrc32c(const uint8_t* p, uint64_t n) {
-  uint32_t c = ~0u;
-  for (uint64_t i = 0; i < n; ++i) {
-    c ^= p[i];
-    for (int k = 0; k < 8; ++k) c = (c >> 1) ^ (0x82F63B78u & (0u - (c & 1u)));
-  }
-  return ~c;
 }
 
 // Counts objects the table removed as aborted (uncommitted stores); waiters block on a condition
@@ -183,6 +176,15 @@ struct EngineCache {
   }
   KvCacheLayout layout;
   std::vector<std::vector<uint8_t>> layers;
+};
+
+// Kills and reaps a forked child process when it goes out of scope.
+struct ChildReaper {
+  pid_t pid;
+  ~ChildReaper() {
+    kill(pid, SIGKILL);
+    waitpid(pid, nullptr, 0);
+  }
 };
 
 class CacheEngineTest : public ::testing::Test {
@@ -248,6 +250,12 @@ class CacheEngineTest : public ::testing::Test {
     return n.ok() ? *n : 0;
   }
 
+  // Registers client 1 and stores `key` for it, expecting `chunks` objects published.
+  void RegisterAndStore(const EngineKey& key, uint64_t chunks) {
+    Register(1);
+    ASSERT_EQ(Store(1, key), chunks);
+  }
+
   // Two-phase lookup, collected with WaitPrefetch.
   // Opens request "a" (a two-phase lookup) and "b" (a sync lookup) for `client`, then returns
   // what a lookup of a third request, "c", got.
@@ -285,6 +293,30 @@ class CacheEngineTest : public ::testing::Test {
     for (const ObjectKey& k : ExpectedKeys(tokens, chunks)) ASSERT_TRUE(adapter_->Contains(k));
     ASSERT_EQ(engine_->Clear(false), chunks);
     ASSERT_EQ(table()->stats().objects, 0u);
+  }
+
+  // Registers client 1 and puts `chunks` chunks of `tokens` in L2 only, then sync-looks them up
+  // as client 2's request "r" while the adapter holds the load. Expects all of them from L2.
+  void SyncLookupFromL2WithItsLoadHeld(const std::vector<uint32_t>& tokens, size_t chunks) {
+    Register(1);
+    ASSERT_NO_FATAL_FAILURE(StoreInL2Only(tokens, chunks));
+    adapter_->InjectFault(L2Op::kLoad, 1, Fault{Fault::Kind::kStall, {}});
+    auto sync = engine_->SyncLookup(2, TokenKey(tokens, "r"), 1, kWait);
+    ASSERT_TRUE(sync.ok()) << sync.status().ToString();
+    EXPECT_EQ(sync->l2_chunks, chunks);
+    ASSERT_TRUE(adapter_->WaitForBlockedOperations(1, kWait));
+  }
+
+  // Expects no read or write lease, request or temporary object in the table, no pin in the
+  // adapter and no request in the engine.
+  void ExpectNoLeasesRequestsOrPins() {
+    const ObjectTableStats s = table()->stats();
+    EXPECT_EQ(s.read_leases, 0u);
+    EXPECT_EQ(s.write_leases, 0u);
+    EXPECT_EQ(s.requests, 0u);
+    EXPECT_EQ(s.temporary, 0u);
+    EXPECT_EQ(adapter_->TotalPins(), 0u);
+    EXPECT_EQ(engine_->stats().requests, 0u);
   }
 
   std::shared_ptr<ManualClock> clock_;
@@ -399,9 +431,8 @@ TEST_F(CacheEngineTest, MalformedRegistrationsAreInvalidArguments) {
 // ---- lookup --------------------------------------------------------------------------------
 
 TEST_F(CacheEngineTest, StoredChunksAreFoundByALookupAndNeverStoredOnesAreNot) {
-  Register(1);
   auto tokens = Tokens(10 * kCs, 1);
-  ASSERT_EQ(Store(1, TokenKey(tokens, "")), 10u);
+  ASSERT_NO_FATAL_FAILURE(RegisterAndStore(TokenKey(tokens, ""), 10));
   const auto keys = ExpectedKeys(tokens, 10);
   for (const ObjectKey& k : keys) {
     auto info = table()->Info(k);
@@ -433,9 +464,8 @@ TEST_F(CacheEngineTest, StoredChunksAreFoundByALookupAndNeverStoredOnesAreNot) {
 }
 
 TEST_F(CacheEngineTest, ALookupEndingMidChunkCountsOnlyWholeChunks) {
-  Register(1);
   auto tokens = Tokens(6 * kCs, 1);
-  ASSERT_EQ(Store(1, TokenKey(tokens, "")), 6u);
+  ASSERT_NO_FATAL_FAILURE(RegisterAndStore(TokenKey(tokens, ""), 6));
   const LookupResult r = LookupAndWait(2, TokenKey(tokens, "r", 0, 4 * kCs + kCs / 2));
   EXPECT_EQ(r.hit_chunks, 4u);
   EXPECT_EQ(r.hit_tokens, 4u * kCs);
@@ -445,9 +475,8 @@ TEST_F(CacheEngineTest, ALookupEndingMidChunkCountsOnlyWholeChunks) {
 }
 
 TEST_F(CacheEngineTest, ALookupResultIsDeliveredExactlyOnce) {
-  Register(1);
   auto tokens = Tokens(4 * kCs, 1);
-  ASSERT_EQ(Store(1, TokenKey(tokens, "")), 4u);
+  ASSERT_NO_FATAL_FAILURE(RegisterAndStore(TokenKey(tokens, ""), 4));
   auto h = engine_->Lookup(2, TokenKey(tokens, "r"), 1);
   ASSERT_TRUE(h.ok()) << h.status().ToString();
   // Every chunk is in L1, so the result is ready without L2.
@@ -462,9 +491,8 @@ TEST_F(CacheEngineTest, ALookupResultIsDeliveredExactlyOnce) {
 }
 
 TEST_F(CacheEngineTest, ALookupHandleIsBoundToTheClientThatCreatedIt) {
-  Register(1);
   auto tokens = Tokens(3 * kCs, 1);
-  ASSERT_EQ(Store(1, TokenKey(tokens, "")), 3u);
+  ASSERT_NO_FATAL_FAILURE(RegisterAndStore(TokenKey(tokens, ""), 3));
   auto h = engine_->Lookup(2, TokenKey(tokens, "r"), 1);
   ASSERT_TRUE(h.ok()) << h.status().ToString();
   EXPECT_EQ(engine_->QueryPrefetch(3, *h).status().code(), StatusCode::kPermissionDenied);
@@ -557,9 +585,8 @@ TEST_F(CacheEngineTest, RetrieveSucceedsForExactlyTheLookedUpChunksAndCopiesByte
 }
 
 TEST_F(CacheEngineTest, RetrieveOfARequestThatLookedNothingUpIsKeyAbsent) {
-  Register(1);
   auto tokens = Tokens(2 * kCs, 1);
-  ASSERT_EQ(Store(1, TokenKey(tokens, "")), 2u);
+  ASSERT_NO_FATAL_FAILURE(RegisterAndStore(TokenKey(tokens, ""), 2));
   EXPECT_EQ(Retrieve(3, TokenKey(tokens, "never-looked-up", 0, 2 * kCs)).code(),
             StatusCode::kKeyAbsent);
   EXPECT_EQ(engine_->stats().requests, 0u) << "a retrieve does not create requests";
@@ -571,9 +598,8 @@ TEST_F(CacheEngineTest, RetrieveOfARequestThatLookedNothingUpIsKeyAbsent) {
 // ---- freeing lookup locks ------------------------------------------------------------------
 
 TEST_F(CacheEngineTest, FreeLookupLocksReleasesOnlyTheRequestsLeasesOnWholeChunks) {
-  Register(1);
   auto tokens = Tokens(8 * kCs, 1);
-  ASSERT_EQ(Store(1, TokenKey(tokens, "")), 8u);
+  ASSERT_NO_FATAL_FAILURE(RegisterAndStore(TokenKey(tokens, ""), 8));
   const auto keys = ExpectedKeys(tokens, 8);
   // Request a holds two leases per object (a two-phase and a sync lookup), b holds one.
   EXPECT_EQ(LookupAndWait(2, TokenKey(tokens, "a")).hit_chunks, 8u);
@@ -613,14 +639,8 @@ TEST_F(CacheEngineTest, FreeLookupLocksReleasesOnlyTheRequestsLeasesOnWholeChunk
 }
 
 TEST_F(CacheEngineTest, FreeLookupLocksJoinsThePendingSyncLoadBeforeReleasing) {
-  Register(1);
   auto tokens = Tokens(4 * kCs, 1);
-  ASSERT_NO_FATAL_FAILURE(StoreInL2Only(tokens, 4));
-  adapter_->InjectFault(L2Op::kLoad, 1, Fault{Fault::Kind::kStall, {}});
-  auto sync = engine_->SyncLookup(2, TokenKey(tokens, "r"), 1, kWait);
-  ASSERT_TRUE(sync.ok()) << sync.status().ToString();
-  EXPECT_EQ(sync->l2_chunks, 4u);
-  ASSERT_TRUE(adapter_->WaitForBlockedOperations(1, kWait));
+  ASSERT_NO_FATAL_FAILURE(SyncLookupFromL2WithItsLoadHeld(tokens, 4));
   EXPECT_EQ(table()->stats().read_leases, 0u) << "the loaded objects' leases come with the load";
 
   // The free starts while the load is held; the leases it must release arrive only afterwards.
@@ -741,9 +761,8 @@ TEST_F(CacheEngineTest, AQueryAfterTheEngineReapedItsLookupIsNotFoundNotAMiscoun
 // ---- store ---------------------------------------------------------------------------------
 
 TEST_F(CacheEngineTest, StoringObjectsThatArePresentSkipsThem) {
-  Register(1);
   auto tokens = Tokens(10 * kCs, 1);
-  ASSERT_EQ(Store(1, TokenKey(tokens, "", 0, 5 * kCs)), 5u);
+  ASSERT_NO_FATAL_FAILURE(RegisterAndStore(TokenKey(tokens, "", 0, 5 * kCs), 5));
 
   auto again = engine_->PrepareStore(1, TokenKey(tokens, "", 0, 5 * kCs));
   ASSERT_TRUE(again.ok()) << again.status().ToString();
@@ -848,10 +867,10 @@ TEST_F(CacheEngineTest, SyncLookupAnswersWithinItsDeadlineWhenL2Stalls) {
 }
 
 TEST_F(CacheEngineTest, SyncLookupInL1AnswersKeysL1HoldsWhollyAndLeavesOthersUntouched) {
-  Register(1);
   auto tokens = Tokens(6 * kCs, 7);
-  ASSERT_EQ(Store(1, TokenKey(tokens, "", 0, 4 * kCs)), 4u);  // chunks 0-3 in L1 (and L2)
-  adapter_->SetStalled(true);                                 // nothing below may touch L2
+  ASSERT_NO_FATAL_FAILURE(
+      RegisterAndStore(TokenKey(tokens, "", 0, 4 * kCs), 4));  // chunks 0-3 in L1 (and L2)
+  adapter_->SetStalled(true);                                  // nothing below may touch L2
 
   // Every chunk in L1: SyncLookup's answer and leases, without waiting.
   auto whole = engine_->SyncLookupInL1(2, TokenKey(tokens, "a", 0, 4 * kCs), 2);
@@ -960,14 +979,8 @@ TEST_F(CacheEngineTest, TwoPhaseLookupNeverWaitsForAStalledL2) {
 }
 
 TEST_F(CacheEngineTest, ARetrieveWhoseLoadOutlastsItsDeadlineTimesOut) {
-  Register(1);
   auto tokens = Tokens(2 * kCs, 1);
-  ASSERT_NO_FATAL_FAILURE(StoreInL2Only(tokens, 2));
-  adapter_->InjectFault(L2Op::kLoad, 1, Fault{Fault::Kind::kStall, {}});
-  auto sync = engine_->SyncLookup(2, TokenKey(tokens, "r"), 1, kWait);
-  ASSERT_TRUE(sync.ok()) << sync.status().ToString();
-  EXPECT_EQ(sync->l2_chunks, 2u);
-  ASSERT_TRUE(adapter_->WaitForBlockedOperations(1, kWait));
+  ASSERT_NO_FATAL_FAILURE(SyncLookupFromL2WithItsLoadHeld(tokens, 2));
   EXPECT_EQ(engine_->PrepareRetrieve(3, TokenKey(tokens, "r"), milliseconds(20)).status().code(),
             StatusCode::kTimeout);
   EXPECT_EQ(engine_->stats().transfers, 0u);
@@ -1012,14 +1025,8 @@ TEST_F(CacheEngineTest, EndSessionLeavesNothingBehind) {
 
   adapter_->SetStalled(false);  // releases the held load, whose objects are then discarded
   ASSERT_TRUE(storage_->prefetch()->WaitIdle(kWait));
-  const ObjectTableStats s = table()->stats();
-  EXPECT_EQ(s.read_leases, 0u);
-  EXPECT_EQ(s.write_leases, 0u);
-  EXPECT_EQ(s.requests, 0u);
-  EXPECT_EQ(s.temporary, 0u);
-  EXPECT_EQ(s.objects, 4u);
-  EXPECT_EQ(adapter_->TotalPins(), 0u);
-  EXPECT_EQ(engine_->stats().requests, 0u);
+  ExpectNoLeasesRequestsOrPins();
+  EXPECT_EQ(table()->stats().objects, 4u);
 }
 
 TEST_F(CacheEngineTest, EndClientAbortsItsStoresAndDropsItsTicketsRegistrationsAndLeases) {
@@ -1102,9 +1109,8 @@ TEST_F(CacheEngineTest, AnIdleRequestIsEndedAfterTheRequestTtl) {
   EngineConfig c;
   c.request_ttl = seconds(60);
   ASSERT_NO_FATAL_FAILURE(Build(c));
-  Register(1);
   auto tokens = Tokens(3 * kCs, 1);
-  ASSERT_EQ(Store(1, TokenKey(tokens, "")), 3u);
+  ASSERT_NO_FATAL_FAILURE(RegisterAndStore(TokenKey(tokens, ""), 3));
   const auto keys = ExpectedKeys(tokens, 3);
   EXPECT_EQ(LookupAndWait(2, TokenKey(tokens, "idle")).hit_chunks, 3u);
   EXPECT_EQ(LookupAndWait(2, TokenKey(tokens, "busy")).hit_chunks, 3u);
@@ -1158,9 +1164,8 @@ TEST_F(CacheEngineTest, TheReaperThreadReapsAndStartAndStopAreIdempotent) {
 // the index may hold a newer, unleased one: PrepareRetrieve must hand out the offset of the
 // generation the request leases (or refuse), never the unleased one.
 TEST_F(CacheEngineTest, RetrieveAfterAForcedClearNeverHandsOutAnUnleasedGeneration) {
-  Register(1);
   auto tokens = Tokens(kCs, 1);
-  ASSERT_EQ(Store(1, TokenKey(tokens, "")), 1u);
+  ASSERT_NO_FATAL_FAILURE(RegisterAndStore(TokenKey(tokens, ""), 1));
   EXPECT_EQ(LookupAndWait(2, TokenKey(tokens, "r")).hit_chunks, 1u);
   const ObjectKey key = ExpectedKeys(tokens, 1)[0];
   const auto leased = table()->Info(key);
@@ -1241,9 +1246,8 @@ TEST_F(CacheEngineTest, HashModeKeysHitHashModeObjectsOnly) {
 }
 
 TEST_F(CacheEngineTest, ACacheSaltSeparatesTenants) {
-  Register(1);
   auto tokens = Tokens(4 * kCs, 1);
-  ASSERT_EQ(Store(1, TokenKey(tokens, "")), 4u);
+  ASSERT_NO_FATAL_FAILURE(RegisterAndStore(TokenKey(tokens, ""), 4));
   EngineKey tenant_a = TokenKey(tokens, "a");
   tenant_a.cache_salt = "tenant-a";
   EXPECT_EQ(LookupAndWait(2, tenant_a).hit_chunks, 0u);
@@ -1346,9 +1350,8 @@ TEST_F(CacheEngineTest, EachClientHasABoundedNumberOfOpenTransfers) {
   EngineConfig c;
   c.max_transfers_per_client = 2;
   ASSERT_NO_FATAL_FAILURE(Build(c));
-  Register(1);
   auto tokens = Tokens(4 * kCs, 1);
-  ASSERT_EQ(Store(1, TokenKey(tokens, "")), 4u);
+  ASSERT_NO_FATAL_FAILURE(RegisterAndStore(TokenKey(tokens, ""), 4));
   EXPECT_EQ(LookupAndWait(2, TokenKey(tokens, "r")).hit_chunks, 4u);
 
   auto first = engine_->PrepareStore(1, TokenKey(Tokens(kCs, 2), ""));
@@ -1640,15 +1643,9 @@ TEST_F(CacheEngineTest, ConcurrentTrafficKeepsTheTableConsistentAndLeavesNoLease
   ASSERT_TRUE(storage_->store()->WaitIdle(kWait));
   inv = table()->CheckInvariants();
   EXPECT_TRUE(inv.ok()) << inv.ToString();
-  const ObjectTableStats s = table()->stats();
-  EXPECT_EQ(s.read_leases, 0u);
-  EXPECT_EQ(s.write_leases, 0u);
-  EXPECT_EQ(s.writing, 0u);
-  EXPECT_EQ(s.temporary, 0u);
-  EXPECT_EQ(s.requests, 0u);
-  EXPECT_EQ(adapter_->TotalPins(), 0u);
+  ExpectNoLeasesRequestsOrPins();
+  EXPECT_EQ(table()->stats().writing, 0u);
   const EngineStats e = engine_->stats();
-  EXPECT_EQ(e.requests, 0u);
   EXPECT_EQ(e.transfers, 0u);
   EXPECT_EQ(e.pending_lookups, 0u);
 }
@@ -1658,9 +1655,8 @@ TEST_F(CacheEngineTest, ConcurrentTrafficKeepsTheTableConsistentAndLeavesNoLease
 // A lookup repeated for a request (as after a preemption) must not take back the leases of the
 // request's new lookup: the first job returns only what it still holds.
 TEST_F(CacheEngineTest, ASyncLookupRepeatedAfterARetrieveLeavesTheNextRetrieveItsLeases) {
-  Register(1);
   auto tokens = Tokens(4 * kCs, 1);
-  ASSERT_EQ(Store(1, TokenKey(tokens, "", 0, 4 * kCs)), 4u);
+  ASSERT_NO_FATAL_FAILURE(RegisterAndStore(TokenKey(tokens, "", 0, 4 * kCs), 4));
   const auto keys = ExpectedKeys(tokens, 4);
 
   auto first = engine_->SyncLookup(2, TokenKey(tokens, "r"), 1, kWait);
@@ -1682,9 +1678,8 @@ TEST_F(CacheEngineTest, ASyncLookupRepeatedAfterARetrieveLeavesTheNextRetrieveIt
 // The other order: looked up twice before any retrieve. The first lookup's leases go back when
 // the second supersedes it, so one retrieve leaves nothing behind.
 TEST_F(CacheEngineTest, ASyncLookupRepeatedBeforeItsRetrieveHoldsOneSetOfLeases) {
-  Register(1);
   auto tokens = Tokens(4 * kCs, 1);
-  ASSERT_EQ(Store(1, TokenKey(tokens, "", 0, 4 * kCs)), 4u);
+  ASSERT_NO_FATAL_FAILURE(RegisterAndStore(TokenKey(tokens, "", 0, 4 * kCs), 4));
   for (int i = 0; i < 3; ++i) {
     auto r = engine_->SyncLookup(2, TokenKey(tokens, "r"), 1, kWait);
     ASSERT_TRUE(r.ok()) << r.status().ToString();
@@ -1698,9 +1693,8 @@ TEST_F(CacheEngineTest, ASyncLookupRepeatedBeforeItsRetrieveHoldsOneSetOfLeases)
 // MLA: two workers read each object. One worker's retrieve consumed one lease per object; the
 // repeated lookup returns exactly the other one, then both workers' retrieves succeed.
 TEST_F(CacheEngineTest, ARepeatedSyncLookupReturnsOnlyWhatTheFirstStillHeldWithExtraReaders) {
-  Register(1);
   auto tokens = Tokens(2 * kCs, 1);
-  ASSERT_EQ(Store(1, TokenKey(tokens, "", 0, 2 * kCs)), 2u);
+  ASSERT_NO_FATAL_FAILURE(RegisterAndStore(TokenKey(tokens, "", 0, 2 * kCs), 2));
   ASSERT_TRUE(engine_->SyncLookup(2, TokenKey(tokens, "m"), 2, kWait).ok());
   EXPECT_EQ(table()->stats().read_leases, 4u);
   ASSERT_TRUE(Retrieve(3, TokenKey(tokens, "m", 0, 2 * kCs)).ok());
@@ -1717,9 +1711,8 @@ TEST_F(CacheEngineTest, ARepeatedSyncLookupReturnsOnlyWhatTheFirstStillHeldWithE
 // nothing, the retrieve consumed it), never the leases of the request's next lookup.
 TEST_F(CacheEngineTest, AnExpiredSyncLookupNeverTakesTheLeasesOfTheRequestsNextLookup) {
   ASSERT_NO_FATAL_FAILURE(Build({}, 256, {}, /*prefetch_on_test_clock=*/true));
-  Register(1);
   auto tokens = Tokens(4 * kCs, 1);
-  ASSERT_EQ(Store(1, TokenKey(tokens, "", 0, 4 * kCs)), 4u);
+  ASSERT_NO_FATAL_FAILURE(RegisterAndStore(TokenKey(tokens, "", 0, 4 * kCs), 4));
   ASSERT_TRUE(engine_->SyncLookup(2, TokenKey(tokens, "t"), 1, kWait).ok());
   ASSERT_TRUE(Retrieve(3, TokenKey(tokens, "t", 0, 4 * kCs)).ok());
   clock_->Advance(seconds(119));
@@ -1739,9 +1732,8 @@ TEST_F(CacheEngineTest, AnExpiredSyncLookupNeverTakesTheLeasesOfTheRequestsNextL
 }
 
 TEST_F(CacheEngineTest, ARetrieveOrStorePastTheKeysDataIsAnErrorNotAShortTransfer) {
-  Register(1);
   auto tokens = Tokens(4 * kCs, 1);
-  ASSERT_EQ(Store(1, TokenKey(tokens, "", 0, 4 * kCs)), 4u);
+  ASSERT_NO_FATAL_FAILURE(RegisterAndStore(TokenKey(tokens, "", 0, 4 * kCs), 4));
   ASSERT_EQ(LookupAndWait(2, TokenKey(tokens, "p")).hit_chunks, 4u);
   auto past = engine_->PrepareRetrieve(2, TokenKey(tokens, "p", 0, 6 * kCs));
   EXPECT_EQ(past.status().code(), StatusCode::kInvalidArgument) << past.status().ToString();
@@ -1767,9 +1759,8 @@ TEST_F(CacheEngineTest, ARetrieveOrStorePastTheKeysDataIsAnErrorNotAShortTransfe
 // The bytes a worker copies between PREPARE_RETRIEVE and COMMIT_RETRIEVE are accepted only if
 // every lease is still on the object whose offset was handed out.
 TEST_F(CacheEngineTest, CommitRetrieveRefusesALeaseTakenAgainOnAnotherGenerationOfTheObject) {
-  Register(1);
   auto tokens = Tokens(2 * kCs, 1);
-  ASSERT_EQ(Store(1, TokenKey(tokens, "", 0, 2 * kCs)), 2u);
+  ASSERT_NO_FATAL_FAILURE(RegisterAndStore(TokenKey(tokens, "", 0, 2 * kCs), 2));
   ASSERT_TRUE(engine_->SyncLookup(2, TokenKey(tokens, "g"), 1, kWait).ok());
   auto ticket = engine_->PrepareRetrieve(3, TokenKey(tokens, "g", 0, 2 * kCs));
   ASSERT_TRUE(ticket.ok()) << ticket.status().ToString();
@@ -1851,13 +1842,7 @@ TEST_F(CacheEngineTest, AnEndedClientsFencedStoresAreFreedWhenItsProcessExits) {
   }
   close(ready[1]);
   close(ready[0]);
-  struct Reaper {  // the child never outlives the test, whatever fails
-    pid_t pid;
-    ~Reaper() {
-      kill(pid, SIGKILL);
-      waitpid(pid, nullptr, 0);
-    }
-  } reaper{child};
+  ChildReaper reaper{child};  // the child never outlives the test, whatever fails
   Status set = engine_->SetClientProcess(7, child);
   ASSERT_TRUE(set.ok() || set.code() == StatusCode::kNotSupported) << set.ToString();
   auto tokens = Tokens(2 * kCs, 4);
@@ -1887,13 +1872,7 @@ TEST_F(CacheEngineTest, AStoreOfAProcessThatExitedBeforeItsClientEndedIsNotFence
     pause();
     _exit(0);
   }
-  struct Reaper {  // the child never outlives the test, whatever fails
-    pid_t pid;
-    ~Reaper() {
-      kill(pid, SIGKILL);
-      waitpid(pid, nullptr, 0);
-    }
-  } reaper{child};
+  ChildReaper reaper{child};  // the child never outlives the test, whatever fails
   Status set = engine_->SetClientProcess(9, child);
   if (!set.ok()) GTEST_SKIP() << "no pidfd_open on this kernel: " << set.ToString();
   auto tokens = Tokens(2 * kCs, 5);
@@ -1910,9 +1889,9 @@ TEST_F(CacheEngineTest, AStoreOfAProcessThatExitedBeforeItsClientEndedIsNotFence
 
 // Every committed object carries a CRC32C: the worker's, or one the engine computes.
 TEST_F(CacheEngineTest, CommitStoreRecordsTheWorkersChecksumsOrComputesThem) {
-  Register(1);
   auto tokens = Tokens(3 * kCs, 5);
-  ASSERT_EQ(Store(1, TokenKey(tokens, "", 0, kCs)), 1u);  // chunk 0 present: skipped below
+  ASSERT_NO_FATAL_FAILURE(
+      RegisterAndStore(TokenKey(tokens, "", 0, kCs), 1));  // chunk 0 present: skipped below
   auto t = engine_->PrepareStore(1, TokenKey(tokens, "", 0, 3 * kCs));
   ASSERT_TRUE(t.ok());
   ASSERT_EQ(t->offsets.size(), 3u);
@@ -2007,9 +1986,8 @@ TEST_F(CacheEngineTest, AWorldWhoseChunkForEveryRankCannotFitInL1IsRefused) {
 // A SYNC_LOOKUP that a server queued before the END_SESSION of its request overtook it: the
 // lookup must not bring the request back with leases nobody will release.
 TEST_F(CacheEngineTest, ALookupArrivingAfterItsRequestsEndSessionIsCancelled) {
-  Register(1);
   auto tokens = Tokens(2 * kCs, 8);
-  ASSERT_EQ(Store(1, TokenKey(tokens, "", 0, 2 * kCs)), 2u);
+  ASSERT_NO_FATAL_FAILURE(RegisterAndStore(TokenKey(tokens, "", 0, 2 * kCs), 2));
   EXPECT_EQ(*engine_->EndSession(2, kModel, "late"), 0u);  // END_SESSION first
   auto late = engine_->SyncLookup(2, TokenKey(tokens, "late"), 1, kWait);
   EXPECT_EQ(late.status().code(), StatusCode::kCancelled) << late.status().ToString();

@@ -29,29 +29,11 @@ namespace lmcache_cpp {
 namespace {
 
 namespace fs = std::filesystem;
-using testutil::Completion;
-using testutil::In;
-using testutil::Key;
-using testutil::Keys;
-using testutil::Out;
-using testutil::Pattern;
-using testutil::Patterns;
-using testutil::Zeros;
+using namespace testutil;              // NOLINT(build/namespaces): the L2 test helpers
+using namespace testutil::sync_calls;  // NOLINT(build/namespaces)
 using FsPeer = testing::FileSystemAdapterPeer;
 
 constexpr auto kLong = std::chrono::seconds(30);
-
-Bitmap Store(L2Adapter& a, const std::vector<ObjectKey>& keys,
-             const std::vector<std::vector<uint8_t>>& data, Status* status = nullptr) {
-  return testutil::SyncStore(a, keys, data, status);
-}
-Bitmap Lookup(L2Adapter& a, const std::vector<ObjectKey>& keys, Status* status = nullptr) {
-  return testutil::SyncLookup(a, keys, status);
-}
-Bitmap Load(L2Adapter& a, const std::vector<ObjectKey>& keys,
-            std::vector<std::vector<uint8_t>>* out, Status* status = nullptr) {
-  return testutil::SyncLoad(a, keys, out, status);
-}
 
 std::vector<uint8_t> ReadFile(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
@@ -219,9 +201,7 @@ TEST_F(FileSystemAdapterTest, StoreOfPresentKeyIsReportedStoredWithoutRewriting)
   auto a = Open();
   Store(*a, {Key(1)}, {Pattern(1, 500)});
   EXPECT_TRUE(Store(*a, {Key(1)}, {Pattern(2, 500)}).All());
-  auto out = Zeros(1, 500);
-  EXPECT_TRUE(Load(*a, {Key(1)}, &out).All());
-  EXPECT_EQ(out[0], Pattern(1, 500));
+  ExpectLoadsPattern(*a, 1, 500);
 }
 
 TEST_F(FileSystemAdapterTest, DataSurvivesARestart) {
@@ -373,9 +353,7 @@ TEST_F(FileSystemAdapterTest, LeftoverTempFilesAreRemovedAtStartupAndNeverIndexe
   EXPECT_EQ(CountFiles(dir_, ".tmp-"), 0u);
   EXPECT_EQ(Lookup(*b, {Key(0), Key(1)}).ToString(), "10");
   b->Unpin({Key(0)});
-  auto out = Zeros(1, 5000);
-  EXPECT_TRUE(Load(*b, {Key(0)}, &out).All());
-  EXPECT_EQ(out[0], Pattern(0, 5000));
+  ExpectLoadsPattern(*b, 0, 5000);
 }
 
 TEST_F(FileSystemAdapterTest, FilesThatAreNotObjectsAreLeftAlone) {
@@ -411,9 +389,7 @@ TEST_F(FileSystemAdapterTest, CapacityEvictsOldestUnpinnedFiles) {
   L2AdapterStats s = a->stats();
   EXPECT_EQ(s.evictions, 2u);
   EXPECT_LE(s.bytes, o.capacity_bytes);
-  auto out = Zeros(1, 1000);
-  EXPECT_TRUE(Load(*a, {Key(0)}, &out).All());
-  EXPECT_EQ(out[0], Pattern(0, 1000));
+  ExpectLoadsPattern(*a, 0, 1000);
   a->Unpin({Key(0)});
 }
 

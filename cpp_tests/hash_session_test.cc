@@ -35,6 +35,11 @@ class HashSessionTest : public ::testing::Test {
   std::unique_ptr<HashSessionCache> MakeCache(HashSessionOptions options = {}) {
     return std::make_unique<HashSessionCache>(&hasher_, options, clock_);
   }
+  std::unique_ptr<HashSessionCache> MakeCacheWithTtl(std::chrono::seconds ttl) {
+    HashSessionOptions options;
+    options.ttl = ttl;
+    return MakeCache(options);
+  }
   std::vector<ChunkHash> Expected(const std::vector<uint32_t>& tokens, size_t n) const {
     return hasher_.HashTokens(tokens.data(), n);
   }
@@ -145,9 +150,7 @@ TEST_F(HashSessionTest, EndSessionDropsTheSession) {
 }
 
 TEST_F(HashSessionTest, ReapDropsSessionsIdleForTheTtl) {
-  HashSessionOptions options;
-  options.ttl = std::chrono::seconds(30);
-  auto cache = MakeCache(options);
+  auto cache = MakeCacheWithTtl(std::chrono::seconds(30));
   const std::vector<uint32_t> tokens = MakeTokens(2 * kChunk, 10);
   (void)cache->HashTokens(1, tokens.data(), tokens.size());
   clock_->Advance(std::chrono::seconds(10));
@@ -166,9 +169,7 @@ TEST_F(HashSessionTest, ReapDropsSessionsIdleForTheTtl) {
 }
 
 TEST_F(HashSessionTest, UseRefreshesTheTtl) {
-  HashSessionOptions options;
-  options.ttl = std::chrono::seconds(30);
-  auto cache = MakeCache(options);
+  auto cache = MakeCacheWithTtl(std::chrono::seconds(30));
   const std::vector<uint32_t> tokens = MakeTokens(2 * kChunk, 11);
   (void)cache->HashTokens(1, tokens.data(), tokens.size());
   for (int i = 0; i < 5; ++i) {
@@ -182,9 +183,7 @@ TEST_F(HashSessionTest, UseRefreshesTheTtl) {
 }
 
 TEST_F(HashSessionTest, ExpiredSessionsAreReapedOnInsert) {
-  HashSessionOptions options;
-  options.ttl = std::chrono::seconds(5);
-  auto cache = MakeCache(options);
+  auto cache = MakeCacheWithTtl(std::chrono::seconds(5));
   const std::vector<uint32_t> tokens = MakeTokens(kChunk, 12);
   for (uint64_t id = 0; id < 10; ++id) (void)cache->HashTokens(id, tokens.data(), tokens.size());
   EXPECT_EQ(cache->size(), 10u);

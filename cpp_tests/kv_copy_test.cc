@@ -32,13 +32,22 @@ const KvLayout kAllLayouts[] = {KvLayout::kNHD, KvLayout::kHND, KvLayout::kFlash
                                 KvLayout::kMLA};
 const uint32_t kElementSizes[] = {1, 2, 4};
 
-// Fresh random data every run; the seed is printed with any failure.
-std::mt19937_64 MakeRng(uint64_t* seed_out) {
+uint64_t RandomSeed() {
   std::random_device rd;
-  const uint64_t seed = (uint64_t{rd()} << 32) ^ rd();
-  *seed_out = seed;
-  return std::mt19937_64(seed);
+  return (uint64_t{rd()} << 32) ^ rd();
 }
+
+// Fresh random data every run: a generator with a random seed, which is printed with any failure
+// while the generator lives. Declare it in the test body.
+class TracedRng : public std::mt19937_64 {
+ public:
+  TracedRng() : TracedRng(RandomSeed()) {}
+
+ private:
+  explicit TracedRng(uint64_t seed)
+      : std::mt19937_64(seed), trace_(__FILE__, __LINE__, "seed " + std::to_string(seed)) {}
+  ::testing::ScopedTrace trace_;
+};
 
 void FillRandom(std::vector<uint8_t>* bytes, std::mt19937_64* rng) {
   for (uint8_t& b : *bytes) b = static_cast<uint8_t>((*rng)());
@@ -366,9 +375,7 @@ TEST(KvCopyLayoutTest, PlaneOverlapCheckMatchesBruteForce) {
 // ---- round trips and the object format --------------------------------------------------------
 
 TEST(KvCopyTest, GatherMatchesReferenceAndScatterRestoresEveryLayoutAndElementSize) {
-  uint64_t seed = 0;
-  std::mt19937_64 rng = MakeRng(&seed);
-  SCOPED_TRACE("seed " + std::to_string(seed));
+  TracedRng rng;
   constexpr uint64_t kNumBlocks = 24;
   constexpr uint64_t kChunkBlocks = 5;
   constexpr uint64_t kChunkSize = kChunkBlocks * kBlockSize;
@@ -409,9 +416,7 @@ TEST(KvCopyTest, GatherMatchesReferenceAndScatterRestoresEveryLayoutAndElementSi
 }
 
 TEST(KvCopyTest, PartialChunkTouchesOnlyItsBlockSlots) {
-  uint64_t seed = 0;
-  std::mt19937_64 rng = MakeRng(&seed);
-  SCOPED_TRACE("seed " + std::to_string(seed));
+  TracedRng rng;
   constexpr uint64_t kChunkSize = 4 * kBlockSize;
   for (KvLayout kind : kAllLayouts) {
     const KvCacheLayout lay = MakeLayout(kind, 2, 16);
@@ -435,9 +440,7 @@ TEST(KvCopyTest, PartialChunkTouchesOnlyItsBlockSlots) {
 }
 
 TEST(KvCopyTest, ScatterLeavesSkippedTokensUntouched) {
-  uint64_t seed = 0;
-  std::mt19937_64 rng = MakeRng(&seed);
-  SCOPED_TRACE("seed " + std::to_string(seed));
+  TracedRng rng;
   constexpr uint64_t kNumBlocks = 20;
   constexpr uint64_t kChunkBlocks = 4;
   constexpr uint64_t kChunkSize = kChunkBlocks * kBlockSize;
@@ -473,9 +476,7 @@ TEST(KvCopyTest, ScatterLeavesSkippedTokensUntouched) {
 }
 
 TEST(KvCopyTest, Int32AndInt64BlockIdsAgree) {
-  uint64_t seed = 0;
-  std::mt19937_64 rng = MakeRng(&seed);
-  SCOPED_TRACE("seed " + std::to_string(seed));
+  TracedRng rng;
   const KvCacheLayout lay = MakeLayout(KvLayout::kHND, 2, 12);
   Cache src = MakeCache(lay, &rng, true);
   const std::vector<int64_t> ids64 = RandomDistinctIds(12, 3, &rng);
@@ -489,9 +490,7 @@ TEST(KvCopyTest, Int32AndInt64BlockIdsAgree) {
 }
 
 TEST(KvCopyTest, BatchEqualsOneCallPerChunk) {
-  uint64_t seed = 0;
-  std::mt19937_64 rng = MakeRng(&seed);
-  SCOPED_TRACE("seed " + std::to_string(seed));
+  TracedRng rng;
   constexpr uint64_t kNumBlocks = 40;
   constexpr uint64_t kChunkSize = 3 * kBlockSize;
   for (KvLayout kind : kAllLayouts) {
@@ -541,9 +540,7 @@ TEST(KvCopyTest, BatchEqualsOneCallPerChunk) {
 // pieces of any size and alignment: small and large block planes, sizes that are not a multiple
 // of 64, padded strides that misalign the engine side.
 TEST(KvCopyTest, StreamingStoresWriteTheSameBytesAsRegularOnes) {
-  uint64_t seed = 0;
-  std::mt19937_64 rng = MakeRng(&seed);
-  SCOPED_TRACE("seed " + std::to_string(seed));
+  TracedRng rng;
   const struct {
     uint32_t block_size, heads, head_size, element_size;
   } shapes[] = {{4, 3, 5, 2}, {4, 2, 24, 2}, {16, 8, 128, 2}, {16, 3, 200, 1}, {16, 1, 577, 2}};
@@ -671,9 +668,7 @@ void CheckChecksummedGathers(const KvCacheLayout& lay, uint64_t chunk_blocks, si
 }
 
 TEST(KvCopyChecksumTest, ChecksumIsCrcOfTheObjectForEveryLayoutStrideAndThreadCount) {
-  uint64_t seed = 0;
-  std::mt19937_64 rng = MakeRng(&seed);
-  SCOPED_TRACE("seed " + std::to_string(seed));
+  TracedRng rng;
   CopyThreadPool pool(3);
   constexpr uint64_t kNumBlocks = 24;
   for (KvLayout kind : kAllLayouts) {
@@ -691,9 +686,7 @@ TEST(KvCopyChecksumTest, ChecksumIsCrcOfTheObjectForEveryLayoutStrideAndThreadCo
 // the engine's block planes that must not enter the checksum; objects with slack past
 // ObjectBytes.
 TEST(KvCopyChecksumTest, LargeBlockPlanesPaddedStridesAndSlackPastTheObject) {
-  uint64_t seed = 0;
-  std::mt19937_64 rng = MakeRng(&seed);
-  SCOPED_TRACE("seed " + std::to_string(seed));
+  TracedRng rng;
   CopyThreadPool pool(3);
   const struct {
     uint32_t heads, head_size, element_size;
@@ -718,9 +711,7 @@ TEST(KvCopyChecksumTest, LargeBlockPlanesPaddedStridesAndSlackPastTheObject) {
 }
 
 TEST(KvCopyChecksumTest, ChunksWithAndWithoutChecksumsMixInOneBatch) {
-  uint64_t seed = 0;
-  std::mt19937_64 rng = MakeRng(&seed);
-  SCOPED_TRACE("seed " + std::to_string(seed));
+  TracedRng rng;
   CopyThreadPool pool(3);
   constexpr uint64_t kChunkSize = 3 * kBlockSize;
   const KvCacheLayout lay = MakeLayout(KvLayout::kNHD, 2, 30);
@@ -761,9 +752,7 @@ TEST(KvCopyChecksumTest, ChunksWithAndWithoutChecksumsMixInOneBatch) {
 }
 
 TEST(KvCopyChecksumTest, ChecksumOfAPartialCopyOrAScatterIsRejectedAndNothingIsCopied) {
-  uint64_t seed = 0;
-  std::mt19937_64 rng = MakeRng(&seed);
-  SCOPED_TRACE("seed " + std::to_string(seed));
+  TracedRng rng;
   constexpr uint64_t kChunkSize = 3 * kBlockSize;
   const KvCacheLayout lay = MakeLayout(KvLayout::kHND, 2, 12);
   Cache cache = MakeCache(lay, &rng, true);
@@ -832,9 +821,7 @@ TEST(KvCopyChecksumTest, ChecksumOfAPartialCopyOrAScatterIsRejectedAndNothingIsC
 // ---- threads -----------------------------------------------------------------------------------
 
 TEST(KvCopyTest, MultiThreadedCopiesEqualSingleThreaded) {
-  uint64_t seed = 0;
-  std::mt19937_64 rng = MakeRng(&seed);
-  SCOPED_TRACE("seed " + std::to_string(seed));
+  TracedRng rng;
   CopyThreadPool pool(3);
   constexpr uint64_t kNumBlocks = 64;
   constexpr uint64_t kChunkBlocks = 6;
@@ -947,9 +934,7 @@ TEST(CopyThreadPoolTest, StopIsIdempotentAndLoopsStillRunAfterwards) {
 // ---- invalid inputs ----------------------------------------------------------------------------
 
 TEST(KvCopyTest, InvalidCallsAreRejectedAndCopyNothing) {
-  uint64_t seed = 0;
-  std::mt19937_64 rng = MakeRng(&seed);
-  SCOPED_TRACE("seed " + std::to_string(seed));
+  TracedRng rng;
   constexpr uint64_t kNumBlocks = 8;
   constexpr uint64_t kChunkSize = 2 * kBlockSize;
   const KvCacheLayout lay = MakeLayout(KvLayout::kNHD, 2, kNumBlocks);

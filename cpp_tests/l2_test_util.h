@@ -98,13 +98,9 @@ inline std::vector<std::vector<uint8_t>> Zeros(size_t n, size_t size) {
   return std::vector<std::vector<uint8_t>>(n, std::vector<uint8_t>(size, 0));
 }
 
-// Synchronous wrappers: submit, wait for the callback, check it ran once and not on this thread.
-inline Bitmap SyncStore(L2Adapter& a, const std::vector<ObjectKey>& keys,
-                        const std::vector<std::vector<uint8_t>>& data, Status* status = nullptr) {
-  std::vector<ConstBuffer> bufs;
-  for (const auto& d : data) bufs.push_back(In(d));
-  Completion c;
-  a.SubmitStore(keys, bufs, c.Callback());
+// Waits for `c`, checks its callback ran once and not on this thread, and returns its bitmap
+// (and its status through `status`, when given).
+inline Bitmap WaitForOneCallback(Completion& c, Status* status) {
   EXPECT_TRUE(c.Wait());
   EXPECT_EQ(c.calls(), 1);
   EXPECT_NE(c.thread(), std::this_thread::get_id());
@@ -112,15 +108,21 @@ inline Bitmap SyncStore(L2Adapter& a, const std::vector<ObjectKey>& keys,
   return c.bits();
 }
 
+// Synchronous wrappers: submit, wait for the callback, check it ran once and not on this thread.
+inline Bitmap SyncStore(L2Adapter& a, const std::vector<ObjectKey>& keys,
+                        const std::vector<std::vector<uint8_t>>& data, Status* status = nullptr) {
+  std::vector<ConstBuffer> bufs;
+  for (const auto& d : data) bufs.push_back(In(d));
+  Completion c;
+  a.SubmitStore(keys, bufs, c.Callback());
+  return WaitForOneCallback(c, status);
+}
+
 inline Bitmap SyncLookup(L2Adapter& a, const std::vector<ObjectKey>& keys,
                          Status* status = nullptr) {
   Completion c;
   a.SubmitLookupAndPin(keys, c.Callback());
-  EXPECT_TRUE(c.Wait());
-  EXPECT_EQ(c.calls(), 1);
-  EXPECT_NE(c.thread(), std::this_thread::get_id());
-  if (status != nullptr) *status = c.status();
-  return c.bits();
+  return WaitForOneCallback(c, status);
 }
 
 inline Bitmap SyncLoad(L2Adapter& a, const std::vector<ObjectKey>& keys,
@@ -129,12 +131,31 @@ inline Bitmap SyncLoad(L2Adapter& a, const std::vector<ObjectKey>& keys,
   for (auto& d : *out) bufs.push_back(Out(d));
   Completion c;
   a.SubmitLoad(keys, bufs, c.Callback());
-  EXPECT_TRUE(c.Wait());
-  EXPECT_EQ(c.calls(), 1);
-  EXPECT_NE(c.thread(), std::this_thread::get_id());
-  if (status != nullptr) *status = c.status();
-  return c.bits();
+  return WaitForOneCallback(c, status);
 }
+
+// Loads Key(id) alone and expects it found, holding Pattern(id, size).
+inline void ExpectLoadsPattern(L2Adapter& a, uint64_t id, size_t size) {
+  std::vector<std::vector<uint8_t>> out = Zeros(1, size);
+  EXPECT_TRUE(SyncLoad(a, {Key(id)}, &out).All()) << "key " << id;
+  EXPECT_EQ(out[0], Pattern(id, size)) << "key " << id;
+}
+
+// Short names for the synchronous wrappers, for the adapter tests that call them on most lines
+// (`using namespace testutil::sync_calls;`).
+namespace sync_calls {
+inline Bitmap Store(L2Adapter& a, const std::vector<ObjectKey>& keys,
+                    const std::vector<std::vector<uint8_t>>& data, Status* status = nullptr) {
+  return SyncStore(a, keys, data, status);
+}
+inline Bitmap Lookup(L2Adapter& a, const std::vector<ObjectKey>& keys, Status* status = nullptr) {
+  return SyncLookup(a, keys, status);
+}
+inline Bitmap Load(L2Adapter& a, const std::vector<ObjectKey>& keys,
+                   std::vector<std::vector<uint8_t>>* out, Status* status = nullptr) {
+  return SyncLoad(a, keys, out, status);
+}
+}  // namespace sync_calls
 
 // Stresses an adapter from `threads` submitters at once. In each of `rounds` rounds a submitter
 // stores key Key(r % keys) (Pattern(id, size)) and looks it up and pins it, both in flight at

@@ -18,27 +18,8 @@ namespace lmcache_cpp {
 namespace {
 
 using std::chrono::milliseconds;
-using testutil::Completion;
-using testutil::In;
-using testutil::Key;
-using testutil::Keys;
-using testutil::Out;
-using testutil::Pattern;
-using testutil::Patterns;
-using testutil::Zeros;
-
-// Short names for the synchronous wrappers.
-Bitmap Store(L2Adapter& a, const std::vector<ObjectKey>& keys,
-             const std::vector<std::vector<uint8_t>>& data, Status* status = nullptr) {
-  return testutil::SyncStore(a, keys, data, status);
-}
-Bitmap Lookup(L2Adapter& a, const std::vector<ObjectKey>& keys, Status* status = nullptr) {
-  return testutil::SyncLookup(a, keys, status);
-}
-Bitmap Load(L2Adapter& a, const std::vector<ObjectKey>& keys,
-            std::vector<std::vector<uint8_t>>* out, Status* status = nullptr) {
-  return testutil::SyncLoad(a, keys, out, status);
-}
+using namespace testutil;              // NOLINT(build/namespaces): the L2 test helpers
+using namespace testutil::sync_calls;  // NOLINT(build/namespaces)
 
 constexpr auto kLong = std::chrono::seconds(30);
 
@@ -48,12 +29,19 @@ std::unique_ptr<MemoryL2Adapter> Make(MemoryAdapterOptions options = {}) {
   return std::move(r).value();
 }
 
+// An adapter with `workers` worker threads that holds every operation until SetStalled(false).
+std::unique_ptr<MemoryL2Adapter> MakeStalled(size_t workers) {
+  MemoryAdapterOptions o;
+  o.worker_threads = workers;
+  auto a = Make(o);
+  a->SetStalled(true);
+  return a;
+}
+
 TEST(MemoryAdapterTest, CreateRejectsZeroWorkers) {
   MemoryAdapterOptions o;
   o.worker_threads = 0;
-  auto r = MemoryL2Adapter::Create(o);
-  ASSERT_FALSE(r.ok());
-  EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_TRUE(testutil::FailsWith(MemoryL2Adapter::Create(o), StatusCode::kInvalidArgument));
 }
 
 TEST(MemoryAdapterTest, StoreLookupLoadRoundTripPreservesBytes) {
@@ -193,9 +181,7 @@ TEST(MemoryAdapterTest, FifoEvictionSkipsPinnedObjects) {
   EXPECT_TRUE(a->Contains(Key(0)));
   EXPECT_FALSE(a->Contains(Key(1)));
   EXPECT_TRUE(a->Contains(Key(2)));
-  auto out = Zeros(1, 100);
-  EXPECT_TRUE(Load(*a, {Key(0)}, &out).All());
-  EXPECT_EQ(out[0], Pattern(0, 100));
+  ExpectLoadsPattern(*a, 0, 100);
   a->Unpin({Key(0)});
 }
 
@@ -334,10 +320,7 @@ TEST(MemoryAdapterTest, BytesThatDifferFromTheGivenChecksumNeverLoad) {
 }
 
 TEST(MemoryAdapterTest, SetStalledHoldsEveryOperationUntilCleared) {
-  MemoryAdapterOptions o;
-  o.worker_threads = 2;
-  auto a = Make(o);
-  a->SetStalled(true);
+  auto a = MakeStalled(/*workers=*/2);
   Completion c1, c2;
   a->SubmitStore({Key(0)}, {ConstBuffer{nullptr, 0}}, c1.Callback());
   a->SubmitLookupAndPin({Key(0)}, c2.Callback());
@@ -354,10 +337,7 @@ TEST(MemoryAdapterTest, SetStalledHoldsEveryOperationUntilCleared) {
 }
 
 TEST(MemoryAdapterTest, CloseCancelsQueuedAndStalledOperationsExactlyOnce) {
-  MemoryAdapterOptions o;
-  o.worker_threads = 1;
-  auto a = Make(o);
-  a->SetStalled(true);
+  auto a = MakeStalled(/*workers=*/1);
   constexpr int kOps = 6;
   std::vector<std::unique_ptr<Completion>> done;
   std::vector<uint8_t> d(32);

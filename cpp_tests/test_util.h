@@ -8,7 +8,10 @@
 #include <cstring>
 #include <vector>
 
+#include <gtest/gtest.h>
+
 #include "lmcache_cpp/object_key.h"
+#include "lmcache_cpp/status.h"
 
 namespace lmcache_cpp {
 namespace testutil {
@@ -33,6 +36,14 @@ inline std::vector<ObjectKey> Keys(uint64_t first, size_t n, int32_t rank = 0) {
   v.reserve(n);
   for (size_t i = 0; i < n; ++i) v.push_back(Key(first + i, rank));
   return v;
+}
+
+// Whether `r` failed with `code` (else says what it got).
+template <typename T>
+::testing::AssertionResult FailsWith(const Result<T>& r, StatusCode code) {
+  if (r.ok()) return ::testing::AssertionFailure() << "succeeded";
+  if (r.status().code() != code) return ::testing::AssertionFailure() << r.status().ToString();
+  return ::testing::AssertionSuccess();
 }
 
 }  // namespace testutil

@@ -62,10 +62,12 @@
 #include "lmcache_cpp/logging.h"
 #include "lmcache_cpp/object_key.h"
 #include "testing/adapter_peers.h"
+#include "testing/reference_crc32c.h"
 
 namespace lmcache_cpp::fuzz {
 namespace {
 using FsPeer = testing::FileSystemAdapterPeer;
+using testing::ReferenceCrc32c;
 
 constexpr uint64_t kHeader = kFsObjectHeaderSize;
 constexpr auto kWait = std::chrono::seconds(60);
@@ -78,16 +80,6 @@ constexpr auto kWait = std::chrono::seconds(60);
   do {                        \
     if (!(cond)) Fail(#cond); \
   } while (0)
-
-// Bitwise CRC32C (Castagnoli), independent of the library's implementation.
-uint32_t ReferenceCrc32c(const uint8_t* p, size_t n) {
-  uint32_t c = ~0u;
-  for (size_t i = 0; i < n; ++i) {
-    c ^= p[i];
-    for (int k = 0; k < 8; ++k) c = (c >> 1) ^ (0x82F63B78u & (0u - (c & 1u)));
-  }
-  return ~c;
-}
 
 uint32_t Le32(const uint8_t* p) {
   return static_cast<uint32_t>(p[0]) | static_cast<uint32_t>(p[1]) << 8 |

@@ -47,6 +47,11 @@ std::string RequestKey(std::string_view model_name, std::string_view request_id)
   return k;
 }
 
+// LeaseNotHeld saying `what` was lost, followed by the table's reason: "<what> (<cause>)".
+Status LeaseLost(std::string_view what, const Status& cause) {
+  return Status::LeaseNotHeld(std::string(what) + " (" + cause.message() + ")");
+}
+
 uint64_t RandomId() {
   JobHandle h = JobHandle::Random();
   uint64_t v = 0;
@@ -502,17 +507,10 @@ Result<uint32_t> CacheEngine::Readers(const Namespace& ns, uint32_t tp_size) con
 
 Result<JobHandle> CacheEngine::Lookup(ClientId client, const EngineKey& key, uint32_t tp_size) {
   ResolvedKey rk;
-  LMCACHE_RETURN_IF_ERROR(
-      Resolve(key, RangeKind::kLookup, RequestIdUse::kCreate, &rk, tp_size, client));
-  const uint32_t readers = rk.readers;
-  PrefetchRequest req = PrefetchRequest::Of(LeaseOwner{client, rk.request}, std::move(rk.keys),
-                                            rk.ns->object_bytes, readers - 1);
+  LMCACHE_ASSIGN_OR_RETURN(PrefetchRequest req, ResolveLookup(client, key, tp_size, &rk));
   const size_t chunks = req.keys.size() / rk.ranks;
   LMCACHE_ASSIGN_OR_RETURN(JobHandle handle, prefetch_->Submit(std::move(req)));
-  if (DropIfEnded(key, rk)) {
-    return Status::Cancelled("request '" + std::string(key.request_id) +
-                             "' ended (END_SESSION) during its lookup");
-  }
+  LMCACHE_RETURN_IF_ERROR(CancelIfEnded(key, rk));
   auto pending = std::make_unique<PendingLookup>();
   pending->client = client;
   pending->ranks = rk.ranks;
@@ -522,6 +520,20 @@ Result<JobHandle> CacheEngine::Lookup(ClientId client, const EngineKey& key, uin
   ++counters_.lookups;
   counters_.lookup_chunks += chunks;
   return handle;
+}
+
+Result<PrefetchRequest> CacheEngine::ResolveLookup(ClientId client, const EngineKey& key,
+                                                   uint32_t tp_size, ResolvedKey* rk) {
+  LMCACHE_RETURN_IF_ERROR(
+      Resolve(key, RangeKind::kLookup, RequestIdUse::kCreate, rk, tp_size, client));
+  return PrefetchRequest::Of(LeaseOwner{client, rk->request}, std::move(rk->keys),
+                             rk->ns->object_bytes, rk->readers - 1);
+}
+
+Status CacheEngine::CancelIfEnded(const EngineKey& key, const ResolvedKey& rk) {
+  if (!DropIfEnded(key, rk)) return Status::Ok();
+  return Status::Cancelled("request '" + std::string(key.request_id) +
+                           "' ended (END_SESSION) during its lookup");
 }
 
 bool CacheEngine::DropIfEnded(const EngineKey& key, const ResolvedKey& rk) {
@@ -599,11 +611,7 @@ Result<std::optional<LookupResult>> CacheEngine::SyncLookupImpl(ClientId client,
                                                                 uint32_t tp_size, Duration timeout,
                                                                 SyncLookupScope scope) {
   ResolvedKey rk;
-  LMCACHE_RETURN_IF_ERROR(
-      Resolve(key, RangeKind::kLookup, RequestIdUse::kCreate, &rk, tp_size, client));
-  const uint32_t readers = rk.readers;
-  PrefetchRequest req = PrefetchRequest::Of(LeaseOwner{client, rk.request}, std::move(rk.keys),
-                                            rk.ns->object_bytes, readers - 1);
+  LMCACHE_ASSIGN_OR_RETURN(PrefetchRequest req, ResolveLookup(client, key, tp_size, &rk));
   const size_t chunks = req.keys.size() / rk.ranks;
   SyncLookupResult s;
   if (scope == SyncLookupScope::kL1Only) {
@@ -617,10 +625,7 @@ Result<std::optional<LookupResult>> CacheEngine::SyncLookupImpl(ClientId client,
   } else {
     LMCACHE_ASSIGN_OR_RETURN(s, prefetch_->LookupAndPin(std::move(req), timeout));
   }
-  if (DropIfEnded(key, rk)) {
-    return Status::Cancelled("request '" + std::string(key.request_id) +
-                             "' ended (END_SESSION) during its lookup");
-  }
+  LMCACHE_RETURN_IF_ERROR(CancelIfEnded(key, rk));
   LookupResult r;
   r.hit_chunks = s.hits / rk.ranks;
   r.l1_chunks = std::min<uint64_t>(s.l1_hits / rk.ranks, r.hit_chunks);
@@ -1024,10 +1029,8 @@ Result<uint64_t> CacheEngine::CommitStore(ClientId client, const JobHandle& hand
     ++counters_.store_aborts;
     if (st.code() == StatusCode::kLeaseNotHeld) {
       ++counters_.store_expired;
-      return Status::LeaseNotHeld(
-          "the store's write lease expired before COMMIT_STORE; nothing "
-          "was published (" +
-          st.message() + ")");
+      return LeaseLost("the store's write lease expired before COMMIT_STORE; nothing was published",
+                       st);
     }
     return st;
   }
@@ -1126,10 +1129,10 @@ Status CacheEngine::CommitRetrieve(ClientId client, const JobHandle& handle) {
     std::lock_guard<std::mutex> l(mu_);
     ++counters_.retrieve_failures;
     ++counters_.retrieve_lease_lost;
-    return Status::LeaseNotHeld(
-        "a lease of this retrieve was released or expired before the "
-        "commit; the copied bytes must not be used (" +
-        st.message() + ")");
+    return LeaseLost(
+        "a lease of this retrieve was released or expired before the commit; the copied bytes "
+        "must not be used",
+        st);
   }
   return st;
 }

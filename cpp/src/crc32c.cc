@@ -237,25 +237,15 @@ uint64_t XPowModP(unsigned e) {
   return static_cast<uint64_t>(r) << 32;
 }
 
+// The two constants that fold a 128-bit block D bits forward: {x^(D+63), x^(D-1)} mod P.
+struct Fold {
+  explicit Fold(unsigned d) : hi(XPowModP(d + 63)), lo(XPowModP(d - 1)) {}
+  uint64_t hi, lo;
+};
+
 struct FoldConstants {
-  // {x^(D+63), x^(D-1)} mod P for the distances used below.
-  uint64_t hi2048, lo2048, hi1536, lo1536, hi1024, lo1024, hi512, lo512;
-  uint64_t hi384, lo384, hi256, lo256, hi128, lo128;
-  FoldConstants()
-      : hi2048(XPowModP(2048 + 63)),
-        lo2048(XPowModP(2048 - 1)),
-        hi1536(XPowModP(1536 + 63)),
-        lo1536(XPowModP(1536 - 1)),
-        hi1024(XPowModP(1024 + 63)),
-        lo1024(XPowModP(1024 - 1)),
-        hi512(XPowModP(512 + 63)),
-        lo512(XPowModP(512 - 1)),
-        hi384(XPowModP(384 + 63)),
-        lo384(XPowModP(384 - 1)),
-        hi256(XPowModP(256 + 63)),
-        lo256(XPowModP(256 - 1)),
-        hi128(XPowModP(128 + 63)),
-        lo128(XPowModP(128 - 1)) {}
+  // The distances used below.
+  Fold d2048{2048}, d1536{1536}, d1024{1024}, d512{512}, d384{384}, d256{256}, d128{128};
 };
 
 const FoldConstants& Folds() {
@@ -295,16 +285,16 @@ LMCACHE_CPP_FOLD_TARGET inline __m128i Fold128(__m128i a, uint64_t hi_const, uin
 LMCACHE_CPP_FOLD_TARGET uint32_t FoldReduce(__m512i z0, __m512i z1, __m512i z2, __m512i z3) {
   const FoldConstants& c = Folds();
   // Four accumulators into one (z0 lies 192 bytes before z3, z1 128, z2 64).
-  __m512i x = Fold512(z2, Constant512(c.hi512, c.lo512), z3);
-  x = Fold512(z1, Constant512(c.hi1024, c.lo1024), x);
-  x = Fold512(z0, Constant512(c.hi1536, c.lo1536), x);
+  __m512i x = Fold512(z2, Constant512(c.d512.hi, c.d512.lo), z3);
+  x = Fold512(z1, Constant512(c.d1024.hi, c.d1024.lo), x);
+  x = Fold512(z0, Constant512(c.d1536.hi, c.d1536.lo), x);
   // Four 128-bit lanes into one (lane 0 lies 48 bytes before lane 3).
   alignas(64) __m128i lanes[4];
   _mm512_store_si512(lanes, x);
   __m128i y = lanes[3];
-  y = Fold128(lanes[2], c.hi128, c.lo128, y);
-  y = Fold128(lanes[1], c.hi256, c.lo256, y);
-  y = Fold128(lanes[0], c.hi384, c.lo384, y);
+  y = Fold128(lanes[2], c.d128.hi, c.d128.lo, y);
+  y = Fold128(lanes[1], c.d256.hi, c.d256.lo, y);
+  y = Fold128(lanes[0], c.d384.hi, c.d384.lo, y);
   uint64_t r = _mm_crc32_u64(0, static_cast<uint64_t>(_mm_cvtsi128_si64(y)));
   r = _mm_crc32_u64(r, static_cast<uint64_t>(_mm_extract_epi64(y, 1)));
   return static_cast<uint32_t>(r);
@@ -323,7 +313,7 @@ LMCACHE_CPP_FOLD_TARGET uint32_t FoldAvx512(uint32_t reg, const uint8_t*& p, siz
   __m512i z3 = _mm512_loadu_si512(p + 192);
   p += kFoldStride;
   n -= kFoldStride;
-  const __m512i k2048 = Constant512(Folds().hi2048, Folds().lo2048);
+  const __m512i k2048 = Constant512(Folds().d2048.hi, Folds().d2048.lo);
   while (n >= kFoldStride) {
     z0 = Fold512(z0, k2048, _mm512_loadu_si512(p));
     z1 = Fold512(z1, k2048, _mm512_loadu_si512(p + 64));
@@ -370,7 +360,7 @@ LMCACHE_CPP_FOLD_TARGET uint32_t FoldCopyAvx512(uint32_t reg, uint8_t*& d, const
   p += kFoldStride;
   d += kFoldStride;
   n -= kFoldStride;
-  const __m512i k2048 = Constant512(Folds().hi2048, Folds().lo2048);
+  const __m512i k2048 = Constant512(Folds().d2048.hi, Folds().d2048.lo);
   while (n >= kFoldStride) {
     if (n >= kPrefetchAhead + kFoldStride) {
       _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchAhead), _MM_HINT_T0);
@@ -408,26 +398,23 @@ bool DetectFold() {
          __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("vpclmulqdq");
 }
 
+#else
+
+bool DetectHardware() { return false; }
+bool DetectFold() { return false; }
+
 #endif  // LMCACHE_CPP_CRC32C_X86
 
 }  // namespace
 
 bool Crc32cHardwareAvailable() {
-#if LMCACHE_CPP_CRC32C_X86
   static const bool available = DetectHardware();
   return available;
-#else
-  return false;
-#endif
 }
 
 bool Crc32cFoldAvailable() {
-#if LMCACHE_CPP_CRC32C_X86
   static const bool available = DetectFold();
   return available;
-#else
-  return false;
-#endif
 }
 
 uint32_t Crc32cExtendSoftware(uint32_t crc, const void* data, size_t n) {

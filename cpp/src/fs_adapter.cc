@@ -193,6 +193,13 @@ Status SyncDirectory(const std::string& dir) {
 }  // namespace
 
 struct FileSystemL2Adapter::Batch {
+  Batch(OpType batch_type, std::vector<ObjectKey> batch_keys, DoneFn batch_done,
+        Status checked = Status())
+      : type(batch_type),
+        keys(std::move(batch_keys)),
+        done(std::move(batch_done)),
+        pre_status(std::move(checked)) {}
+
   OpType type = OpType::kStore;
   std::vector<ObjectKey> keys;
   std::vector<ConstBuffer> in;
@@ -350,31 +357,21 @@ Status FileSystemL2Adapter::Recover() {
 
 void FileSystemL2Adapter::SubmitStore(std::vector<ObjectKey> keys, std::vector<ConstBuffer> buffers,
                                       StoreCallback done) {
-  auto batch = std::make_shared<Batch>();
-  batch->type = OpType::kStore;
-  batch->pre_status = internal::CheckSubmitBuffers("SubmitStore", keys.size(), buffers);
-  batch->keys = std::move(keys);
+  Status checked = internal::CheckSubmitBuffers("SubmitStore", keys.size(), buffers);
+  auto batch = std::make_shared<Batch>(OpType::kStore, std::move(keys), std::move(done), checked);
   batch->in = std::move(buffers);
-  batch->done = std::move(done);
   Submit(std::move(batch));
 }
 
 void FileSystemL2Adapter::SubmitLookupAndPin(std::vector<ObjectKey> keys, LookupCallback done) {
-  auto batch = std::make_shared<Batch>();
-  batch->type = OpType::kLookup;
-  batch->keys = std::move(keys);
-  batch->done = std::move(done);
-  Submit(std::move(batch));
+  Submit(std::make_shared<Batch>(OpType::kLookup, std::move(keys), std::move(done)));
 }
 
 void FileSystemL2Adapter::SubmitLoad(std::vector<ObjectKey> keys,
                                      std::vector<MutableBuffer> buffers, LoadCallback done) {
-  auto batch = std::make_shared<Batch>();
-  batch->type = OpType::kLoad;
-  batch->pre_status = internal::CheckSubmitBuffers("SubmitLoad", keys.size(), buffers);
-  batch->keys = std::move(keys);
+  Status checked = internal::CheckSubmitBuffers("SubmitLoad", keys.size(), buffers);
+  auto batch = std::make_shared<Batch>(OpType::kLoad, std::move(keys), std::move(done), checked);
   batch->out = std::move(buffers);
-  batch->done = std::move(done);
   Submit(std::move(batch));
 }
 
@@ -473,18 +470,7 @@ void FileSystemL2Adapter::Complete(Batch& b) {
   }
   {
     std::lock_guard<std::mutex> lk(mu_);
-    const uint64_t hit = bits.Popcount();
-    switch (b.type) {
-      case OpType::kStore:
-        stats_.stores += n;
-        stats_.store_failures += n - hit;
-        break;
-      case OpType::kLookup: stats_.lookups += n; break;
-      case OpType::kLoad:
-        stats_.loads += n;
-        stats_.load_misses += n - hit;
-        break;
-    }
+    internal::CountFinishedCall(b.type, n, bits.Popcount(), &stats_);
     --stats_.in_flight;
   }
   if (b.done) b.done(st, bits);
@@ -772,11 +758,7 @@ void FileSystemL2Adapter::Close() { pool_->Close(); }
 
 L2AdapterStats FileSystemL2Adapter::stats() const {
   std::lock_guard<std::mutex> lk(mu_);
-  L2AdapterStats s = stats_;
-  s.objects = fifo_.size();
-  s.bytes = used_;
-  s.capacity_bytes = options_.capacity_bytes;
-  return s;
+  return internal::WithGauges(stats_, fifo_.size(), used_, options_.capacity_bytes);
 }
 
 }  // namespace lmcache_cpp

@@ -816,6 +816,18 @@ Status ObjectTable::Delete(const std::vector<ObjectKey>& keys) {
   return Status::Ok();
 }
 
+void ObjectTable::RemoveSlotLocked(SlotId s, RemovalReason reason, Events* ev) {
+  Slot& slot = slots_[s];
+  if (slot.state == ObjectState::kReady && slot.readers == 0) {
+    FreeSlotLocked(s, reason, ev);
+    return;
+  }
+  if (policy_->Contains(s)) policy_->Remove(s);
+  index_->Erase(slot.key);
+  slot.detached = true;
+  ev->removed.emplace_back(slot.key, reason);
+}
+
 bool ObjectTable::Discard(const ObjectKey& key, uint64_t generation) {
   Events ev;
   {
@@ -826,14 +838,7 @@ bool ObjectTable::Discard(const ObjectKey& key, uint64_t generation) {
     Slot& slot = slots_[s];
     if (slot.generation != generation || slot.state != ObjectState::kReady) return false;
     counters_.discarded++;
-    if (slot.readers == 0) {
-      FreeSlotLocked(s, RemovalReason::kDeleted, &ev);
-    } else {
-      if (policy_->Contains(s)) policy_->Remove(s);
-      index_->EraseValue(cur);
-      slot.detached = true;
-      ev.removed.emplace_back(slot.key, RemovalReason::kDeleted);
-    }
+    RemoveSlotLocked(s, RemovalReason::kDeleted, &ev);
   }
   Dispatch(&ev);
   return true;
@@ -848,15 +853,9 @@ size_t ObjectTable::Clear(bool force) {
     victims.reserve(index_->size());
     index_->ForEach([&](const ObjectKey&, SlotId s) { victims.push_back(s); });
     for (SlotId s : victims) {
-      Slot& slot = slots_[s];
-      if (slot.state == ObjectState::kReady && slot.readers == 0) {
-        FreeSlotLocked(s, RemovalReason::kCleared, &ev);
-        ++n;
-      } else if (force) {
-        if (policy_->Contains(s)) policy_->Remove(s);
-        index_->Erase(slot.key);
-        slot.detached = true;
-        ev.removed.emplace_back(slot.key, RemovalReason::kCleared);
+      const Slot& slot = slots_[s];
+      if (force || (slot.state == ObjectState::kReady && slot.readers == 0)) {
+        RemoveSlotLocked(s, RemovalReason::kCleared, &ev);
         ++n;
       }
     }

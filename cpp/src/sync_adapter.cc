@@ -34,32 +34,24 @@ SyncL2Adapter::~SyncL2Adapter() {
 
 void SyncL2Adapter::SubmitStore(std::vector<ObjectKey> keys, std::vector<ConstBuffer> buffers,
                                 StoreCallback done) {
-  Op op;
-  op.type = OpType::kStore;
-  op.pre_status = internal::CheckSubmitBuffers("SubmitStore", keys.size(), buffers);
-  op.keys = std::move(keys);
-  op.in = std::move(buffers);
-  op.done = std::move(done);
-  Enqueue(std::move(op));
+  Status checked = internal::CheckSubmitBuffers("SubmitStore", keys.size(), buffers);
+  Enqueue(Op{OpType::kStore,
+             std::move(keys),
+             std::move(buffers),
+             {},
+             std::move(done),
+             std::move(checked)});
 }
 
 void SyncL2Adapter::SubmitLookupAndPin(std::vector<ObjectKey> keys, LookupCallback done) {
-  Op op;
-  op.type = OpType::kLookup;
-  op.keys = std::move(keys);
-  op.done = std::move(done);
-  Enqueue(std::move(op));
+  Enqueue(Op{OpType::kLookup, std::move(keys), {}, {}, std::move(done), Status()});
 }
 
 void SyncL2Adapter::SubmitLoad(std::vector<ObjectKey> keys, std::vector<MutableBuffer> buffers,
                                LoadCallback done) {
-  Op op;
-  op.type = OpType::kLoad;
-  op.pre_status = internal::CheckSubmitBuffers("SubmitLoad", keys.size(), buffers);
-  op.keys = std::move(keys);
-  op.out = std::move(buffers);
-  op.done = std::move(done);
-  Enqueue(std::move(op));
+  Status checked = internal::CheckSubmitBuffers("SubmitLoad", keys.size(), buffers);
+  Enqueue(Op{
+      OpType::kLoad, std::move(keys), {}, std::move(buffers), std::move(done), std::move(checked)});
 }
 
 void SyncL2Adapter::Unpin(const std::vector<ObjectKey>& keys) {
@@ -110,9 +102,7 @@ void SyncL2Adapter::WorkerLoop() {
     bool cancel = false;
     {
       std::unique_lock<std::mutex> lk(mu_);
-      if (!pool_->WaitForWork(lk, [this] { return !queue_.empty(); })) return;
-      op = std::move(queue_.front());
-      queue_.pop_front();
+      if (!pool_->WaitAndPop(lk, queue_, &op)) return;
       if (op.type == OpType::kUnpin) {
         cancel = subclass_gone_;
       } else {
@@ -180,20 +170,9 @@ void SyncL2Adapter::Execute(Op& op, bool cancel) {
   const uint64_t hit = bits.Popcount();
   {
     std::lock_guard<std::mutex> lk(mu_);
-    switch (op.type) {
-      case OpType::kStore:
-        counters_.stores += n;
-        counters_.store_failures += n - hit;
-        counters_.bytes_written += bytes;
-        break;
-      case OpType::kLookup: counters_.lookups += n; break;
-      case OpType::kLoad:
-        counters_.loads += n;
-        counters_.load_misses += n - hit;
-        counters_.bytes_read += bytes;
-        break;
-      case OpType::kUnpin: break;
-    }
+    internal::CountFinishedCall(op.type, n, hit, &counters_);
+    if (op.type == OpType::kStore) counters_.bytes_written += bytes;
+    if (op.type == OpType::kLoad) counters_.bytes_read += bytes;
     if (ran) {
       ++(st.ok() ? sync_.completed : sync_.failed);
     } else if (st.code() == StatusCode::kCancelled) {

@@ -11,9 +11,10 @@
 // operation (a worker will run it) or to complete it itself (Close has joined every worker).
 //
 // A worker runs the owner's `body`, which loops: lock `mu`, WaitForWork (false: return), take
-// one item, unlock, run it, and call back outside every lock. A worker that finds Close begun and
-// the queue empty stops counting as live in the same critical section, so an item queued after
-// that check always sees has_workers() false, or is taken by a worker still looping.
+// one item (WaitAndPop does both for a deque), unlock, run it, and call back outside every lock. A
+// worker that finds Close begun and the queue empty stops counting as live in the same critical
+// section, so an item queued after that check always sees has_workers() false, or is taken by a
+// worker still looping.
 //
 // Close(wake): serialised by the pool's close mutex (taken before `mu`); sets closing under `mu`,
 // then, without `mu`, calls `wake` (the owner's extra condition variables), passes the sync point
@@ -31,6 +32,7 @@
 #include <functional>
 #include <mutex>
 #include <thread>
+#include <utility>
 #include <vector>
 
 namespace lmcache_cpp {
@@ -62,6 +64,17 @@ class WorkerPool {
     if (has_work()) return true;
     --live_;  // in the same critical section as the emptiness check (see the header comment)
     return false;
+  }
+
+  // WaitForWork on `queue` (a deque the owner keeps under `mu`), then moves its front item into
+  // `*item`. Returns false, taking nothing, when the worker must return.
+  template <typename Queue>
+  bool WaitAndPop(std::unique_lock<std::mutex>& lk, Queue& queue,
+                  typename Queue::value_type* item) {
+    if (!WaitForWork(lk, [&queue] { return !queue.empty(); })) return false;
+    *item = std::move(queue.front());
+    queue.pop_front();
+    return true;
   }
 
   void NotifyOne() { work_cv_.notify_one(); }

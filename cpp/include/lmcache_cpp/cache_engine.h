@@ -75,6 +75,7 @@
 namespace lmcache_cpp {
 
 // Unstable building blocks the engine drives (prefetch_controller.h; not installed).
+struct PrefetchRequest;
 struct PrefetchResult;
 enum class SyncLookupScope : uint8_t;
 
@@ -354,6 +355,12 @@ class CacheEngine {
   // After a lookup of `rk`: when its request was ended meanwhile, drops what the lookup left
   // under the request's id (leases, jobs, hashing session) and returns true.
   bool DropIfEnded(const EngineKey& key, const ResolvedKey& rk);
+  // DropIfEnded, as the lookup's status: Cancelled when the request was ended, else OK.
+  Status CancelIfEnded(const EngineKey& key, const ResolvedKey& rk);
+  // Resolves `key` for a lookup by `client` (interning its request) into `rk`, and moves its
+  // object keys into the prefetch request that leases each hit rk->readers times.
+  Result<PrefetchRequest> ResolveLookup(ClientId client, const EngineKey& key, uint32_t tp_size,
+                                        ResolvedKey* rk);
   // SyncLookup (kL1Only: SyncLookupInL1).
   Result<std::optional<LookupResult>> SyncLookupImpl(ClientId client, const EngineKey& key,
                                                      uint32_t tp_size, Duration timeout,

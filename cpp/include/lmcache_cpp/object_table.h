@@ -317,6 +317,10 @@ class ObjectTable {
   // All *Locked helpers REQUIRE mu_ held.
   SlotId NewSlotLocked();
   void FreeSlotLocked(SlotId s, RemovalReason reason, Events* ev);
+  // Frees slot `s` when it is ready and unread; else takes it out of the index and the policy
+  // and marks it detached (freed when its last lease goes). Either way listeners hear it
+  // removed for `reason`.
+  void RemoveSlotLocked(SlotId s, RemovalReason reason, Events* ev);
   // Evicts the least recently used unleased object; returns the bytes freed (0: none left).
   uint64_t EvictOneLocked(Events* ev);
   // Ready, unleased, permanent and indexed: may be evicted.

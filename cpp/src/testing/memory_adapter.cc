@@ -17,6 +17,26 @@ namespace lmcache_cpp {
 using DoneFn = std::function<void(const Status&, const Bitmap&)>;
 
 struct MemoryL2Adapter::Op {
+  Op(L2Op op_type, std::vector<ObjectKey> op_keys, DoneFn op_done, Status checked = Status())
+      : type(op_type),
+        keys(std::move(op_keys)),
+        done(std::move(op_done)),
+        pre_status(std::move(checked)) {}
+
+  // A store (ConstBuffer) or a load (MutableBuffer) of `buffers`, one per key, checked as
+  // `call` ("SubmitStore" or "SubmitLoad"); its simulated transfer size is their total.
+  template <typename Buffer>
+  static std::unique_ptr<Op> Transfer(L2Op type, const char* call, std::vector<ObjectKey> keys,
+                                      std::vector<Buffer> buffers, DoneFn done) {
+    Status checked = internal::CheckSubmitBuffers(call, keys.size(), buffers);
+    auto op = std::make_unique<Op>(type, std::move(keys), std::move(done), std::move(checked));
+    for (const Buffer& b : buffers) op->bytes += b.size;
+    op->Take(std::move(buffers));
+    return op;
+  }
+  void Take(std::vector<ConstBuffer> buffers) { in = std::move(buffers); }
+  void Take(std::vector<MutableBuffer> buffers) { out = std::move(buffers); }
+
   L2Op type = L2Op::kStore;
   std::vector<ObjectKey> keys;
   std::vector<ConstBuffer> in;     // stores
@@ -55,37 +75,22 @@ MemoryL2Adapter::~MemoryL2Adapter() { Close(); }
 
 void MemoryL2Adapter::SubmitStore(std::vector<ObjectKey> keys, std::vector<ConstBuffer> buffers,
                                   StoreCallback done) {
-  auto op = std::make_unique<Op>();
-  op->type = L2Op::kStore;
-  op->pre_status = internal::CheckSubmitBuffers("SubmitStore", keys.size(), buffers);
-  for (const ConstBuffer& b : buffers) op->bytes += b.size;
-  op->keys = std::move(keys);
-  op->in = std::move(buffers);
-  op->done = std::move(done);
-  Enqueue(L2Op::kStore, std::move(op));
+  Enqueue(Op::Transfer(L2Op::kStore, "SubmitStore", std::move(keys), std::move(buffers),
+                       std::move(done)));
 }
 
 void MemoryL2Adapter::SubmitLookupAndPin(std::vector<ObjectKey> keys, LookupCallback done) {
-  auto op = std::make_unique<Op>();
-  op->type = L2Op::kLookup;
-  op->keys = std::move(keys);
-  op->done = std::move(done);
-  Enqueue(L2Op::kLookup, std::move(op));
+  Enqueue(std::make_unique<Op>(L2Op::kLookup, std::move(keys), std::move(done)));
 }
 
 void MemoryL2Adapter::SubmitLoad(std::vector<ObjectKey> keys, std::vector<MutableBuffer> buffers,
                                  LoadCallback done) {
-  auto op = std::make_unique<Op>();
-  op->type = L2Op::kLoad;
-  op->pre_status = internal::CheckSubmitBuffers("SubmitLoad", keys.size(), buffers);
-  for (const MutableBuffer& b : buffers) op->bytes += b.size;
-  op->keys = std::move(keys);
-  op->out = std::move(buffers);
-  op->done = std::move(done);
-  Enqueue(L2Op::kLoad, std::move(op));
+  Enqueue(Op::Transfer(L2Op::kLoad, "SubmitLoad", std::move(keys), std::move(buffers),
+                       std::move(done)));
 }
 
-void MemoryL2Adapter::Enqueue(L2Op type, std::unique_ptr<Op> op) {
+void MemoryL2Adapter::Enqueue(std::unique_ptr<Op> op) {
+  const L2Op type = op->type;
   std::unique_lock<std::mutex> lk(mu_);
   const uint64_t seq = ++submitted_[Index(type)];
   auto& armed = faults_[Index(type)];
@@ -125,9 +130,7 @@ void MemoryL2Adapter::WorkerLoop() {
     bool execute = false;
     {
       std::unique_lock<std::mutex> lk(mu_);
-      if (!pool_->WaitForWork(lk, [this] { return !queue_.empty(); })) return;
-      op = std::move(queue_.front());
-      queue_.pop_front();
+      if (!pool_->WaitAndPop(lk, queue_, &op)) return;
       if (!op->pre_status.ok()) {
         st = op->pre_status;
       } else if (pool_->closing() || !WaitBeforeExecuting(lk, *op)) {
@@ -148,19 +151,7 @@ void MemoryL2Adapter::WorkerLoop() {
     }
     {
       std::lock_guard<std::mutex> lk(mu_);
-      const uint64_t n = op->keys.size();
-      const uint64_t hit = bits.Popcount();
-      switch (op->type) {
-        case L2Op::kStore:
-          stats_.stores += n;
-          stats_.store_failures += n - hit;
-          break;
-        case L2Op::kLookup: stats_.lookups += n; break;
-        case L2Op::kLoad:
-          stats_.loads += n;
-          stats_.load_misses += n - hit;
-          break;
-      }
+      internal::CountFinishedCall(op->type, op->keys.size(), bits.Popcount(), &stats_);
       --stats_.in_flight;
     }
     if (op->done) op->done(st, bits);
@@ -353,11 +344,7 @@ void MemoryL2Adapter::Close() {
 
 L2AdapterStats MemoryL2Adapter::stats() const {
   std::lock_guard<std::mutex> lk(mu_);
-  L2AdapterStats s = stats_;
-  s.objects = objects_.size();
-  s.bytes = bytes_;
-  s.capacity_bytes = options_.capacity_bytes;
-  return s;
+  return internal::WithGauges(stats_, objects_.size(), bytes_, options_.capacity_bytes);
 }
 
 void MemoryL2Adapter::InjectFault(L2Op op, uint64_t nth, Fault fault) {

@@ -143,7 +143,7 @@ class MemoryL2Adapter final : public L2Adapter {
 
   explicit MemoryL2Adapter(MemoryAdapterOptions options);
 
-  void Enqueue(L2Op type, std::unique_ptr<Op> op);
+  void Enqueue(std::unique_ptr<Op> op);
   void WorkerLoop();
   // Waits (mu_ held via `lk`) for stall, fault stall and simulated time. Returns false when
   // Close() interrupted it.
