@@ -274,13 +274,11 @@ def test_a_client_heard_only_by_the_loop_is_not_dropped_as_silent(harness: Harne
     assert client.hello().client_id == hello.client_id  # still the same client
 
 
-def test_options_and_foreign_metrics_keep_the_python_loop(harness: Harness) -> None:
+def test_foreign_metrics_keep_the_python_loop(harness: Harness) -> None:
     class Recorder:
         def record(self, request_name: str, outcome: str, seconds: float) -> None:
             pass
 
-    assert harness.server(native_loop=False)._loop is None
-    assert harness.server(wire_fast_path=False)._loop is None
     server = harness.server(metrics=Recorder())
     assert server._loop is None
     assert harness.client(server).get_chunk_size() == CHUNK

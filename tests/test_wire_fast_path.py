@@ -283,6 +283,3 @@ def test_the_server_uses_the_fast_path_and_counts_its_requests(harness: Harness)
     counts = server.request_counts()
     for name in ("SYNC_LOOKUP", "LOOKUP", "END_SESSION", "PING"):
         assert counts[name] == {"ok": 1}, name
-    off = harness.server(wire_fast_path=False)
-    assert off._fast is None
-    assert harness.client(off).get_chunk_size() == CHUNK

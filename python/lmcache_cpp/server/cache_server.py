@@ -197,14 +197,14 @@ class CacheServer:
         self._options = options if options is not None else ServerOptions()
         self._metrics = metrics
         self._fast: _core.WireFastPath | None = None
-        if self._options.wire_fast_path and isinstance(engine, _core.CacheEngine):
+        if isinstance(engine, _core.CacheEngine):
             self._fast = wire_fast_path(engine, self._options.limits, has_l2=_has_l2(storage))
-        # The C++ receive loop, made on the socket thread once the socket is bound.
+        # The C++ receive loop, made on the socket thread once the socket is bound. A
+        # RequestMetrics other than Metrics gets its record() call per request from the Python
+        # loop, which then reads everything.
         self._loop: _core.RouterLoop | None = None
-        self._loop_wanted = (
-            self._fast is not None
-            and self._options.native_loop
-            and (metrics is None or isinstance(metrics, Metrics))
+        self._loop_wanted = self._fast is not None and (
+            metrics is None or isinstance(metrics, Metrics)
         )
         self._loop_buckets = metrics.buckets if isinstance(metrics, Metrics) else (1.0,)
         if self._loop_wanted and isinstance(metrics, Metrics):

@@ -75,11 +75,6 @@ class ServerOptions:
     # request; None: no client may force a CLEAR. `lmcache-cpp serve` writes a fresh one to a
     # file only its user can read (docs/operations.md).
     admin_token: str | None = None
-    wire_fast_path: bool = True  # the C++ codec for per-prompt requests (_core.WireFastPath)
-    # Read and answer those requests in C++ (_core.RouterLoop) instead of the Python loop. Needs
-    # wire_fast_path, and metrics that are None or a lmcache_cpp.metrics.Metrics (another
-    # RequestMetrics gets its record() call per request from the Python loop).
-    native_loop: bool = True
     # The device layer of the server-driven mode (STORE/RETRIEVE, lmcache_cpp.device): "none"
     # (those requests are NotSupported), "cuda", or "fake" (for tests only: shared memory and
     # FIFOs stand in for GPU memory and events).
