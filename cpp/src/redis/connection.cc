@@ -97,14 +97,15 @@ int RemainingMs(std::chrono::steady_clock::time_point deadline) {
   return static_cast<int>(std::min<int64_t>(ms, INT_MAX));
 }
 
-// Waits for `events` on fd until the deadline. False when the deadline passed first.
-bool WaitFor(int fd, short events, std::chrono::steady_clock::time_point deadline) {
+// Waits for `events` on fd until the deadline. False when the deadline passed first, or when
+// `interrupt` (a descriptor, -1 for none) became readable.
+bool WaitFor(int fd, short events, std::chrono::steady_clock::time_point deadline, int interrupt) {
   for (;;) {
     const int ms = RemainingMs(deadline);
     if (ms == 0) return false;
-    pollfd p{fd, events, 0};
-    const int r = poll(&p, 1, ms);
-    if (r > 0) return true;
+    pollfd p[2] = {{fd, events, 0}, {interrupt, POLLIN, 0}};
+    const int r = poll(p, interrupt >= 0 ? 2 : 1, ms);
+    if (r > 0) return p[1].revents == 0;
     if (r == 0) continue;             // re-check the clock: poll may wake early
     if (errno != EINTR) return true;  // let the I/O call report the error
   }
@@ -163,7 +164,7 @@ Status Connection::ConnectTcp(Clock::time_point deadline) {
     if (::connect(fd, ai->ai_addr, ai->ai_addrlen) != 0) {
       err = errno;
       if (err == EINPROGRESS) {
-        if (!WaitFor(fd, POLLOUT, deadline)) {
+        if (!WaitFor(fd, POLLOUT, deadline, options_.interrupt_fd)) {
           ::close(fd);
           last = Status::Timeout(Where() + ": connect timed out after " +
                                  std::to_string(options_.connect_timeout.count()) + " ms");
@@ -246,7 +247,7 @@ Status Connection::ConnectTcp(Clock::time_point deadline) {
                             : OpenSslError();
       return Status::Unavailable(Where() + ": TLS handshake failed: " + why);
     }
-    if (!WaitFor(fd_, want, deadline)) {
+    if (!WaitFor(fd_, want, deadline, options_.interrupt_fd)) {
       return Status::Timeout(Where() + ": TLS handshake timed out");
     }
   }
@@ -473,7 +474,7 @@ Status Connection::Exchange(EncodedBatch* batch, size_t n_replies, std::vector<R
       return Fail(Status::IoError(Where() + ": server closed the connection" + progress_note()));
     if (!progressed) {
       if (want == 0) want = POLLIN;
-      if (!WaitFor(fd_, want, deadline)) {
+      if (!WaitFor(fd_, want, deadline, options_.interrupt_fd)) {
         return Fail(Status::Timeout(Where() + ": no reply within the timeout" + progress_note()));
       }
     }

@@ -58,6 +58,9 @@ struct ConnectionOptions {
   std::chrono::milliseconds connect_timeout{2000};
   std::chrono::milliseconds op_timeout{5000};
   std::chrono::milliseconds reconnect_backoff{1000};
+  // A descriptor (e.g. an eventfd) that, once readable, ends every wait at once as a timeout:
+  // how an owner shutting down wakes a thread blocked in this connection. -1: none.
+  int interrupt_fd = -1;
   ReaderLimits limits;
 };
 
