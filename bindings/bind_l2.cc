@@ -58,6 +58,7 @@
 #include "lmcache_cpp/fs_adapter.h"
 #include "lmcache_cpp/l2_adapter.h"
 #include "lmcache_cpp/logging.h"
+#include "lmcache_cpp/redis_adapter.h"
 #include "lmcache_cpp/sync_adapter.h"
 #include "testing/adapter_peers.h"
 #include "testing/memory_adapter.h"
@@ -401,6 +402,9 @@ void BindEnumsAndStats(nb::module_& m) {
   BindStats<SyncAdapterStats>(m, "SyncAdapterStats",
                               "The queue of a PythonL2Adapter (calls, not keys).");
 
+  BindStats<RedisAdapterStats>(m, "RedisAdapterStats",
+                               "Counters of a RedisL2Adapter beyond L2AdapterStats.");
+
   BindStats<FsRecoveryReport>(m, "FsRecoveryReport",
                               "What a FileSystemL2Adapter found in its directory at start-up.");
 
@@ -487,6 +491,50 @@ void BindMemoryAdapter(nb::module_& m) {
           },
           "n"_a, "timeout_s"_a, Release(),
           "Waits until n operations are held (stalled or in simulated time); returns whether.");
+}
+
+void BindRedisAdapter(nb::module_& m) {
+  const RedisAdapterOptions d;
+  nb::class_<RedisL2Adapter, L2Adapter>(
+      m, "RedisL2Adapter",
+      "An L2 tier on Redis or Valkey (standalone or cluster), shared by cache servers on "
+      "different hosts. Redis cannot pin, and its maxmemory policy is the eviction authority.")
+      .def(nb::new_([](std::string url, bool cluster, std::string username, std::string password,
+                       std::string key_prefix, std::string tls_ca_file, std::string tls_cert_file,
+                       std::string tls_key_file, uint32_t connect_timeout_ms,
+                       uint32_t op_timeout_ms, size_t connections_per_node,
+                       uint64_t max_inflight_store_bytes, std::string namespace_name) {
+             RedisAdapterOptions o;
+             o.url = std::move(url);
+             o.cluster = cluster;
+             o.username = std::move(username);
+             o.password = std::move(password);
+             o.key_prefix = std::move(key_prefix);
+             o.tls_ca_file = std::move(tls_ca_file);
+             o.tls_cert_file = std::move(tls_cert_file);
+             o.tls_key_file = std::move(tls_key_file);
+             o.connect_timeout_ms = connect_timeout_ms;
+             o.op_timeout_ms = op_timeout_ms;
+             o.connections_per_node = connections_per_node;
+             o.max_inflight_store_bytes = max_inflight_store_bytes;
+             o.namespace_name = std::move(namespace_name);
+             std::unique_ptr<RedisL2Adapter> a;
+             {
+               nb::gil_scoped_release release;  // connects once
+               a = ValueOrThrow(RedisL2Adapter::Create(std::move(o)));
+             }
+             return std::shared_ptr<RedisL2Adapter>(a.release(), &DeleteWithoutGil<RedisL2Adapter>);
+           }),
+           "url"_a = d.url, nb::kw_only(), "cluster"_a = d.cluster, "username"_a = d.username,
+           "password"_a = d.password, "key_prefix"_a = d.key_prefix,
+           "tls_ca_file"_a = d.tls_ca_file, "tls_cert_file"_a = d.tls_cert_file,
+           "tls_key_file"_a = d.tls_key_file, "connect_timeout_ms"_a = d.connect_timeout_ms,
+           "op_timeout_ms"_a = d.op_timeout_ms, "connections_per_node"_a = d.connections_per_node,
+           "max_inflight_store_bytes"_a = d.max_inflight_store_bytes,
+           "namespace_name"_a = d.namespace_name)
+      .def("redis_stats", &RedisL2Adapter::redis_stats, Release(),
+           "Misses by reason, node errors, reconnects, redirections, rejected stores.")
+      .def("key_for", &RedisL2Adapter::KeyFor, "key"_a, "The Redis key that holds `key`.");
 }
 
 void BindFileSystemAdapter(nb::module_& m) {
@@ -582,6 +630,7 @@ void BindL2(nb::module_& m) {
   BindAdapterBase(m);
   BindMemoryAdapter(m);
   BindFileSystemAdapter(m);
+  BindRedisAdapter(m);
   BindPythonAdapter(m);
 }
 

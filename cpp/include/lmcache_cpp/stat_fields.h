@@ -23,6 +23,7 @@
 #include "lmcache_cpp/fs_adapter.h"
 #include "lmcache_cpp/hash_options.h"
 #include "lmcache_cpp/l2_adapter.h"
+#include "lmcache_cpp/redis_adapter.h"
 #include "lmcache_cpp/storage_options.h"
 #include "lmcache_cpp/store_controller.h"
 #include "lmcache_cpp/sync_adapter.h"
@@ -375,5 +376,37 @@ struct StatTable<HashSessionStats> {
   };
 };
 static_assert(DescribesEveryField<HashSessionStats>());
+
+template <>
+struct StatTable<RedisAdapterStats> {
+  static constexpr StatField<RedisAdapterStats> kFields[] = {
+      {"misses_absent", &RedisAdapterStats::misses_absent, StatKind::kCounter, nullptr,
+       "loads of keys Redis did not hold"},
+      {"misses_truncated", &RedisAdapterStats::misses_truncated, StatKind::kCounter, nullptr,
+       "loads of values shorter than their header says"},
+      {"misses_torn", &RedisAdapterStats::misses_torn, StatKind::kCounter, nullptr,
+       "loads of values whose header failed its checksum or with trailing bytes"},
+      {"misses_foreign", &RedisAdapterStats::misses_foreign, StatKind::kCounter, nullptr,
+       "loads of values another program or namespace wrote"},
+      {"misses_wrong_size", &RedisAdapterStats::misses_wrong_size, StatKind::kCounter, nullptr,
+       "loads of intact values of another size than the L1 object"},
+      {"misses_corrupt", &RedisAdapterStats::misses_corrupt, StatKind::kCounter, nullptr,
+       "loads of values whose payload failed its CRC32C"},
+      {"gone_after_lookup", &RedisAdapterStats::gone_after_lookup, StatKind::kCounter, nullptr,
+       "loads of keys gone since their lookup (Redis cannot pin)"},
+      {"node_errors", &RedisAdapterStats::node_errors, StatKind::kCounter, nullptr,
+       "keys whose Redis node failed (timeout, I/O, refusal, error reply)"},
+      {"reconnects", &RedisAdapterStats::reconnects, StatKind::kCounter, nullptr,
+       "connections opened after the first (standalone)"},
+      {"moved", &RedisAdapterStats::moved, StatKind::kCounter, nullptr,
+       "MOVED redirections followed"},
+      {"ask", &RedisAdapterStats::ask, StatKind::kCounter, nullptr, "ASK redirections followed"},
+      {"stores_rejected", &RedisAdapterStats::stores_rejected, StatKind::kCounter, nullptr,
+       "stores refused at the in-flight write-back bound"},
+      {"inflight_store_bytes", &RedisAdapterStats::inflight_store_bytes, StatKind::kGauge, nullptr,
+       "store bytes accepted and not yet written"},
+  };
+};
+static_assert(DescribesEveryField<RedisAdapterStats>());
 
 }  // namespace lmcache_cpp

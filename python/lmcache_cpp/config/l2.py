@@ -61,7 +61,26 @@ class PythonAdapterSpec:
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
-L2Spec: TypeAlias = FsAdapterSpec | MemoryAdapterSpec | PythonAdapterSpec
+@dataclass(frozen=True)
+class RedisAdapterSpec:
+    """A Redis/Valkey L2 tier (docs/l2-redis.md). ``url`` is the server, or a seed node of a
+    cluster; ``username``/``password`` override the URL's."""
+
+    url: str
+    cluster: bool = False
+    username: str = ""
+    password: str = ""
+    key_prefix: str = "lmc:"
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    connect_timeout_ms: int = 2000
+    op_timeout_ms: int = 5000
+    connections_per_node: int = 4
+    max_inflight_bytes: int = 1024 * 1024**2
+
+
+L2Spec: TypeAlias = FsAdapterSpec | MemoryAdapterSpec | PythonAdapterSpec | RedisAdapterSpec
 
 _FS_KEYS: Final = ("type", "path", "capacity_gb", "io_threads", "fsync", "o_direct")
 _MEMORY_KEYS: Final = (
@@ -71,6 +90,22 @@ _MEMORY_KEYS: Final = (
     "bandwidth_gbps",
     "worker_threads",
 )
+_REDIS_KEYS: Final = (
+    "type",
+    "url",
+    "cluster",
+    "username",
+    "password",
+    "key_prefix",
+    "tls_ca_file",
+    "tls_cert_file",
+    "tls_key_file",
+    "connect_timeout_ms",
+    "op_timeout_ms",
+    "connections_per_node",
+    "max_in_flight_mb",
+)
+_KEY_PREFIX: Final = re.compile(r"[!-z|~]{0,64}")  # printable ASCII without space, { and }
 
 
 def _spec_value(where: str, spec: Mapping[str, Any], key: str, kind: str, default: Any) -> Any:
@@ -142,6 +177,51 @@ def _parse_memory(where: str, spec: Mapping[str, Any]) -> MemoryAdapterSpec:
     )
 
 
+def _parse_redis(where: str, spec: Mapping[str, Any]) -> RedisAdapterSpec:
+    _check_keys(where, spec, "redis", _REDIS_KEYS)
+    if "url" not in spec:
+        raise ConfigError(f"{where}.url: required for a redis adapter (redis://host:port)")
+    url = _coerce(f"{where}.url", spec["url"], "str")
+    if not url.startswith(("redis://", "rediss://")):
+        raise ConfigError(f"{where}.url: {url!r} is not a redis:// or rediss:// URL")
+    prefix = _spec_value(where, spec, "key_prefix", "str", "lmc:")
+    if not _KEY_PREFIX.fullmatch(prefix):
+        raise ConfigError(
+            f"{where}.key_prefix: {prefix!r} must be at most 64 printable ASCII characters "
+            "without spaces, '{' or '}'"
+        )
+    files = {}
+    for key in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+        path = _spec_value(where, spec, key, "str", "")
+        if path and not os.path.isfile(os.path.expanduser(path)):
+            raise ConfigError(f"{where}.{key}: {path!r} is not a file")
+        files[key] = os.path.abspath(os.path.expanduser(path)) if path else ""
+    if (files["tls_cert_file"] == "") != (files["tls_key_file"] == ""):
+        raise ConfigError(f"{where}.tls_cert_file: a client certificate needs tls_key_file too")
+    connect_ms = _spec_value(where, spec, "connect_timeout_ms", "int", 2000)
+    _check_range(f"{where}.connect_timeout_ms", connect_ms, 1, 600_000)
+    op_ms = _spec_value(where, spec, "op_timeout_ms", "int", 5000)
+    _check_range(f"{where}.op_timeout_ms", op_ms, 1, 600_000)
+    connections = _spec_value(where, spec, "connections_per_node", "int", 4)
+    _check_range(f"{where}.connections_per_node", connections, 2, 64)
+    in_flight_mb = _spec_value(where, spec, "max_in_flight_mb", "float", 1024.0)
+    in_flight = _scaled(f"{where}.max_in_flight_mb", in_flight_mb, 1024**2)
+    if in_flight == 0:
+        raise ConfigError(f"{where}.max_in_flight_mb: must be positive")
+    return RedisAdapterSpec(
+        url=url,
+        cluster=_spec_value(where, spec, "cluster", "bool", False),
+        username=_spec_value(where, spec, "username", "str", ""),
+        password=_spec_value(where, spec, "password", "str", ""),
+        key_prefix=prefix,
+        connect_timeout_ms=connect_ms,
+        op_timeout_ms=op_ms,
+        connections_per_node=connections,
+        max_inflight_bytes=in_flight,
+        **files,
+    )
+
+
 def _parse_python(where: str, spec: Mapping[str, Any]) -> PythonAdapterSpec:
     """Checks the shape only: the class is imported when the adapter is built, so that reading
     a configuration never runs code."""
@@ -163,6 +243,7 @@ _PARSERS: Final[Mapping[str, Callable[[str, Mapping[str, Any]], L2Spec]]] = {
     "fs": _parse_fs,
     "memory": _parse_memory,
     "python": _parse_python,
+    "redis": _parse_redis,
 }
 
 
@@ -245,6 +326,24 @@ def build_l2_adapter(spec: L2Spec, where: str = "l2_adapters") -> _core.L2Adapte
     adapter's class is imported now). ``where`` names the spec in errors."""
     if isinstance(spec, PythonAdapterSpec):
         return _build_python_adapter(spec, where)
+    if isinstance(spec, RedisAdapterSpec):
+        try:
+            return _core.RedisL2Adapter(
+                spec.url,
+                cluster=spec.cluster,
+                username=spec.username,
+                password=spec.password,
+                key_prefix=spec.key_prefix,
+                tls_ca_file=spec.tls_ca_file,
+                tls_cert_file=spec.tls_cert_file,
+                tls_key_file=spec.tls_key_file,
+                connect_timeout_ms=spec.connect_timeout_ms,
+                op_timeout_ms=spec.op_timeout_ms,
+                connections_per_node=spec.connections_per_node,
+                max_inflight_store_bytes=spec.max_inflight_bytes,
+            )
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ConfigError(f"{where}: redis adapter at {spec.url!r}: {exc}") from exc
     if isinstance(spec, MemoryAdapterSpec):
         return _core.MemoryL2Adapter(
             capacity_bytes=spec.capacity_bytes,

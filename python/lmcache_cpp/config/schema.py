@@ -302,7 +302,13 @@ class ServerConfig:
             'space) or {"type": "memory", "capacity_gb": 1, "latency_ms": 0, '
             '"bandwidth_gbps": 0} (GB/s, 0 = unlimited) or {"type": "python", "class": '
             '"package.module:Class", ...} (a lmcache_cpp.PythonL2Adapter subclass, built with '
-            "the other keys as keyword arguments); on the command line it replaces the config "
+            "the other keys as keyword arguments) or "
+            '{"type": "redis", "url": "redis://HOST:PORT", "cluster": false, "username": "", '
+            '"password": "", '
+            '"key_prefix": "lmc:", "tls_ca_file": "", "tls_cert_file": "", "tls_key_file": "", '
+            '"connect_timeout_ms": 2000, "op_timeout_ms": 5000, "connections_per_node": 4, '
+            '"max_in_flight_mb": 1024} (only url is required; rediss:// for TLS; see '
+            "docs/l2-redis.md); on the command line it replaces the config "
             "file's list",
             metavar="JSON",
         ),
