@@ -27,6 +27,7 @@
 
 #include "bind_common.h"
 #include "lmcache_cpp/cache_engine.h"
+#include "lmcache_cpp/redis_adapter.h"
 #include "net/router_loop.h"
 #include "wire/fast_path.h"
 
@@ -531,10 +532,16 @@ void BindEngine(nb::module_& m) {
       .def("stats", [](const E& e) {
         EngineStats es;
         StorageStats ss;
+        // A Redis tier adds its own counters to its entry (stat_fields.h).
+        std::vector<std::optional<RedisAdapterStats>> redis;
         {
           nb::gil_scoped_release release;
           es = e.engine->stats();
           ss = e.storage->stats();
+          for (const std::shared_ptr<L2Adapter>& a : e.storage->adapters()) {
+            const auto* r = dynamic_cast<const RedisL2Adapter*>(a.get());
+            redis.push_back(r != nullptr ? std::optional(r->redis_stats()) : std::nullopt);
+          }
         }
         nb::dict d;
         d["engine"] = StatsDict(es);
@@ -542,7 +549,14 @@ void BindEngine(nb::module_& m) {
         d["prefetch"] = StatsDict(ss.prefetch);
         d["store"] = StatsDict(ss.store);
         nb::list l2;
-        for (const L2AdapterStats& a : ss.l2) l2.append(StatsDict(a));
+        for (size_t i = 0; i < ss.l2.size(); ++i) {
+          nb::dict a = StatsDict(ss.l2[i]);
+          if (i < redis.size() && redis[i].has_value()) {
+            ForEachStat(*redis[i],
+                        [&a](const StatField<RedisAdapterStats>& f, uint64_t v) { a[f.name] = v; });
+          }
+          l2.append(a);
+        }
         d["l2"] = l2;
         return d;
       });

@@ -17,6 +17,7 @@ import pytest
 import lmcache_cpp as lc
 from lmcache_cpp.client import CacheClient, Key
 from lmcache_cpp.errors import KeyAbsentError
+from lmcache_cpp.metrics import Metrics
 from redis_helpers import RedisCluster, RedisServer, cli, redis_cluster, redis_server
 from test_server_process import (
     BPC,
@@ -165,7 +166,10 @@ def test_a_corrupt_value_is_a_counted_miss_never_served(
         transfer2.retrieve(dst.view, ids, key(toks, "r"))
     assert dst.is_zero_outside([])  # nothing was written
     l2 = client2.status()["l2"][0]
-    assert (l2["loads"], l2["corrupt_reads"]) == (0, N)
+    assert (l2["loads"], l2["corrupt_reads"], l2["misses_corrupt"]) == (0, N, N)
+    text = Metrics().render(client2.status())
+    assert 'lmcache_cpp_l2_redis_misses_corrupt_total{adapter="0"' in text
+    assert "# TYPE lmcache_cpp_l2_redis_misses_corrupt_total counter" in text
 
 
 def test_a_key_gone_between_lookup_and_load_is_a_counted_miss(

@@ -160,7 +160,11 @@ def _table(fields: Iterable[_core.StatField]) -> tuple[_Stat, ...]:
     return tuple(_Stat(f.name, f.metric, f.kind, f.help) for f in fields if f.metric)
 
 
-_L2_STATS: Final = _table(_core.L2AdapterStats.fields())
+# A Redis tier's entry also carries RedisAdapterStats (families without samples are left out).
+_L2_STATS: Final = (
+    *_table(_core.L2AdapterStats.fields()),
+    *_table(_core.RedisAdapterStats.fields()),
+)
 
 # What each client holds (CacheEngine.client_usage(): the "clients" list), labelled by client id;
 # the server adds "blocking" to the engine's fields.
