@@ -395,6 +395,19 @@ void DeleteWithoutGil(T* adapter) {
   delete adapter;
 }
 
+// The Python object of a new adapter: T::Create runs without the GIL (it may scan a directory
+// or connect to a server; a failure throws StatusError, which needs no GIL), and the object
+// deletes the adapter without the GIL too.
+template <typename T, typename Options>
+std::shared_ptr<T> CreateAdapter(Options options) {
+  std::unique_ptr<T> adapter;
+  {
+    nb::gil_scoped_release release;
+    adapter = ValueOrThrow(T::Create(std::move(options)));
+  }
+  return std::shared_ptr<T>(adapter.release(), &DeleteWithoutGil<T>);
+}
+
 void BindEnumsAndStats(nb::module_& m) {
   BindStats<L2AdapterStats>(m, "L2AdapterStats",
                             "Gauges and counters of an L2 adapter (keys, not calls).");
@@ -461,9 +474,7 @@ void BindMemoryAdapter(nb::module_& m) {
              o.bandwidth_bytes_per_sec = bandwidth_bytes_per_sec;
              o.latency = Timeout(latency_s);
              o.worker_threads = worker_threads;
-             std::unique_ptr<MemoryL2Adapter> a = ValueOrThrow(MemoryL2Adapter::Create(o));
-             return std::shared_ptr<MemoryL2Adapter>(a.release(),
-                                                     &DeleteWithoutGil<MemoryL2Adapter>);
+             return CreateAdapter<MemoryL2Adapter>(o);
            }),
            nb::kw_only(), "capacity_bytes"_a = d.capacity_bytes,
            "bandwidth_bytes_per_sec"_a = d.bandwidth_bytes_per_sec, "latency_s"_a = 0.0,
@@ -518,12 +529,7 @@ void BindRedisAdapter(nb::module_& m) {
              o.connections_per_node = connections_per_node;
              o.max_inflight_store_bytes = max_inflight_store_bytes;
              o.namespace_name = std::move(namespace_name);
-             std::unique_ptr<RedisL2Adapter> a;
-             {
-               nb::gil_scoped_release release;  // connects once
-               a = ValueOrThrow(RedisL2Adapter::Create(std::move(o)));
-             }
-             return std::shared_ptr<RedisL2Adapter>(a.release(), &DeleteWithoutGil<RedisL2Adapter>);
+             return CreateAdapter<RedisL2Adapter>(std::move(o));  // connects once
            }),
            "url"_a = d.url, nb::kw_only(), "cluster"_a = d.cluster, "username"_a = d.username,
            "password"_a = d.password, "key_prefix"_a = d.key_prefix,
@@ -551,13 +557,7 @@ void BindFileSystemAdapter(nb::module_& m) {
              o.fsync = fsync;
              o.o_direct = o_direct;
              o.io_threads = io_threads;
-             std::unique_ptr<FileSystemL2Adapter> a;
-             {
-               nb::gil_scoped_release release;  // scans the directory
-               a = ValueOrThrow(FileSystemL2Adapter::Create(std::move(o)));
-             }
-             return std::shared_ptr<FileSystemL2Adapter>(a.release(),
-                                                         &DeleteWithoutGil<FileSystemL2Adapter>);
+             return CreateAdapter<FileSystemL2Adapter>(std::move(o));  // scans the directory
            }),
            "directory"_a, nb::kw_only(), "capacity_bytes"_a = d.capacity_bytes, "fsync"_a = d.fsync,
            "o_direct"_a = d.o_direct, "io_threads"_a = d.io_threads)

@@ -107,8 +107,8 @@ class Link {
 // results. The requests point into the keys and headers, so it is built in place, never copied.
 struct Pipeline {
   explicit Pipeline(size_t n) : heads(n), keys(n), requests(n) {}
-  Pipeline(const Pipeline&) = delete;
-  Pipeline& operator=(const Pipeline&) = delete;
+  Pipeline(Pipeline&&) = default;
+  Pipeline& operator=(Pipeline&&) = default;
 
   std::vector<std::array<uint8_t, redis::kValueHeaderSize>> heads;
   std::vector<StoreKey> keys;
@@ -227,6 +227,13 @@ class RedisL2Adapter::Impl {
     return redis::MakeStoreKey(options_.key_prefix, ns_, key);
   }
 
+  // A pipeline for the call, with the Redis key of each of its keys.
+  Pipeline Plan(const Call& call) const {
+    Pipeline p(call.keys.size());
+    for (size_t i = 0; i < call.keys.size(); ++i) p.keys[i] = Key(call.keys[i]);
+    return p;
+  }
+
  private:
   void WorkerLoop(size_t index) {
     Link link(endpoint_, conn_, options_.cluster);
@@ -292,13 +299,12 @@ class RedisL2Adapter::Impl {
   void RunStore(Link* link, const Call& call, Bitmap* bits, L2AdapterStats* base,
                 RedisAdapterStats* delta) {
     const size_t n = call.keys.size();
-    Pipeline p(n);
+    Pipeline p = Plan(call);
     for (size_t i = 0; i < n; ++i) {
       const ConstBuffer& b = call.in[i];
       const uint32_t crc = b.has_crc32c ? b.crc32c : PayloadCrc32c(b.data, b.size);
       uint8_t* head = p.heads[i].data();
       redis::EncodeValueHeader(head, ns_.fingerprint(), b.size, crc);
-      p.keys[i] = Key(call.keys[i]);
       p.requests[i] = Request::Of(
           {"SET", p.keys[i].view(), Arg::Pieces(head, redis::kValueHeaderSize, b.data, b.size)});
     }
@@ -318,11 +324,8 @@ class RedisL2Adapter::Impl {
   void RunLookup(Link* link, const Call& call, Bitmap* bits, L2AdapterStats* base,
                  RedisAdapterStats* delta) {
     const size_t n = call.keys.size();
-    Pipeline p(n);
-    for (size_t i = 0; i < n; ++i) {
-      p.keys[i] = Key(call.keys[i]);
-      p.requests[i] = Request::Of({"EXISTS", p.keys[i].view()});
-    }
+    Pipeline p = Plan(call);
+    for (size_t i = 0; i < n; ++i) p.requests[i] = Request::Of({"EXISTS", p.keys[i].view()});
     link->Execute(p.requests, &p.results);
     const std::vector<Result<Reply>>& results = p.results;
     base->lookups += n;
@@ -335,9 +338,8 @@ class RedisL2Adapter::Impl {
   void RunLoad(Link* link, const Call& call, Bitmap* bits, L2AdapterStats* base,
                RedisAdapterStats* delta) {
     const size_t n = call.keys.size();
-    Pipeline p(n);
+    Pipeline p = Plan(call);
     for (size_t i = 0; i < n; ++i) {
-      p.keys[i] = Key(call.keys[i]);
       const redis::BulkSink sink{p.heads[i].data(), redis::kValueHeaderSize, call.out[i].data,
                                  call.out[i].size};
       p.requests[i] = Request::Of({"GET", p.keys[i].view()}).Into(sink);

@@ -75,14 +75,22 @@ class RedisL2Adapter final : public L2Adapter {
   ~RedisL2Adapter() override;
 
   std::string name() const override;
+  // One SET of value header + payload per key, sent from the caller's buffer, pipelined per
+  // node. Refused (not stored, counted) past max_inflight_store_bytes in flight.
   void SubmitStore(std::vector<ObjectKey> keys, std::vector<ConstBuffer> buffers,
                    StoreCallback done) override;
+  // One pipelined EXISTS per node involved. Redis cannot pin: a key found here may be evicted
+  // before its load, which is then a miss (counted as gone_after_lookup).
   void SubmitLookupAndPin(std::vector<ObjectKey> keys, LookupCallback done) override;
+  // One GET per key, read straight into the caller's buffer behind the value header; a value
+  // whose header or CRC32C does not check out is a miss, counted by reason, never loaded.
   void SubmitLoad(std::vector<ObjectKey> keys, std::vector<MutableBuffer> buffers,
                   LoadCallback done) override;
-  void Unpin(const std::vector<ObjectKey>& keys) override;
+  void Unpin(const std::vector<ObjectKey>& keys) override;  // nothing to do: no pins
+  // Wakes workers waiting on a server (an eventfd every wait watches), fails queued work,
+  // joins. Idempotent.
   void Close() override;
-  L2AdapterStats stats() const override;
+  L2AdapterStats stats() const override;  // capacity_bytes 0: Redis's maxmemory bounds it
   RedisAdapterStats redis_stats() const;
 
   // The Redis key of `key` (for tests and administration).
